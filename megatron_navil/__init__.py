@@ -1,0 +1,3 @@
+"""megatron-navil: pretraining stack for NaViL-style native multimodal LLMs on Megatron-Core."""
+
+__version__ = "0.1.0"

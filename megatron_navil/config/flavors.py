@@ -1,0 +1,140 @@
+"""Named model flavors and the joint vision/LLM scaling-law helper.
+
+- `debug-internlm2`, `debug-qwen3`: tiny models (one per backbone layout) whose CPU
+  forward/backward takes well under a second; used by the tests and the quickstart.
+- `navil-2b`, `navil-9b`: the published LLM shapes. The released ViT sizes are unknown; we pick
+  encoders near the paper's ~0.6B and ~1.2B with 128-wide heads (see docs/model.md).
+
+`propose_vision_size(llm_params)` follows the paper's joint scaling law: the optimal encoder size
+grows log-linearly with the LLM size. We fit log(V) = a + b log(L) by least squares through the
+paper's read-off points (0.5B -> 0.3B, 1.8B -> 0.6B, 7B -> 1.2B); b comes out near 0.5.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from megatron_navil.config.base import ConfigError
+from megatron_navil.config.model import (
+    ConnectorConfig,
+    ExpertConfig,
+    LLMConfig,
+    NaViLModelConfig,
+    VisionConfig,
+)
+
+# (LLM parameters, optimal ViT parameters), in billions, read off the paper's scaling study.
+SCALING_LAW_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.3), (1.8, 0.6), (7.0, 1.2))
+
+
+def _debug(backbone: str) -> NaViLModelConfig:
+    qwen = backbone == "qwen3"
+    return NaViLModelConfig(
+        vision=VisionConfig(hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64),
+        connector=ConnectorConfig(),
+        llm=LLMConfig(
+            backbone=backbone,
+            num_layers=4,
+            hidden_size=64,
+            ffn_hidden_size=128,
+            num_attention_heads=4,
+            num_query_groups=2,
+            kv_channels=16,
+            qk_layernorm=qwen,
+            vocab_size=512,
+            first_special_token_id=500,
+            rope_theta=10000.0,
+            norm_eps=1e-6 if qwen else 1e-5,
+            max_sequence_length=2048,
+            make_vocab_size_divisible_by=8,
+        ),
+        experts=ExpertConfig(output_proj_mode="separate" if qwen else "composed"),
+        # Small images keep the debug model fast: 16..1024 patches of 16 px.
+        min_dynamic_patch=16,
+        max_dynamic_patch=1024,
+        template="qwen3-chat" if qwen else "internlm2-chat",
+    )
+
+
+def _navil_2b() -> NaViLModelConfig:
+    return NaViLModelConfig(
+        # 21 x 28.3M + patch embed = 0.595B parameters.
+        vision=VisionConfig(hidden_size=1536, num_layers=21, num_attention_heads=12, ffn_hidden_size=6144),
+        llm=LLMConfig(
+            backbone="internlm2", num_layers=24, hidden_size=2048, ffn_hidden_size=8192,
+            num_attention_heads=16, num_query_groups=8, kv_channels=128, qk_layernorm=False,
+            vocab_size=92544 + 12, first_special_token_id=92544, norm_eps=1e-5,
+        ),
+        experts=ExpertConfig(output_proj_mode="composed"),
+        template="internlm2-chat",
+    )
+
+
+def _navil_9b() -> NaViLModelConfig:
+    return NaViLModelConfig(
+        # 24 x 50.3M + patch embed = 1.21B parameters.
+        vision=VisionConfig(hidden_size=2048, num_layers=24, num_attention_heads=16, ffn_hidden_size=8192),
+        llm=LLMConfig(
+            backbone="qwen3", num_layers=36, hidden_size=4096, ffn_hidden_size=12288,
+            num_attention_heads=32, num_query_groups=8, kv_channels=128, qk_layernorm=True,
+            # Qwen3's embedding has 151936 rows (tokenizer 151669 + padding); the special
+            # tokens are appended after the tokenizer's own tokens, inside those rows.
+            vocab_size=151936, first_special_token_id=151669, norm_eps=1e-6,
+        ),
+        experts=ExpertConfig(output_proj_mode="separate"),
+        template="qwen3-chat",
+    )
+
+
+FLAVORS: dict[str, Callable[[], NaViLModelConfig]] = {
+    "debug-internlm2": lambda: _debug("internlm2"),
+    "debug-qwen3": lambda: _debug("qwen3"),
+    "navil-2b": _navil_2b,
+    "navil-9b": _navil_9b,
+}
+
+
+def get_flavor(name: str) -> NaViLModelConfig:
+    """A fresh, validated config of the named flavor."""
+    if name not in FLAVORS:
+        raise ConfigError(f"unknown model flavor {name!r}; choose one of {', '.join(FLAVORS)}")
+    cfg = FLAVORS[name]()
+    cfg.validate()
+    return cfg
+
+
+def _fit() -> tuple[float, float]:
+    xs = [math.log(l) for l, _ in SCALING_LAW_POINTS]
+    ys = [math.log(v) for _, v in SCALING_LAW_POINTS]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def propose_vision_size(llm_params_billion: float) -> float:
+    """Optimal encoder size (billions of parameters) for an LLM of the given size (billions)."""
+    if llm_params_billion <= 0:
+        raise ConfigError(f"LLM size must be positive, got {llm_params_billion}")
+    a, b = _fit()
+    return math.exp(a + b * math.log(llm_params_billion))
+
+
+def propose_vision_config(llm_params_billion: float, head_dim: int = 128) -> VisionConfig:
+    """A VisionConfig near the scaling-law size: FFN = 4x width, heads of `head_dim`.
+
+    Depth and width barely matter at a fixed budget (paper finding 3), so we pick the width whose
+    depth lands closest to 24 layers, the depth of the paper's mid-size encoders.
+    """
+    target = propose_vision_size(llm_params_billion) * 1e9
+    best = None
+    for width in range(2 * head_dim, 8192 + 1, head_dim):
+        per_layer = VisionConfig(hidden_size=width, num_layers=1, num_attention_heads=width // head_dim,
+                                 ffn_hidden_size=4 * width).num_parameters()
+        depth = max(1, round(target / per_layer))
+        score = abs(math.log(depth / 24)) + abs(math.log(depth * per_layer / target))
+        if best is None or score < best[0]:
+            best = (score, width, depth)
+    _, width, depth = best
+    return VisionConfig(hidden_size=width, num_layers=depth, num_attention_heads=width // head_dim,
+                        ffn_hidden_size=4 * width)

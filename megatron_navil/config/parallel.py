@@ -1,0 +1,83 @@
+"""Parallel layout, backend and numerics (Megatron-LM flag names where it has one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from megatron_navil.config.base import ConfigBase, ConfigError
+
+
+@dataclass
+class ParallelConfig(ConfigBase):
+    """How the model is split over processes."""
+
+    tensor_model_parallel_size: int = 1
+    """TP size: attention heads, FFN columns and the vocab are split over this many ranks."""
+    pipeline_model_parallel_size: int = 1
+    """PP size: LLM layers are split into this many stages; the vision encoder and connector
+    live on the first stage."""
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline rank for the interleaved 1F1B schedule (None = plain 1F1B)."""
+    num_layers_in_first_pipeline_stage: Optional[int] = None
+    """LLM layers on the first stage (None = even split). The vision encoder also lives there, so
+    giving the first stage fewer LLM layers balances the pipeline."""
+    expert_model_parallel_size: int = 1
+    """EP size: 2 puts the text and visual FFN experts on different ranks; 1 uses the
+    dispatcher-free fast path."""
+    sequence_parallel: bool = False
+    """Split norms/dropout activations along the sequence over the TP ranks (needs TP > 1;
+    required by Megatron's MoE dispatchers when TP > 1 and EP > 1)."""
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """Megatron MoE token dispatcher used when EP > 1."""
+    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    """Activation recompute: `full` recomputes whole layers, `selective` only core attention."""
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    """With full recompute: `uniform` checkpoints groups of recompute_num_layers layers,
+    `block` checkpoints only the first recompute_num_layers layers of each stage."""
+    recompute_num_layers: int = 1
+    """Layers per recompute group (uniform) or recomputed layers per stage (block)."""
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                     "expert_model_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1")
+        if self.expert_model_parallel_size not in (1, 2):
+            raise ConfigError(
+                "parallel.expert_model_parallel_size must be 1 or 2: NaViL has exactly two FFN "
+                f"experts (text, visual), got {self.expert_model_parallel_size}"
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
+        if (self.expert_model_parallel_size > 1 and self.tensor_model_parallel_size > 1
+                and not self.sequence_parallel):
+            raise ConfigError(
+                "EP > 1 with TP > 1 needs --sequence-parallel (Megatron's MoE token dispatchers "
+                "expect sequence-parallel inputs)"
+            )
+
+
+@dataclass
+class PrecisionConfig(ConfigBase):
+    """Backend choice and numerics."""
+
+    backend: Literal["auto", "local", "transformer_engine"] = "auto"
+    """`local`: pure-torch Megatron layers (CPU, CI). `transformer_engine`: TE linears, fused
+    THD attention, FP8 (GPU). `auto` picks TE when CUDA and TE are both present."""
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter/compute dtype of the model (bf16 on GPU for training, fp32 on CPU)."""
+    fp8: Optional[Literal["delayed", "tensorwise", "blockwise", "mxfp8"]] = None
+    """FP8 recipe through Transformer Engine (None = off). Needs the TE backend."""
+    fp8_padding_multiple: int = 16
+    """With FP8 every GEMM's row count is padded to a multiple of this (TE requirement)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = 0.0
+    """Dropout on residual branches."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.fp8 is not None and self.backend == "local":
+            raise ConfigError("precision.fp8 needs backend transformer_engine (or auto on a GPU)")

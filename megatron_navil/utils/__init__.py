@@ -1,0 +1,1 @@
+"""Small shared helpers: rank-aware logging, distributed set-up, the CPU compatibility layer."""

@@ -1,0 +1,179 @@
+"""CPU compatibility layer: lets Megatron-Core's CUDA-only code paths run on CPU with gloo.
+
+Megatron-Core 0.16.1 assumes CUDA in a handful of places that our CPU tests (and the CPU
+quickstart) go through. `activate()` patches exactly those, and only when CUDA is absent: on a
+machine with a GPU it returns without touching anything, so GPU behaviour never changes.
+
+What it does, and why each piece is needed:
+
+1. A `TorchFunctionMode` that rewrites `device="cuda"`, `"cuda:N"`, `torch.device("cuda")` and
+   integer device arguments to CPU. The pipeline schedules, p2p communication, the MoE
+   dispatchers and several layers allocate with `device=torch.cuda.current_device()`.
+   `Tensor.cuda()` returns the tensor itself for the same reason.
+2. `torch.cuda.current_device/synchronize/Stream/Event/current_stream/stream/...` become CPU
+   no-ops (the alltoall dispatcher creates a side stream; timers record events).
+3. Megatron's RNG tracker (`tensor_parallel.random`) keeps "CUDA" RNG states for dropout; here
+   they are states of the CPU generator. NOTE: dropout therefore draws from the same generator
+   as CPU initialisation, so dropout RNG semantics differ from a GPU: parity tests run with
+   dropout 0, and callers seed the CPU generator identically on all ranks before building a
+   model (otherwise replicated TP parameters differ and dist_checkpointing saves one replica).
+4. `te_general_gemm` is defined as None in `moe_utils` when Transformer Engine is absent
+   (0.16.1 otherwise raises NameError in router gating; our modality router has no gate).
+5. `torch.distributed.all_to_all_single` receives split sizes as numpy integers from the
+   alltoall dispatcher, which torch 2.13 rejects: they are converted to Python ints.
+
+Everything is undone by `deactivate()` (tests use it to prove the layer is inert on exit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_navil.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+_STATE: dict[str, Any] = {"active": False, "mode": None, "saved": []}
+
+
+def _is_cuda_device(d: Any) -> bool:
+    if isinstance(d, torch.device):
+        return d.type == "cuda"
+    if isinstance(d, str):
+        return d == "cuda" or d.startswith("cuda:")
+    # An integer device index means a CUDA ordinal; on a CPU-only machine it can only be that.
+    return isinstance(d, int) and not isinstance(d, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA device arguments of any torch function or Tensor method to CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func in (torch.Tensor.to, torch.Tensor.cuda):
+            if func is torch.Tensor.cuda:
+                return args[0]
+            args = tuple("cpu" if i > 0 and _is_cuda_device(a) else a for i, a in enumerate(args))
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream on CPU: every operation is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.device = torch.device("cpu")
+
+    def wait_stream(self, *a: Any, **k: Any) -> None: ...
+    def wait_event(self, *a: Any, **k: Any) -> None: ...
+    def synchronize(self) -> None: ...
+    def query(self) -> bool:
+        return True
+
+    def record_event(self, event: Any = None) -> "_NullEvent":
+        return event or _NullEvent()
+
+
+class _NullEvent:
+    """Stands in for torch.cuda.Event on CPU; elapsed_time uses wall-clock time."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._t = 0.0
+
+    def record(self, *a: Any, **k: Any) -> None:
+        import time
+
+        self._t = time.perf_counter()
+
+    def wait(self, *a: Any, **k: Any) -> None: ...
+    def synchronize(self) -> None: ...
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end: "_NullEvent") -> float:
+        return (end._t - self._t) * 1000.0
+
+
+def _patch(obj: Any, name: str, value: Any) -> None:
+    _STATE["saved"].append((obj, name, getattr(obj, name, _MISSING)))
+    setattr(obj, name, value)
+
+
+_MISSING = object()
+
+
+def is_active() -> bool:
+    return bool(_STATE["active"])
+
+
+def activate() -> bool:
+    """Install the layer if CUDA is absent. Returns True when it is (now or already) active."""
+    if torch.cuda.is_available():
+        return False
+    if _STATE["active"]:
+        return True
+
+    cuda = torch.cuda
+    _patch(cuda, "current_device", lambda: 0)
+    _patch(cuda, "synchronize", lambda *a, **k: None)
+    _patch(cuda, "Stream", _NullStream)
+    _patch(cuda, "Event", _NullEvent)
+    _patch(cuda, "current_stream", lambda *a, **k: _NullStream())
+    _patch(cuda, "default_stream", lambda *a, **k: _NullStream())
+    _patch(cuda, "stream", lambda *a, **k: contextlib.nullcontext())
+    _patch(cuda, "set_device", lambda *a, **k: None)
+    _patch(cuda, "device_count", lambda: 0)
+    _patch(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
+    _patch(cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+    _patch(cuda, "manual_seed", lambda seed: torch.manual_seed(seed))
+    _patch(cuda, "manual_seed_all", lambda seed: torch.manual_seed(seed))
+    for fn in ("memory_allocated", "max_memory_allocated", "memory_reserved",
+               "max_memory_reserved"):
+        _patch(cuda, fn, lambda *a, **k: 0)
+    _patch(cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    _patch(cuda, "empty_cache", lambda *a, **k: None)
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    _patch(mrandom, "_get_cuda_rng_state", lambda *a, clone=False, **k: torch.get_rng_state())
+    _patch(mrandom, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        _patch(moe_utils, "te_general_gemm", None)
+
+    original_a2a = torch.distributed.all_to_all_single
+
+    @functools.wraps(original_a2a)
+    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
+        to_list = lambda s: None if s is None else [int(x) for x in s]  # noqa: E731
+        return original_a2a(output, input, to_list(output_split_sizes),
+                            to_list(input_split_sizes), **kw)
+
+    _patch(torch.distributed, "all_to_all_single", all_to_all_single)
+
+    mode = _CudaToCpuMode()
+    mode.__enter__()
+    _STATE.update(active=True, mode=mode)
+    log.debug("CPU compatibility layer active (no CUDA device)")
+    return True
+
+
+def deactivate() -> None:
+    """Undo `activate()` (no-op when inactive)."""
+    if not _STATE["active"]:
+        return
+    _STATE["mode"].__exit__(None, None, None)
+    for obj, name, old in reversed(_STATE["saved"]):
+        if old is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, old)
+    _STATE.update(active=False, mode=None, saved=[])

@@ -1,0 +1,99 @@
+"""Process-group set-up shared by the trainer, the tests and the tools.
+
+gloo on CPU (with the CPU compatibility layer), NCCL on GPU. Megatron-Core's model-parallel
+groups come from `parallel_state.initialize_model_parallel`; seeds are set the way Megatron-LM
+does plus the CPU generator, which CPU initialisation draws from (see utils/cpu_compat.py).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+
+import numpy as np
+import torch
+
+from megatron_navil.config.parallel import ParallelConfig
+from megatron_navil.utils import cpu_compat
+from megatron_navil.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def init_process_group(timeout_minutes: float = 30.0) -> None:
+    """Initialise torch.distributed from the launcher's env (torchrun / SLURM) if needed."""
+    if torch.distributed.is_initialized():
+        return
+    if not torch.cuda.is_available():
+        cpu_compat.activate()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        if key not in os.environ and f"SLURM_{_SLURM_NAMES[key]}" in os.environ:
+            os.environ[key] = os.environ[f"SLURM_{_SLURM_NAMES[key]}"]
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(
+        backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
+    )
+
+
+_SLURM_NAMES = {"RANK": "PROCID", "WORLD_SIZE": "NTASKS", "LOCAL_RANK": "LOCALID"}
+
+
+def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
+    """Create Megatron's TP/PP/EP/DP groups and seed every RNG that matters."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    init_process_group()
+    world = torch.distributed.get_world_size()
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not divisible by TP x PP = {model_parallel}; launch a "
+            "multiple of that many processes or change the parallel sizes"
+        )
+    dp = world // model_parallel
+    if (dp * parallel.tensor_model_parallel_size) % parallel.expert_model_parallel_size:
+        raise ValueError(
+            f"expert parallel size {parallel.expert_model_parallel_size} must divide "
+            f"DP x TP = {dp * parallel.tensor_model_parallel_size}"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+    )
+    seed_everything(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    # CPU initialisation draws from the CPU generator: identical on every rank so replicated
+    # parameters agree across TP ranks (model_parallel_cuda_manual_seed reseeds it on CPU).
+    torch.manual_seed(seed)
+    log.info(
+        "model parallel: TP=%d PP=%d EP=%d DP=%d (world %d, %s)",
+        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+        parallel.expert_model_parallel_size, dp, world,
+        "gloo/CPU" if not torch.cuda.is_available() else "nccl/GPU",
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def destroy() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
