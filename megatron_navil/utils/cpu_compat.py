@@ -6,10 +6,11 @@ machine with a GPU it returns without touching anything, so GPU behaviour never 
 
 What it does, and why each piece is needed:
 
-1. A `TorchFunctionMode` that rewrites `device="cuda"`, `"cuda:N"`, `torch.device("cuda")` and
-   integer device arguments to CPU. The pipeline schedules, p2p communication, the MoE
-   dispatchers and several layers allocate with `device=torch.cuda.current_device()`.
-   `Tensor.cuda()` returns the tensor itself for the same reason.
+1. `torch.cuda.current_device()` returns the CPU device (the pipeline schedules, p2p
+   communication, the MoE dispatchers and several layers allocate with
+   `device=torch.cuda.current_device()`, also inside backward functions), and a
+   `TorchFunctionMode` rewrites `device="cuda"`, `"cuda:N"`, `torch.device("cuda")` and integer
+   device arguments of forward-time calls to CPU. `Tensor.cuda()` returns the tensor itself.
 2. `torch.cuda.current_device/synchronize/Stream/Event/current_stream/stream/...` become CPU
    no-ops (the alltoall dispatcher creates a side stream; timers record events).
 3. Megatron's RNG tracker (`tensor_parallel.random`) keeps "CUDA" RNG states for dropout; here
@@ -21,6 +22,9 @@ What it does, and why each piece is needed:
    (0.16.1 otherwise raises NameError in router gating; our modality router has no gate).
 5. `torch.distributed.all_to_all_single` receives split sizes as numpy integers from the
    alltoall dispatcher, which torch 2.13 rejects: they are converted to Python ints.
+6. gloo has no uneven `all_gather` / `reduce_scatter` (lists of differently sized tensors),
+   which the MoE dispatchers use with TP x EP: on gloo groups these are emulated exactly
+   (pad to the largest size and trim; all-reduce and keep this rank's slice).
 
 Everything is undone by `deactivate()` (tests use it to prove the layer is inert on exit).
 """
@@ -120,7 +124,10 @@ def activate() -> bool:
         return True
 
     cuda = torch.cuda
-    _patch(cuda, "current_device", lambda: 0)
+    # A CPU device object (not an index): `device=torch.cuda.current_device()` is Megatron's most
+    # common allocation pattern and also runs inside autograd backward, where the function mode
+    # below is not active (a mode is suspended while its handler runs torch.autograd.backward).
+    _patch(cuda, "current_device", lambda: torch.device("cpu"))
     _patch(cuda, "synchronize", lambda *a, **k: None)
     _patch(cuda, "Stream", _NullStream)
     _patch(cuda, "Event", _NullEvent)
@@ -131,8 +138,9 @@ def activate() -> bool:
     _patch(cuda, "device_count", lambda: 0)
     _patch(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state())
     _patch(cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
-    _patch(cuda, "manual_seed", lambda seed: torch.manual_seed(seed))
-    _patch(cuda, "manual_seed_all", lambda seed: torch.manual_seed(seed))
+    # torch.manual_seed itself calls cuda.manual_seed_all (a lazy no-op without CUDA): seed the
+    # CPU generator directly to avoid recursing through it.
+    _patch(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
     for fn in ("memory_allocated", "max_memory_allocated", "memory_reserved",
                "max_memory_reserved"):
         _patch(cuda, fn, lambda *a, **k: 0)
@@ -158,6 +166,38 @@ def activate() -> bool:
                             to_list(input_split_sizes), **kw)
 
     _patch(torch.distributed, "all_to_all_single", all_to_all_single)
+
+    original_all_gather = torch.distributed.all_gather
+    original_reduce_scatter = torch.distributed.reduce_scatter
+
+    @functools.wraps(original_all_gather)
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        shapes = {tuple(t.shape) for t in tensor_list} | {tuple(tensor.shape)}
+        if len(shapes) == 1 or async_op:
+            return original_all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        original_all_gather(gathered, padded, group=group)
+        for out, g in zip(tensor_list, gathered):
+            out.copy_(g[: out.shape[0]])
+        return None
+
+    @functools.wraps(original_reduce_scatter)
+    def reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None,
+                       async_op=False):
+        if len({tuple(t.shape) for t in input_list}) == 1 or async_op:
+            return original_reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+        full = torch.cat([t.flatten() for t in input_list])
+        torch.distributed.all_reduce(full, op=op, group=group)
+        rank = torch.distributed.get_rank(group)
+        start = sum(t.numel() for t in input_list[:rank])
+        output.copy_(full[start:start + output.numel()].view(output.shape))
+        return None
+
+    _patch(torch.distributed, "all_gather", all_gather)
+    _patch(torch.distributed, "reduce_scatter", reduce_scatter)
 
     mode = _CudaToCpuMode()
     mode.__enter__()

@@ -1,0 +1,92 @@
+"""The batch contract between the data loader and the model — documented here, in one place.
+
+A micro-batch is ONE packed sequence in THD form: several samples concatenated along the token
+dimension, each attending causally only to itself (cu_seqlens), positions restarting at 0 per
+sample. Images of all samples are concatenated the same way on the vision side.
+
+| field          | dtype / shape            | meaning |
+|----------------|--------------------------|---------|
+| tokens         | long [T]                 | token ids; images appear as `<img>`, rows of `<IMG_CONTEXT>` + `<IMG_LINE_BREAK>`, `<IMG_FRAME_BREAK>` per scale, `</img>` |
+| labels         | long [T]                 | target of position t (= tokens[t+1] inside a sample); anything where loss_mask is 0 |
+| loss_mask      | float [T]                | per-position loss weight (0 = no loss; captions: the text; chats: assistant turns). Positions whose INPUT is `<IMG_CONTEXT>` never take loss, whatever the mask says |
+| position_ids   | long [T]                 | 0..len-1 within each sample |
+| cu_seqlens     | int32 [n_samples + 1]    | sample boundaries; the last entry is T. Padding to a fixed T is a final "sample" with loss_mask 0 |
+| pixel_values   | float [N_patches, 3*P*P] | patches of every image/scale, each flattened (c, ph, pw), merge-block order (h/2, w/2, 2, 2), normalised to [-1, 1]; None for text-only packs |
+| grid_thw       | long [n_grids, 3]        | (t=1, h, w) in patches per image or per scale, in the order their `<IMG_CONTEXT>` runs appear in tokens |
+| modality_mask  | bool [T] or None         | visual tokens (`<IMG_CONTEXT>` and `<img>`); derived from tokens when None |
+
+T is fixed per run (the loader pads to `--seq-length`, a multiple of 16 for FP8 and of the TP
+size for sequence parallelism); N_patches is free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megatron_navil.config.model import NaViLModelConfig
+
+
+@dataclass
+class NaViLBatch:
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    pixel_values: Optional[torch.Tensor] = None
+    grid_thw: Optional[torch.Tensor] = None
+    modality_mask: Optional[torch.Tensor] = None
+    metadata: dict = dataclasses.field(default_factory=dict)
+    """Loader bookkeeping (sample keys, skipped images, ...); never read by the model."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    def to(self, device: Any) -> "NaViLBatch":
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in moved.items():
+            if isinstance(v, torch.Tensor):
+                moved[k] = v.to(device, non_blocking=True)
+        return NaViLBatch(**moved)
+
+    def model_inputs(self) -> dict[str, Any]:
+        """Keyword arguments of NaViLModel.forward."""
+        return dict(tokens=self.tokens, position_ids=self.position_ids, cu_seqlens=self.cu_seqlens,
+                    labels=self.labels, loss_mask=self.loss_mask, pixel_values=self.pixel_values,
+                    grid_thw=self.grid_thw, modality_mask=self.modality_mask)
+
+    def validate(self, cfg: NaViLModelConfig) -> None:
+        check_packed_sequence(cfg, self.tokens, self.position_ids, self.cu_seqlens)
+        for name in ("labels", "loss_mask"):
+            if getattr(self, name).shape != self.tokens.shape:
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, tokens "
+                                 f"{tuple(self.tokens.shape)}")
+
+
+def check_packed_sequence(cfg: NaViLModelConfig, tokens: torch.Tensor,
+                          position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    """Clear errors for a packed sequence the model cannot take."""
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be one packed sequence [T], got shape {tuple(tokens.shape)}")
+    t = tokens.numel()
+    if t > cfg.llm.max_sequence_length:
+        raise ValueError(
+            f"packed sequence has {t} tokens, more than llm.max_sequence_length = "
+            f"{cfg.llm.max_sequence_length}; lower --seq-length or raise max_sequence_length"
+        )
+    if position_ids.shape != tokens.shape:
+        raise ValueError(f"position_ids {tuple(position_ids.shape)} != tokens {tuple(tokens.shape)}")
+    if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t:
+        raise ValueError(f"cu_seqlens must run from 0 to the {t} packed tokens, got {cu_seqlens.tolist()}")
+    if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
+    if int(tokens.max()) >= cfg.llm.vocab_size or int(tokens.min()) < 0:
+        raise ValueError(
+            f"token ids range {int(tokens.min())}..{int(tokens.max())} outside the model vocab "
+            f"0..{cfg.llm.vocab_size - 1}; the tokenizer and model config disagree"
+        )

@@ -1,0 +1,148 @@
+"""Self-attention for both the vision encoder and the LLM, assembled from spec submodules.
+
+    hidden [s_local, b, h]
+      -> linear_qkv            plain column-parallel, or per-modality (MHA-MMoE)     [s, b, ng*(np/ng+2)*hn / tp]
+      -> split q, k, v         Megatron's grouped layout: per KV group [q_1..q_g, k, v]
+      -> q/k norm (optional)   per head (LLM, per modality) or over the full width (ViT, TPRMSNorm)
+      -> RoPE                  per-token frequencies: 1D positions (LLM) or (row, col) (ViT)
+      -> core attention        packed THD segments: causal (LLM samples) / bidirectional (images)
+      -> linear_proj           plain row-parallel, or per-modality (separate or composed)
+    -> [s_local, b, h]
+
+Why not Megatron's SelfAttention: the modality projections take the routing as an argument,
+the ViT's q/k norm spans all heads, and RoPE frequencies here are per token (2D for images,
+restarting per packed sample for the LLM) rather than a prefix of one table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.utils import divide, get_pg_size
+
+from megatron_navil.models.local_layers import TPRMSNorm
+from megatron_navil.models.modality import (
+    ModalityColumnParallelLinear,
+    ModalityNorm,
+    ModalityRouting,
+    ModalityRowParallelLinear,
+)
+
+
+@dataclass
+class NaViLAttentionSubmodules:
+    """Spec slots of NaViLSelfAttention."""
+
+    linear_qkv: Union[ModuleSpec, type]
+    core_attention: Union[ModuleSpec, type]
+    linear_proj: Union[ModuleSpec, type]
+    q_layernorm: Optional[Union[ModuleSpec, type]] = None
+    k_layernorm: Optional[Union[ModuleSpec, type]] = None
+
+
+class NaViLSelfAttention(MegatronModule):
+    def __init__(self, config, submodules: NaViLAttentionSubmodules, layer_number: int,
+                 attn_mask_type: AttnMaskType = AttnMaskType.causal, qkv_bias: bool = False,
+                 full_width_qk_norm: bool = False,
+                 pg_collection: Optional[ProcessGroupCollection] = None, **unused):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.tp_group = pg_collection.tp
+        tp = get_pg_size(self.tp_group)
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.hn = config.kv_channels
+        if config.num_query_groups % tp:
+            raise ValueError(
+                f"{config.num_query_groups} KV groups cannot be split over TP={tp}; choose a TP "
+                "size that divides the number of KV heads"
+            )
+        self.np = divide(config.num_attention_heads, tp)  # query heads on this rank
+        self.ng = divide(config.num_query_groups, tp)  # KV groups on this rank
+        q_size = config.num_attention_heads * self.hn
+        qkv_size = q_size + 2 * config.num_query_groups * self.hn
+
+        self.linear_qkv = build_module(
+            submodules.linear_qkv, config.hidden_size, qkv_size, config=config,
+            init_method=config.init_method, bias=qkv_bias, gather_output=False,
+            skip_bias_add=False, is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.tp_group,
+        )
+        self.full_width_qk_norm = full_width_qk_norm
+        norm_size = q_size if full_width_qk_norm else self.hn
+        self.q_layernorm = self._build_norm(submodules.q_layernorm, config, norm_size)
+        self.k_layernorm = self._build_norm(submodules.k_layernorm, config, norm_size)
+        self.core_attention = build_module(
+            submodules.core_attention, config=config, layer_number=layer_number,
+            attn_mask_type=attn_mask_type, attention_type="self", pg_collection=pg_collection,
+        )
+        self.linear_proj = build_module(
+            submodules.linear_proj, q_size, config.hidden_size, config=config,
+            init_method=config.output_layer_init_method, bias=config.add_bias_linear,
+            input_is_parallel=True, skip_bias_add=False, is_expert=False,
+            tp_comm_buffer_name="proj", tp_group=self.tp_group,
+        )
+        self.recompute_core_attention = (
+            config.recompute_granularity == "selective" and "core_attn" in config.recompute_modules
+        )
+
+    def _build_norm(self, spec, config, size):
+        if spec is None:
+            return None
+        if isinstance(spec, type) and issubclass(spec, TPRMSNorm):
+            return spec(config, size, config.layernorm_epsilon, tp_group=self.tp_group)
+        return build_module(spec, config=config, hidden_size=size, eps=config.layernorm_epsilon)
+
+    def _norm(self, norm, x: torch.Tensor, routing: Optional[ModalityRouting]) -> torch.Tensor:
+        if norm is None:
+            return x
+        if isinstance(norm, ModalityNorm):
+            return norm(x, routing)
+        if self.full_width_qk_norm:
+            s, b = x.shape[:2]
+            return norm(x.reshape(s, b, -1)).view_as(x)  # over all (local) heads at once
+        return norm(x)
+
+    def forward(self, hidden_states: torch.Tensor, *, rotary_freqs: torch.Tensor,
+                packed_seq_params: PackedSeqParams,
+                routing: Optional[ModalityRouting] = None):
+        if isinstance(self.linear_qkv, ModalityColumnParallelLinear):
+            mixed, _ = self.linear_qkv(hidden_states, routing)
+        else:
+            mixed, _ = self.linear_qkv(hidden_states)
+        s, b = mixed.shape[:2]
+        per_group = self.np // self.ng
+        # [s, b, ng * (np/ng + 2) * hn] -> [s, b, ng, (np/ng + 2) * hn]
+        mixed = mixed.view(s, b, self.ng, (per_group + 2) * self.hn)
+        q, k, v = torch.split(mixed, [per_group * self.hn, self.hn, self.hn], dim=3)
+        q = q.reshape(s, b, self.np, self.hn)  # [s, b, np, hn]
+        q = self._norm(self.q_layernorm, q, routing)
+        k = self._norm(self.k_layernorm, k, routing)  # [s, b, ng, hn]
+
+        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config)
+        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config)
+
+        # THD: the packed sequence is the token dim, b == 1.  [s, 1, heads, hn] -> [s, heads, hn]
+        q, k, v = (x.reshape(s * b, x.shape[2], self.hn) for x in (q, k, v))
+
+        def attend(q, k, v):
+            return self.core_attention(q, k, v, packed_seq_params=packed_seq_params)
+
+        if self.recompute_core_attention and self.training:
+            context = tensor_parallel.checkpoint(attend, False, q, k, v)
+        else:
+            context = attend(q, k, v)
+        context = context.view(s, b, -1)  # [s, b, np * hn]
+
+        if isinstance(self.linear_proj, ModalityRowParallelLinear):
+            return self.linear_proj(context, routing)
+        return self.linear_proj(context)

@@ -1,0 +1,150 @@
+"""The modality-expert LLM: embeddings (+ special tokens, + vision features), decoder, LM head.
+
+    input_ids [T]
+      -> VocabParallelEmbedding                              [T, 1, D]  (all-reduced over TP)
+      -> rows of special-token ids <- special_token_embedding (12 rows, NaViL's override)
+      -> rows of <IMG_CONTEXT> <- connector outputs, in order (count mismatch: ValueError)
+      -> scatter to sequence-parallel chunks (SP)            [T/tp, 1, D]
+      -> decoder: L x (shared RMSNorm, MHA-MMoE, shared RMSNorm, FFN-MMoE), final RMSNorm
+      -> gather (SP); keep only rows that need logits (never <IMG_CONTEXT> inputs)
+      -> LM head (column-parallel over the padded vocab; padded columns masked to -inf)
+      -> vocab-parallel cross entropy (training) or gathered logits (inference)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.tensor_parallel.utils import VocabUtility
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
+from megatron.core.utils import get_pg_rank
+
+from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
+from megatron_navil.models.backends import Backend
+from megatron_navil.models.layer import NaViLTransformerBlock
+from megatron_navil.models.modality import ModalityRouting
+from megatron_navil.models.rope import rope_1d
+from megatron_navil.models.specs import block_submodules, llm_layer_spec
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+class NaViLLanguageModel(MegatronModule):
+    def __init__(self, cfg: NaViLModelConfig, config, backend: Backend, pre_process: bool,
+                 post_process: bool, pg_collection, vp_stage: Optional[int] = None):
+        super().__init__(config=config)
+        self.cfg = cfg
+        self.pre_process, self.post_process = pre_process, post_process
+        self.tp_group = pg_collection.tp
+        tp = self.tp_group.size()
+        self.vocab_size = cfg.llm.vocab_size
+        self.padded_vocab_size = padded_vocab_size(cfg.llm.vocab_size,
+                                                   cfg.llm.make_vocab_size_divisible_by, tp)
+        d = cfg.llm.hidden_size
+        if pre_process:
+            self.embedding = VocabParallelEmbedding(
+                self.padded_vocab_size, d, init_method=config.init_method, config=config,
+                reduce_scatter_embeddings=False, tp_group=self.tp_group,
+            )
+            self.special_token_embedding = torch.nn.Embedding(
+                len(SPECIAL_TOKENS), d, dtype=config.params_dtype,
+                device=None if config.use_cpu_initialization else torch.cuda.current_device(),
+            )
+            with torch.no_grad():
+                config.init_method(self.special_token_embedding.weight)
+        num_layers = get_num_layers_to_build(config, vp_stage, get_pg_rank(pg_collection.pp))
+        self.decoder = NaViLTransformerBlock(
+            config, block_submodules(llm_layer_spec(cfg, backend), num_layers, backend.rms_norm),
+            pre_process=pre_process, post_process=post_process, pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            # We gather the sequence ourselves (SP) and pick the rows that need logits before the
+            # LM head, so the head runs without its own SP handling; with SP the gather's
+            # backward already reduces the input gradient, hence disable_grad_reduce.
+            head_config = _without_sequence_parallel(config)
+            self.output_layer = ColumnParallelLinear(
+                d, self.padded_vocab_size, config=head_config, init_method=config.init_method,
+                bias=False, gather_output=False, skip_bias_add=False,
+                disable_grad_reduce=config.sequence_parallel, tp_group=self.tp_group,
+            )
+
+    # ------------------------------------------------------------------ first stage
+    def embed(self, input_ids: torch.Tensor, vision_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """input_ids [T] -> [T (/tp under SP), 1, D] with special tokens and vision features."""
+        x = self.embedding(input_ids[None, :]).transpose(0, 1)  # [1, T, D] -> [T, 1, D]
+        first = self.cfg.llm.first_special_token_id
+        rows = input_ids - first
+        is_special = (rows >= 0) & (rows < len(SPECIAL_TOKENS))
+        special = self.special_token_embedding(rows.clamp(0, len(SPECIAL_TOKENS) - 1))
+        x = torch.where(is_special[:, None, None], special[:, None, :].to(x.dtype), x)
+
+        slots = (input_ids == self.cfg.img_context_id).nonzero().squeeze(1)
+        n_feat = 0 if vision_embeds is None else vision_embeds.shape[0]
+        if slots.numel() != n_feat:
+            raise ValueError(
+                f"the token sequence has {slots.numel()} <IMG_CONTEXT> placeholders but the "
+                f"vision encoder produced {n_feat} visual tokens; the image token layout must "
+                "match the images' grids (one <IMG_CONTEXT> per merged 2x2 patch block)"
+            )
+        if n_feat:
+            x = x.index_copy(0, slots, vision_embeds.to(x.dtype)[:, None, :])
+        if self.config.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x, group=self.tp_group)
+        return x
+
+    # ------------------------------------------------------------------ all stages
+    def forward(self, hidden: Optional[torch.Tensor], *, input_ids: torch.Tensor,
+                position_ids: torch.Tensor, packed_seq_params: PackedSeqParams,
+                routing: ModalityRouting, labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None):
+        freqs = rope_1d(position_ids, self.cfg.llm.kv_channels, self.cfg.llm.rope_theta)
+        h = self.decoder(hidden, rotary_freqs=freqs, packed_seq_params=packed_seq_params,
+                         routing=routing)
+        if not self.post_process:
+            return h
+        if self.config.sequence_parallel:
+            h = gather_from_sequence_parallel_region(h, group=self.tp_group)  # [T, 1, D]
+        not_image = input_ids != self.cfg.img_context_id
+        if labels is None:
+            rows = not_image.nonzero().squeeze(1)
+            logits = self._logits(h.index_select(0, rows))
+            return gather_from_tensor_model_parallel_region(logits, group=self.tp_group)[:, 0], rows
+        weights = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        rows = ((weights != 0) & not_image).nonzero().squeeze(1)
+        logits = self._logits(h.index_select(0, rows)).float()  # [n, 1, V/tp]
+        ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.index_select(0, rows)[:, None])
+        # Per-position weighted loss over the whole pack (0 where no loss is taken).
+        return torch.zeros_like(weights).index_copy(0, rows, ce[:, 0] * weights.index_select(0, rows))
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.output_layer(h)  # [n, 1, V_padded / tp]
+        if self.padded_vocab_size == self.vocab_size:
+            return logits
+        # Padded vocab rows are not tokens: give them zero probability.
+        tp, rank = self.tp_group.size(), self.tp_group.rank()
+        start, _ = VocabUtility.vocab_range_from_global_vocab_size(self.padded_vocab_size, rank, tp)
+        cols = torch.arange(logits.shape[-1], device=logits.device) + start
+        return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
+
+
+def _without_sequence_parallel(config):
+    import copy
+
+    out = copy.copy(config)
+    out.sequence_parallel = False
+    return out
+

@@ -1,0 +1,194 @@
+"""Modality routing and the attention-side modality experts (MHA-MMoE).
+
+Routing is a fixed mask, not a learned router: a token is *visual* iff its id is <IMG_CONTEXT>
+or <img>. `ModalityRouting` is built once per micro-batch from that mask and passed explicitly
+through model -> block -> layer -> attention/MLP (never stored on a module: a module global
+would break under activation recompute and with several pipeline micro-batches in flight).
+
+It precomputes a stable "grouped" order (text rows first, then visual rows, each group padded
+with zero rows to a multiple of 16 under FP8) so every modality-split GEMM is two dense GEMMs on
+contiguous row blocks, and the same index vectors serve all layers of the micro-batch.
+
+Under sequence parallelism the hidden states of a rank hold only its chunk of the sequence; the
+modality linears see the gathered sequence (QKV gathers first, the output projection reduces
+last), so they route with the full mask. The MoE dispatch path (EP > 1) routes the local chunk
+with `local_mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    reduce_scatter_to_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_pg_size
+
+TEXT, VISUAL = 0, 1
+
+
+@dataclass
+class ModalityRouting:
+    """Per-micro-batch token -> modality routing over the packed sequence (flattened [s*b])."""
+
+    mask: torch.Tensor
+    """bool [N]: True where the token is visual (full sequence, N = s * b)."""
+    dest: torch.Tensor
+    """long [N]: row of each token in the grouped buffer."""
+    order: Optional[torch.Tensor]
+    """long [N]: tokens in grouped order (only when no padding rows are needed)."""
+    counts: tuple[int, int]
+    """(text, visual) token counts."""
+    padded: tuple[int, int]
+    """(text, visual) group sizes in the grouped buffer (counts rounded up to row_multiple)."""
+    local_mask: torch.Tensor
+    """bool [N / sp]: this rank's sequence-parallel chunk of `mask` (== mask without SP)."""
+
+    @classmethod
+    def build(cls, mask: torch.Tensor, row_multiple: int = 1, sp_size: int = 1,
+              sp_rank: int = 0) -> "ModalityRouting":
+        mask = mask.reshape(-1).bool()
+        n = mask.numel()
+        n_vis = int(mask.sum())  # one host sync per micro-batch, shared by every layer
+        n_txt = n - n_vis
+        pad = lambda c: -(-c // row_multiple) * row_multiple  # noqa: E731
+        padded = (pad(n_txt), pad(n_vis))
+        vis = mask.long()
+        # Rank of each token within its own modality (stable: original order kept).
+        rank_in_group = torch.where(mask, torch.cumsum(vis, 0) - 1, torch.cumsum(1 - vis, 0) - 1)
+        dest = rank_in_group + vis * padded[TEXT]
+        order = None
+        if padded == (n_txt, n_vis):
+            order = torch.empty_like(dest)
+            order[dest] = torch.arange(n, device=mask.device)
+        if n % sp_size:
+            raise ValueError(f"sequence length {n} is not divisible by the sequence-parallel size {sp_size}")
+        chunk = n // sp_size
+        local = mask[sp_rank * chunk:(sp_rank + 1) * chunk]
+        return cls(mask, dest, order, (n_txt, n_vis), padded, local)
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, visual_ids: tuple[int, ...], **kw) -> "ModalityRouting":
+        mask = torch.zeros_like(tokens, dtype=torch.bool)
+        for i in visual_ids:
+            mask |= tokens == i
+        return cls.build(mask, **kw)
+
+    def group(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [padded_text + padded_visual, ...]: text rows, then visual rows."""
+        if self.order is not None:
+            return x.index_select(0, self.order)
+        out = x.new_zeros((sum(self.padded),) + tuple(x.shape[1:]))
+        return out.index_copy(0, self.dest, x)
+
+    def ungroup(self, y: torch.Tensor) -> torch.Tensor:
+        """Inverse of `group` (padding rows dropped)."""
+        return y.index_select(0, self.dest)
+
+    def apply(self, x: torch.Tensor, text_fn, visual_fn) -> torch.Tensor:
+        """Run text_fn on text rows and visual_fn on visual rows of x [N, ...]; back in order."""
+        grouped = self.group(x)
+        n_txt = self.padded[TEXT]
+        out = torch.cat([text_fn(grouped[:n_txt]), visual_fn(grouped[n_txt:])], dim=0)
+        return self.ungroup(out)
+
+
+def _tp(tp_group):
+    return tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
+
+
+class ModalityColumnParallelLinear(MegatronModule):
+    """Column-parallel linear with a text and a visual weight (e.g. wqkv / wqkv_ve).
+
+    [s_local, b, in] -> [s, b, out / tp]: gathers the sequence under SP (once, for both
+    modalities), then each token uses its modality's local weight shard.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool,
+                 shard_linear: type, tp_group=None, **unused):
+        # `unused`: Megatron linear kwargs (gather_output, tp_comm_buffer_name, ...) the
+        # attention passes to whichever linear the spec chose.
+        super().__init__(config=config)
+        self.tp_group = _tp(tp_group)
+        kw = dict(config=config, init_method=init_method, bias=bias, partition_dim=0,
+                  tp_group=self.tp_group)
+        self.text = shard_linear(input_size, output_size, **kw)
+        self.visual = shard_linear(input_size, output_size, **kw)
+        self.sequence_parallel = config.sequence_parallel and get_pg_size(self.tp_group) > 1
+
+    def forward(self, x: torch.Tensor, routing: ModalityRouting):
+        if self.sequence_parallel:
+            x = gather_from_sequence_parallel_region(x, group=self.tp_group)  # [s, b, in]
+        else:
+            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        s, b, h = x.shape
+        y = routing.apply(x.reshape(s * b, h), self.text, self.visual)
+        return y.view(s, b, -1), None
+
+
+class ModalityRowParallelLinear(MegatronModule):
+    """Row-parallel linear with a text and a visual weight (e.g. wo / wo_ve), no bias.
+
+    [s, b, in / tp] -> [s_local, b, out]. `composed=False`: visual tokens use the visual weight
+    only (NaViL-9B). `composed=True`: visual tokens get visual(text(x)) (the released 2B code's
+    wo_ve(wo(x))): every token goes through `text`, the reduced visual rows then through
+    `visual` as a second row-parallel GEMM (one extra all-reduce over the visual rows).
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool,
+                 shard_linear: type, composed: bool = False, tp_group=None, **unused):
+        super().__init__(config=config)
+        if bias:
+            raise ValueError("modality output projections have no bias (InternLM2/Qwen3 have none)")
+        self.tp_group = _tp(tp_group)
+        self.composed = composed
+        kw = dict(config=config, init_method=init_method, bias=False, partition_dim=1,
+                  tp_group=self.tp_group)
+        self.text = shard_linear(input_size, output_size, **kw)
+        self.visual = shard_linear(output_size if composed else input_size, output_size, **kw)
+        self.sequence_parallel = config.sequence_parallel and get_pg_size(self.tp_group) > 1
+
+    def forward(self, x: torch.Tensor, routing: ModalityRouting):
+        s, b, h = x.shape
+        flat = x.reshape(s * b, h)
+        if not self.composed:
+            partial = routing.apply(flat, self.text, self.visual).view(s, b, -1)
+            if self.sequence_parallel:
+                return reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group), None
+            return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group), None
+
+        full = reduce_from_tensor_model_parallel_region(self.text(flat), group=self.tp_group)
+
+        def visual(rows):
+            # rows are complete (reduced) outputs of `text`; take this rank's input slice.
+            rows = scatter_to_tensor_model_parallel_region(rows, group=self.tp_group)
+            return reduce_from_tensor_model_parallel_region(self.visual(rows), group=self.tp_group)
+
+        out = routing.apply(full, lambda rows: rows, visual).view(s, b, -1)
+        if self.sequence_parallel:
+            out = scatter_to_sequence_parallel_region(out, group=self.tp_group)
+        return out, None
+
+
+class ModalityNorm(torch.nn.Module):
+    """Two norms (text, visual) over the last dim of [s, b, heads, dim]; e.g. Qwen3's per-head
+    q_norm / q_norm_ve. Each token is normalised with its modality's weight."""
+
+    def __init__(self, norm_cls: type, *, config, hidden_size: int, eps: float):
+        super().__init__()
+        self.text = norm_cls(config=config, hidden_size=hidden_size, eps=eps)
+        self.visual = norm_cls(config=config, hidden_size=hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor, routing: ModalityRouting) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(routing.mask.numel(), -1, shape[-1])  # [N, heads, dim]
+        return routing.apply(flat, self.text, self.visual).view(shape)

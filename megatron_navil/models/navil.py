@@ -1,0 +1,127 @@
+"""NaViL on Megatron-Core: vision encoder + connector + modality-expert LLM.
+
+    first pipeline stage                                  every stage            last stage
+    ----------------------------------------------------  ---------------------  -----------------
+    pixel_values, grid_thw -> VisionEncoder -> Connector
+                                                   |
+    tokens -> embed (+special, +vision at <IMG_CONTEXT>) -> decoder layers     -> norm, LM head,
+                                                            (this stage's)        text-only CE
+    The modality routing (visual iff <IMG_CONTEXT> or <img>) is built from the tokens on EVERY
+    stage for every micro-batch and passed down explicitly.
+
+One instance is one pipeline stage (one virtual chunk with interleaving); `pre_process` /
+`post_process` say whether it holds the first / last layers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.enums import ModelType
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_navil.batch import check_packed_sequence
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
+from megatron_navil.models.backends import get_backend, resolve_backend
+from megatron_navil.models.language import NaViLLanguageModel
+from megatron_navil.models.modality import ModalityRouting
+from megatron_navil.models.transformer_config import (
+    llm_transformer_config,
+    vision_transformer_config,
+)
+from megatron_navil.models.vision import Connector, VisionEncoder, packed_params
+
+
+class NaViLModel(MegatronModule):
+    def __init__(self, cfg: NaViLModelConfig, parallel: ParallelConfig,
+                 precision: PrecisionConfig, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: Optional[int] = None,
+                 pg_collection: Optional[ProcessGroupCollection] = None):
+        cfg.validate()
+        parallel.validate()
+        precision.validate()
+        backend_name = resolve_backend(precision)
+        backend = get_backend(
+            backend_name, row_multiple=precision.fp8_padding_multiple if precision.fp8 else 1
+        )
+        super().__init__(config=llm_transformer_config(cfg, parallel, precision, backend_name))
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.cfg, self.backend = cfg, backend
+        self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        self.tp_group = pg_collection.tp
+        if pre_process:
+            vit_config = vision_transformer_config(cfg, parallel, precision, backend_name)
+            self.vision_model = VisionEncoder(cfg, vit_config, backend, pg_collection)
+            self.connector = Connector(cfg, vit_config)
+        self.language_model = NaViLLanguageModel(cfg, self.config, backend, pre_process,
+                                                 post_process, pg_collection, vp_stage)
+        self.visual_token_ids = (cfg.img_context_id, cfg.img_start_id)
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
+        self.share_embeddings_and_output_weights = False  # NaViL's LM head is untied
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand the previous stage's output here."""
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.language_model.decoder.set_input_tensor(input_tensor)
+
+    def routing(self, tokens: torch.Tensor, modality_mask: Optional[torch.Tensor] = None) -> ModalityRouting:
+        if modality_mask is None:
+            modality_mask = torch.zeros_like(tokens, dtype=torch.bool)
+            for i in self.visual_token_ids:
+                modality_mask |= tokens == i
+        sp = self.config.sequence_parallel and self.tp_group.size() > 1
+        return ModalityRouting.build(
+            modality_mask, row_multiple=self.backend.fp8_row_multiple,
+            sp_size=self.tp_group.size() if sp else 1, sp_rank=self.tp_group.rank() if sp else 0,
+        )
+
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                labels: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None, grid_thw: Optional[torch.Tensor] = None,
+                modality_mask: Optional[torch.Tensor] = None):
+        """One packed micro-batch (see megatron_navil/batch.py for the field contract).
+
+        Returns, on the last stage: the per-position weighted loss [T] when `labels` are given,
+        else (logits [n, vocab], row indices of the n positions that got logits). On other
+        stages: the hidden states for the next stage.
+        """
+        tokens, position_ids = tokens.reshape(-1), position_ids.reshape(-1)
+        check_packed_sequence(self.cfg, tokens, position_ids, cu_seqlens)
+        routing = self.routing(tokens, modality_mask)
+        seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        packed = packed_params(seqlens, tokens.device)
+        hidden = None
+        if self.pre_process:
+            vision = None
+            if pixel_values is not None and pixel_values.shape[0] > 0:
+                vision = self.connector(self.vision_model(pixel_values, grid_thw))
+            hidden = self.language_model.embed(tokens, vision)
+        return self.language_model(
+            hidden, input_ids=tokens, position_ids=position_ids, packed_seq_params=packed,
+            routing=routing, labels=None if labels is None else labels.reshape(-1),
+            loss_mask=None if loss_mask is None else loss_mask.reshape(-1),
+        )
+
+
+def build_model(cfg: NaViLModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                pg_collection: Optional[ProcessGroupCollection] = None) -> list[NaViLModel]:
+    """This rank's model chunks (one per virtual pipeline stage), like Megatron-LM's get_model."""
+    from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
+
+    vp = parallel.virtual_pipeline_model_parallel_size
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    chunks = []
+    for stage in range(vp or 1):
+        vp_stage = stage if vp is not None else None
+        first = pp_rank == 0 and (vp is None or is_vp_first_stage(vp_stage, vp))
+        last = pp_rank == pp_size - 1 and (vp is None or is_vp_last_stage(vp_stage, vp))
+        chunks.append(NaViLModel(cfg, parallel, precision, pre_process=first, post_process=last,
+                                 vp_stage=vp_stage, pg_collection=pg_collection))
+    return chunks

@@ -1,0 +1,114 @@
+"""Megatron-Core TransformerConfig objects for the LLM and the vision encoder.
+
+Our typed configs (megatron_navil.config) are the user-facing source of truth; these builders
+translate them. The vision encoder gets its own TransformerConfig with pipeline size 1: it lives
+whole on the first pipeline stage, so Megatron must not split its layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.enums import Fp8Recipe
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) -> dict:
+    dtype = _DTYPES[precision.params_dtype]
+    on_gpu = backend == "transformer_engine"
+    common = dict(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        normalization="RMSNorm",
+        attention_dropout=precision.attention_dropout,
+        hidden_dropout=precision.hidden_dropout,
+        # Fusions need TE/apex kernels; the unfused torch paths are exact references on CPU.
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=on_gpu,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        calculate_per_token_loss=True,
+        recompute_granularity=parallel.recompute_granularity,
+        recompute_method=parallel.recompute_method if parallel.recompute_granularity == "full" else None,
+        recompute_num_layers=parallel.recompute_num_layers if parallel.recompute_granularity == "full" else None,
+        transformer_impl="transformer_engine" if on_gpu else "local",
+    )
+    if precision.fp8 is not None:
+        common.update(fp8="hybrid", fp8_recipe=Fp8Recipe(precision.fp8))
+    return common
+
+
+def llm_transformer_config(cfg: NaViLModelConfig, parallel: ParallelConfig,
+                           precision: PrecisionConfig, backend: str) -> TransformerConfig:
+    llm = cfg.llm
+    kw = _common(parallel, precision, backend)
+    kw.update(
+        num_layers=llm.num_layers,
+        hidden_size=llm.hidden_size,
+        ffn_hidden_size=llm.ffn_hidden_size,
+        num_attention_heads=llm.num_attention_heads,
+        num_query_groups=llm.num_query_groups,
+        kv_channels=llm.kv_channels,
+        layernorm_epsilon=llm.norm_eps,
+        qk_layernorm=llm.qk_layernorm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        init_method_std=llm.init_method_std,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
+        num_layers_in_first_pipeline_stage=parallel.num_layers_in_first_pipeline_stage,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        variable_seq_lengths=False,
+    )
+    if cfg.experts.ffn_experts:
+        kw.update(
+            num_moe_experts=2,
+            moe_ffn_hidden_size=llm.ffn_hidden_size,
+            moe_router_topk=1,
+            moe_aux_loss_coeff=0.0,
+            moe_router_load_balancing_type="none",
+            moe_token_dispatcher_type=parallel.moe_token_dispatcher_type,
+            moe_grouped_gemm=backend == "transformer_engine",
+            moe_permute_fusion=False,
+            moe_router_dtype="fp32",
+            moe_router_pre_softmax=True,  # Megatron requires it for top-1; our router has no softmax
+        )
+    return TransformerConfig(**kw)
+
+
+def vision_transformer_config(cfg: NaViLModelConfig, parallel: ParallelConfig,
+                              precision: PrecisionConfig, backend: str) -> TransformerConfig:
+    v = cfg.vision
+    kw = _common(parallel, precision, backend)
+    kw.update(
+        num_layers=v.num_layers,
+        hidden_size=v.hidden_size,
+        ffn_hidden_size=v.ffn_hidden_size,
+        num_attention_heads=v.num_attention_heads,
+        num_query_groups=v.num_attention_heads,
+        kv_channels=v.head_dim,
+        layernorm_epsilon=v.norm_eps,
+        # Handled by our TPRMSNorm ("q_norm"/"k_norm"); Megatron's flag would also make its
+        # grad finalisation all-reduce parameters named like q_layernorm.
+        qk_layernorm=False,
+        gated_linear_unit=False,
+        activation_func=F.gelu,  # exact (erf) GELU, as the released encoder
+        add_bias_linear=True,
+        add_qkv_bias=v.qkv_bias,
+        init_method_std=v.init_method_std,
+        pipeline_model_parallel_size=1,
+    )
+    return TransformerConfig(**kw)

@@ -1,0 +1,145 @@
+"""Native-resolution vision encoder and the connector.
+
+    pixel_values [N, 3*P*P] (patches of all images/scales, merge-block order), grid_thw [n, 3]
+      -> patch_embed (Linear == Conv2d(3, C, P, stride P) on each patch tile)      [N, C]
+      -> pad N for SP / FP8 (an extra, self-attending padding segment)
+      -> L x NaViLTransformerLayer (2D RoPE, bidirectional attention within each image/scale)
+      -> drop padding                                                               [N, C]
+    connector:
+      -> pixel shuffle 2x2: 4 consecutive patches -> one token, channels (0,0),(0,1),(1,0),(1,1)
+      -> LayerNorm(4C) -> Linear(4C, D) -> GELU -> Linear(D, D)                     [N/4, D]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.tensor_parallel.mappings import (
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.models.backends import Backend
+from megatron_navil.models.layer import NaViLTransformerBlock
+from megatron_navil.models.rope import rope_2d
+from megatron_navil.models.specs import block_submodules, vision_layer_spec
+from megatron_navil.models.window import WindowPlan
+
+
+def _device(config):
+    return None if config.use_cpu_initialization else torch.cuda.current_device()
+
+
+def packed_params(seqlens: list[int], device) -> PackedSeqParams:
+    cu = torch.tensor([0] + seqlens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+    longest = max(seqlens) if seqlens else 0
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def check_grid(cfg: NaViLModelConfig, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
+    """Clear errors for inputs the encoder cannot take."""
+    v, m = cfg.vision, cfg.connector.merge_size
+    if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
+        raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w in patches), got {tuple(grid_thw.shape)}")
+    patch_dim = v.num_channels * v.patch_size**2
+    if pixel_values.ndim != 2 or pixel_values.shape[1] != patch_dim:
+        raise ValueError(f"pixel_values must be [num_patches, {patch_dim}], got {tuple(pixel_values.shape)}")
+    for i, (t, h, w) in enumerate(grid_thw.tolist()):
+        if h < m or w < m:
+            raise ValueError(
+                f"image {i} is {h}x{w} patches ({h * v.patch_size}x{w * v.patch_size} px), smaller "
+                f"than one merged {m}x{m} block of {v.patch_size}px patches; resize it to at least "
+                f"{m * v.patch_size}x{m * v.patch_size} px (the loader's min_dynamic_patch does this)"
+            )
+        if h % m or w % m:
+            raise ValueError(f"image {i}: grid {h}x{w} is not a multiple of the {m}x{m} merge block")
+    expected = int(grid_thw.prod(dim=1).sum())
+    if pixel_values.shape[0] != expected:
+        raise ValueError(
+            f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes {expected}"
+        )
+
+
+class VisionEncoder(MegatronModule):
+    def __init__(self, cfg: NaViLModelConfig, config, backend: Backend, pg_collection=None):
+        super().__init__(config=config)
+        v = cfg.vision
+        self.cfg = cfg
+        self.patch_embed = torch.nn.Linear(v.num_channels * v.patch_size**2, v.hidden_size,
+                                           device=_device(config), dtype=config.params_dtype)
+        with torch.no_grad():
+            config.init_method(self.patch_embed.weight)
+            self.patch_embed.bias.zero_()
+        self.decoder = NaViLTransformerBlock(
+            config, block_submodules(vision_layer_spec(cfg, backend), v.num_layers, None),
+            post_layer_norm=False, pre_process=True, post_process=True, pg_collection=pg_collection,
+        )
+        self.row_multiple = backend.fp8_row_multiple
+        self.window = WindowPlan.from_config(cfg) if v.window_size else None
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        check_grid(self.cfg, pixel_values, grid_thw)
+        v = self.cfg.vision
+        device = pixel_values.device
+        x = self.patch_embed(pixel_values.to(self.config.params_dtype))  # [N, C]
+        freqs = rope_2d(grid_thw, v.head_dim, v.rope_theta, self.cfg.connector.merge_size).to(device)
+        seqlens = grid_thw.prod(dim=1).tolist()
+        n = x.shape[0]
+
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        sp = self.config.sequence_parallel and tp > 1
+        multiple = self.row_multiple * (tp if sp else 1)
+        pad = -n % multiple
+        if pad:  # the padding rows form their own segment, so no real patch attends to them
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
+            freqs = torch.cat([freqs, freqs.new_zeros((pad,) + freqs.shape[1:])])
+            seqlens = seqlens + [pad]
+        packed = packed_params(seqlens, device)
+        window_packed = perm = None
+        if self.window is not None:
+            x, freqs, window_packed, perm = self.window.enter(x, freqs, grid_thw, pad)
+
+        h = x[:, None, :]  # [N, 1, C]
+        if sp:
+            h = scatter_to_sequence_parallel_region(h, group=parallel_state.get_tensor_model_parallel_group())
+        h = self.decoder(h, rotary_freqs=freqs, packed_seq_params=packed,
+                         window_packed_seq_params=window_packed)
+        if sp:
+            # Everything downstream is replicated over TP, so gradients arriving here are
+            # identical on all ranks: backward splits rather than reduce-scatters.
+            h = gather_from_sequence_parallel_region(
+                h, tensor_parallel_output_grad=False,
+                group=parallel_state.get_tensor_model_parallel_group(),
+            )
+        h = h[:, 0, :]
+        if self.window is not None:
+            h = self.window.leave(h, perm)
+        return h[:n]
+
+
+class Connector(MegatronModule):
+    """2x2 pixel shuffle + mlp1 (LayerNorm -> Linear -> GELU -> Linear); replicated over TP."""
+
+    def __init__(self, cfg: NaViLModelConfig, config):
+        super().__init__(config=config)
+        c4 = cfg.vision.hidden_size * cfg.connector.merge_size**2
+        d = cfg.llm.hidden_size
+        kw = dict(device=_device(config), dtype=config.params_dtype)
+        self.merge = cfg.connector.merge_size**2
+        self.layernorm = torch.nn.LayerNorm(c4, eps=cfg.connector.layernorm_eps, **kw)
+        self.linear_fc1 = torch.nn.Linear(c4, d, **kw)
+        self.linear_fc2 = torch.nn.Linear(d, d, **kw)
+        with torch.no_grad():
+            for lin in (self.linear_fc1, self.linear_fc2):
+                config.init_method(lin.weight)
+                lin.bias.zero_()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        # [N, C] -> [N/4, 4C]: the 4 patches of a merge block are consecutive (merge-block order).
+        x = features.reshape(-1, self.merge * features.shape[-1])
+        return self.linear_fc2(F.gelu(self.linear_fc1(self.layernorm(x))))

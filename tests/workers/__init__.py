@@ -1,0 +1,1 @@
+"""Entry points run as real multi-process (gloo) jobs by the distributed tests."""

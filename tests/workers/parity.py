@@ -1,0 +1,106 @@
+"""Worker: one training step's loss and gradients at a given parallel layout.
+
+`--mode reference` (1 process): builds the model, saves its weights as a dist checkpoint, runs
+the step, saves the gradients as a second dist checkpoint (gradients written into the weight
+slots) and the per-micro-batch losses.
+`--mode parallel` (N processes): loads the reference weights at the requested TP/PP/EP layout
+(Megatron's dist_checkpointing reshards), runs the same step through the pipeline schedule and
+Megatron DDP, loads the reference gradients resharded the same way, and writes per-rank
+comparisons (max abs / relative gradient difference per parameter, losses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+
+def _args():
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=["reference", "parallel"], required=True)
+    p.add_argument("--flavor", default="debug-internlm2")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--sp", action="store_true")
+    p.add_argument("--recompute", default=None)
+    p.add_argument("--dir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-length", type=int, default=96)
+    p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--override", action="append", default=[])
+    return p.parse_args()
+
+
+def test_batches(cfg, seq_length: int, n: int):
+    from megatron_navil.data.synthetic import synthetic_batch
+
+    g = torch.Generator().manual_seed(1234)
+    layouts = [
+        [[3, [(2, 4), (4, 6)], 5], [7], [2, [(2, 2)], 2, [(4, 2)], 3]],
+        [[4, [(6, 4)], 6], [2, [(2, 6)], 9]],
+        [[11], [5, 4]],  # text-only pack
+    ]
+    return [synthetic_batch(cfg, seq_length, g, layouts[i % len(layouts)]) for i in range(n)]
+
+
+def main():
+    a = _args()
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_navil.config import ParallelConfig, PrecisionConfig, get_flavor
+    from megatron_navil.models.navil import build_model
+    from megatron_navil.training.step import forward_backward, wrap_ddp
+    from megatron_navil.utils.distributed import destroy, initialize_model_parallel
+
+    cfg = get_flavor(a.flavor)
+    if a.override:
+        cfg = cfg.apply_overrides(dict(kv.split("=", 1) for kv in a.override))
+    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
+                         expert_model_parallel_size=a.ep, sequence_parallel=a.sp,
+                         recompute_granularity=a.recompute)
+    initialize_model_parallel(par, seed=7)
+    chunks = build_model(cfg, par, PrecisionConfig())
+    model = chunks[0]
+    weights_dir, grads_dir = os.path.join(a.dir, "weights"), os.path.join(a.dir, "grads")
+    if a.mode == "reference":
+        os.makedirs(weights_dir, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), weights_dir)
+    else:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), weights_dir))
+
+    ddp = wrap_ddp(chunks)
+    # Data parallel ranks split the step's micro-batches; the per-token loss normalisation over
+    # DP must make the gradients equal to the single-process step over all of them.
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    batches = test_batches(cfg, a.seq_length, a.micro_batches)[dp_rank::dp]
+    reports = forward_backward(ddp, batches, a.seq_length)
+    losses = [(r["lm loss"][0] / r["lm loss"][1]).item() for r in reports]
+    grads = {n: p.main_grad.detach().clone() for n, p in ddp[0].module.named_parameters()}
+
+    rank = torch.distributed.get_rank()
+    result = {"losses": losses, "rank": rank, "dp_rank": dp_rank,
+              "sequence_parallel": model.config.sequence_parallel,
+              "pp_last": parallel_state.is_pipeline_last_stage(), "grad_diff": {}}
+    if a.mode == "reference":
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(grads[n])
+        os.makedirs(grads_dir, exist_ok=True)
+        dist_checkpointing.save(model.sharded_state_dict(), grads_dir)
+    else:
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), grads_dir))
+        for n, p in model.named_parameters():
+            ref, got = p.detach(), grads[n]
+            scale = ref.abs().max().item()
+            result["grad_diff"][n] = [(got - ref).abs().max().item(), scale]
+    with open(f"{a.out}.rank{rank}.json", "w") as f:
+        json.dump(result, f)
+    destroy()
+
+
+if __name__ == "__main__":
+    main()
