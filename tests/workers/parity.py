@@ -30,7 +30,7 @@ def _args():
     p.add_argument("--dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--seq-length", type=int, default=96)
-    p.add_argument("--micro-batches", type=int, default=2)
+    p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--override", action="append", default=[])
     return p.parse_args()
 
@@ -76,6 +76,9 @@ def main():
     # Data parallel ranks split the step's micro-batches; the per-token loss normalisation over
     # DP must make the gradients equal to the single-process step over all of them.
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    if a.micro_batches % dp:
+        raise SystemExit(f"--micro-batches {a.micro_batches} must be divisible by DP={dp}: every "
+                         "rank of an expert-parallel group runs the same number of micro-batches")
     batches = test_batches(cfg, a.seq_length, a.micro_batches)[dp_rank::dp]
     reports = forward_backward(ddp, batches, a.seq_length)
     losses = [(r["lm loss"][0] / r["lm loss"][1]).item() for r in reports]
