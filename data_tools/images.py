@@ -107,13 +107,15 @@ def process_image(path: str, limits: ImageLimits) -> StoredImage:
                      f"{limits.max_pixels}")
     if min(w, h) < limits.min_side:
         raise Reject("image_too_small", f"{w}x{h}: shorter side < --min-image-side {limits.min_side}")
-    orientation = _orientation(im)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd-but-decodable metadata
             im.load()  # the one full decode: truncation and corrupt data raise here
     except Exception as e:  # any decoder failure is this image's fault, never the job's
         raise Reject("corrupt_image", f"decode failed: {type(e).__name__}: {e}") from None
+    # NOTE: only after the full decode: PNG's getexif() loads the image itself, and a decode
+    # error swallowed there would let a corrupt file through.
+    orientation = _orientation(im)
     if _keep_original(im, fmt, data, orientation):
         ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
         ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
