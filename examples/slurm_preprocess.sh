@@ -1,13 +1,14 @@
 #!/bin/bash
 # Preprocess one corpus over many machines with a SLURM job array: one partition per task.
 #
-#   sbatch --array=0-63 examples/slurm_preprocess.sh
+#   NUM_PARTITIONS=64 sbatch --array=0-63 examples/slurm_preprocess.sh
 #
 # Every task runs the same command with its own --partition-index; all write into one output
 # directory (shard names carry the partition). The last task to finish writes report.json,
 # rejected.jsonl and manifest.json. Re-submitting the array (or a single failed index, e.g.
 # `sbatch --array=17 ...`) resumes: finished shards are kept. Keep every flag identical between
-# submissions (a changed flag is refused), and keep --num-partitions equal to the array size.
+# submissions (a changed flag is refused) and NUM_PARTITIONS equal to the full array size, also
+# when re-submitting only some indexes.
 #SBATCH --job-name=navil-preprocess
 #SBATCH --cpus-per-task=32
 #SBATCH --mem=64G
@@ -19,7 +20,8 @@ INPUT=${INPUT:-"/data/raw/captions-*.jsonl"}   # quoted: navil-preprocess expand
 IMAGE_ROOT=${IMAGE_ROOT:-/data/raw/images}
 OUTPUT=${OUTPUT:-/data/shards/pretrain-v1}
 TOKENIZER=${TOKENIZER:-/data/tokenizers/navil-2b}
-NUM_PARTITIONS=${SLURM_ARRAY_TASK_COUNT:?run as a SLURM array: sbatch --array=0-63 $0}
+NUM_PARTITIONS=${NUM_PARTITIONS:?set NUM_PARTITIONS to the size of the whole array, e.g. 64}
+: "${SLURM_ARRAY_TASK_ID:?run as a SLURM array: NUM_PARTITIONS=64 sbatch --array=0-63 $0}"
 
 mkdir -p logs
 navil-preprocess \

@@ -138,3 +138,37 @@ def test_tar_is_a_valid_webdataset_and_index_matches_tar_headers(reference_run):
         assert members == want
         assert os.path.getsize(os.path.join(reference_run, sh["tar"])) == sh["tar_bytes"]
         assert len(idx["samples"]) <= 4  # --samples-per-shard 4
+
+
+def test_max_shard_bytes_is_respected(corpus, tmp_path):
+    from data_tools.preprocess import main
+
+    from tests.data_tools.conftest import preprocess_args
+
+    out = str(tmp_path / "o")
+    limit = 40_000  # a few of the ~5-25 kB samples per shard
+    args = preprocess_args(corpus, out, "--num-workers", "0", "--max-shard-bytes", str(limit))
+    args[args.index("--samples-per-shard") + 1] = "1000"
+    assert main(args) == 0
+    man = _load(out, "manifest.json")
+    assert man["num_samples"] == corpus.expected_counts()["written"]
+    assert len(man["shards"]) > 3
+    for sh in man["shards"]:
+        assert sh["tar_bytes"] <= limit or sh["num_samples"] == 1, sh
+
+
+def test_whole_json_file_errors_are_counted_once(tmp_path):
+    from data_tools.preprocess import main
+
+    (tmp_path / "bad.json").write_text('[{"text": "a"}, {"text": ')
+    (tmp_path / "obj.json").write_text('{"text": "a single object is one record"}')
+    (tmp_path / "num.json").write_text("42")
+    out = str(tmp_path / "o")
+    for k in (1, 3):  # the same whatever the partitioning
+        o = f"{out}{k}"
+        for i in range(k):
+            assert main(["--input", str(tmp_path / "*.json"), "--output", o, "--num-workers", "0",
+                         "--num-partitions", str(k), "--partition-index", str(i)]) == 0
+        rep = _load(o, "report.json")
+        assert rep["read"] == 3 and rep["written"] == 1
+        assert rep["rejected"] == {"malformed_json": 1, "malformed_record": 1}
