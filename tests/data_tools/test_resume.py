@@ -4,7 +4,9 @@ counted twice, and the result is byte-identical to an uninterrupted run.
 Proves: (1) a run SIGKILLed mid-job and then re-run gives the same shards, indexes and
 report.json as a clean run; (2) leftovers of a kill at any point (a temporary tar, a half-written
 index, a tar renamed but not committed) are removed and redone; (3) re-running with different
-settings into the same directory is refused with exit code 2 (it would mix two layouts).
+settings into the same directory is refused with exit code 2 (it would mix two layouts);
+(4) a worker process killed mid-job (as by the OOM killer) stops the job with exit code 1 and a
+one-line message, and re-running completes it identically.
 """
 
 from __future__ import annotations
@@ -75,6 +77,35 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     part = json.load(open(os.path.join(killed, "partitions", "p00000.json")))
     assert part["resumed_segments"] == committed
     assert part["this_run"]["read"] < part["counts"]["read"]  # only the rest was redone
+
+
+def test_killed_worker_stops_the_job_cleanly_and_rerun_completes(tmp_path):
+    """What the kernel's OOM killer does: a worker process dies mid-job."""
+    import psutil
+
+    args = _slow_corpus(str(tmp_path / "c"))
+    clean, out = str(tmp_path / "clean"), str(tmp_path / "out")
+    assert main(args + ["--output", clean]) == 0
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", *args, "--output", out],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, killed = time.monotonic() + 120, False
+    while time.monotonic() < deadline and proc.poll() is None and not killed:
+        if os.path.isdir(out) and any(n.endswith(".index.json") for n in os.listdir(out)):
+            # the spawned pool: a resource tracker and the worker; kill the one doing the work
+            kids = psutil.Process(proc.pid).children(recursive=True)
+            workers = [k for k in kids if "resource_tracker" not in " ".join(k.cmdline())]
+            assert workers, [k.cmdline() for k in kids]
+            for k in workers:
+                k.kill()
+            killed = True
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    assert killed and proc.returncode == 1, err
+    assert "worker process died" in err and "Traceback" not in err
+    assert not os.path.exists(os.path.join(out, "report.json"))
+    assert main(args + ["--output", out]) == 0
+    _compare_outputs(clean, out)
 
 
 def test_leftovers_of_a_kill_are_redone(corpus, reference_run, tmp_path):
