@@ -43,6 +43,9 @@ setup(
     entry_points={
         "console_scripts": [
             "navil-demo=megatron_navil.cli.demo:main",
+            "navil-preprocess=data_tools.preprocess:main",
+            "navil-tokenizer=data_tools.tokenizer_cli:main",
+            "navil-inspect=data_tools.inspector:main",
         ]
     },
 )

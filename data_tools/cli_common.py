@@ -1,0 +1,112 @@
+"""Shared CLI plumbing: one-line user errors with exit code 2, progress, atomic JSON writes.
+
+Every `navil-*` data tool wraps its `main` in `run_cli`, so an error the user can fix (bad path,
+bad flag combination, output made with other settings) prints one message naming the thing and
+what to do, and exits 2 without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+from megatron_navil.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+
+class UsageError(Exception):
+    """An error the user can fix; the message names the thing and what to do (exit 2)."""
+
+
+class JobError(Exception):
+    """The job stopped for an outside reason (e.g. a worker was killed); exit 1, resumable."""
+
+
+def run_cli(main_fn: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]]) -> int:
+    """Run a CLI body, turning UsageError into one stderr line and exit status 2."""
+    try:
+        return main_fn(argv)
+    except UsageError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except JobError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; re-run the same command to resume\n")
+        return 130
+
+
+def write_json_atomic(path: str, obj: Any, *, indent: Optional[int] = None) -> None:
+    """Write JSON to `path` via a temporary name + rename, so readers never see half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_text(text: str) -> None:
+    """Write a CLI's final report to stdout (the one place data tools write to stdout)."""
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    sys.stdout.flush()
+
+
+def format_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain fixed-width text table (one screen; no dependency)."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+class Progress:
+    """tqdm bar when stderr is a terminal, else a log line every `log_every_s` seconds.
+
+    Batch jobs under SLURM have no terminal: a bar there fills log files with carriage returns,
+    so they get a periodic line with counts and rates instead.
+    """
+
+    def __init__(self, desc: str, total: Optional[int] = None, log_every_s: float = 30.0,
+                 interactive: Optional[bool] = None):
+        self.desc, self.total, self.log_every_s = desc, total, log_every_s
+        self.count = 0
+        self.extra: dict[str, Any] = {}
+        self.start = self._last = time.monotonic()
+        if interactive is None:
+            interactive = sys.stderr.isatty()
+        self._bar = None
+        if interactive:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
+
+    def update(self, n: int = 1, **extra: Any) -> None:
+        self.count += n
+        self.extra.update(extra)
+        if self._bar is not None:
+            self._bar.update(n)
+            if extra:
+                self._bar.set_postfix(self.extra, refresh=False)
+            return
+        now = time.monotonic()
+        if now - self._last >= self.log_every_s:
+            self._last = now
+            logger.info("%s", self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        done = f"{self.count}" + (f"/{self.total}" if self.total else "")
+        extra = " ".join(f"{k}={v}" for k, v in self.extra.items())
+        return f"{self.desc}: {done} samples, {self.count / elapsed:.1f}/s, {elapsed:.0f}s {extra}".rstrip()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,50 @@
+"""Ordered parallel map over chunks with bounded memory (spawned worker processes).
+
+`concurrent.futures.ProcessPoolExecutor.map` submits the whole input up front; a corpus of
+hundreds of millions of records would sit in memory. Here at most `num_workers * inflight`
+chunks are pending, and results come back in input order (so shards are deterministic).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Callable, Iterable, Iterator, TypeVar
+
+from data_tools.cli_common import JobError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class WorkerDied(JobError):
+    """A worker process was killed (usually out of memory); the job can be resumed."""
+
+
+def ordered_map(fn: Callable[[T], R], initializer: Callable, initargs: tuple,
+                items: Iterable[T], num_workers: int, inflight: int = 4) -> Iterator[R]:
+    if num_workers == 0:
+        initializer(*initargs)
+        for item in items:
+            yield fn(item)
+        return
+    # spawn, not fork: safe whatever threads the parent has (tqdm, DALI, torch), same on macOS.
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=initializer,
+                             initargs=initargs) as ex:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(ex.submit(fn, item))
+                if len(pending) >= num_workers * inflight:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise WorkerDied("a worker process died (likely out of memory: lower --num-workers "
+                             "or --max-image-pixels); re-run the same command to resume") from None
+        finally:
+            for f in pending:
+                f.cancel()
