@@ -124,3 +124,39 @@ def test_composed_vs_separate_output_projection():
         comp.wo.weight.copy_(torch.eye(comp.wo.weight.shape[0], dtype=torch.float64))
         sep.wo.weight.copy_(comp.wo.weight)
     torch.testing.assert_close(comp(x, visual, pos, seg), sep(x, visual, pos, seg), **EXACT)
+
+
+def test_decoder_layers_are_pre_norm_residual(flavor):
+    """y = h + FFN_m(norm2(h)), h = x + Attn(norm1(x)), with the modality's SwiGLU written out."""
+    from megatron_navil.reference.llm import InternLM2Layer, Qwen3Layer
+
+    cfg = make_cfg(flavor)
+    cls = InternLM2Layer if cfg.llm.backbone == "internlm2" else Qwen3Layer
+    torch.manual_seed(3)
+    layer = cls(cfg.llm, cfg.experts).double()
+    with torch.no_grad():
+        for n, p in layer.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in n else 0.0))
+    x, visual, pos, seg = _inputs()
+    norm1, attn, norm2, ffn, ffn_ve = (
+        (layer.attention_norm, layer.attention, layer.ffn_norm, layer.feed_forward, layer.feed_forward_ve)
+        if cls is InternLM2Layer
+        else (layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp, layer.mlp_ve)
+    )
+
+    def rms(v, w):
+        return w * v / torch.sqrt((v * v).mean(-1, keepdim=True) + cfg.llm.norm_eps)
+
+    def swiglu(mlp, v):
+        if cls is InternLM2Layer:
+            gate, up, down = mlp.w1.weight, mlp.w3.weight, mlp.w2.weight
+        else:
+            gate, up, down = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        a = v @ gate.T
+        return (a * torch.sigmoid(a) * (v @ up.T)) @ down.T
+
+    with torch.no_grad():
+        h = x + attn(rms(x, norm1.weight), visual, pos, seg)
+        y = rms(h, norm2.weight)
+        want = h + torch.where(visual[:, None], swiglu(ffn_ve, y), swiglu(ffn, y))
+        torch.testing.assert_close(layer(x, visual, pos, seg), want, **EXACT)

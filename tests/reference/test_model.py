@@ -179,3 +179,22 @@ def test_text_only_forward_without_images_is_allowed():
     logits = _run(model, [Sample(model.cfg, [], seed=11)])
     assert logits.shape == (5, model.cfg.llm.vocab_size) and torch.isfinite(logits).all()
     assert isinstance(model, NaViLReference)
+
+
+def test_connector_matches_explicit_formula():
+    """visual tokens = Linear(GELU(Linear(LayerNorm(4 consecutive patches concatenated))))."""
+    import math
+
+    model = make_model()
+    grids = torch.tensor([[1, 2, 4]])
+    pixels = Sample(model.cfg, [[(2, 4)]], seed=12).pixels[0]
+    with torch.no_grad():
+        got = model.visual_tokens(pixels, grids)
+        x = model.vision_model(pixels, grids).reshape(2, -1)  # [8, C] -> [2, 4C]
+        ln, fc1, fc2 = model.mlp1[0], model.mlp1[1], model.mlp1[3]
+        mu, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        x = (x - mu) / torch.sqrt(var + model.cfg.connector.layernorm_eps) * ln.weight + ln.bias
+        x = x @ fc1.weight.T + fc1.bias
+        x = 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+        want = x @ fc2.weight.T + fc2.bias
+    torch.testing.assert_close(got, want, **EXACT)

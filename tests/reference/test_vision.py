@@ -105,3 +105,46 @@ def test_windowed_layers_confine_attention_to_a_window():
     full = make_model(overrides={"vision.num_layers": 1})
     d = _encode(full, grids, pixels2) - _encode(full, grids, pixels)
     assert d[first_window].abs().max() > 1e-6
+
+
+def _rms(x, w, eps):
+    return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"vision.qk_normalization": True, "vision.qkv_bias": True}])
+def test_layer_matches_explicit_formula(overrides):
+    """x += ls1 * proj(attn(norm1 x)); x += ls2 * fc2(gelu(fc1(norm2 x))), written out per head."""
+    import math
+
+    from megatron_navil.reference.rope import apply_rotary, vision_patch_positions, vision_rope_angles
+
+    model = make_model(overrides={"vision.num_layers": 1, **overrides})
+    cfg = model.cfg.vision
+    layer = model.vision_model.encoder.layers[0]
+    grids = [(2, 4)]
+    pixels = random_pixels(grids, seed=6)
+    got = _encode(model, grids, pixels)
+
+    with torch.no_grad():
+        x = model.vision_model.embeddings(pixels)
+        n, c, heads = x.shape[0], cfg.hidden_size, cfg.num_attention_heads
+        hd = c // heads
+        a = layer.attn
+        y = _rms(x, layer.norm1.weight, cfg.norm_eps)
+        qkv = y @ a.qkv.weight.T + (a.qkv.bias if cfg.qkv_bias else 0)
+        q, k, v = qkv[:, :c], qkv[:, c:2 * c], qkv[:, 2 * c:]
+        if cfg.qk_normalization:  # over the full width, all heads together
+            q, k = _rms(q, a.q_norm.weight, cfg.norm_eps), _rms(k, a.k_norm.weight, cfg.norm_eps)
+        ang = vision_rope_angles(vision_patch_positions(torch.tensor([[1, 2, 4]]), 2), hd, cfg.rope_theta)
+        outs = []
+        for j in range(heads):
+            sl = slice(j * hd, (j + 1) * hd)
+            qj = apply_rotary(q[:, None, sl], ang)[:, 0]
+            kj = apply_rotary(k[:, None, sl], ang)[:, 0]
+            outs.append(torch.softmax(qj @ kj.T / math.sqrt(hd), -1) @ v[:, sl])
+        x = x + layer.ls1 * (torch.cat(outs, -1) @ a.proj.weight.T + a.proj.bias)
+        y = _rms(x, layer.norm2.weight, cfg.norm_eps)
+        hid = y @ layer.mlp.fc1.weight.T + layer.mlp.fc1.bias
+        hid = 0.5 * hid * (1 + torch.erf(hid / math.sqrt(2)))  # exact GELU
+        want = x + layer.ls2 * (hid @ layer.mlp.fc2.weight.T + layer.mlp.fc2.bias)
+    torch.testing.assert_close(got, want, **EXACT)
