@@ -47,7 +47,9 @@ class ImageScale:
     """Patch grid (padded / patch_size): the (h, w) of this scale's grid_thw row (t = 1)."""
 
 
-def smart_resize(height: int, width: int, min_pixels: Number, max_pixels: Number, factor: int = 1) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, min_pixels: Number, max_pixels: Number, factor: int = 1
+) -> tuple[int, int]:
     """The Qwen2-VL resize rule: (h', w') multiples of `factor`, aspect kept, pixels in range.
 
     Rounds to the nearest multiple first; if that exceeds max_pixels, scales by
@@ -71,7 +73,14 @@ def smart_resize(height: int, width: int, min_pixels: Number, max_pixels: Number
     return int(h_bar), int(w_bar)
 
 
-def resize_for_scale(height: int, width: int, min_pixels: Number, max_pixels: Number, patch_size: int = 16, merge_size: int = 2) -> ImageScale:
+def resize_for_scale(
+    height: int,
+    width: int,
+    min_pixels: Number,
+    max_pixels: Number,
+    patch_size: int = 16,
+    merge_size: int = 2,
+) -> ImageScale:
     """Resize (factor 1), pad to multiples of patch_size * merge_size, and grid one scale."""
     h, w = smart_resize(height, width, min_pixels, max_pixels, factor=1)
     unit = patch_size * merge_size

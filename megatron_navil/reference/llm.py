@@ -26,7 +26,9 @@ from megatron_navil.reference.common import RMSNorm, attention, route
 from megatron_navil.reference.rope import apply_rotary, llm_rope_angles
 
 
-def pack_internlm2_wqkv(wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, num_query_groups: int) -> torch.Tensor:
+def pack_internlm2_wqkv(
+    wq: torch.Tensor, wk: torch.Tensor, wv: torch.Tensor, num_query_groups: int
+) -> torch.Tensor:
     """Fuse separate q/k/v weights ([H*hd, D], [G*hd, D], [G*hd, D]) into InternLM2's wqkv.
 
     InternLM2 groups the output rows per KV head: [q_1 .. q_g, k, v] for KV head 0, then KV
@@ -64,9 +66,13 @@ class _Attention(nn.Module):
         self.experts = experts.attention_experts
         self.composed = experts.output_proj_mode == "composed"
 
-    def forward(self, x: torch.Tensor, visual: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, visual: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, D] (normed), visual [T] bool, position_ids [T], segments [T] -> [T, D]."""
         t = x.shape[0]
-        qkv = route(x, visual, lambda y: self._qkv(y, False), (lambda y: self._qkv(y, True)) if self.experts else None)
+        visual_qkv = (lambda y: self._qkv(y, True)) if self.experts else None
+        qkv = route(x, visual, lambda y: self._qkv(y, False), visual_qkv)  # [T, (H + 2G) * hd]
         q_dim, kv_dim = self.num_heads * self.head_dim, self.num_groups * self.head_dim
         q, k, v = qkv.split((q_dim, kv_dim, kv_dim), dim=-1)
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, H*hd] -> [T, H, hd]
@@ -102,10 +108,11 @@ class InternLM2Attention(_Attention):
         n, groups = x.shape[0], self.num_groups
         per_group = self.num_heads // groups + 2
         fused = (self.wqkv_ve if expert else self.wqkv)(x)
-        fused = fused.reshape(n, groups, per_group, self.head_dim)  # [n, G*(g+2)*hd] -> [n, G, g+2, hd]
-        q = fused[:, :, :-2].reshape(n, self.num_heads * self.head_dim)  # head j = group * g + i
-        k = fused[:, :, -2].reshape(n, groups * self.head_dim)
-        v = fused[:, :, -1].reshape(n, groups * self.head_dim)
+        # [n, G*(g+2)*hd] -> [n, G, g+2, hd]
+        fused = fused.reshape(n, groups, per_group, self.head_dim)
+        q = fused[:, :, :-2].flatten(1)  # [n, H*hd], query head j = group * g + i
+        k = fused[:, :, -2].flatten(1)  # [n, G*hd]
+        v = fused[:, :, -1].flatten(1)
         return torch.cat((q, k, v), dim=-1)
 
     def _out(self, expert: bool) -> nn.Module:
@@ -136,7 +143,7 @@ class Qwen3Attention(_Attention):
         v = getattr(self, "v_proj" + s)(x)
         if self.qk_layernorm:
             q, k = getattr(self, "q_norm" + s)(q), getattr(self, "k_norm" + s)(k)
-        return torch.cat((q.reshape(n, q.shape[1] * q.shape[2]), k.reshape(n, k.shape[1] * k.shape[2]), v), dim=-1)
+        return torch.cat((q.flatten(1), k.flatten(1), v), dim=-1)  # [n, (H + 2G) * hd]
 
     def _out(self, expert: bool) -> nn.Module:
         return self.o_proj_ve if expert else self.o_proj
@@ -232,11 +239,14 @@ class LanguageModel(nn.Module):
         super().__init__()
         if cfg.backbone == "internlm2":
             if cfg.qk_layernorm:
-                raise ValueError("llm.qk_layernorm is not part of the InternLM2 HF layout; use backbone qwen3")
+                raise ValueError(
+                    "llm.qk_layernorm is not part of the InternLM2 HF layout; use backbone qwen3"
+                )
             if cfg.kv_channels * cfg.num_attention_heads != cfg.hidden_size:
                 raise ValueError(
-                    f"InternLM2 derives head_dim = hidden_size / num_attention_heads = "
-                    f"{cfg.hidden_size // cfg.num_attention_heads}, but llm.kv_channels is {cfg.kv_channels}"
+                    "InternLM2 derives head_dim = hidden_size / num_attention_heads = "
+                    f"{cfg.hidden_size // cfg.num_attention_heads}, but llm.kv_channels is "
+                    f"{cfg.kv_channels}"
                 )
             self.model = InternLM2Decoder(cfg, experts)
             self.output = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

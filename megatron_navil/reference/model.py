@@ -146,7 +146,12 @@ class NaViLReference(nn.Module):
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def init_weights_(self, generator: Optional[torch.Generator] = None, std: Optional[float] = None, noise: float = 0.1) -> "NaViLReference":
+    def init_weights_(
+        self,
+        generator: Optional[torch.Generator] = None,
+        std: Optional[float] = None,
+        noise: float = 0.1,
+    ) -> "NaViLReference":
         """Deterministic random init (for tests and parity runs, not for training recipes).
 
         Linear/conv/embedding weights ~ N(0, std) (std defaults to the config's init_method_std,

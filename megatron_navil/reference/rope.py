@@ -31,7 +31,7 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     stay float64 so parity tests can run in double), returned in x's dtype.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    emb = torch.cat((angles, angles), dim=-1).to(dtype)[:, None, :]  # [T, 1, hd]
+    emb = torch.cat((angles, angles), dim=-1).to(device=x.device, dtype=dtype)[:, None, :]  # [T, 1, hd]
     xf = x.to(dtype)
     out = xf * emb.cos() + rotate_half(xf) * emb.sin()
     return out.to(x.dtype)
@@ -73,4 +73,5 @@ def vision_rope_angles(positions: torch.Tensor, head_dim: int, theta: float) -> 
 
 def llm_rope_angles(position_ids: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """Angles [T, head_dim/2] for 1D positions `position_ids` [T]."""
-    return position_ids.float()[:, None] * _inv_freq(head_dim, theta)[None, :]
+    inv_freq = _inv_freq(head_dim, theta).to(position_ids.device)
+    return position_ids.float()[:, None] * inv_freq[None, :]

@@ -29,7 +29,9 @@ def make_cfg(flavor: str = "debug-internlm2", overrides: Optional[dict] = None) 
     return cfg
 
 
-def make_model(flavor: str = "debug-internlm2", overrides: Optional[dict] = None, seed: int = 0, std: float = 0.1) -> NaViLReference:
+def make_model(
+    flavor: str = "debug-internlm2", overrides: Optional[dict] = None, seed: int = 0, std: float = 0.1
+) -> NaViLReference:
     model = NaViLReference(make_cfg(flavor, overrides))
     model.init_weights_(torch.Generator().manual_seed(seed), std=std)
     return model.double().eval()
@@ -50,7 +52,9 @@ def text_ids(cfg: NaViLModelConfig, n: int, seed: int) -> list[int]:
 class Sample:
     """One sample: text, one image (all its scales), text. `images` lists one entry per image."""
 
-    def __init__(self, cfg: NaViLModelConfig, images: Sequence[Sequence[tuple[int, int]]], seed: int, n_text: int = 5):
+    def __init__(
+        self, cfg: NaViLModelConfig, images: Sequence[Sequence[tuple[int, int]]], seed: int, n_text: int = 5
+    ):
         self.ids: list[int] = text_ids(cfg, n_text, seed)
         self.grids: list[tuple[int, int]] = []
         self.pixels: list[torch.Tensor] = []

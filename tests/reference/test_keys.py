@@ -16,7 +16,8 @@ from reference_helpers import make_cfg
 def expected_keys(cfg) -> dict[str, tuple[int, ...]]:
     v, l, x = cfg.vision, cfg.llm, cfg.experts
     c, p, f = v.hidden_size, v.patch_size, v.ffn_hidden_size
-    d, hd, h, g, ff, vocab = l.hidden_size, l.kv_channels, l.num_attention_heads, l.num_query_groups, l.ffn_hidden_size, l.vocab_size
+    d, hd, h, g = l.hidden_size, l.kv_channels, l.num_attention_heads, l.num_query_groups
+    ff, vocab = l.ffn_hidden_size, l.vocab_size
     c4 = c * cfg.connector.merge_size ** 2
     k = {
         "vision_model.embeddings.patch_embedding.weight": (c, 3, p, p),
@@ -29,9 +30,12 @@ def expected_keys(cfg) -> dict[str, tuple[int, ...]]:
     }
     for i in range(v.num_layers):
         e = f"vision_model.encoder.layers.{i}."
-        k.update({e + "norm1.weight": (c,), e + "norm2.weight": (c,), e + "attn.qkv.weight": (3 * c, c),
-                  e + "attn.proj.weight": (c, c), e + "attn.proj.bias": (c,), e + "ls1": (c,), e + "ls2": (c,),
-                  e + "mlp.fc1.weight": (f, c), e + "mlp.fc1.bias": (f,), e + "mlp.fc2.weight": (c, f), e + "mlp.fc2.bias": (c,)})
+        k.update({
+            e + "norm1.weight": (c,), e + "norm2.weight": (c,), e + "attn.qkv.weight": (3 * c, c),
+            e + "attn.proj.weight": (c, c), e + "attn.proj.bias": (c,), e + "ls1": (c,), e + "ls2": (c,),
+            e + "mlp.fc1.weight": (f, c), e + "mlp.fc1.bias": (f,),
+            e + "mlp.fc2.weight": (c, f), e + "mlp.fc2.bias": (c,),
+        })
         if v.qkv_bias:
             k[e + "attn.qkv.bias"] = (3 * c,)
         if v.qk_normalization:

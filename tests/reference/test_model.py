@@ -79,7 +79,8 @@ def test_visual_mask_is_img_context_and_img_start():
 
 def test_packed_equals_separate_runs(flavor):
     model = make_model(flavor)
-    samples = [Sample(model.cfg, IMAGES_A, seed=3), Sample(model.cfg, [], seed=4), Sample(model.cfg, IMAGES_B, seed=5)]
+    cfg = model.cfg
+    samples = [Sample(cfg, IMAGES_A, seed=3), Sample(cfg, [], seed=4), Sample(cfg, IMAGES_B, seed=5)]
     packed = _run(model, samples)
     off = 0
     for s in samples:
