@@ -1,8 +1,9 @@
 """state_dict keys and shapes are exactly the released HF names (navil-reference.md).
 
 The expected table is written out here from the key patterns, independently of the model code;
-a missing, extra or mis-shaped key fails. Full-size flavors (navil-2b, navil-9b) are built on the
-meta device, so checking ~10B parameters costs nothing.
+a missing, extra or mis-shaped key fails; the parameter total must equal the config's own count.
+Full-size flavors (navil-2b, navil-9b) are built on the meta device, so checking ~10B
+parameters costs nothing.
 """
 
 import pytest
@@ -105,3 +106,12 @@ def test_qwen3_without_qk_norm_and_internlm2_rejects_it():
         assert _shapes(NaViLReference(cfg)) == expected_keys(cfg)
     with pytest.raises(ValueError, match="qk_layernorm"):
         NaViLReference(make_cfg("debug-internlm2", {"llm.qk_layernorm": True}))
+
+
+@pytest.mark.parametrize("flavor", ["debug-internlm2", "debug-qwen3", "navil-2b", "navil-9b"])
+def test_parameter_count_matches_config_arithmetic(flavor):
+    # cross-check of NaViLModelConfig.num_parameters (used for sizing) against the real modules
+    cfg = make_cfg(flavor)
+    with torch.device("meta"):
+        model = NaViLReference(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_parameters()[0]
