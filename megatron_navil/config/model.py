@@ -157,7 +157,7 @@ class LLMConfig(ConfigBase):
     init_method_std: float = 0.02
     """Std of the normal init of freshly initialised LLM weights."""
     make_vocab_size_divisible_by: int = 128
-    """Megatron pads the vocab to a multiple of this times the TP size."""
+    """The vocab is padded to a multiple of this (TP-independent, so checkpoints reshard)."""
 
     def validate(self) -> None:
         super().validate()
