@@ -103,7 +103,7 @@ def _check_args(a: argparse.Namespace) -> None:
 def _tokenizer_info(path: Optional[str]) -> Optional[dict[str, Any]]:
     if path is None:
         return None
-    from data_tools.tokenizer import NaViLTokenizer, TokenizerError
+    from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError
 
     if not os.path.exists(path):
         raise UsageError(f"--tokenizer {path!r} does not exist; make one with navil-tokenizer")

@@ -57,7 +57,7 @@ def init_worker(cfg: WorkerConfig) -> None:
     global _CFG, _TOK
     _CFG, _TOK = cfg, None
     if cfg.tokenizer:
-        from data_tools.tokenizer import NaViLTokenizer
+        from megatron_navil.data.tokenizer import NaViLTokenizer
 
         _TOK = NaViLTokenizer.load(cfg.tokenizer)
 
@@ -79,7 +79,7 @@ def process_record(rec: RawRecord) -> Result:
         if sample.extra:
             res.content["extra"] = sample.extra
         if _TOK is not None:
-            from data_tools.chat_template import count_sample_tokens
+            from megatron_navil.data.chat_template import count_sample_tokens
 
             res.text_tokens = count_sample_tokens(_TOK, res.content, _CFG.chat_template)
         h = hashlib.blake2b(digest_size=16)

@@ -12,24 +12,8 @@ from typing import Optional, Sequence
 import torch
 
 from megatron_navil.batch import NaViLBatch
-from megatron_navil.config.model import (
-    IMG_END,
-    IMG_FRAME_BREAK,
-    IMG_LINE_BREAK,
-    NaViLModelConfig,
-)
-
-
-def image_tokens(cfg: NaViLModelConfig, grids: Sequence[tuple[int, int]]) -> list[int]:
-    """Token ids of one image given its scales' patch grids (h, w), smallest scale first."""
-    m = cfg.connector.merge_size
-    ids = [cfg.img_start_id]
-    for h, w in grids:
-        for _ in range(h // m):
-            ids += [cfg.img_context_id] * (w // m) + [cfg.special_token_id(IMG_LINE_BREAK)]
-        ids.append(cfg.special_token_id(IMG_FRAME_BREAK))
-    ids.append(cfg.special_token_id(IMG_END))
-    return ids
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.data.layout import image_token_ids
 
 
 def synthetic_batch(cfg: NaViLModelConfig, seq_length: int, generator: torch.Generator,
@@ -51,7 +35,7 @@ def synthetic_batch(cfg: NaViLModelConfig, seq_length: int, generator: torch.Gen
                 ids += torch.randint(0, text_vocab, (part,), generator=generator).tolist()
                 w += [1.0] * part
             else:
-                img = image_tokens(cfg, part)
+                img = image_token_ids(cfg, part)
                 ids += img
                 w += [0.0] * len(img)
                 grids += [(1, h, w_) for h, w_ in part]

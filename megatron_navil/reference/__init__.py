@@ -9,7 +9,7 @@ nothing from Megatron-Core. Entry points:
 - `layout`: image resize rule, multi-scale pyramid, image token layout.
 """
 
-from megatron_navil.reference.layout import (
+from megatron_navil.data.layout import (
     ImageScale,
     image_token_ids,
     multiscale_grids,

@@ -34,7 +34,7 @@ def reference_run(corpus, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A ~500-piece sentencepiece tokenizer trained on the fly on a few hundred captions."""
-    from data_tools.tokenizer import train_sentencepiece
+    from megatron_navil.data.tokenizer import train_sentencepiece
 
     words = ("a photo of the astronaut cat coffee cup rocket camera man standing near with "
              "red blue green small large image picture showing on in at day night").split()

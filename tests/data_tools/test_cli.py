@@ -21,7 +21,7 @@ from PIL import Image
 
 from data_tools import inspector, preprocess, tokenizer_cli
 from data_tools.cli_common import Progress
-from data_tools.tokenizer import NaViLTokenizer
+from megatron_navil.data.tokenizer import NaViLTokenizer
 from megatron_navil.config import SPECIAL_TOKENS
 from tests.data_tools.conftest import preprocess_args
 

@@ -16,8 +16,8 @@ import os
 import pytest
 import sentencepiece as spm
 
-from data_tools.chat_template import apply_chat_template, count_sample_tokens
-from data_tools.tokenizer import NaViLTokenizer, TokenizerError
+from megatron_navil.data.chat_template import apply_chat_template, count_sample_tokens
+from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError
 from megatron_navil.config import IMG_CONTEXT, SPECIAL_TOKENS, NaViLModelConfig
 
 TEXTS = ["hello world", "  leading and trailing  ", "tabs\tand\nnewlines\n\n", "数字 123 ünïcödé 🚀",

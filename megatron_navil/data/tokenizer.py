@@ -138,8 +138,8 @@ class NaViLTokenizer:
         return ids
 
     def apply_chat_template(self, conversation, style: str = "internlm2", **kwargs):
-        """Encode a conversation; see data_tools.chat_template.apply_chat_template."""
-        from data_tools.chat_template import apply_chat_template
+        """Encode a conversation; see megatron_navil.data.chat_template.apply_chat_template."""
+        from megatron_navil.data.chat_template import apply_chat_template
 
         return apply_chat_template(self, conversation, style=style, **kwargs)
 

@@ -1,0 +1,176 @@
+"""Model checkpoints in Megatron's dist_checkpointing (torch_dist) format.
+
+On disk, under a checkpoint root:
+    latest_checkpointed_iteration.txt     the step of the newest COMPLETE checkpoint
+    iter_0000100/                         one dist checkpoint (layout-free: loads at any TP/PP/EP)
+        navil_checkpoint.json             step, resolved model config, the layout it was saved at
+        <torch_dist shards + metadata>
+The sharded state dict holds `model` (or `model0`, `model1`, ... with virtual pipeline stages).
+The `latest` pointer is replaced atomically only after every rank finished writing, so a crash
+mid-save leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+LATEST = "latest_checkpointed_iteration.txt"
+METADATA = "navil_checkpoint.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded; the message names the path/keys and what to do."""
+
+
+def iteration_dir(root: Union[str, Path], step: int) -> Path:
+    return Path(root) / f"iter_{step:07d}"
+
+
+def read_latest(root: Union[str, Path]) -> Optional[int]:
+    """Step of the newest complete checkpoint under `root`, or None when there is none."""
+    p = Path(root) / LATEST
+    if not p.exists():
+        return None
+    text = p.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{p} should hold a step number, found {text[:40]!r}")
+    return int(text)
+
+
+def resolve(path: Union[str, Path]) -> Path:
+    """A checkpoint root (uses its latest pointer) or an iter_* directory -> the iter_* dir."""
+    path = Path(path)
+    if (path / METADATA).exists():
+        return path
+    step = read_latest(path)
+    if step is None:
+        raise CheckpointError(
+            f"no checkpoint at {path}: expected {LATEST} (a checkpoint root) or {METADATA} "
+            "(an iter_* directory)"
+        )
+    d = iteration_dir(path, step)
+    if not (d / METADATA).exists():
+        raise CheckpointError(f"{path / LATEST} points at step {step} but {d} is incomplete")
+    return d
+
+
+def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
+    with open(resolve(path) / METADATA) as f:
+        return json.load(f)
+
+
+def model_sharded_state_dict(chunks: list) -> dict:
+    unwrap = [c.module if hasattr(c, "module") else c for c in chunks]
+    if len(unwrap) == 1:
+        return {"model": unwrap[0].sharded_state_dict()}
+    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(unwrap)}
+
+
+def _rank0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaViLModelConfig,
+         extra_metadata: Optional[dict] = None) -> Path:
+    """Write `sharded_state` (from model_sharded_state_dict, plus optimizer etc.) as step `step`."""
+    from megatron.core import dist_checkpointing
+
+    d = iteration_dir(root, step)
+    if _rank0():
+        d.mkdir(parents=True, exist_ok=True)
+        stale = d / METADATA
+        if stale.exists():  # overwriting a step: it is incomplete until the metadata returns
+            stale.unlink()
+    _barrier()
+    dist_checkpointing.save(sharded_state, str(d))
+    _barrier()
+    if _rank0():
+        meta = {"format_version": FORMAT_VERSION, "step": step, "model": model_cfg.to_dict(),
+                **(extra_metadata or {})}
+        _atomic_write(d / METADATA, json.dumps(meta, indent=2))
+        _atomic_write(Path(root) / LATEST, str(step))
+    _barrier()
+    log.info("saved checkpoint %s", d)
+    return d
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_model_config(saved: dict, current: NaViLModelConfig, path: Path) -> None:
+    """Refuse a checkpoint of another model shape, naming the fields that differ."""
+    diffs = []
+
+    def walk(a, b, prefix):
+        for k in sorted(set(a) | set(b)):
+            va, vb = a.get(k), b.get(k)
+            if isinstance(va, dict) and isinstance(vb, dict):
+                walk(va, vb, f"{prefix}{k}.")
+            elif va != vb and k not in _NON_SHAPE_FIELDS:
+                diffs.append(f"{prefix}{k}: checkpoint {va!r} vs config {vb!r}")
+
+    walk(saved, current.to_dict(), "")
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} was saved for a different model:\n  " + "\n  ".join(diffs)
+            + "\nuse the matching --model config / flavor, or convert the checkpoint"
+        )
+
+
+# Fields that change behaviour or data handling but not parameter shapes.
+_NON_SHAPE_FIELDS = {"init_method_std", "visual_init", "max_sequence_length", "rope_theta",
+                     "template", "min_dynamic_patch", "max_dynamic_patch", "scale_downsample_ratio",
+                     "layerscale_init", "norm_eps", "layernorm_eps", "keep_window_order",
+                     "window_size", "fullatt_block_indexes"}
+
+
+def load(path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLModelConfig] = None) -> tuple[dict, dict]:
+    """Load a checkpoint into the structure `sharded_state` describes (any parallel layout).
+
+    Returns (loaded state dict, metadata). Missing or unexpected keys raise CheckpointError
+    naming them.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    d = resolve(path)
+    meta = read_metadata(d)
+    if model_cfg is not None:
+        check_model_config(meta["model"], model_cfg, d)
+    try:
+        state = dist_checkpointing.load(sharded_state, str(d), strict=StrictHandling.RAISE_ALL)
+    except Exception as e:  # dist_checkpointing raises several types; name the checkpoint
+        raise CheckpointError(f"cannot load {d}: {e}") from e
+    return state, meta
+
+
+def load_model(path: Union[str, Path], chunks: list, model_cfg: Optional[NaViLModelConfig] = None) -> dict:
+    """Load model weights (only) into `chunks`; returns the checkpoint metadata."""
+    state, meta = load(path, model_sharded_state_dict(chunks), model_cfg)
+    unwrap = [c.module if hasattr(c, "module") else c for c in chunks]
+    keys = ["model"] if len(unwrap) == 1 else [f"model{i}" for i in range(len(unwrap))]
+    for key, chunk in zip(keys, unwrap):
+        chunk.load_state_dict(state[key], strict=False)
+    return meta
