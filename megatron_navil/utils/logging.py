@@ -15,14 +15,13 @@ _CONFIGURED = False
 
 
 def global_rank() -> int:
-    """This process's global rank: from torch.distributed when initialised, else the launcher env."""
-    try:
-        import torch.distributed as dist
+    """This process's global rank: from torch.distributed when initialised, else the launcher env.
 
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:  # torch is a hard dependency; this only guards odd embedded uses
-        pass
+    Looks torch up in sys.modules instead of importing it: a light CLI (data_tools) must not pay
+    torch's import time just to log a line."""
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
     return int(os.environ.get("RANK", "0"))
 
 
