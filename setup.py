@@ -33,6 +33,7 @@ setup(
         "psutil",  # the torch_dist checkpoint writer of Megatron-Core needs it
         "pyyaml",
         "tqdm",
+        "tensorboard",
     ],
     extras_require={
         # Transformer Engine for the GPU backend (Megatron-Core 0.16.1 supports >=2.9,<2.12).
@@ -43,6 +44,8 @@ setup(
     entry_points={
         "console_scripts": [
             "navil-demo=megatron_navil.cli.demo:main",
+            "navil-pretrain=megatron_navil.cli.pretrain:main",
+            "navil-make-captions=data_tools.synthetic_captions:main",
             "navil-preprocess=data_tools.preprocess:main",
             "navil-tokenizer=data_tools.tokenizer_cli:main",
             "navil-inspect=data_tools.inspector:main",

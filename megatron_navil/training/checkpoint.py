@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -87,8 +87,13 @@ def _barrier() -> None:
 
 
 def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaViLModelConfig,
-         extra_metadata: Optional[dict] = None) -> Path:
-    """Write `sharded_state` (from model_sharded_state_dict, plus optimizer etc.) as step `step`."""
+         extra_metadata: Optional[dict] = None, async_queue=None,
+         on_complete: Optional[Callable[[Path], None]] = None) -> Path:
+    """Write `sharded_state` (from model_sharded_state_dict, plus optimizer etc.) as step `step`.
+
+    The metadata file and the `latest` pointer are written only once every rank has finished
+    (after the background write completes when `async_queue` is given); `on_complete(dir)` runs
+    then on rank 0 (pruning old checkpoints, the HF export)."""
     from megatron.core import dist_checkpointing
 
     d = iteration_dir(root, step)
@@ -98,16 +103,44 @@ def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaVi
         if stale.exists():  # overwriting a step: it is incomplete until the metadata returns
             stale.unlink()
     _barrier()
-    dist_checkpointing.save(sharded_state, str(d))
-    _barrier()
-    if _rank0():
-        meta = {"format_version": FORMAT_VERSION, "step": step, "model": model_cfg.to_dict(),
-                **(extra_metadata or {})}
-        _atomic_write(d / METADATA, json.dumps(meta, indent=2))
-        _atomic_write(Path(root) / LATEST, str(step))
-    _barrier()
-    log.info("saved checkpoint %s", d)
+    meta = {"format_version": FORMAT_VERSION, "step": step, "model": model_cfg.to_dict(),
+            **(extra_metadata or {})}
+
+    def finalize():
+        if _rank0():
+            _atomic_write(d / METADATA, json.dumps(meta, indent=2))
+            _atomic_write(Path(root) / LATEST, str(step))
+            log.info("saved checkpoint %s", d)
+            if on_complete is not None:
+                on_complete(d)
+
+    if async_queue is None:
+        dist_checkpointing.save(sharded_state, str(d))
+        _barrier()
+        finalize()
+        _barrier()
+    else:
+        request = dist_checkpointing.save(sharded_state, str(d), async_sharded_save=True)
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
     return d
+
+
+def prune(root: Union[str, Path], keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints (never the latest one)."""
+    import shutil
+
+    if keep_last <= 0 or not _rank0():
+        return []
+    complete = sorted(p for p in Path(root).glob("iter_*") if (p / METADATA).exists())
+    latest = read_latest(root)
+    removed = []
+    for p in complete[:-keep_last]:
+        if latest is not None and p == iteration_dir(root, latest):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -160,7 +193,7 @@ def load(path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLM
     if model_cfg is not None:
         check_model_config(meta["model"], model_cfg, d)
     try:
-        state = dist_checkpointing.load(sharded_state, str(d), strict=StrictHandling.RAISE_ALL)
+        state = dist_checkpointing.load(sharded_state, str(d), strict=StrictHandling.RAISE_UNEXPECTED)
     except Exception as e:  # dist_checkpointing raises several types; name the checkpoint
         raise CheckpointError(f"cannot load {d}: {e}") from e
     return state, meta

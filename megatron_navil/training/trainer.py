@@ -1,0 +1,241 @@
+"""The training loop: Megatron-Core schedules, DDP, (distributed) optimizer, checkpoints, metrics.
+
+    set-up:  process groups -> model chunks (this rank's pipeline stage) -> stage freezing
+             -> Megatron DDP -> optimizer + LR schedule -> data loaders -> resume (if any)
+    step:    num_microbatches packs -> get_forward_backward_func (1F1B / interleaved / none)
+             -> DDP grad reduce + finalize (per-token loss normalisation over DP)
+             -> grad norm (+clip) -> skip the update if loss or norm is not finite
+             -> optimizer step -> LR step -> metrics -> eval / checkpoint / pre-emption
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_navil.batch import NaViLBatch
+from megatron_navil.config.pretrain import PretrainConfig
+from megatron_navil.models.navil import build_model
+from megatron_navil.training import checkpoint as ckpt
+from megatron_navil.training.data import build_loaders, concat_packs
+from megatron_navil.training.flops import micro_batch_flops, peak_tflops
+from megatron_navil.training.metrics import MetricsWriter, memory_gb, reduce_step_sums
+from megatron_navil.training.optimizer import build_optimizer, build_scheduler
+from megatron_navil.training.signals import ExitSignalHandler
+from megatron_navil.training.stages import apply_stage
+from megatron_navil.training.state import restore, train_sharded_state
+from megatron_navil.training.step import forward_backward, wrap_ddp
+from megatron_navil.utils.distributed import initialize_model_parallel
+from megatron_navil.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+class Trainer:
+    def __init__(self, cfg: PretrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.model_cfg = cfg.resolved_model()
+        initialize_model_parallel(cfg.parallel, seed=cfg.training.seed)
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.num_microbatches = cfg.training.num_microbatches(self.dp_size)
+
+        chunks = build_model(self.model_cfg, cfg.parallel, cfg.precision)
+        if torch.cuda.is_available():
+            chunks = [c.cuda() for c in chunks]
+        trainable = apply_stage(chunks, cfg.stage)
+        log.info("trainable parameters on this rank by part: %s", dict(trainable))
+        self.chunks = wrap_ddp(
+            chunks, overlap_grad_reduce=cfg.optimizer.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
+            bucket_size=cfg.optimizer.bucket_size,
+        )
+        self.optimizer = build_optimizer(self.chunks, cfg.optimizer, cfg.stage, cfg.precision)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.training)
+        self.train_loader, self.make_valid_loader = build_loaders(
+            cfg, self.model_cfg, self.dp_rank, self.dp_size)
+        self.step = 0
+        self.counters = {"consumed_samples": 0, "consumed_tokens": 0, "skipped_steps": 0}
+        self.async_queue = None
+        if cfg.checkpoint.async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.async_queue = AsyncCallsQueue()
+        self._maybe_resume()
+        self.peak = peak_tflops(cfg.logging.peak_tflops)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _resume_path(self) -> Optional[str]:
+        c = self.cfg.checkpoint
+        if c.save and ckpt.read_latest(c.save) is not None:
+            return c.save  # re-running the same command resumes the run
+        return c.load
+
+    def _maybe_resume(self) -> None:
+        path = self._resume_path()
+        if path is None:
+            return
+        c = self.cfg.checkpoint
+        finetune = c.finetune and path == c.load
+        meta = ckpt.read_metadata(path)
+        same_layout = meta.get("world_size") == torch.distributed.get_world_size()
+        request = train_sharded_state(
+            self.chunks, self.optimizer, self.scheduler, is_loading=True,
+            train={} if not finetune else None, data={} if not finetune else None,
+            include_rng=same_layout and not finetune, include_optimizer=not finetune,
+        )
+        if finetune:
+            request.pop("scheduler", None)
+        loaded, meta = ckpt.load(path, request, self.model_cfg)
+        restore(loaded, self.chunks, None if finetune else self.optimizer,
+                None if finetune else self.scheduler)
+        if finetune:
+            log.info("loaded model weights from %s (step %d) for fine-tuning", path, meta["step"])
+            return
+        self.step = int(loaded["train"]["step"])
+        self.counters.update({k: v for k, v in loaded["train"].items() if k != "step"})
+        self.train_loader.load_state_dict(loaded["data"])
+        log.info("resumed from %s at step %d%s", path, self.step,
+                 "" if same_layout else " (new parallel layout: RNG re-seeded)")
+
+    def save(self) -> None:
+        c = self.cfg.checkpoint
+        if not c.save:
+            return
+        state = train_sharded_state(
+            self.chunks, self.optimizer, self.scheduler,
+            train={"step": self.step, **self.counters}, data=self.train_loader.state_dict(),
+        )
+        meta = {"world_size": torch.distributed.get_world_size(),
+                "parallel": self.cfg.parallel.to_dict(), "config": self.cfg.to_dict()}
+
+        def on_complete(path):
+            ckpt.prune(c.save, c.keep_last)
+            if c.save_hf:
+                self._export_hf(path)
+
+        ckpt.save(c.save, self.step, state, self.model_cfg, meta, self.async_queue, on_complete)
+
+    def _export_hf(self, path) -> None:
+        from megatron_navil.conversion.export import export_hf
+
+        export_hf(path, path.parent / f"{path.name}_hf", tokenizer_dir=self.cfg.data.tokenizer)
+
+    # ------------------------------------------------------------------ steps
+    def _next_batches(self) -> list[NaViLBatch]:
+        mbs = self.cfg.training.micro_batch_size
+        packs = [next(self.train_loader) for _ in range(self.num_microbatches * mbs)]
+        return [concat_packs(packs[i:i + mbs]) for i in range(0, len(packs), mbs)]
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        batches = self._next_batches()
+        seq = self.cfg.training.seq_length * self.cfg.training.micro_batch_size
+        reports = forward_backward(self.chunks, batches, seq)
+        flops = sum(micro_batch_flops(self.model_cfg, b) for b in batches)
+        samples = sum(max(len(b.cu_seqlens) - 1 - int(b.metadata.get("padding_samples", 0)), 0)
+                      for b in batches)
+        tokens = sum(b.num_tokens for b in batches)
+        loss_sum, counted, flops_all, samples_all, tokens_all = reduce_step_sums(
+            reports, [flops, samples, tokens])
+        loss = loss_sum / max(counted, 1.0)
+
+        self.optimizer.prepare_grads()
+        clip = self.cfg.optimizer.clip_grad
+        grad_norm = self.optimizer.clip_grad_norm(clip) if clip > 0 else self.optimizer.get_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        if ok:
+            self.optimizer.step_with_ready_grads()
+            self.scheduler.step(increment=1)
+            self.counters["skipped_in_a_row"] = 0
+        else:
+            self.counters["skipped_steps"] += 1
+            self.counters["skipped_in_a_row"] = self.counters.get("skipped_in_a_row", 0) + 1
+            log.warning("step %d: non-finite loss %s or grad norm %s: update skipped",
+                        self.step + 1, loss, grad_norm)
+        self.step += 1
+        self.counters["consumed_samples"] += int(samples_all)
+        self.counters["consumed_tokens"] += int(tokens_all)
+        dt = time.perf_counter() - t0
+        world = torch.distributed.get_world_size()
+        tflops = flops_all / dt / world / 1e12
+        return {
+            "step": self.step, "loss": loss if math.isfinite(loss) else None,
+            "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
+            "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_all / dt,
+            "samples_per_s": samples_all / dt, "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak if self.peak else None, "step_time_s": dt,
+            "num_tokens": int(tokens_all), "num_samples": int(samples_all),
+            "skipped_images": int(self.train_loader.counters().get("skipped_images", 0)),
+            "skipped_steps": self.counters["skipped_steps"], "mem_gb": memory_gb(),
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        loader = self.make_valid_loader()
+        if loader is None:
+            return None
+        for c in self.chunks:
+            c.eval()
+        try:
+            batches = [next(loader) for _ in range(self.cfg.training.eval_iters)]
+        finally:
+            loader.close()
+        reports = forward_backward(self.chunks, batches, self.cfg.training.seq_length,
+                                   forward_only=True)
+        for c in self.chunks:
+            c.train()
+        loss_sum, counted = reduce_step_sums(reports, [])
+        return loss_sum / max(counted, 1.0)
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> int:
+        t, c = self.cfg.training, self.cfg.checkpoint
+        writer = MetricsWriter(self.cfg.logging, t.train_iters, self.step)
+        signals = ExitSignalHandler().install() if c.exit_on_signal else None
+        for chunk in self.chunks:
+            chunk.train()
+        try:
+            while self.step < t.train_iters:
+                record = self.train_step()
+                if t.eval_interval and self.step % t.eval_interval == 0:
+                    record["valid_loss"] = self.evaluate()
+                writer.write(record)
+                if self.counters["skipped_in_a_row"] >= t.max_skipped_steps_in_a_row:
+                    raise TrainingStopped(
+                        f"{self.counters['skipped_in_a_row']} steps in a row had a non-finite loss "
+                        f"or gradient norm (last at step {self.step}); lower --lr, check the data, "
+                        "or resume from the last checkpoint"
+                    )
+                if self.async_queue is not None:
+                    self.async_queue.maybe_finalize_async_calls(blocking=False)
+                if signals is not None and signals.should_exit():
+                    self.save()
+                    log.info("stopping at step %d on signal; re-run the same command to resume",
+                             self.step)
+                    return 0
+                if c.save_interval and self.step % c.save_interval == 0 and self.step < t.train_iters:
+                    self.save()
+            self.save()
+            return 0
+        finally:
+            if self.async_queue is not None:
+                self.async_queue.maybe_finalize_async_calls(blocking=True)
+                self.async_queue.close()
+            if signals is not None:
+                signals.restore()
+            writer.close()
+            self.train_loader.close()
