@@ -43,6 +43,11 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) 
         recompute_method=parallel.recompute_method if parallel.recompute_granularity == "full" else None,
         recompute_num_layers=parallel.recompute_num_layers if parallel.recompute_granularity == "full" else None,
         transformer_impl="transformer_engine" if on_gpu else "local",
+        # gloo matches point-to-point messages between two ranks in posting order; Megatron's
+        # batched p2p posts send_prev before send_next on every rank, which swaps activations
+        # and gradients between a PP=2 pair under the interleaved schedule. The unbatched path
+        # orders sends/receives by rank parity. NCCL (GPU) keeps Megatron's default.
+        batch_p2p_comm=torch.cuda.is_available(),
     )
     if precision.fp8 is not None:
         common.update(fp8="hybrid", fp8_recipe=Fp8Recipe(precision.fp8))

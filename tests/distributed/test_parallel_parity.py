@@ -30,6 +30,7 @@ LAYOUTS = {
     "dp2": (2, []),
     "tp2_pp2": (4, ["--tp", "2", "--pp", "2"]),
     "tp2_ep2_sp": (4, ["--tp", "2", "--ep", "2", "--sp"]),
+    "pp2_vpp2_interleaved": (2, ["--pp", "2", "--vpp", "2"]),
     "pp2_recompute_full": (2, ["--pp", "2", "--recompute", "full"]),
     "tp2_recompute_selective": (2, ["--tp", "2", "--recompute", "selective"]),
 }

@@ -25,6 +25,7 @@ def _args():
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--ep", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None)
     p.add_argument("--sp", action="store_true")
     p.add_argument("--recompute", default=None)
     p.add_argument("--dir", required=True)
@@ -53,6 +54,7 @@ def main():
 
     from megatron_navil.config import ParallelConfig, PrecisionConfig, get_flavor
     from megatron_navil.models.navil import build_model
+    from megatron_navil.training.checkpoint import model_sharded_state_dict
     from megatron_navil.training.step import forward_backward, wrap_ddp
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
 
@@ -61,16 +63,25 @@ def main():
         cfg = cfg.apply_overrides(dict(kv.split("=", 1) for kv in a.override))
     par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
                          expert_model_parallel_size=a.ep, sequence_parallel=a.sp,
-                         recompute_granularity=a.recompute)
+                         recompute_granularity=a.recompute,
+                         virtual_pipeline_model_parallel_size=a.vpp)
     initialize_model_parallel(par, seed=7)
     chunks = build_model(cfg, par, PrecisionConfig())
     model = chunks[0]
     weights_dir, grads_dir = os.path.join(a.dir, "weights"), os.path.join(a.dir, "grads")
+
+    def load_into(directory):
+        # Sharded keys are global, so a checkpoint saved as one chunk loads into virtual
+        # pipeline chunks (model0, model1, ...) and vice versa.
+        loaded = dist_checkpointing.load(model_sharded_state_dict(chunks), directory)
+        for key, chunk in zip(sorted(loaded), chunks):
+            chunk.load_state_dict(loaded[key], strict=False)
+
     if a.mode == "reference":
         os.makedirs(weights_dir, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), weights_dir)
+        dist_checkpointing.save(model_sharded_state_dict(chunks), weights_dir)
     else:
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), weights_dir))
+        load_into(weights_dir)
 
     ddp = wrap_ddp(chunks)
     # Data parallel ranks split the step's micro-batches; the per-token loss normalisation over
@@ -82,7 +93,8 @@ def main():
     batches = test_batches(cfg, a.seq_length, a.micro_batches)[dp_rank::dp]
     reports = forward_backward(ddp, batches, a.seq_length)
     losses = [(r["lm loss"][0] / r["lm loss"][1]).item() for r in reports]
-    grads = {n: p.main_grad.detach().clone() for n, p in ddp[0].module.named_parameters()}
+    grads = {(i, n): p.main_grad.detach().clone()
+             for i, d in enumerate(ddp) for n, p in d.module.named_parameters()}
 
     rank = torch.distributed.get_rank()
     result = {"losses": losses, "rank": rank, "dp_rank": dp_rank,
@@ -91,15 +103,16 @@ def main():
     if a.mode == "reference":
         with torch.no_grad():
             for n, p in model.named_parameters():
-                p.copy_(grads[n])
+                p.copy_(grads[(0, n)])
         os.makedirs(grads_dir, exist_ok=True)
-        dist_checkpointing.save(model.sharded_state_dict(), grads_dir)
+        dist_checkpointing.save(model_sharded_state_dict(chunks), grads_dir)
     else:
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), grads_dir))
-        for n, p in model.named_parameters():
-            ref, got = p.detach(), grads[n]
-            scale = ref.abs().max().item()
-            result["grad_diff"][n] = [(got - ref).abs().max().item(), scale]
+        load_into(grads_dir)
+        for i, chunk in enumerate(chunks):
+            for n, p in chunk.named_parameters():
+                ref, got = p.detach(), grads[(i, n)]
+                scale = ref.abs().max().item()
+                result["grad_diff"][f"chunk{i}.{n}"] = [(got - ref).abs().max().item(), scale]
     with open(f"{a.out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
     destroy()
