@@ -12,5 +12,10 @@ for _msg in (
     r"full scope is deprecated",
     r"MLP requires ffn_hidden_size",
     r"Warning: tp_group is None",
+    # torch 2.13 deprecations hit inside Megatron's dist_checkpointing (not our calls).
+    r"Please use DTensor instead",
+    r".*torch.distributed.all_gather_into_tensor. is deprecated",
+    r".*load_state_dict. is deprecated",
+    r".*torch.jit.script_method. is deprecated",
 ):
     _warnings.filterwarnings("ignore", message=_msg)

@@ -80,11 +80,40 @@ class ConfigBase:
                     f"override {dotted!r}: no such field; valid here: {', '.join(sorted(node))}"
                 )
             if isinstance(value, str):
-                import yaml
-
-                value = yaml.safe_load(value) if value != "" else ""
+                value = parse_scalar(value)
             node[parts[-1]] = value
         return type(self).from_dict(data)
+
+
+def yaml_loader():
+    """A SafeLoader where only true/false are booleans (YAML 1.2): `off`, `no`, `on` stay strings,
+    so `logging.progress_bar=off` means what it says."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+        for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                                 re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return Loader
+
+
+def load_yaml(text: str):
+    import yaml
+
+    return yaml.load(text, Loader=yaml_loader())
+
+
+def parse_scalar(value: str):
+    """A command-line value as YAML (numbers, lists, true/false), '' stays ''."""
+    return load_yaml(value) if value != "" else ""
 
 
 def _join(path: str, key: str) -> str:

@@ -17,7 +17,8 @@ from megatron_navil.data.layout import image_token_ids
 
 
 def synthetic_batch(cfg: NaViLModelConfig, seq_length: int, generator: torch.Generator,
-                    samples: Optional[Sequence[Sequence[object]]] = None) -> NaViLBatch:
+                    samples: Optional[Sequence[Sequence[object]]] = None,
+                    text_vocab: Optional[int] = None) -> NaViLBatch:
     """One pack of `seq_length` tokens.
 
     `samples`: a list of samples, each a list of parts: an int n (n random text tokens) or a
@@ -26,7 +27,8 @@ def synthetic_batch(cfg: NaViLModelConfig, seq_length: int, generator: torch.Gen
     """
     if samples is None:
         samples = [[3, [(2, 4), (4, 6)], 5], [7], [2, [(2, 2)], 2, [(4, 2)], 3]]
-    text_vocab = cfg.llm.first_special_token_id  # ordinary tokens lie below the special ones
+    # ordinary tokens lie below the special ones
+    text_vocab = min(text_vocab or cfg.llm.first_special_token_id, cfg.llm.first_special_token_id)
     tokens, weights, positions, seqlens, grids = [], [], [], [], []
     for parts in samples:
         ids, w = [], []

@@ -70,11 +70,19 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
         return json.load(f)
 
 
+# One checkpoint key per parameter (per layer, per expert) instead of Megatron's default of
+# stacking layers and experts along extra axes: a training stage that freezes some experts
+# (e.g. the text FFN) then saves optimizer state for exactly the trained ones, and the HF
+# conversion reads parameters one by one. TP shards are still resharded by dist_checkpointing.
+SHARDING_METADATA = {"singleton_local_shards": True}
+
+
 def model_sharded_state_dict(chunks: list) -> dict:
     unwrap = [c.module if hasattr(c, "module") else c for c in chunks]
     if len(unwrap) == 1:
-        return {"model": unwrap[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(unwrap)}
+        return {"model": unwrap[0].sharded_state_dict(metadata=dict(SHARDING_METADATA))}
+    return {f"model{i}": c.sharded_state_dict(metadata=dict(SHARDING_METADATA))
+            for i, c in enumerate(unwrap)}
 
 
 def _rank0() -> bool:

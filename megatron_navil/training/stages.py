@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 import torch
-from megatron.core.optimizer.optimizer_config import ParamGroupOverride, ParamKey, ParamPredicate
+from megatron.core.optimizer import ParamGroupOverride, ParamKey, ParamPredicate
 
 from megatron_navil.config.training import PARTS, OptimizerSettings, StageConfig
 from megatron_navil.models.modality import VISUAL

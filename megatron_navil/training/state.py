@@ -20,9 +20,9 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_navil.training.checkpoint import model_sharded_state_dict
+from megatron_navil.training.checkpoint import SHARDING_METADATA, model_sharded_state_dict
 
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", **SHARDING_METADATA}
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,7 +77,10 @@ def restore(loaded: dict, chunks: list, optimizer, scheduler) -> None:
     for key, chunk in zip(keys, unwrap):
         chunk.load_state_dict(loaded[key], strict=False)
     if optimizer is not None and "optimizer" in loaded:
+        from megatron_navil.training.optimizer import unshare_adam_steps
+
         optimizer.load_state_dict(loaded["optimizer"])
+        unshare_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])
     if "rng_state" in loaded:

@@ -24,7 +24,12 @@ from megatron_navil.training import checkpoint as ckpt
 from megatron_navil.training.data import build_loaders, concat_packs
 from megatron_navil.training.flops import micro_batch_flops, peak_tflops
 from megatron_navil.training.metrics import MetricsWriter, memory_gb, reduce_step_sums
-from megatron_navil.training.optimizer import build_optimizer, build_scheduler
+from megatron_navil.training.optimizer import (
+    build_optimizer,
+    build_scheduler,
+    guarded_step,
+    prime_optimizer_state,
+)
 from megatron_navil.training.signals import ExitSignalHandler
 from megatron_navil.training.stages import apply_stage
 from megatron_navil.training.state import restore, train_sharded_state
@@ -87,6 +92,8 @@ class Trainer:
         c = self.cfg.checkpoint
         finetune = c.finetune and path == c.load
         meta = ckpt.read_metadata(path)
+        if not finetune:
+            prime_optimizer_state(self.optimizer)
         same_layout = meta.get("world_size") == torch.distributed.get_world_size()
         request = train_sharded_state(
             self.chunks, self.optimizer, self.scheduler, is_loading=True,
@@ -152,13 +159,9 @@ class Trainer:
             reports, [flops, samples, tokens])
         loss = loss_sum / max(counted, 1.0)
 
-        self.optimizer.prepare_grads()
-        clip = self.cfg.optimizer.clip_grad
-        grad_norm = self.optimizer.clip_grad_norm(clip) if clip > 0 else self.optimizer.get_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        ok = math.isfinite(loss) and math.isfinite(grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
+        ok, grad_norm = guarded_step(self.optimizer, math.isfinite(loss))
         if ok:
-            self.optimizer.step_with_ready_grads()
             self.scheduler.step(increment=1)
             self.counters["skipped_in_a_row"] = 0
         else:
@@ -175,7 +178,7 @@ class Trainer:
         return {
             "step": self.step, "loss": loss if math.isfinite(loss) else None,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-            "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_all / dt,
+            "lr": lr, "tokens_per_s": tokens_all / dt,
             "samples_per_s": samples_all / dt, "tflops_per_gpu": tflops,
             "mfu": tflops / self.peak if self.peak else None, "step_time_s": dt,
             "num_tokens": int(tokens_all), "num_samples": int(samples_all),

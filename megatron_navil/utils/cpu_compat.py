@@ -26,6 +26,9 @@ What it does, and why each piece is needed:
    which the MoE dispatchers use with TP x EP: on gloo groups these are emulated exactly
    (pad to the largest size and trim; all-reduce and keep this rank's slice).
 
+7. `Tensor.type()` (no argument) reports CPU tensors as `torch.cuda.*Tensor`: Megatron's
+   (distributed) optimizer and grad clipping accept parameters only after checking those
+   strings.
 Everything is undone by `deactivate()` (tests use it to prove the layer is inert on exit).
 """
 
@@ -61,6 +64,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if func in (torch.Tensor.to, torch.Tensor.cuda):
             if func is torch.Tensor.cuda:
                 return args[0]

@@ -1,0 +1,110 @@
+"""The navil-pretrain run config: one YAML file (examples/configs/), overridable from the CLI.
+
+    model:      {flavor: debug-internlm2, overrides: {llm.num_layers: 8}}
+    parallel / precision / training / optimizer / stage / data / checkpoint / logging
+    tokenizer:  path of the NaViL tokenizer (navil-tokenizer output dir or tokenizer.model)
+    mock_data:  train on synthetic packs (no files; benchmarks and smoke tests)
+
+`training.seq_length` and `training.seed` are the single source of the sequence length and seed:
+the data section's copies are set from them (and `data.pad_multiple` from the parallel layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from megatron_navil.config.base import ConfigBase, ConfigError
+from megatron_navil.config.flavors import get_flavor
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
+from megatron_navil.config.training import (
+    CheckpointConfig,
+    LoggingConfig,
+    OptimizerSettings,
+    StageConfig,
+    TrainingConfig,
+)
+from megatron_navil.data.config import DataConfig, pad_multiple_for
+
+
+@dataclass
+class ModelSection(ConfigBase):
+    """Which model to build."""
+
+    flavor: str = "debug-internlm2"
+    """A named flavor (megatron_navil.config.FLAVORS) the overrides start from."""
+    overrides: dict[str, Any] = field(default_factory=dict)
+    """Dotted overrides of the flavor's fields, e.g. {"llm.num_layers": 8}."""
+
+
+@dataclass
+class PretrainConfig(ConfigBase):
+    """Everything navil-pretrain needs."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    """The model."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Backend and numerics."""
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Batch geometry and length of the run."""
+    optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
+    """Optimizer and LR schedule."""
+    stage: StageConfig = field(default_factory=StageConfig)
+    """Which parts train."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training/validation data."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metrics."""
+    tokenizer: Optional[str] = None
+    """NaViL tokenizer directory (navil-tokenizer) or its tokenizer.model."""
+    mock_data: bool = False
+    """Train on synthetic packs (random pixels and tokens) instead of data.train_paths."""
+
+    def resolved_model(self) -> NaViLModelConfig:
+        cfg = get_flavor(self.model.flavor)
+        if self.model.overrides:
+            cfg = cfg.apply_overrides(self.model.overrides)
+        cfg.validate()
+        return cfg
+
+    def resolved_data(self) -> DataConfig:
+        pad = pad_multiple_for(self.parallel.tensor_model_parallel_size,
+                               self.parallel.sequence_parallel, self.precision.fp8 is not None)
+        return self.data.replace(seq_length=self.training.seq_length, seed=self.training.seed,
+                                 pad_multiple=pad)
+
+    def validate(self) -> None:
+        super().validate()
+        model = self.resolved_model()
+        t = self.training
+        seq = t.seq_length * t.micro_batch_size
+        if seq > model.llm.max_sequence_length:
+            raise ConfigError(
+                f"--seq-length x --micro-batch-size = {seq} exceeds the model's "
+                f"llm.max_sequence_length {model.llm.max_sequence_length}; set "
+                f"model.overrides llm.max_sequence_length or lower them"
+            )
+        self.resolved_data().validate()
+        decay = self.optimizer.lr_decay_iters or t.train_iters
+        if self.optimizer.lr_warmup_iters >= decay:
+            raise ConfigError(
+                f"--lr-warmup-iters {self.optimizer.lr_warmup_iters} must be smaller than the decay "
+                f"length {decay} (--lr-decay-iters, default --train-iters)"
+            )
+        if not self.mock_data:
+            if not self.data.train_paths:
+                raise ConfigError("no training data: pass --data-path (navil-preprocess output "
+                                  "directories) or --mock-data")
+            if self.tokenizer is None:
+                raise ConfigError("--tokenizer-model is required with real data (the loader "
+                                  "tokenizes text and chat turns)")
+        if t.eval_interval and not (self.data.valid_paths or self.mock_data):
+            raise ConfigError("--eval-interval needs --valid-data-path")
+        c = self.checkpoint
+        if c.save_hf and not c.save:
+            raise ConfigError("--save-hf needs --save")

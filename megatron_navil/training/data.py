@@ -1,0 +1,107 @@
+"""Data for the trainer: the shard loaders (megatron_navil.data.loader) or mock packs.
+
+Every data-parallel rank yields the same number of packs per step (expert parallelism
+deadlocks otherwise); every pipeline stage of a DP rank reads the same stream.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from megatron_navil.batch import NaViLBatch
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.data.synthetic import synthetic_batch
+
+MOCK_LAYOUTS = (
+    [[24, [(8, 8)], 40], [60], [10, [(4, 6), (8, 12)], 30]],
+    [[12, [(16, 8)], 50], [30, [(6, 6)], 20]],
+    [[80], [40, 20]],
+)
+
+
+class MockPackLoader:
+    """Deterministic synthetic packs: pack i of DP rank r is a function of (seed, i, r) only,
+    so resuming is exact by construction. Layouts scale with seq_length (images of 64-128
+    patches in 2-3 samples per pack)."""
+
+    def __init__(self, cfg: NaViLModelConfig, seq_length: int, seed: int, dp_rank: int,
+                 dp_size: int, limit: Optional[int] = None):
+        self.cfg, self.seq_length, self.seed = cfg, seq_length, seed
+        self.dp_rank, self.dp_size, self.limit = dp_rank, dp_size, limit
+        self.position = 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> NaViLBatch:
+        if self.limit is not None and self.position >= self.limit:
+            raise StopIteration
+        i = self.position * self.dp_size + self.dp_rank
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        layout = MOCK_LAYOUTS[i % len(MOCK_LAYOUTS)]
+        scale = max(1, self.seq_length // 256)
+        samples = [[p * scale if isinstance(p, int) else p for p in s] for s in layout]
+        while sum(_tokens(self.cfg, s) for s in samples) > self.seq_length and len(samples) > 1:
+            samples.pop()
+        self.position += 1
+        # Text drawn from 64 ids: a distribution the model can learn (the loss drops).
+        return synthetic_batch(self.cfg, self.seq_length, g, samples, text_vocab=64)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+    def counters(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def _tokens(cfg: NaViLModelConfig, parts) -> int:
+    from megatron_navil.data.layout import image_token_ids
+
+    return sum(p if isinstance(p, int) else len(image_token_ids(cfg, p)) for p in parts)
+
+
+def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
+    """Several packs -> one longer THD sequence (micro_batch_size > 1)."""
+    if len(packs) == 1:
+        return packs[0]
+    offsets = torch.tensor([0] + [p.num_tokens for p in packs[:-1]]).cumsum(0)
+    cu = torch.cat([packs[0].cu_seqlens] + [p.cu_seqlens[1:] + int(o)
+                                            for p, o in zip(packs[1:], offsets[1:])])
+    images = [p for p in packs if p.pixel_values is not None]
+    cat = lambda name: torch.cat([getattr(p, name) for p in packs])  # noqa: E731
+    meta = {"padding_samples": sum(int(p.metadata.get("padding_samples", 0)) for p in packs)}
+    return NaViLBatch(
+        tokens=cat("tokens"), labels=cat("labels"), loss_mask=cat("loss_mask"),
+        position_ids=cat("position_ids"), cu_seqlens=cu.to(torch.int32),
+        pixel_values=torch.cat([p.pixel_values for p in images]) if images else None,
+        grid_thw=torch.cat([p.grid_thw for p in images]) if images else None,
+        modality_mask=None, metadata=meta,
+    )
+
+
+def build_loaders(cfg, model_cfg: NaViLModelConfig, dp_rank: int,
+                  dp_size: int) -> tuple[object, Callable[[], Optional[object]]]:
+    """(train loader, factory of a fresh validation loader or None)."""
+    t = cfg.training
+    if cfg.mock_data:
+        train = MockPackLoader(model_cfg, t.seq_length, t.seed, dp_rank, dp_size)
+        valid = lambda: MockPackLoader(model_cfg, t.seq_length, t.seed + 1, dp_rank, dp_size)  # noqa: E731
+        return train, valid
+    from megatron_navil.data.loader import build_train_loader, build_valid_loader
+    from megatron_navil.data.tokenizer import NaViLTokenizer
+
+    tokenizer = NaViLTokenizer.load(cfg.tokenizer)
+    data_cfg = cfg.resolved_data()
+    train = build_train_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
+    if not data_cfg.valid_paths:
+        return train, lambda: None
+    return train, lambda: build_valid_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank,
+                                             dp_size=dp_size)
