@@ -49,9 +49,9 @@ def train_tokenizer(directory: str):
     return NaViLTokenizer.load(directory)
 
 
-def model_config(tok, backbone: str = "internlm2"):
-    """The debug flavor with the test tokenizer's vocabulary (special ids must agree)."""
-    cfg = get_flavor(f"debug-{backbone}")
+def model_config(tok, flavor: str = "debug-internlm2"):
+    """A flavor with the test tokenizer's vocabulary (special ids must agree)."""
+    cfg = get_flavor(flavor)
     return cfg.replace(llm=cfg.llm.replace(vocab_size=tok.vocab_size,
                                            first_special_token_id=tok.first_special_token_id))
 
@@ -95,9 +95,16 @@ def make_dataset(root: str, tokenizer_dir: str, n_captions: int = 16, n_text: in
                  long_text_words: int = 400, samples_per_shard: int = 8,
                  chat_template: str = "internlm2") -> Corpus:
     """Preprocess a fresh corpus into `root/shards` with the real navil-preprocess."""
+    recs = make_records(os.path.join(root, "images"), n_captions, n_text, long_text_words)
+    return preprocess(root, recs, tokenizer_dir, samples_per_shard, chat_template)
+
+
+def preprocess(root: str, recs: list[dict], tokenizer_dir: str, samples_per_shard: int = 8,
+               chat_template: str = "internlm2") -> Corpus:
+    """Run navil-preprocess on `recs` (images under `root/images`) into `root/shards`."""
     from data_tools.preprocess import main
 
-    recs = make_records(os.path.join(root, "images"), n_captions, n_text, long_text_words)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
     with open(os.path.join(root, "data.jsonl"), "w") as f:
         for r in recs:
             f.write(json.dumps(r) + "\n")
@@ -118,3 +125,14 @@ def all_index_samples(root: str) -> list[dict]:
         with open(os.path.join(root, sh["index"])) as f:
             out += json.load(f)["samples"]
     return out
+
+
+def epochs(loader, n: int):
+    """(batches of the loader's first n epochs, its counters after the last of them)."""
+    out, counters = [], loader.counters
+    while True:
+        batch = next(loader)
+        if batch.metadata["epoch"] >= n:
+            return out, counters
+        out.append(batch)
+        counters = loader.counters
