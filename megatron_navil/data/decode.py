@@ -100,7 +100,9 @@ class DaliImageDecoder:
         def pipe():
             data = fn.external_source(name="bytes", dtype=types.UINT8, ndim=1)
             img = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
-            outs = [img.shape()]
+            # the decoded size, to check against the index; on the GPU path it is produced on
+            # the GPU (a GPU->CPU edge inside the graph needs DALI's dynamic executor)
+            outs = [img.shape(device="gpu" if self.device == "gpu" else "cpu")]
             for s in range(self.num_scales):
                 size = fn.external_source(name=f"size{s}", dtype=types.FLOAT, ndim=1)
                 roi = fn.external_source(name=f"roi{s}", dtype=types.FLOAT, ndim=1)
@@ -154,8 +156,7 @@ class DaliImageDecoder:
             p.feed_input(f"roi{s}", [np.asarray((j.height, j.width) if s < len(j.scales)
                                                 else _SPARE, dtype=np.float32) for j in jobs])
         outs = p.run()
-        shapes = outs[0].as_cpu() if hasattr(outs[0], "as_cpu") and self.device == "gpu" \
-            else outs[0]
+        shapes = outs[0].as_cpu() if self.device == "gpu" else outs[0]
         results: list[DecodeResult] = []
         for i, job in enumerate(jobs):
             h, w = (int(v) for v in np.asarray(shapes[i])[:2])

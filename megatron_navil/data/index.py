@@ -133,9 +133,10 @@ def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) ->
     if not same_style:  # only conversations depend on the chat template
         stale |= ds.kind == KINDS.index("conversation")
     if stale.any():
+        theirs = manifest.get("settings", {}).get("chat_template")
         why = ("its index was made with another tokenizer (manifest tokenizer hash differs or "
                "is missing)" if not same_tok else f"its conversations were counted with chat "
-               f"template {manifest.get('settings', {}).get('chat_template')!r}, not {chat_style!r}")
+               f"template {theirs!r}, not {chat_style!r}")
         if not recount:
             raise DataError(f"{root}: {why}; re-run navil-preprocess with this tokenizer/"
                             "template or set data.recount_tokens: true")

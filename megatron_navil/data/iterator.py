@@ -1,4 +1,4 @@
-"""NaViLDataLoader: plan -> build -> bounded background prefetch, with exact (epoch, position) state.
+"""NaViLDataLoader: plan -> build -> bounded prefetch, with exact (epoch, position) state.
 
 Flow: planner.EpochPlan (which packs, dealt to DP ranks) -> builder.PackBuilder (tokens, DALI
 decode, collate) -> a background thread keeps up to `prefetch_depth` finished micro-batches in a

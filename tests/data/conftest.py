@@ -4,7 +4,6 @@ seconds with the real navil-preprocess), the matching debug model config and a l
 from __future__ import annotations
 
 import logging
-import os
 
 import pytest
 
@@ -69,8 +68,3 @@ def navil_logs(caplog):
     yield caplog
     root.removeHandler(caplog.handler)
 
-
-def free_dir(tmp_path, name: str) -> str:
-    d = os.path.join(str(tmp_path), name)
-    os.makedirs(d, exist_ok=True)
-    return d

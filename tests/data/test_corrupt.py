@@ -65,7 +65,8 @@ def test_bad_images_are_skipped_counted_and_logged_once(dataset, make_loader, tm
         assert sorted(keys) == sorted(all_keys - set(bad))
     for b in batches:
         b.validate(cfg)
-        n_ctx = 0 if b.grid_thw is None else int((b.grid_thw[:, 1] // 2 * (b.grid_thw[:, 2] // 2)).sum())
+        g = b.grid_thw
+        n_ctx = 0 if g is None else int((g[:, 1] // 2 * (g[:, 2] // 2)).sum())
         assert int((b.tokens == ctx).sum()) == n_ctx
     assert counters["skipped_images"] == 4 and counters["corrupt_samples"] == 6
     warnings = [r.getMessage() for r in navil_logs.records if r.levelname == "WARNING"]
