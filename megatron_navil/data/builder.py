@@ -24,7 +24,9 @@ import torch
 
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.model import NaViLModelConfig
-from megatron_navil.data.decode import DaliImageDecoder, DecodeFailure, ImageJob
+from megatron_navil.data.decode import (
+    DaliImageDecoder, DecodeFailure, ImageJob, normalize_pixels,
+)
 from megatron_navil.data.index import DatasetIndex, ShardReader
 from megatron_navil.data.layout import image_token_ids
 from megatron_navil.data.planner import PlannedPack
@@ -65,11 +67,11 @@ class Datasets:
 class PackBuilder:
     def __init__(self, datasets: Datasets, planned_length: np.ndarray, sizer: ImageSizer,
                  decoder: DaliImageDecoder, cfg: NaViLModelConfig, tokenizer, chat_style: str,
-                 add_bos: bool, seq_length: int):
+                 add_bos: bool, seq_length: int, pixel_dtype: torch.dtype = torch.float32):
         self.data, self.planned_length, self.sizer = datasets, planned_length, sizer
         self.decoder, self.cfg, self.tok = decoder, cfg, tokenizer
         self.chat_style, self.add_bos, self.seq_length = chat_style, add_bos, seq_length
-        self.pad_id = tokenizer.pad_id
+        self.pad_id, self.pixel_dtype = tokenizer.pad_id, pixel_dtype
         self._logged: set[str] = set()
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
@@ -161,12 +163,14 @@ class PackBuilder:
         stats.update(samples=len(samples), tokens=used, padding_tokens=pad,
                      loss_tokens=int(sum(loss)), images=sum(len(s.jobs) for s in samples),
                      keys=[s.key for s in samples])
+        # one uint8 concat + one float pass for the whole pack
+        pixel_values = normalize_pixels(torch.cat(pixels), self.pixel_dtype) if pixels else None
         return NaViLBatch(
             tokens=t, labels=torch.tensor(labels, dtype=torch.long),
             loss_mask=torch.tensor(loss, dtype=torch.float32),
             position_ids=torch.tensor(pos, dtype=torch.long),
             cu_seqlens=torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32),
-            pixel_values=torch.cat(pixels) if pixels else None,
+            pixel_values=pixel_values,
             grid_thw=torch.tensor(grids, dtype=torch.long) if grids else None,
             modality_mask=(t == self.cfg.img_context_id) | (t == self.cfg.img_start_id),
             metadata=stats,

@@ -116,11 +116,10 @@ def _build(data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer, paths: 
     decoder = DaliImageDecoder(
         max_batch=data_cfg.max_images_per_pack, num_scales=max(c.max_scales for c in per),
         num_threads=data_cfg.num_decode_threads, device=device,
-        patch_size=cfg.vision.patch_size, merge_size=cfg.connector.merge_size,
-        pixel_dtype=getattr(torch, data_cfg.pixel_dtype))
+        patch_size=cfg.vision.patch_size, merge_size=cfg.connector.merge_size)
     data = Datasets(datasets)
     builder = PackBuilder(data, costs.length, sizer, decoder, cfg, tokenizer, style, add_bos,
-                          data_cfg.seq_length)
+                          data_cfg.seq_length, getattr(torch, data_cfg.pixel_dtype))
     schedule = Schedule(tuple(len(d) for d in datasets), tuple(weights), samples_per_epoch,
                         data_cfg.seed, shuffle, dp_rank, dp_size, micro_batches_per_step)
     fingerprint = blended_fingerprint(datasets, dict(

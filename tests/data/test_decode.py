@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 
 from megatron_navil.config import get_flavor
-from megatron_navil.data.decode import DaliImageDecoder, DecodeFailure, ImageJob
+from megatron_navil.data.decode import DaliImageDecoder, DecodeFailure, ImageJob, normalize_pixels
 from megatron_navil.data.layout import multiscale_plan, resize_for_scale
 from megatron_navil.reference.rope import vision_patch_positions
 from tests.data.corpus import photo
@@ -94,7 +94,9 @@ def test_dali_matches_pil_reference(multiscale):
     for (name, job), res in zip(jobs, results):
         assert not isinstance(res, DecodeFailure), (name, res)
         assert len(res) == len(job.scales)
-        for scale, got in zip(job.scales, res):
+        for scale, raw in zip(job.scales, res):
+            assert raw.dtype == torch.uint8
+            got = normalize_pixels(raw)
             ref = _reference_patches(job.data, scale)
             assert got.shape == ref.shape == (scale.grid[0] * scale.grid[1], 3 * P * P)
             assert got.dtype == torch.float32
@@ -115,9 +117,10 @@ def test_dali_matches_pil_reference(multiscale):
 def test_bfloat16_pixels_and_exif_size():
     name, job = _jobs(False)[-1]
     assert (job.height, job.width) == (300, 200)  # orientation 6 swaps the stored 200x300
-    dec = DaliImageDecoder(max_batch=1, num_scales=1, num_threads=1, pixel_dtype=torch.bfloat16)
+    dec = DaliImageDecoder(max_batch=1, num_scales=1, num_threads=1)
     (res,) = dec.decode([job])
     ref = _reference_patches(job.data, job.scales[0])
-    assert res[0].dtype == torch.bfloat16
+    got = normalize_pixels(res[0], torch.bfloat16)
+    assert got.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits: |x| <= 1 rounds by at most 2^-8 (plus the resize tolerance)
-    assert float((res[0].float() - ref).abs().mean()) < 0.3 / 127.5 + 2 ** -8
+    assert float((got.float() - ref).abs().mean()) < 0.3 / 127.5 + 2 ** -8
