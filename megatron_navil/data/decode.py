@@ -29,6 +29,8 @@ differs from the index is a failure too (the token layout was planned from the i
 from __future__ import annotations
 
 import ctypes
+import functools
+import io
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -57,6 +59,16 @@ class DecodeFailure:
 
 
 DecodeResult = Union[list[torch.Tensor], DecodeFailure]
+
+
+@functools.lru_cache(maxsize=1)
+def _canary() -> ImageJob:
+    """A small valid JPEG (decodes anywhere) for the health check after a failure."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 160, 30)).save(buf, "JPEG")
+    return ImageJob(buf.getvalue(), 48, 64, [ImageScale((48, 64), (64, 64), (4, 4))])
 
 
 def _dali_reason(e: Exception) -> str:
@@ -164,8 +176,20 @@ class DaliImageDecoder:
                         out.extend(self._run([job]))
                     except RuntimeError as e:
                         self._reset()
+                        self._check_health(e)
                         out.append(DecodeFailure(_dali_reason(e)))
         return out
+
+    def _check_health(self, error: Exception) -> None:
+        """Raise if a known-good image fails too: then the pipeline itself is broken (out of
+        memory, a driver error), and skipping every image would silently empty the batches."""
+        try:
+            self._run([_canary()])
+        except RuntimeError as e:
+            self._reset()
+            raise RuntimeError(f"DALI fails on a known-good image, so the failure is not the "
+                               f"data's: {_dali_reason(e)} (first error: {_dali_reason(error)})"
+                               ) from error
 
     def _run(self, jobs: Sequence[ImageJob]) -> list[DecodeResult]:
         if self._pipe is None:

@@ -124,3 +124,20 @@ def test_bfloat16_pixels_and_exif_size():
     assert got.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits: |x| <= 1 rounds by at most 2^-8 (plus the resize tolerance)
     assert float((got.float() - ref).abs().mean()) < 0.3 / 127.5 + 2 ** -8
+
+
+def test_broken_pipeline_raises_instead_of_skipping_everything(monkeypatch):
+    """If even a known-good image fails after an error, the loader stops with a message rather
+    than marking every image corrupt and training on empty batches."""
+    name, job = _jobs(False)[0]
+    dec = DaliImageDecoder(max_batch=2, num_scales=1, num_threads=1)
+    garbage = ImageJob(b"\xff\xd8" + bytes(500), job.height, job.width, job.scales)
+    res = dec.decode([job, garbage])  # a bad image next to a good one: only it fails
+    assert isinstance(res[1], DecodeFailure) and not isinstance(res[0], DecodeFailure)
+
+    def broken(jobs):
+        raise RuntimeError("Critical error in pipeline: CUDA out of memory")
+
+    monkeypatch.setattr(dec, "_run", broken)
+    with pytest.raises(RuntimeError, match="known-good image"):
+        dec.decode([job])
