@@ -16,10 +16,11 @@ padding) and multi-scale (the pyramid: 4-6 resizes per image).
 - PIL: `torch.utils.data.DataLoader(num_workers=--pil-workers, batch_size=--batch)` over a
   Dataset doing the same steps with PIL/numpy/torch.
 - `--end-to-end` adds the whole loader (shards written by navil-preprocess, planning, tokens,
-  collation, prefetch) in images/s.
+  decode, collation) in images/s, built synchronously (prefetch_depth 0): its throughput, not
+  its overlap with a training step, and no background thread competing with the other sides.
 Each measurement is steady state: one warm-up pass (workers/pipelines started), then the best
-of --repeats timed passes, PIL and ours alternating (on a shared machine, load changes then hit
-both sides alike). Results go to --results (JSON, one entry per device) and a table.
+of --repeats timed passes, the sides alternating (on a shared machine, load changes then hit
+all sides alike). Results go to --results (JSON, one entry per device) and a table.
 """
 
 from __future__ import annotations
@@ -102,20 +103,17 @@ class PilDataset(torch.utils.data.Dataset):
         return out
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-def interleaved_best(runs: dict, repeats: int) -> dict:
-    """Best (shortest) time of each run, alternating them so load changes hit all alike."""
+def interleaved_rates(runs: dict, repeats: int) -> dict:
+    """Best images/s of each run (a callable returning the images it processed), alternating
+    the runs so that load changes on a shared machine hit all of them alike."""
     for fn in runs.values():
-        fn()  # warm-up: workers / pipelines started, caches hot
-    best = {k: float("inf") for k in runs}
+        fn()  # warm-up: workers / pipelines / prefetch thread started, caches hot
+    best = {k: 0.0 for k in runs}
     for _ in range(repeats):
         for k, fn in runs.items():
-            best[k] = min(best[k], _timed(fn))
+            t = time.perf_counter()
+            n = fn()
+            best[k] = max(best[k], n / (time.perf_counter() - t))
     return best
 
 
@@ -130,7 +128,7 @@ def dali_pass(paths, sizer, device: str, threads: int, batch: int):
     sizes = [ImageOps.exif_transpose(Image.open(p)).size for p in paths]
     dec = DaliImageDecoder(batch, max(len(sizer.scales(h, w)) for w, h in sizes), threads, device)
 
-    def run() -> None:
+    def run() -> int:
         for i in range(0, len(paths), batch):
             jobs = []
             for p, (w, h) in zip(paths[i:i + batch], sizes[i:i + batch]):
@@ -141,44 +139,45 @@ def dali_pass(paths, sizer, device: str, threads: int, batch: int):
             normalize_pixels(torch.cat([p for o in out for p in o]))  # as the pack builder does
             if device == "gpu":
                 torch.cuda.synchronize()
+        return len(paths)
 
     return run
 
 
-def bench_end_to_end(img_dir, names, tmp, multiscale, device, threads, batch, repeats) -> float:
+def loader_pass(img_dir, names, tmp, multiscale, device, threads, batch):
+    """The whole loader over navil-preprocess shards: one call = about one epoch of images."""
     from data_tools.preprocess import main as preprocess
     from megatron_navil.data.config import DataConfig
     from megatron_navil.data.loader import build_train_loader
     from megatron_navil.data.tokenizer import train_sentencepiece
 
-    tok = train_sentencepiece([f"a photo named {n} of things" for n in names * 4], 400)
-    tok_dir = os.path.join(tmp, "tok")
-    tok.save(tok_dir)
-    out = os.path.join(tmp, "shards")
+    tok_dir, out = os.path.join(tmp, "tok"), os.path.join(tmp, "shards")
     if not os.path.exists(out):
+        tok = train_sentencepiece([f"a photo named {n} of things" for n in names * 4], 400)
+        tok.save(tok_dir)
         with open(os.path.join(tmp, "caps.jsonl"), "w") as f:
             for n in names:
                 f.write(json.dumps({"image": n, "text": f"a photo named {n}"}) + "\n")
         assert preprocess(["--input", os.path.join(tmp, "caps.jsonl"), "--image-root", img_dir,
                            "--output", out, "--tokenizer", tok_dir, "--log-every", "1000"]) == 0
+    from megatron_navil.data.tokenizer import NaViLTokenizer
+
+    tok = NaViLTokenizer.load(tok_dir)
     cfg = get_flavor("navil-2b")
     cfg = cfg.replace(llm=cfg.llm.replace(vocab_size=tok.vocab_size, max_sequence_length=65536,
                                           first_special_token_id=tok.first_special_token_id))
     dc = DataConfig(train_paths=(out,), seq_length=32768, multiscale=multiscale,
                     max_images_per_pack=batch, num_decode_threads=threads, decode_device=device,
-                    prefetch_depth=2)
+                    prefetch_depth=0)  # synchronous: no background work while others are timed
     loader = build_train_loader(dc, cfg, tok)
 
-    def epoch_rate() -> float:  # images/s over about one epoch of packs
-        start, t = loader.counters["images"], time.perf_counter()
+    def run() -> int:
+        start = loader.counters["images"]
         while loader.counters["images"] - start < len(names) * 0.9:
             next(loader)
-        return (loader.counters["images"] - start) / (time.perf_counter() - t)
+        return loader.counters["images"] - start
 
-    epoch_rate()  # warm-up: pipeline built, prefetch thread running
-    rate = max(epoch_rate() for _ in range(repeats))
-    loader.close()
-    return rate
+    return run, loader
 
 
 def main() -> None:
@@ -204,15 +203,19 @@ def main() -> None:
         for multiscale in (False, True):
             sizer = ImageSizer(get_flavor("navil-2b"), multiscale)
             mode = "multi-scale" if multiscale else "single-scale"
-            best = interleaved_best({
-                "pil": pil_pass(paths, sizer, a.pil_workers, a.batch),
-                "ours": dali_pass(paths, sizer, a.device, a.dali_threads, a.batch)}, a.repeats)
-            pil, ours = len(paths) / best["pil"], len(paths) / best["ours"]
-            row = {"mode": mode, "pil_img_s": pil, "dali_img_s": ours, "ratio": ours / pil}
+            runs = {"pil": pil_pass(paths, sizer, a.pil_workers, a.batch),
+                    "ours": dali_pass(paths, sizer, a.device, a.dali_threads, a.batch)}
+            loader = None
             if a.end_to_end:
-                e2e = bench_end_to_end(img_dir, names, tmp, multiscale, a.device,
-                                       a.dali_threads, a.batch, a.repeats)
-                row.update(loader_img_s=e2e, loader_ratio=e2e / pil)
+                runs["loader"], loader = loader_pass(img_dir, names, tmp, multiscale, a.device,
+                                                     a.dali_threads, a.batch)
+            rate = interleaved_rates(runs, a.repeats)
+            row = {"mode": mode, "pil_img_s": rate["pil"], "dali_img_s": rate["ours"],
+                   "ratio": rate["ours"] / rate["pil"]}
+            if loader is not None:
+                row.update(loader_img_s=rate["loader"], loader_ratio=rate["loader"] / rate["pil"])
+                loader.close()
+            del runs  # stops the PIL workers before the next mode
             rows.append(row)
         device = torch.cuda.get_device_name() if a.device == "gpu" else (
             platform.processor() or platform.machine())

@@ -3,7 +3,7 @@
 Proves: the validation loader reads the held-out set in file order (no shuffle), every iter()
 restarts it so each evaluation sees bit-identical batches, it cycles past the end of the set,
 and DP ranks get equal counts of disjoint packs; DataConfig documents every field (the CLI/YAML
-help is generated from these docstrings), round-trips through dicts, and rejects settings that
+help is generated from these docstrings; docs/data_loader.md has a row for each), round-trips through dicts, and rejects settings that
 cannot work with a message naming the field; `pad_multiple_for` is lcm(16 if FP8, TP if SP).
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 
 import pytest
 
@@ -50,6 +51,9 @@ def test_every_field_documented_and_round_trip():
     docs = field_docs(DataConfig)
     missing = [f.name for f in dataclasses.fields(DataConfig) if not docs.get(f.name)]
     assert not missing
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "docs", "data_loader.md")) as f:
+        page = f.read()
+    assert not [f.name for f in dataclasses.fields(DataConfig) if f"| `{f.name}` |" not in page]
     cfg = DataConfig(train_paths=("a", "b"), train_weights=(1.0, 3.0), multiscale=True)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.apply_overrides({"seq_length": "8192"}).seq_length == 8192
