@@ -84,16 +84,18 @@ class PackBuilder:
         ds, reader = self.data.items[d], self.data.readers[d]
         key = ds.keys[i]
         shard = int(ds.shard[i])
-        try:
-            doc = json.loads(reader.read(shard, int(ds.json_offset[i]), int(ds.json_size[i])))
-        except (ValueError, UnicodeDecodeError) as e:  # garbage where the JSON should be
-            self._warn_once(key, "sample %s (%s): unreadable JSON, skipped: %s", key,
-                            ds.tars[shard], e)
-            return None
         rows = range(int(ds.image_start[i]), int(ds.image_start[i + 1]))
         scales = [self.sizer.scales(int(ds.image_height[r]), int(ds.image_width[r])) for r in rows]
         img_ids = [image_token_ids(self.cfg, [s.grid for s in sc]) for sc in scales]
-        tokens = build_sample_tokens(doc, img_ids, self.tok, self.chat_style, self.add_bos)
+        try:  # garbage where the JSON should be (storage, a mismatched index) skips the sample
+            doc = json.loads(reader.read(shard, int(ds.json_offset[i]), int(ds.json_size[i])))
+            if not isinstance(doc, dict) or doc.get("key") != key:
+                raise ValueError(f"the JSON at the index's offset is not sample {key}'s")
+            tokens = build_sample_tokens(doc, img_ids, self.tok, self.chat_style, self.add_bos)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            self._warn_once(key, "sample %s (%s): unreadable JSON, skipped: %s", key,
+                            ds.tars[shard], e)
+            return None
         if len(tokens.ids) != int(self.planned_length[gid]):
             raise RuntimeError(
                 f"sample {key} of {ds.root} has {len(tokens.ids)} tokens but its index implies "

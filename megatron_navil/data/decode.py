@@ -103,7 +103,7 @@ def cuda_available() -> bool:
 
 
 class DaliImageDecoder:
-    """Decodes, resizes, normalises, pads and patchifies batches of `ImageJob`s."""
+    """Decodes, resizes, pads and patchifies batches of `ImageJob`s into uint8 patches."""
 
     def __init__(self, max_batch: int, num_scales: int, num_threads: int = 4,
                  device: str = "cpu", patch_size: int = 16, merge_size: int = 2,
