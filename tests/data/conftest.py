@@ -46,6 +46,7 @@ def make_loader(tok, cfg):
         kw.setdefault("seq_length", 256)
         kw.setdefault("num_decode_threads", 2)
         kw.setdefault("plan_chunk_samples", 16)
+        kw.setdefault("decode_device", "cpu")  # the GPU path is tested in test_gpu.py
         key = "valid_paths" if valid else "train_paths"
         dc = DataConfig(**{key: tuple(paths)}, **kw)
         mc = model_cfg or cfg

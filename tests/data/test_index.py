@@ -36,7 +36,8 @@ def test_other_tokenizer_is_recounted(dataset, other_tok, navil_logs):
     from megatron_navil.data.loader import build_train_loader
 
     loader = build_train_loader(DataConfig(train_paths=(dataset.root,), seq_length=256,
-                                           num_decode_threads=2), cfg, other_tok)
+                                           num_decode_threads=2, decode_device="cpu"), cfg,
+                                other_tok)
     try:
         assert any("recounting" in r.getMessage() for r in navil_logs.records)
         batches, _ = epochs(loader, 1)
