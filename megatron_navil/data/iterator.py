@@ -69,7 +69,11 @@ class NaViLDataLoader:
         if self.prefetch_depth == 0:
             if self._gen is None:
                 self._gen = self._produce(self._state)
-            state, batch = next(self._gen)
+            try:
+                state, batch = next(self._gen)
+            except BaseException:
+                self._gen = None  # like the thread path: a retry restarts from the state
+                raise
         else:
             if self._thread is None:
                 self._start_thread()
