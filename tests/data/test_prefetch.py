@@ -4,8 +4,8 @@ Proves, by counting the packs the builder has finished (a wrapper around the rea
 while the trainer holds back, the producer thread builds ahead of what was consumed (decode
 overlaps the step) but never more than prefetch_depth + 1 micro-batches (the queue plus the one
 waiting to enter it); with depth 0 nothing is built ahead. An exception in the producer reaches
-the trainer at the batch where it happened, after the batches before it. close() joins the
-thread. Waiting is by polling with a generous deadline, never a fixed sleep that could pass by
+the trainer at the batch where it happened, after the batches before it, and a retry resumes
+at that batch. close() joins the thread. Waiting is by polling with a generous deadline, never a fixed sleep that could pass by
 luck: the "bounded" check waits until the producer has stopped making progress.
 """
 
@@ -55,13 +55,17 @@ def test_prefetch_is_bounded(dataset, make_loader, depth):
         assert ahead == (0 if depth == 0 else depth + 1), (depth, consumed, ahead)
 
 
-def test_producer_error_reaches_trainer(dataset, make_loader):
-    loader = make_loader([dataset.root], prefetch_depth=2)
+@pytest.mark.parametrize("depth", [0, 2])
+def test_producer_error_reaches_trainer(dataset, make_loader, depth):
+    loader = make_loader([dataset.root], prefetch_depth=depth)
+    real = loader.builder.build
     _count_builds(loader, fail_at=2)
     next(loader)
     next(loader)
     with pytest.raises(RuntimeError, match="storage vanished"):
         next(loader)
+    loader.builder.build = real  # the storage is back: the loader retries the same batch
+    assert next(loader).metadata["position"] == 2
 
 
 def test_close_stops_the_thread(dataset, make_loader):
