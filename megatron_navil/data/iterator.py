@@ -1,0 +1,194 @@
+"""NaViLDataLoader: plan -> build -> bounded prefetch, with exact (epoch, position) state.
+
+Flow: planner.EpochPlan (which packs, dealt to DP ranks) -> builder.PackBuilder (tokens, DALI
+decode, collate) -> a background thread keeps up to `prefetch_depth` finished micro-batches in a
+bounded queue (the loader holds at most prefetch_depth + 1). The state is that of the last
+batch handed out, so prefetching never changes what a restored loader yields. Built by
+megatron_navil.data.loader (the public entry point, API described there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from typing import Iterator, Optional
+
+from megatron_navil.batch import NaViLBatch
+from megatron_navil.data.builder import PackBuilder
+from megatron_navil.data.index import DataError
+from megatron_navil.data.planner import EpochPlan, GlobalCosts, PlanParams, epoch_order
+from megatron_navil.data.state import COUNTER_NAMES, LoaderState, LoaderStateError
+from megatron_navil.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How epochs are ordered and dealt (everything but the data itself)."""
+
+    sizes: tuple[int, ...]
+    weights: tuple[float, ...]
+    samples_per_epoch: Optional[int]
+    seed: int
+    shuffle: bool
+    dp_rank: int
+    dp_size: int
+    micro_batches_per_step: int
+
+
+class _Stop(Exception):
+    pass
+
+
+class NaViLDataLoader:
+    """Iterator of NaViLBatch; see the module docstring for the API."""
+
+    def __init__(self, builder: PackBuilder, costs: GlobalCosts, params: PlanParams,
+                 schedule: Schedule, prefetch_depth: int, fingerprint: str,
+                 restart_on_iter: bool = False):
+        if not 0 <= schedule.dp_rank < schedule.dp_size:
+            raise ValueError(f"dp_rank {schedule.dp_rank} outside 0..{schedule.dp_size - 1}")
+        self.builder, self.costs, self.params, self.schedule = builder, costs, params, schedule
+        self.prefetch_depth, self.restart_on_iter = prefetch_depth, restart_on_iter
+        self._state = LoaderState(dp_size=schedule.dp_size, fingerprint=fingerprint)
+        self._initial = self._state.to_dict()
+        self._gen: Optional[Iterator] = None
+        self._thread: Optional[threading.Thread] = None
+        self._queue: Optional[queue.Queue] = None
+        self._stop = threading.Event()
+
+    # ------------------------------------------------------------------ public API
+    def __iter__(self) -> "NaViLDataLoader":
+        if self.restart_on_iter:
+            self.load_state_dict(self._initial)
+        return self
+
+    def __next__(self) -> NaViLBatch:
+        if self.prefetch_depth == 0:
+            if self._gen is None:
+                self._gen = self._produce(self._state)
+            try:
+                state, batch = next(self._gen)
+            except BaseException:
+                self._gen = None  # like the thread path: a retry restarts from the state
+                raise
+        else:
+            if self._thread is None:
+                self._start_thread()
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._join()
+                raise item
+            state, batch = item
+        for k in COUNTER_NAMES:
+            state.counters[k] = self._state.counters[k] + (1 if k == "batches"
+                                                           else batch.metadata.get(k, 0))
+        self._state = state
+        return batch
+
+    @property
+    def counters(self) -> dict:
+        """Rank-local totals over the batches handed out (restored with the state)."""
+        return dict(self._state.counters)
+
+    def state_dict(self) -> dict:
+        return self._state.to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        s = LoaderState.from_dict(state)
+        if s.fingerprint != self._state.fingerprint:
+            raise LoaderStateError(
+                f"the saved data loader state belongs to other data or plan settings "
+                f"(fingerprint {s.fingerprint}, this loader {self._state.fingerprint}): the "
+                "datasets, weights, seq_length, seed, multiscale, image cap, overlong policy or "
+                "planner settings changed. Restore the original data config, or start the "
+                "loader fresh (do not load its state)")
+        if s.dp_size != self.schedule.dp_size:
+            log.warning("data loader state saved at dp_size %d, restoring at %d: dealing "
+                        "resumes at global pack %d of epoch %d", s.dp_size, self.schedule.dp_size,
+                        s.start + s.position * s.dp_size, s.epoch)
+        self._shutdown()
+        self._state = s.remapped(self.schedule.dp_size)
+
+    def close(self) -> None:
+        self._shutdown()
+        self.builder.decoder.close()
+        self.builder.data.close()
+
+    def __del__(self):  # best effort: never leave a producer thread behind
+        try:
+            self._shutdown()
+        except Exception:
+            pass
+
+    # ------------------------------------------------------------------ production
+    def _produce(self, state: LoaderState) -> Iterator[tuple[LoaderState, NaViLBatch]]:
+        """(state after the batch, batch) from `state` on; pure function of its input."""
+        sch = self.schedule
+        epoch, start, k = state.epoch, state.start, state.position
+        hint = (state.chunk, state.chunk_first_pack)
+        unit = sch.dp_size * sch.micro_batches_per_step
+        while True:
+            order = epoch_order(sch.sizes, sch.weights, sch.samples_per_epoch, sch.seed, epoch,
+                                sch.shuffle)
+            plan = EpochPlan(order, self.costs, self.params, start, unit, *hint)
+            while True:
+                g = start + k * sch.dp_size + sch.dp_rank
+                got = plan.get(g)
+                if got is None:
+                    break
+                pack, chunk, first = got
+                batch = self.builder.build(pack)
+                batch.metadata.update(epoch=epoch, position=k, global_pack=g)
+                k += 1
+                yield LoaderState(epoch, k, start, sch.dp_size, chunk, first,
+                                  state.fingerprint, {}), batch
+            if k == 0 and start == 0:
+                raise DataError(
+                    f"epoch {epoch} gives no micro-batch: {plan.known} packs for "
+                    f"dp_size {sch.dp_size} x micro_batches_per_step "
+                    f"{sch.micro_batches_per_step}; use more data or a smaller seq_length")
+            epoch, start, k, hint = epoch + 1, 0, 0, (0, 0)
+
+    def _start_thread(self) -> None:
+        self._stop.clear()
+        self._queue = queue.Queue(maxsize=self.prefetch_depth)
+        q, stop, gen = self._queue, self._stop, self._produce(self._state)
+
+        def put(item) -> None:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+            raise _Stop
+
+        def run() -> None:
+            try:
+                for item in gen:
+                    if stop.is_set():
+                        return
+                    put(item)
+            except _Stop:
+                return
+            except BaseException as e:  # hand the error to the trainer's thread
+                try:
+                    put(e)
+                except _Stop:
+                    pass
+
+        self._thread = threading.Thread(target=run, name="navil-data-prefetch", daemon=True)
+        self._thread.start()
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self._thread, self._queue = None, None
+
+    def _shutdown(self) -> None:
+        self._join()
+        self._gen = None

@@ -1,0 +1,68 @@
+"""Loader state: (epoch, position) plus what makes a restore exact and fast.
+
+`position` counts the micro-batches this rank has handed to the trainer in `epoch` (not what
+the prefetcher has built). DP rank r's k-th micro-batch of an epoch is global pack
+`start + k * dp_size + r`, so (epoch, start, position) fixes the next batch on every rank; the
+state is the same on all DP ranks except `counters` (rank-local metrics) and the planner hint.
+Restoring with another dp_size remaps deterministically: the new world resumes dealing at the
+first global pack the old world had not reached (start' = start + position * dp_size_old,
+position' = 0), so no pack is repeated or lost. `fingerprint` identifies the data and every
+setting that shapes the plan; a state from other data/settings is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+STATE_VERSION = 1
+
+COUNTER_NAMES = ("batches", "samples", "tokens", "loss_tokens", "padding_tokens", "images",
+                 "skipped_images", "corrupt_samples", "truncated_samples", "skipped_samples")
+"""Counters the loader accumulates over the batches it hands out (rank-local)."""
+
+
+class LoaderStateError(ValueError):
+    """A loader state that cannot be restored; the message says why and what to do."""
+
+
+@dataclass
+class LoaderState:
+    epoch: int = 0
+    """Epoch of the next micro-batch."""
+    position: int = 0
+    """Micro-batches handed out in `epoch` since `start` (per rank)."""
+    start: int = 0
+    """Global pack index where this epoch's dealing began (0 unless restored at another dp_size)."""
+    dp_size: int = 1
+    """Data-parallel size the positions refer to."""
+    chunk: int = 0
+    """Planner hint: chunk holding the last handed pack (a restore re-plans from there)."""
+    chunk_first_pack: int = 0
+    """Global index of that chunk's first pack."""
+    fingerprint: str = ""
+    """Identity of the data and plan settings."""
+    counters: dict = field(default_factory=lambda: {k: 0 for k in COUNTER_NAMES})
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["version"] = STATE_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoaderState":
+        if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
+            raise LoaderStateError(f"not a data loader state of version {STATE_VERSION}: "
+                                   f"{str(d)[:120]}")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        counters = {k: 0 for k in COUNTER_NAMES}
+        counters.update(d.get("counters", {}))
+        return cls(**{k: v for k, v in d.items() if k in fields and k != "counters"},
+                   counters=counters)
+
+    def remapped(self, dp_size: int) -> "LoaderState":
+        """This state for a world of `dp_size` data-parallel ranks (see the module docstring)."""
+        if dp_size == self.dp_size:
+            return dataclasses.replace(self, counters=dict(self.counters))
+        return dataclasses.replace(self, start=self.start + self.position * self.dp_size,
+                                   position=0, dp_size=dp_size, counters=dict(self.counters))

@@ -1,0 +1,130 @@
+"""The pack planner on synthetic costs (no files): budgets, completeness, blending, dealing.
+
+Proves: packs never exceed seq_length tokens or the image cap and never split a sample; over an
+epoch every sample is packed exactly once or skipped for a reason an independent rule predicts
+(too many images, an image longer than the budget, over-long under `skip`); truncated samples
+get packs of their own; blend quotas are exact; the order is a function of (seed, epoch) only;
+DP ranks get disjoint packs in equal numbers (a multiple of micro-batches per step) whose union
+is every pack but a tail shorter than one unit; a plan restarted from a chunk hint yields the
+same packs. All comparisons are exact (integers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from megatron_navil.data.planner import (
+    SKIP_IMAGE_TOO_LONG, SKIP_OVERLONG, SKIP_TOO_MANY_IMAGES, EpochPlan, GlobalCosts, PlanParams,
+    epoch_order, pack_chunk,
+)
+
+SEQ, CAP = 512, 6
+
+
+def _costs(n: int, seed: int = 0) -> GlobalCosts:
+    rng = np.random.default_rng(seed)
+    length = rng.integers(5, 300, n)
+    length[rng.random(n) < 0.03] = rng.integers(SEQ + 1, 3 * SEQ, 1)  # some over-long
+    length[rng.random(n) < 0.02] = SEQ  # some exactly full
+    num_images = rng.integers(0, 4, n)
+    num_images[rng.random(n) < 0.01] = CAP + 1
+    max_img = np.where(num_images > 0, rng.integers(10, 120, n), 0)
+    max_img[rng.random(n) < 0.01] = SEQ + 5  # one image larger than the whole budget
+    return GlobalCosts(length.astype(np.int64), num_images.astype(np.int64), max_img)
+
+
+def _expected_reason(c: GlobalCosts, sid: int, policy: str):
+    if c.num_images[sid] > CAP:
+        return SKIP_TOO_MANY_IMAGES
+    if c.max_image_tokens[sid] > SEQ:
+        return SKIP_IMAGE_TOO_LONG
+    if c.length[sid] > SEQ and policy == "skip":
+        return SKIP_OVERLONG
+    return None
+
+
+@pytest.mark.parametrize("policy", ["truncate", "skip"])
+def test_packs_respect_budget_and_lose_no_sample(policy):
+    n = 3000
+    c = _costs(n)
+    p = PlanParams(SEQ, CAP, window=4, chunk=700, overlong_policy=policy)
+    order = epoch_order([n], (), None, seed=3, epoch=0, shuffle=True)
+    packs = [pk for i in range(0, n, p.chunk) for pk in pack_chunk(order[i:i + p.chunk], c, p)]
+    seen, skipped = [], {}
+    for pk in packs:
+        assert 0 < pk.tokens <= SEQ
+        assert sum(int(c.num_images[s]) for s in pk.samples) <= CAP
+        if pk.truncated:
+            assert pk.samples == pk.truncated and pk.tokens == SEQ  # alone in its pack
+            assert c.length[pk.samples[0]] > SEQ
+        else:
+            assert pk.tokens == sum(int(c.length[s]) for s in pk.samples)
+        seen += pk.samples
+        skipped.update(dict(pk.skipped))
+    assert len(seen) == len(set(seen))
+    assert sorted(seen + list(skipped)) == list(range(n))
+    for sid in range(n):
+        assert skipped.get(sid) == _expected_reason(c, sid, policy), sid
+    assert len(skipped) > 0 and (policy == "skip" or any(pk.truncated for pk in packs))
+    # best fit keeps padding low on this length mix (a guard against a packing regression)
+    fill = sum(pk.tokens for pk in packs) / (len(packs) * SEQ)
+    assert fill > 0.9, fill
+
+
+def test_blend_quotas_and_determinism():
+    sizes, weights = [100, 1000], (3.0, 1.0)
+    order = epoch_order(sizes, weights, 400, seed=7, epoch=2, shuffle=True)
+    assert len(order) == 400
+    d0 = order[order < 100]
+    assert len(d0) == 300 and np.bincount(d0, minlength=100).tolist() == [3] * 100
+    d1 = order[order >= 100]
+    assert len(d1) == 100 and len(set(d1.tolist())) == 100  # a subset, no repeats
+    again = epoch_order(sizes, weights, 400, seed=7, epoch=2, shuffle=True)
+    assert np.array_equal(order, again)
+    other = epoch_order(sizes, weights, 400, seed=7, epoch=3, shuffle=True)
+    assert not np.array_equal(order, other)
+    assert set(other[other >= 100].tolist()) != set(d1.tolist())  # a new subset each epoch
+    # natural proportions: every sample exactly once; no shuffle: file order
+    assert sorted(epoch_order(sizes, (), None, 1, 0, True).tolist()) == list(range(1100))
+    assert epoch_order([3, 2], (), None, 1, 0, False).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("dp_size,mbps", [(1, 1), (3, 2), (4, 1)])
+def test_dp_ranks_disjoint_equal_and_complete(dp_size, mbps):
+    n = 2000
+    c = _costs(n, seed=1)
+    p = PlanParams(SEQ, CAP, window=8, chunk=300, overlong_policy="truncate")
+    order = epoch_order([n], (), None, seed=5, epoch=1, shuffle=True)
+    total = EpochPlan(order, c, p, 0, 1).total_packs()
+    unit = dp_size * mbps
+    per_rank = []
+    for r in range(dp_size):
+        plan, got, k = EpochPlan(order, c, p, 0, unit), [], 0
+        while (item := plan.get(k * dp_size + r)) is not None:
+            got.append(k * dp_size + r)
+            k += 1
+        per_rank.append(got)
+    counts = {len(g) for g in per_rank}
+    assert len(counts) == 1 and counts.pop() % mbps == 0
+    union = sorted(g for got in per_rank for g in got)
+    assert union == list(range(len(union)))  # disjoint and gap-free
+    assert total - unit < len(union) <= total
+
+
+def test_plan_from_chunk_hint_equals_fresh_plan():
+    n = 1500
+    c = _costs(n, seed=2)
+    p = PlanParams(SEQ, CAP, window=8, chunk=200, overlong_policy="truncate")
+    order = epoch_order([n], (), None, seed=9, epoch=0, shuffle=True)
+    fresh = EpochPlan(order, c, p, 0, 2)
+    packs = []
+    g = 0
+    while (item := fresh.get(g)) is not None:
+        packs.append(item)
+        g += 1
+    pack, chunk, first = packs[len(packs) // 2]
+    resumed = EpochPlan(order, c, p, 0, 2, chunk, first)
+    for g in range(len(packs) // 2, len(packs)):
+        assert resumed.get(g) == packs[g]
+    assert resumed.get(len(packs)) is None
