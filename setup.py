@@ -45,6 +45,7 @@ setup(
         "console_scripts": [
             "navil-demo=megatron_navil.cli.demo:main",
             "navil-pretrain=megatron_navil.cli.pretrain:main",
+            "navil-caption=megatron_navil.cli.caption:main",
             "navil-make-captions=data_tools.synthetic_captions:main",
             "navil-preprocess=data_tools.preprocess:main",
             "navil-tokenizer=data_tools.tokenizer_cli:main",

@@ -67,4 +67,5 @@ def synthetic_batch(cfg: NaViLModelConfig, seq_length: int, generator: torch.Gen
         tokens=t, labels=labels, loss_mask=loss_mask, position_ids=torch.tensor(positions),
         cu_seqlens=torch.tensor([0] + seqlens).cumsum(0).to(torch.int32),
         pixel_values=pixel_values, grid_thw=grid_thw if grids else None,
+        metadata={"samples": len(samples), "tokens": len(tokens) - pad},
     )

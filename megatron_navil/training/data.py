@@ -6,11 +6,12 @@ deadlocks otherwise); every pipeline stage of a DP rank reads the same stream.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 
 from megatron_navil.batch import NaViLBatch
+from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.data.synthetic import synthetic_batch
 
@@ -55,8 +56,9 @@ class MockPackLoader:
     def load_state_dict(self, state: dict) -> None:
         self.position = int(state["position"])
 
+    @property
     def counters(self) -> dict:
-        return {}
+        return {"batches": self.position}
 
     def close(self) -> None:
         pass
@@ -77,7 +79,8 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
                                             for p, o in zip(packs[1:], offsets[1:])])
     images = [p for p in packs if p.pixel_values is not None]
     cat = lambda name: torch.cat([getattr(p, name) for p in packs])  # noqa: E731
-    meta = {"padding_samples": sum(int(p.metadata.get("padding_samples", 0)) for p in packs)}
+    meta = {"samples": sum(int(p.metadata.get("samples", 0)) for p in packs),
+            "skipped_images": sum(int(p.metadata.get("skipped_images", 0)) for p in packs)}
     return NaViLBatch(
         tokens=cat("tokens"), labels=cat("labels"), loss_mask=cat("loss_mask"),
         position_ids=cat("position_ids"), cu_seqlens=cu.to(torch.int32),
@@ -87,21 +90,26 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
     )
 
 
-def build_loaders(cfg, model_cfg: NaViLModelConfig, dp_rank: int,
-                  dp_size: int) -> tuple[object, Callable[[], Optional[object]]]:
-    """(train loader, factory of a fresh validation loader or None)."""
+def build_loaders(cfg, model_cfg: NaViLModelConfig, dp_rank: int, dp_size: int,
+                  packs_per_step: int) -> tuple[object, Optional[Callable[[], Iterable]]]:
+    """(train loader, `valid()` returning an iterator over the SAME validation batches at every
+    call, or None without validation data)."""
     t = cfg.training
     if cfg.mock_data:
         train = MockPackLoader(model_cfg, t.seq_length, t.seed, dp_rank, dp_size)
         valid = lambda: MockPackLoader(model_cfg, t.seq_length, t.seed + 1, dp_rank, dp_size)  # noqa: E731
         return train, valid
     from megatron_navil.data.loader import build_train_loader, build_valid_loader
-    from megatron_navil.data.tokenizer import NaViLTokenizer
+    from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError
 
-    tokenizer = NaViLTokenizer.load(cfg.tokenizer)
+    try:
+        tokenizer = NaViLTokenizer.load(cfg.tokenizer)
+    except (TokenizerError, OSError) as e:
+        raise ConfigError(f"--tokenizer-model {cfg.tokenizer}: {e}") from None
     data_cfg = cfg.resolved_data()
-    train = build_train_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
+    train = build_train_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size,
+                               micro_batches_per_step=packs_per_step)
     if not data_cfg.valid_paths:
-        return train, lambda: None
-    return train, lambda: build_valid_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank,
-                                             dp_size=dp_size)
+        return train, None
+    valid = build_valid_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
+    return train, lambda: iter(valid)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Optional
@@ -66,8 +67,9 @@ class Trainer:
         )
         self.optimizer = build_optimizer(self.chunks, cfg.optimizer, cfg.stage, cfg.precision)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.training)
-        self.train_loader, self.make_valid_loader = build_loaders(
-            cfg, self.model_cfg, self.dp_rank, self.dp_size)
+        self.train_loader, self.valid_batches = build_loaders(
+            cfg, self.model_cfg, self.dp_rank, self.dp_size,
+            packs_per_step=self.num_microbatches * cfg.training.micro_batch_size)
         self.step = 0
         self.counters = {"consumed_samples": 0, "consumed_tokens": 0, "skipped_steps": 0}
         self.async_queue = None
@@ -152,11 +154,11 @@ class Trainer:
         seq = self.cfg.training.seq_length * self.cfg.training.micro_batch_size
         reports = forward_backward(self.chunks, batches, seq)
         flops = sum(micro_batch_flops(self.model_cfg, b) for b in batches)
-        samples = sum(max(len(b.cu_seqlens) - 1 - int(b.metadata.get("padding_samples", 0)), 0)
-                      for b in batches)
+        samples = sum(int(b.metadata.get("samples", 0)) for b in batches)
         tokens = sum(b.num_tokens for b in batches)
-        loss_sum, counted, flops_all, samples_all, tokens_all = reduce_step_sums(
-            reports, [flops, samples, tokens])
+        skipped = int(self.train_loader.counters.get("skipped_images", 0))
+        loss_sum, counted, flops_all, samples_all, tokens_all, skipped_all = reduce_step_sums(
+            reports, [flops, samples, tokens, skipped])
         loss = loss_sum / max(counted, 1.0)
 
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
@@ -182,21 +184,17 @@ class Trainer:
             "samples_per_s": samples_all / dt, "tflops_per_gpu": tflops,
             "mfu": tflops / self.peak if self.peak else None, "step_time_s": dt,
             "num_tokens": int(tokens_all), "num_samples": int(samples_all),
-            "skipped_images": int(self.train_loader.counters().get("skipped_images", 0)),
+            "skipped_images": int(skipped_all),
             "skipped_steps": self.counters["skipped_steps"], "mem_gb": memory_gb(),
         }
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        loader = self.make_valid_loader()
-        if loader is None:
+        if self.valid_batches is None:
             return None
         for c in self.chunks:
             c.eval()
-        try:
-            batches = [next(loader) for _ in range(self.cfg.training.eval_iters)]
-        finally:
-            loader.close()
+        batches = list(itertools.islice(self.valid_batches(), self.cfg.training.eval_iters))
         reports = forward_backward(self.chunks, batches, self.cfg.training.seq_length,
                                    forward_only=True)
         for c in self.chunks:
