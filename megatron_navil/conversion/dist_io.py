@@ -19,9 +19,10 @@ Megatron's `metadata.json` and `common.pt` are written as Megatron writes them, 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
-import os
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,6 +50,14 @@ from megatron_navil.conversion.layout import CanonicalLayout, sharded_location
 Producer = Callable[[str], torch.Tensor]
 COMMON_FILE = "common.pt"
 MCORE_CONFIG_FILE = "metadata.json"
+
+
+@contextlib.contextmanager
+def _quiet():
+    """no_dist=True is intended here (no process group needed); DCP warns about it each call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 class _StreamingSavePlanner(DefaultSavePlanner):
@@ -114,7 +123,8 @@ def write_dist_checkpoint(iter_dir: Path, layout: CanonicalLayout, produce: Prod
     iter_dir.mkdir(parents=True, exist_ok=True)
     writer = dcp.FileSystemWriter(str(iter_dir), single_file_per_rank=True, thread_count=1,
                                   sync_files=True)
-    dcp.save({}, storage_writer=writer, planner=_StreamingSavePlanner(items, resolve), no_dist=True)
+    with _quiet():
+        dcp.save({}, storage_writer=writer, planner=_StreamingSavePlanner(items, resolve), no_dist=True)
     cache.clear()
     torch.save({}, iter_dir / COMMON_FILE)  # the model holds no non-sharded state
     save_config(CheckpointingConfig("torch_dist", 1), str(iter_dir))
@@ -212,7 +222,9 @@ class DistCheckpointReader:
             regions[(key, offsets)] = out[name].view((1,) * len(lead) + shape)
             assert len(full) == len(offsets)
         try:
-            dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner(regions), no_dist=True)
+            with _quiet():
+                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner(regions),
+                         no_dist=True)
         except ConversionError:
             raise
         except Exception as e:  # torch.load on a corrupt item, short reads
@@ -220,10 +232,3 @@ class DistCheckpointReader:
                                   f"{type(e).__name__}: {e}") from None
         return out
 
-
-def file_bytes(directory: Path) -> int:
-    return sum(p.stat().st_size for p in directory.iterdir() if p.is_file())
-
-
-def exists_nonempty(path: Path) -> bool:
-    return path.exists() and (not path.is_dir() or any(os.scandir(path)))

@@ -143,6 +143,13 @@ class SafetensorsDir:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        t = self.tensors[name]
+        return t.shape, t.dtype
+
+    def describe(self) -> str:
+        return str(self.dir)
+
     def load(self, name: str) -> torch.Tensor:
         """Read one tensor from disk (a fresh, owned CPU tensor)."""
         info = self.tensors[name]
