@@ -81,8 +81,12 @@ class _AllOnMeta(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_OWNED = {"world": False}
+
+
 def ensure_single_process_world() -> None:
-    """Megatron models need model-parallel groups: set up a 1-process gloo world if none."""
+    """Megatron models need model-parallel groups: set up a 1-process gloo world if none
+    (`release_single_process_world` tears down only a world made here)."""
     from megatron.core import parallel_state
 
     from megatron_navil.config.parallel import ParallelConfig
@@ -105,6 +109,15 @@ def ensure_single_process_world() -> None:
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
     initialize_model_parallel(ParallelConfig(), seed=0)
+    _OWNED["world"] = True
+
+
+def release_single_process_world() -> None:
+    if _OWNED["world"]:
+        from megatron_navil.utils.distributed import destroy
+
+        destroy()
+        _OWNED["world"] = False
 
 
 def canonical_sharded_layout(cfg: NaViLModelConfig, dtype: torch.dtype) -> CanonicalLayout:
