@@ -39,10 +39,11 @@ class TPSplit:
             return
         rows = shape[self.axis] // self.blocks
         if rows % (self.unit * tp):
+            units = rows // self.unit
             raise ConversionError(
-                f"{name}: {rows} rows in units of {self.unit} cannot be split over "
-                f"--tensor-model-parallel-size {tp}; choose a TP size that divides the model's "
-                "heads / query groups / FFN size"
+                f"{name}: {units} units of {self.unit} rows (heads, query groups, FFN or vocab "
+                f"rows) cannot be split over --tensor-model-parallel-size {tp}; use a TP size "
+                f"that divides {units}"
             )
 
     def shard(self, t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
