@@ -175,7 +175,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(a)
     except (ConversionError, CheckpointError, ConfigError, TokenizerError) as e:
-        sys.stderr.write(f"error: {e}\n")
+        # One line, whatever the message: log scrapers and humans both read the first line.
+        sys.stderr.write("error: " + "; ".join(x.strip() for x in str(e).splitlines() if x.strip()) + "\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("interrupted; nothing was written (outputs appear only when complete)\n")

@@ -148,7 +148,10 @@ def verify(checkpoint: Path, hf_dir: Path, inputs_path: Optional[Path] = None, *
         saved = read_metadata(checkpoint)["model"]
         check_model_config(saved, hf_cfg, Path(checkpoint))
     except CheckpointError as e:
-        raise ConversionError(f"config mismatch between {checkpoint} and {hf_dir}/config.json: {e}") from None
+        diffs = "; ".join(line.strip() for line in str(e).splitlines()[1:-1])
+        raise ConversionError(f"config mismatch: {checkpoint} and {hf_dir}/config.json describe "
+                              f"different models ({diffs}); compare a checkpoint with its own "
+                              "conversion") from None
     cfg = NaViLModelConfig.from_dict(saved)
     inputs = read_inputs(inputs_path) if inputs_path else make_inputs(cfg, seq_length, seed)
     cfg, meg, rows = megatron_logits(checkpoint, inputs, dtype)

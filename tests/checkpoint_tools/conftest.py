@@ -57,3 +57,13 @@ def same_files(a: Path, b: Path) -> list[str]:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="module")
+def navil(tmp_path_factory):
+    """A small HF NaViL directory `hf` (one shard) and its Megatron checkpoint `ck`; shared by
+    a module's tests, which must not modify them."""
+    d = tmp_path_factory.mktemp("navil")
+    make_navil_hf(d / "hf", "debug-qwen3", max_shard_bytes=10**9)
+    assert run_cli(["hf-to-navil", "--hf", d / "hf", "--output", d / "ck", "--no-progress"])[0] == 0
+    return d
