@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Callable, Optional
@@ -46,9 +47,11 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.layout import CanonicalLayout, sharded_location
+from megatron_navil.conversion.memory import release_freed_memory
 
 Producer = Callable[[str], torch.Tensor]
 COMMON_FILE = "common.pt"
+TRIM_BYTES = 16 * 1024 * 1024  # give memory back to the OS after parameters at least this big
 MCORE_CONFIG_FILE = "metadata.json"
 
 
@@ -81,7 +84,8 @@ class _StreamingSavePlanner(DefaultSavePlanner):
 def write_dist_checkpoint(iter_dir: Path, layout: CanonicalLayout, produce: Producer,
                           on_bytes: Optional[Callable[[int], None]] = None) -> None:
     """Write one torch_dist checkpoint directory; `produce(name)` returns the canonical tensor
-    of parameter `name` (shape and dtype as in `layout.params`)."""
+    of parameter `name` (shape and dtype as in `layout.params`). The writer takes ownership of
+    what `produce` returns and frees its memory once written: return a fresh tensor."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
     items, slots, objects = [], {}, {}
@@ -102,32 +106,60 @@ def write_dist_checkpoint(iter_dir: Path, layout: CanonicalLayout, produce: Prod
         items.append(WriteItem(index=MetadataIndex(key), type=WriteItemType.BYTE_IO))
 
     cache: dict[str, torch.Tensor] = {}
+    handed_out: list[torch.Tensor] = []
 
     def resolve(item: WriteItem):
+        # The writer (serial loader, see below) has written every tensor handed out before this
+        # call. torch's DCP file writer keeps a reference to each written tensor until its file
+        # is closed (a dict it only needs for its safetensors format), which would pin one slice
+        # per key plus the embeddings; we own those tensors, so we free their memory here.
+        for t in handed_out:
+            _free(t)
+        handed_out.clear()
         if item.type == WriteItemType.BYTE_IO:
             return objects[item.index.fqn]
         view, sizes = slots[(item.index.fqn, item.index.offset)]
         if view.param not in cache:
-            cache.clear()  # one canonical parameter alive at a time
+            if cache:
+                (old,) = cache.values()
+                cache.clear()  # one canonical parameter alive at a time
+                _free(old)
+                if old.nbytes >= TRIM_BYTES:
+                    release_freed_memory()
             shape, dtype = layout.params[view.param]
             t = produce(view.param)
             if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ConversionError(f"{view.param}: produced {t.dtype} {list(t.shape)}, the model "
                                       f"needs {dtype} {list(shape)}")
             cache[view.param] = t.contiguous()
-        out = cache[view.param].as_strided(view.size, view.stride, view.offset).reshape(sizes)
+        full = cache[view.param]
+        if math.prod(view.size) == full.numel():  # the whole parameter: no copy
+            out = full.view(sizes)
+        else:  # part of it (the gate or up half of a SwiGLU weight)
+            out = full.as_strided(view.size, view.stride, view.offset).reshape(sizes).clone()
+            handed_out.append(out)
         if on_bytes is not None:
             on_bytes(out.numel() * out.element_size())
         return out
 
     iter_dir.mkdir(parents=True, exist_ok=True)
+    # One thread and no copy-ahead: the serial loader asks for item i+1 only after writing item
+    # i, which is what lets `resolve` free written tensors (and keeps one parameter alive).
     writer = dcp.FileSystemWriter(str(iter_dir), single_file_per_rank=True, thread_count=1,
-                                  sync_files=True)
+                                  sync_files=True, per_thread_copy_ahead=0)
     with _quiet():
         dcp.save({}, storage_writer=writer, planner=_StreamingSavePlanner(items, resolve), no_dist=True)
     cache.clear()
     torch.save({}, iter_dir / COMMON_FILE)  # the model holds no non-sharded state
     save_config(CheckpointingConfig("torch_dist", 1), str(iter_dir))
+
+
+def _free(t: torch.Tensor) -> None:
+    """Release a tensor's memory even while others still reference the tensor object."""
+    try:
+        t.untyped_storage().resize_(0)
+    except RuntimeError:  # storage shared with numpy / external memory: freed when unreferenced
+        pass
 
 
 class _RegionLoadPlanner(DefaultLoadPlanner):

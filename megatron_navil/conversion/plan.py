@@ -7,7 +7,8 @@
   key is an error naming it) with the right shapes.
 - `check_layout(cfg, parallel)`: a requested TP/PP/EP layout can hold the model.
 A source is anything with `names()`, `info(name) -> (shape, dtype)`, `load(name)` and
-`describe()` (a safetensors directory, or llm-to-navil's virtual source).
+`describe()` (a safetensors directory, or llm-to-navil's virtual source); `load` returns a
+fresh tensor the caller owns (the checkpoint writer frees it once written).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ streamed into it in plan order: nothing is buffered beyond the tensor being writ
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -154,9 +155,13 @@ class SafetensorsDir:
         """Read one tensor from disk (a fresh, owned CPU tensor)."""
         info = self.tensors[name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        # Read straight into the tensor's memory. Not via .numpy(): that marks the storage as
+        # shared with numpy (not resizable), and the checkpoint writer frees written tensors by
+        # resizing their storage.
+        target = (ctypes.c_char * info.nbytes).from_address(buf.data_ptr()) if info.nbytes else bytearray()
         with open(info.file, "rb") as f:
             f.seek(info.start)
-            got = f.readinto(memoryview(buf.numpy()))
+            got = f.readinto(memoryview(target).cast("B"))
         if got != info.nbytes:
             raise ConversionError(f"{info.file} is truncated: tensor {name!r} needs {info.nbytes} "
                                   f"bytes at offset {info.start}, read {got}")

@@ -22,7 +22,9 @@ import torch
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.hf_config import to_hf_config
+from megatron_navil.conversion.dist_io import TRIM_BYTES
 from megatron_navil.conversion.layout import sharded_location
+from megatron_navil.conversion.memory import release_freed_memory
 from megatron_navil.conversion.outputs import check_free, staged, write_json
 from megatron_navil.conversion.plan import hf_shapes, megatron_shapes, pairs
 from megatron_navil.conversion.progress import ByteProgress
@@ -138,8 +140,12 @@ def export_hf(weights: Weights, out_dir: Union[str, Path],
         bar = ByteProgress(f"writing {out_dir.name}", writer.total_bytes, enabled=progress)
         try:
             for p in plan_pairs:
+                nbytes = 0
                 for name, t in zip(p.hf, p.transform.to_hf(load(p.megatron))):
-                    bar.update(writer.write(name, t.to(out_dtype(p))))
+                    nbytes += writer.write(name, t.to(out_dtype(p)))
+                bar.update(nbytes)
+                if nbytes >= TRIM_BYTES:
+                    release_freed_memory()
             writer.close()
         except BaseException:
             writer.abort()

@@ -41,7 +41,7 @@ def _write(root, cfg, weights, dtype=torch.float32, calls=None):
     def produce(name):
         if calls is not None:
             calls.append(name)
-        return weights[name].to(dtype)
+        return weights[name].to(dtype, copy=True)  # the writer owns (and frees) what it gets
 
     write_dist_checkpoint(it, canonical_sharded_layout(cfg, dtype), produce)
     (it / checkpoint.METADATA).write_text(json.dumps({"format_version": 1, "step": 0, "model": cfg.to_dict()}))
