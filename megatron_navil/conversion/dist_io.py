@@ -51,7 +51,7 @@ from megatron_navil.conversion.memory import release_freed_memory
 
 Producer = Callable[[str], torch.Tensor]
 COMMON_FILE = "common.pt"
-TRIM_BYTES = 16 * 1024 * 1024  # give memory back to the OS after parameters at least this big
+TRIM_BYTES = 1024 * 1024  # give memory back to the OS after parameters at least this big
 MCORE_CONFIG_FILE = "metadata.json"
 
 
