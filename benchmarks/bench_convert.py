@@ -128,6 +128,9 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="default: a temp dir under /tmp")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks/bench_convert_results.json")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the file-copy baseline")
+    ap.add_argument("--drop-inputs", action="store_true",
+                    help="delete each step's input once converted (9B flavor: fits the disk)")
     a = ap.parse_args()
 
     import torch
@@ -143,19 +146,20 @@ def main() -> None:
         nbytes = generate(cfg, work / "hf", getattr(torch, a.dtype))
         gen_s = time.perf_counter() - t
         rows = []
-        for name, argv, src in (
-            ("baseline: copy files (read+write+fsync)", ["copy", work / "hf", work / "copy"], work / "hf"),
-            ("hf-to-navil", ["hf-to-navil", "--hf", work / "hf", "--output", work / "ck"], work / "hf"),
-            ("navil-to-hf", ["navil-to-hf", "--load", work / "ck", "--output", work / "hf2"], work / "ck"),
-        ):
+        steps = [("baseline: copy files (read+write+fsync)", ["copy", work / "hf", work / "copy"], work / "hf"),
+                 ("hf-to-navil", ["hf-to-navil", "--hf", work / "hf", "--output", work / "ck"], work / "hf"),
+                 ("navil-to-hf", ["navil-to-hf", "--load", work / "ck", "--output", work / "hf2"], work / "ck")]
+        for name, argv, src in steps[1:] if a.no_baseline else steps:
             r = measure(argv, src)
             rows.append({"step": name, "gb": nbytes / 1e9, "seconds": r["seconds"], "wall_s": r["wall_s"],
                          "gb_per_s": nbytes / 1e9 / r["wall_s"], "max_rss_gb": r["max_rss_gb"]})
             if name.startswith("baseline"):
                 shutil.rmtree(work / "copy")
-        base = rows[0]["gb_per_s"]
+            elif a.drop_inputs:
+                shutil.rmtree(src)
+        base = None if a.no_baseline else rows[0]["gb_per_s"]
         for r in rows:
-            r["vs_baseline"] = r["gb_per_s"] / base
+            r["vs_baseline"] = r["gb_per_s"] / base if base else None
         sizes = [math.prod(s) for s in hf_shapes(cfg).values()]
         params, largest = sum(sizes), max(sizes)
         result = {
@@ -164,15 +168,15 @@ def main() -> None:
             "generate_s": gen_s, "cpus": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__,
             "rows": rows,
-            "command": f"PYTHONPATH=. python benchmarks/bench_convert.py --flavor {a.flavor} --dtype {a.dtype}",
+            "command": "PYTHONPATH=. python " + " ".join(sys.argv),
         }
         a.results.write_text(json.dumps(result, indent=1) + "\n")
         print(f"{a.flavor} ({params / 1e9:.2f}B params, {nbytes / 1e9:.2f} GB {a.dtype}); "
               f"largest tensor {result['largest_tensor_gb']:.2f} GB")
         print(f"{'step':42s} {'wall s':>8s} {'GB/s':>7s} {'x copy':>7s} {'peak RSS GB':>12s}")
         for r in rows:
-            print(f"{r['step']:42s} {r['wall_s']:8.1f} {r['gb_per_s']:7.3f} {r['vs_baseline']:7.2f} "
-                  f"{r['max_rss_gb']:12.2f}")
+            ratio = f"{r['vs_baseline']:7.2f}" if r["vs_baseline"] else "      -"
+            print(f"{r['step']:42s} {r['wall_s']:8.1f} {r['gb_per_s']:7.3f} {ratio} {r['max_rss_gb']:12.2f}")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -30,7 +30,11 @@ from megatron_navil.conversion.plan import hf_shapes, megatron_shapes, pairs
 from megatron_navil.conversion.progress import ByteProgress
 from megatron_navil.conversion.safetensors_io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
 from megatron_navil.conversion.to_megatron import TOKENIZER_DIR, ConversionReport
-from megatron_navil.conversion.tokenizer_files import has_tokenizer, write_tokenizer_files
+from megatron_navil.conversion.tokenizer_files import (
+    check_tokenizer,
+    has_tokenizer,
+    write_tokenizer_files,
+)
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -128,8 +132,10 @@ def export_hf(weights: Weights, out_dir: Union[str, Path],
             weights = _unsharded_state_dict(weights)
         load, dtype_of = _from_state_dict(weights, cfg)
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else default_tok
-    if tokenizer_dir is not None and not has_tokenizer(tok):
-        raise ConversionError(f"--tokenizer {tok} holds no tokenizer files")
+    if tok is not None and (tokenizer_dir is not None or has_tokenizer(tok)):
+        check_tokenizer(tok, cfg.llm.first_special_token_id)  # fail before writing, not after
+    else:
+        tok = None
 
     shapes = hf_shapes(cfg)
     plan_pairs = pairs(cfg)
@@ -153,7 +159,7 @@ def export_hf(weights: Weights, out_dir: Union[str, Path],
         bar.close()
         dtype_name = str(plan[0][1]).replace("torch.", "")
         write_json(tmp / "config.json", to_hf_config(cfg, dtype_name))
-        if tok is not None and has_tokenizer(tok):
+        if tok is not None:
             write_tokenizer_files(tok, tmp, cfg.llm.first_special_token_id)
     seconds = time.perf_counter() - start
     log.info("exported %s: %d tensors, %.2f GB in %.1f s", out_dir, len(plan), writer.total_bytes / 1e9,

@@ -30,7 +30,11 @@ from megatron_navil.conversion.layout import canonical_sharded_layout
 from megatron_navil.conversion.outputs import check_free, staged, write_json
 from megatron_navil.conversion.plan import Source, check_layout, check_source, pairs
 from megatron_navil.conversion.progress import ByteProgress
-from megatron_navil.conversion.tokenizer_files import has_tokenizer, write_tokenizer_files
+from megatron_navil.conversion.tokenizer_files import (
+    check_tokenizer,
+    has_tokenizer,
+    write_tokenizer_files,
+)
 from megatron_navil.training.checkpoint import FORMAT_VERSION, LATEST, METADATA, iteration_dir
 from megatron_navil.utils.logging import get_logger
 
@@ -67,6 +71,8 @@ def write_megatron_checkpoint(source: Source, cfg: NaViLModelConfig, root: Path,
     check_layout(cfg, parallel)
     if tokenizer_dir is not None and not has_tokenizer(tokenizer_dir):
         tokenizer_dir = None
+    if tokenizer_dir is not None:
+        check_tokenizer(tokenizer_dir, cfg.llm.first_special_token_id)
     layout = canonical_sharded_layout(cfg, dtype)
     by_name = {p.megatron: p for p in pairs(cfg)}
     drift = sorted(set(layout.params) ^ set(by_name))

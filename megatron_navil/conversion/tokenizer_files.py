@@ -72,16 +72,23 @@ def has_tokenizer(directory: Path) -> bool:
     return any((Path(directory) / n).exists() for n in ("tokenizer.model", "tokenizer.json", "vocab.json"))
 
 
-def write_tokenizer_files(src: Path, out: Path, first_id: int) -> list[str]:
-    """Copy `src`'s tokenizer files into `out` and register the special tokens; returns the
-    names of the files written."""
-    src, out = Path(src), Path(out)
+def check_tokenizer(src: Path, first_id: int) -> None:
+    """The tokenizer files in `src` can carry the model's special tokens (checked before any
+    conversion starts, so a mismatch fails fast)."""
+    src = Path(src)
     if not has_tokenizer(src):
         raise ConversionError(f"{src} holds no tokenizer (tokenizer.model, tokenizer.json or vocab.json)")
     existing = first_special_token_id(src)
     if existing is not None and existing != first_id:
         raise ConversionError(f"the tokenizer in {src} places </box> at id {existing}, the model at "
                               f"{first_id} (llm.first_special_token_id); use the model's tokenizer")
+
+
+def write_tokenizer_files(src: Path, out: Path, first_id: int) -> list[str]:
+    """Copy `src`'s tokenizer files into `out` and register the special tokens; returns the
+    names of the files written."""
+    src, out = Path(src), Path(out)
+    check_tokenizer(src, first_id)
     written = []
     for name in COPIED:
         if (src / name).exists():

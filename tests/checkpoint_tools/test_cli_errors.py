@@ -4,8 +4,9 @@ traceback, and leaves no output (nor a temporary directory) behind.
 Covered: missing paths (all three inputs), a truncated safetensors shard, an unmapped extra key,
 a missing key, a wrong shape, a config.json that disagrees with the weights, a plain LLM given to
 hf-to-navil, a flavor of the wrong backbone, an existing output, a TP size the model cannot
-split, a truncated .distcp shard, a checkpoint whose metadata disagrees with its tensors, and
-verify on a mismatched pair. One case runs as a real process to prove there is no traceback
+split, a truncated .distcp shard, a checkpoint whose metadata disagrees with its tensors, a
+tokenizer that places the special tokens elsewhere (or is missing), and verify on a mismatched
+pair. One case runs as a real process to prove there is no traceback
 and the status reaches the shell.
 """
 
@@ -124,6 +125,17 @@ def test_damaged_or_mismatched_checkpoint(cli, navil, tmp_path):
             output=tmp_path / "o")
     _expect(cli, ["verify", "--load", ck, "--hf", navil / "hf"], "config mismatch",
             "llm.ffn_hidden_size: checkpoint 96 vs config 128")
+
+
+def test_tokenizer_that_disagrees(cli, navil, tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0}},
+                                                    "added_tokens": [{"id": 7, "content": "</box>"}]}))
+    _expect(cli, ["navil-to-hf", "--load", navil / "ck", "--output", tmp_path / "o", "--tokenizer", tok],
+            "places </box> at id 7", output=tmp_path / "o")
+    _expect(cli, ["navil-to-hf", "--load", navil / "ck", "--output", tmp_path / "o", "--tokenizer",
+                  tmp_path / "empty"], "holds no tokenizer", output=tmp_path / "o")
 
 
 def test_real_process_exit_status(tmp_path):
