@@ -66,7 +66,6 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path, cli):
     # from the tokenizer files.
     config = json.loads((tmp_path / "hf/config.json").read_text())
     del config["megatron_navil"]
-    config["vision_config"]["window_size"] = 0
     (tmp_path / "hf/config.json").write_text(json.dumps(config))
     assert cli(["hf-to-navil", "--hf", tmp_path / "hf", "--output", tmp_path / "ck2", "--no-progress"])[0] == 0
     assert read_metadata(tmp_path / "ck2")["model"]["llm"]["first_special_token_id"] == 224
