@@ -50,6 +50,7 @@ setup(
             "navil-preprocess=data_tools.preprocess:main",
             "navil-tokenizer=data_tools.tokenizer_cli:main",
             "navil-inspect=data_tools.inspector:main",
+            "navil-convert=checkpoint_tools.cli:main",
         ]
     },
 )

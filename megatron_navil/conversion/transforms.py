@@ -1,16 +1,60 @@
-"""Named tensor transforms between the HF release layout and Megatron's canonical layout.
+"""Named tensor transforms between the HF release layout and Megatron's canonical layout, and
+the tensor-parallel split each Megatron parameter gets.
 
-Megatron's canonical layout is the TP=1/PP=1/EP=1 local-backend state dict; dist_checkpointing
-reshards it to any parallel layout, so a transform never needs to know the TP size. Each
-transform maps a list of HF tensors (in the order the mapping names them) to one Megatron tensor
-and back; `to_hf(to_megatron(x)) == x` exactly (pure reshapes, concatenations, padding).
+Megatron's canonical layout is the TP=1/PP=1/EP=1 local-backend state dict. Each transform maps
+a list of HF tensors (in the order the mapping names them) to one Megatron tensor and back;
+`to_hf(to_megatron(x)) == x` exactly (pure reshapes, concatenations, padding).
+
+`TPSplit` says how a canonical tensor is cut over TP ranks (which axis, in how many
+independently split blocks, in units of how many rows). Checkpoints never need it (the torch_dist
+format stores global tensors and Megatron reshards on load), but it is what decides whether a
+requested layout can hold the model (`check`), and `shard` reproduces exactly the local tensor a
+TP rank holds (tested against real TP=2 models).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from megatron_navil.conversion.errors import ConversionError
+
+
+@dataclass(frozen=True)
+class TPSplit:
+    """How a canonical Megatron tensor is split over TP ranks."""
+
+    axis: Optional[int] = None
+    """Split axis (None: replicated on every TP rank)."""
+    blocks: int = 1
+    """The axis is made of this many blocks, each split separately (SwiGLU fc1 = [gate; up]:
+    rank r holds [gate_r; up_r])."""
+    unit: int = 1
+    """Rows that must stay on one rank (a head, a KV group's [q_1..q_g, k, v] rows)."""
+
+    def check(self, name: str, shape: tuple, tp: int) -> None:
+        if self.axis is None or tp == 1:
+            return
+        rows = shape[self.axis] // self.blocks
+        if rows % (self.unit * tp):
+            units = rows // self.unit
+            raise ConversionError(
+                f"{name}: {units} units of {self.unit} rows (heads, query groups, FFN or vocab "
+                f"rows) cannot be split over --tensor-model-parallel-size {tp}; use a TP size "
+                f"that divides {units}"
+            )
+
+    def shard(self, t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+        """The slice of canonical tensor `t` that TP rank `rank` of `tp` holds."""
+        if self.axis is None or tp == 1:
+            return t
+        parts = [b.chunk(tp, dim=self.axis)[rank] for b in t.chunk(self.blocks, dim=self.axis)]
+        return torch.cat(parts, dim=self.axis)
+
+
+REPLICATED = TPSplit()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""navil-convert: HF <-> Megatron checkpoint conversion, LLM initialisation, verification."""

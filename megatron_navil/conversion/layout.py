@@ -1,0 +1,160 @@
+"""Where canonical Megatron parameters live inside a torch_dist checkpoint.
+
+A Megatron dist checkpoint stores GLOBAL tensors: the parameters of all layers of a block are
+one tensor with a leading layer axis (`...decoder.layers.self_attention.linear_qkv.weight`
+[L, rows, cols]), and the FFN experts one tensor with layer and expert axes
+(`...mlp.experts.experts.linear_fc1.weight` [L, 2, 2F, D]). The key does not depend on
+TP/PP/EP: that is why a checkpoint written at one layout loads at any other.
+
+- `sharded_location(name)`: canonical parameter name (TP=1/PP=1/EP=1 local-backend
+  `state_dict` key, e.g. `language_model.decoder.layers.3.mlp.experts.local_experts.1.
+  linear_fc2.weight`) -> (storage key, leading indices (3, 1)). Used by the reader, which needs
+  no model and no process group (so a trainer can export from rank 0 alone).
+- `canonical_sharded_layout(cfg, dtype)`: the exact ShardedTensor / ShardedObject list that
+  Megatron itself would save for the canonical model, taken from the model's own
+  `sharded_state_dict()` built on the meta device (no memory). Used by the writer, so what we
+  write is by construction what Megatron writes. Needs a 1-process model-parallel world.
+Tests check that the two agree for every model variant and both full-size flavors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.conversion.errors import ConversionError
+
+_LAYER = re.compile(r"^(.*\.layers)\.(\d+)\.(.*)$")
+_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sharded_location(name: str) -> tuple[str, tuple[int, ...]]:
+    """Canonical parameter name -> (torch_dist key, leading indices of its slice)."""
+    m = _LAYER.match(name)
+    if not m:
+        return name, ()
+    block, layer, rest = m.group(1), int(m.group(2)), m.group(3)
+    e = _EXPERT.match(rest)
+    if e:
+        return f"{block}.mlp.experts.experts.{e.group(2)}", (layer, int(e.group(1)))
+    return f"{block}.{rest}", (layer,)
+
+
+@dataclass
+class SlotView:
+    """How one ShardedTensor's data is cut from its canonical parameter (a strided view)."""
+
+    param: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+
+
+@dataclass
+class CanonicalLayout:
+    """What Megatron saves for the canonical model: tensors (with the parameter each is a view
+    of) and objects (`_extra_state` of linear layers, grouped by unique key)."""
+
+    tensors: list  # [ShardedTensor]
+    views: list[SlotView]
+    objects: dict[str, list]  # unique_key -> [ShardedObject]
+    params: dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class _AllOnMeta(TorchFunctionMode):
+    """Every tensor a model constructor makes lands on the meta device, even where Megatron
+    passes an explicit `device=` (GPU initialisation) or calls `.cuda()`."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = "meta"
+        if func in (torch.Tensor.cuda, torch.Tensor.to) and isinstance(args[0], torch.Tensor) \
+                and args[0].device.type == "meta":
+            return args[0]
+        return func(*args, **kwargs)
+
+
+_OWNED = {"world": False}
+
+
+def ensure_single_process_world() -> None:
+    """Megatron models need model-parallel groups: set up a 1-process gloo world if none
+    (`release_single_process_world` tears down only a world made here)."""
+    from megatron.core import parallel_state
+
+    from megatron_navil.config.parallel import ParallelConfig
+    from megatron_navil.utils.distributed import initialize_model_parallel
+
+    if torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() != 1 or not parallel_state.model_parallel_is_initialized() \
+                or parallel_state.get_tensor_model_parallel_world_size() != 1 \
+                or parallel_state.get_pipeline_model_parallel_world_size() != 1 \
+                or parallel_state.get_expert_model_parallel_world_size() != 1:
+            raise ConversionError("writing a Megatron checkpoint from HF weights runs in one process "
+                                  "(navil-convert); it cannot run inside a multi-process job")
+        return
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        os.environ.setdefault(k, v)
+    initialize_model_parallel(ParallelConfig(), seed=0)
+    _OWNED["world"] = True
+
+
+def release_single_process_world() -> None:
+    if _OWNED["world"]:
+        from megatron_navil.utils.distributed import destroy
+
+        destroy()
+        _OWNED["world"] = False
+
+
+def canonical_sharded_layout(cfg: NaViLModelConfig, dtype: torch.dtype) -> CanonicalLayout:
+    """The canonical model's sharded state dict, from a meta-device model (no memory used)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedObject,
+        ShardedTensor,
+        apply_factories,
+        is_main_replica,
+    )
+
+    from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
+    from megatron_navil.models.navil import NaViLModel
+
+    ensure_single_process_world()
+    name = {v: k for k, v in DTYPES.items()}[dtype]
+    with torch.device("meta"), _AllOnMeta():
+        model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=name))
+    params = {k: p for k, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)}
+    by_storage = {p.untyped_storage()._cdata: k for k, p in params.items()}
+    sharded = {"model": model.sharded_state_dict()}
+    apply_factories(sharded)
+    tensors, views, objects = [], [], {}
+    for item in nested_values(sharded):
+        if isinstance(item, ShardedTensor):
+            if not is_main_replica(item.replica_id):
+                continue  # Megatron saves one copy of replicated tensors
+            data = item.data
+            views.append(SlotView(by_storage[data.untyped_storage()._cdata], tuple(data.size()),
+                                  tuple(data.stride()), data.storage_offset()))
+            tensors.append(item)
+        elif isinstance(item, ShardedObject):
+            if not is_main_replica(item.replica_id):
+                continue
+            objects.setdefault(item.unique_key, []).append(item)
+        else:
+            raise TypeError(f"unexpected item in the model's sharded state dict: {type(item)}")
+    shapes = {k: (tuple(p.shape), p.dtype) for k, p in params.items() if not k.endswith("_extra_state")}
+    return CanonicalLayout(tensors, views, objects, shapes)
