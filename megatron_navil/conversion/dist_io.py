@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from megatron_navil.conversion.errors import ConversionError
-from megatron_navil.conversion.layout import CanonicalLayout, sharded_location
+from megatron_navil.conversion.layout import CanonicalLayout, stored_parts
 from megatron_navil.conversion.memory import release_freed_memory
 
 Producer = Callable[[str], torch.Tensor]
@@ -226,33 +226,39 @@ class DistCheckpointReader:
                                       "the checkpoint is incomplete")
 
     def tensor_keys(self) -> list[str]:
-        """Stored tensor keys (excludes `_extra_state` byte objects)."""
+        """Stored model tensor keys (no `_extra_state` byte objects, no optimizer state)."""
         return [k for k, md in self.metadata.state_dict_metadata.items()
-                if not isinstance(md, BytesStorageMetadata)]
+                if not isinstance(md, BytesStorageMetadata) and not k.startswith("optimizer.")]
+
+    def parts(self, name: str) -> list[str]:
+        return stored_parts(self.metadata.state_dict_metadata, name)
 
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
         """(shape, dtype) of canonical parameter `name`; ConversionError if not stored."""
-        key, lead = sharded_location(name)
-        md = self.metadata.state_dict_metadata.get(key)
-        if md is None or isinstance(md, BytesStorageMetadata):
-            raise ConversionError(f"{self.dir} has no tensor {key} (needed for {name}); the checkpoint "
-                                  "does not match the model config in its navil_checkpoint.json")
-        size = tuple(md.size)
-        if len(size) < len(lead) or any(i >= n for i, n in zip(lead, size)):
-            raise ConversionError(f"{self.dir}: {key} has shape {list(size)}, too small for {name}")
-        return size[len(lead):], md.properties.dtype
+        shapes, dtype = [], None
+        for key in self.parts(name):
+            md = self.metadata.state_dict_metadata.get(key)
+            if md is None or isinstance(md, BytesStorageMetadata):
+                raise ConversionError(f"{self.dir} has no tensor {key} (needed for {name}); the "
+                                      "checkpoint does not match the model config in its "
+                                      "navil_checkpoint.json")
+            shapes.append(tuple(md.size))
+            dtype = md.properties.dtype
+        if len(shapes) == 1:
+            return shapes[0], dtype
+        return (sum(s[0] for s in shapes),) + shapes[0][1:], dtype
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read the given canonical parameters (one DCP read pass)."""
         regions, out = {}, {}
         for name in names:
             shape, dtype = self.info(name)
-            key, lead = sharded_location(name)
-            full = tuple(self.metadata.state_dict_metadata[key].size)
-            offsets = torch.Size(lead + (0,) * len(shape))
             out[name] = torch.empty(shape, dtype=dtype)
-            regions[(key, offsets)] = out[name].view((1,) * len(lead) + shape)
-            assert len(full) == len(offsets)
+            row = 0
+            for key in self.parts(name):
+                size = tuple(self.metadata.state_dict_metadata[key].size)
+                regions[(key, torch.Size((0,) * len(size)))] = out[name][row:row + size[0]]
+                row += size[0]
         try:
             with _quiet():
                 dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner(regions),

@@ -1,15 +1,13 @@
 """Where canonical Megatron parameters live inside a torch_dist checkpoint.
 
-A Megatron dist checkpoint stores GLOBAL tensors: the parameters of all layers of a block are
-one tensor with a leading layer axis (`...decoder.layers.self_attention.linear_qkv.weight`
-[L, rows, cols]), and the FFN experts one tensor with layer and expert axes
-(`...mlp.experts.experts.linear_fc1.weight` [L, 2, 2F, D]). The key does not depend on
-TP/PP/EP: that is why a checkpoint written at one layout loads at any other.
+A Megatron dist checkpoint stores GLOBAL tensors, so a checkpoint written at one TP/PP/EP layout
+loads at any other. Our checkpoints (megatron_navil.training.checkpoint.SHARDING_METADATA) keep
+one key per parameter, per layer and per expert (`...decoder.layers.3.mlp.experts.experts.1.
+linear_fc2.weight`); gated `linear_fc1` weights are two keys, `_w` (gate) and `_v` (up).
 
-- `sharded_location(name)`: canonical parameter name (TP=1/PP=1/EP=1 local-backend
-  `state_dict` key, e.g. `language_model.decoder.layers.3.mlp.experts.local_experts.1.
-  linear_fc2.weight`) -> (storage key, leading indices (3, 1)). Used by the reader, which needs
-  no model and no process group (so a trainer can export from rank 0 alone).
+- `sharded_location(name)` / `stored_parts(keys, name)`: canonical parameter name
+  (TP=1/PP=1/EP=1 local-backend `state_dict` key) -> its storage key(s). Used by the reader,
+  which needs no model and no process group (so a trainer can export from rank 0 alone).
 - `canonical_sharded_layout(cfg, dtype)`: the exact ShardedTensor / ShardedObject list that
   Megatron itself would save for the canonical model, taken from the model's own
   `sharded_state_dict()` built on the meta device (no memory). Used by the writer, so what we
@@ -29,21 +27,26 @@ from torch.overrides import TorchFunctionMode
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
 
-_LAYER = re.compile(r"^(.*\.layers)\.(\d+)\.(.*)$")
-_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
+_EXPERT_PATH = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def sharded_location(name: str) -> tuple[str, tuple[int, ...]]:
-    """Canonical parameter name -> (torch_dist key, leading indices of its slice)."""
-    m = _LAYER.match(name)
-    if not m:
-        return name, ()
-    block, layer, rest = m.group(1), int(m.group(2)), m.group(3)
-    e = _EXPERT.match(rest)
-    if e:
-        return f"{block}.mlp.experts.experts.{e.group(2)}", (layer, int(e.group(1)))
-    return f"{block}.{rest}", (layer,)
+def sharded_location(name: str) -> str:
+    """Canonical parameter name -> its torch_dist key (megatron_navil.training.checkpoint stores
+    one key per parameter: only the experts' module path differs, `local_experts.{e}` ->
+    `experts.{e}`). A gated `linear_fc1` is stored as two keys, `<key>_w` (gate) and `<key>_v`
+    (up): see `stored_parts`."""
+    return _EXPERT_PATH.sub(r".mlp.experts.experts.\1.", name)
+
+
+def stored_parts(keys, name: str) -> list[str]:
+    """The stored key(s) of canonical parameter `name`, concatenated along dim 0 in this order."""
+    key = sharded_location(name)
+    if key in keys:
+        return [key]
+    if f"{key}_w" in keys and f"{key}_v" in keys:
+        return [f"{key}_w", f"{key}_v"]
+    return [key]  # missing: the caller names it
 
 
 @dataclass
@@ -139,7 +142,9 @@ def canonical_sharded_layout(cfg: NaViLModelConfig, dtype: torch.dtype) -> Canon
         model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=name))
     params = {k: p for k, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)}
     by_storage = {p.untyped_storage()._cdata: k for k, p in params.items()}
-    sharded = {"model": model.sharded_state_dict()}
+    from megatron_navil.training.checkpoint import SHARDING_METADATA
+
+    sharded = {"model": model.sharded_state_dict(metadata=dict(SHARDING_METADATA))}
     apply_factories(sharded)
     tensors, views, objects = [], [], {}
     for item in nested_values(sharded):

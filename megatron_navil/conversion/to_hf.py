@@ -23,7 +23,6 @@ from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.hf_config import to_hf_config
 from megatron_navil.conversion.dist_io import TRIM_BYTES
-from megatron_navil.conversion.layout import sharded_location
 from megatron_navil.conversion.memory import release_freed_memory
 from megatron_navil.conversion.outputs import check_free, staged, write_json
 from megatron_navil.conversion.plan import hf_shapes, megatron_shapes, pairs
@@ -69,26 +68,19 @@ def _from_checkpoint(path: Path, model_cfg: Optional[NaViLModelConfig]):
 
 
 def _check_stored_keys(reader, cfg: NaViLModelConfig) -> None:
-    """Every stored tensor is used, at the model's shapes; else name the key."""
+    """Every stored model tensor is used, at the model's shapes; else name the key."""
     want = megatron_shapes(cfg)
-    leading: dict[str, list[int]] = {}
+    used: set[str] = set()
     for name, shape in want.items():
         got, _ = reader.info(name)
         if tuple(got) != shape:
             raise ConversionError(f"{reader.dir}: {name} is stored as {list(got)}, the model config "
                                   f"in navil_checkpoint.json needs {list(shape)}")
-        key, lead = sharded_location(name)
-        prev = leading.setdefault(key, [0] * len(lead))
-        leading[key] = [max(a, b + 1) for a, b in zip(prev, lead)]
-    extra = sorted(set(reader.tensor_keys()) - set(leading))
+        used.update(reader.parts(name))
+    extra = sorted(set(reader.tensor_keys()) - used)
     if extra:
         raise ConversionError(f"{reader.dir} holds {', '.join(extra[:6])}, which the NaViL registry "
                               "does not map; the checkpoint does not match its model config")
-    for key, counts in leading.items():
-        stored = list(reader.metadata.state_dict_metadata[key].size[: len(counts)])
-        if stored != counts:
-            raise ConversionError(f"{reader.dir}: {key} holds {stored} layers/experts, the model config "
-                                  f"has {counts}; the checkpoint does not match its model config")
 
 
 def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: NaViLModelConfig):

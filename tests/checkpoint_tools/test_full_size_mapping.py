@@ -4,9 +4,9 @@ For each flavor (and the debug variants that switch mapping branches on or off):
 - the registry's HF names and shapes are exactly the reference model's (HF layout) state dict;
 - the registry's Megatron names and transformed shapes are exactly the Megatron model's
   parameters (built on the meta device through the writer's own layout code);
-- `sharded_location` (what the reader uses, no model needed) agrees with the key and offsets
-  Megatron's own `sharded_state_dict()` gives every parameter, and the writer's strided views
-  cover every parameter exactly;
+- `stored_parts` (what the reader uses, no model needed) names exactly the keys Megatron's own
+  `sharded_state_dict()` gives every parameter (gated fc1 as `_w`/`_v` halves), and the
+  writer's strided views cover every parameter exactly;
 - the flavors fit the TP splits they should (2B: TP 1, 2, 4 - its 12-head ViT cannot split 8
   ways; 9B: TP 1-8) and a TP that cannot divide the heads is refused naming the parameter.
 Exact equality throughout: these are names and integer shapes.
@@ -19,7 +19,7 @@ import torch
 
 from megatron_navil.config import ParallelConfig, get_flavor
 from megatron_navil.conversion.errors import ConversionError
-from megatron_navil.conversion.layout import canonical_sharded_layout, sharded_location
+from megatron_navil.conversion.layout import canonical_sharded_layout, stored_parts
 from megatron_navil.conversion.plan import check_layout, hf_shapes, megatron_shapes, pairs
 
 CASES = {
@@ -52,14 +52,19 @@ def test_registry_covers_both_layouts_exactly(case, megatron_single_process):
 
 def test_reader_locations_match_megatron_sharded_state_dict(case, megatron_single_process):
     _, cfg, layout = case
+    keys = {st.key for st in layout.tensors}
     covered: dict[str, int] = {}
     for st, view in zip(layout.tensors, layout.views):
-        key, lead = sharded_location(view.param)
-        assert st.key == key, view.param
-        assert tuple(st.global_offset[: len(lead)]) == lead, view.param
-        assert tuple(st.global_shape[len(lead):]) == layout.params[view.param][0]
+        parts = stored_parts(keys, view.param)
+        assert st.key in parts, view.param
+        assert all(o == 0 for o in st.global_offset[1:]), view.param  # one key per parameter
+        rows = sum(next(t.global_shape[0] for t in layout.tensors if t.key == k) for k in parts)
+        shape = layout.params[view.param][0]
+        assert (rows,) + tuple(st.global_shape[1:]) == shape, view.param
         covered[view.param] = covered.get(view.param, 0) + math.prod(view.size)
     assert covered == {k: math.prod(s) for k, (s, _) in layout.params.items()}
+    # the reader needs no model: its key for each parameter is the one Megatron saves
+    assert {k for p in layout.params for k in stored_parts(keys, p)} == keys
 
 
 def _layout(tp):
