@@ -134,8 +134,14 @@ def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaVi
     return d
 
 
+def hf_export_dir(iteration: Path) -> Path:
+    """Where `--save-hf` writes the HF copy of checkpoint directory `iteration`."""
+    return iteration.parent / f"hf_{iteration.name}"
+
+
 def prune(root: Union[str, Path], keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints (never the latest one)."""
+    """Delete all but the newest `keep_last` complete checkpoints (never the latest one), and
+    their `--save-hf` copies."""
     import shutil
 
     if keep_last <= 0 or not _rank0():
@@ -147,6 +153,7 @@ def prune(root: Union[str, Path], keep_last: int) -> list[Path]:
         if latest is not None and p == iteration_dir(root, latest):
             continue
         shutil.rmtree(p, ignore_errors=True)
+        shutil.rmtree(hf_export_dir(p), ignore_errors=True)
         removed.append(p)
     return removed
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -128,16 +129,27 @@ class Trainer:
                 "parallel": self.cfg.parallel.to_dict(), "config": self.cfg.to_dict()}
 
         def on_complete(path):
-            ckpt.prune(c.save, c.keep_last)
             if c.save_hf:
                 self._export_hf(path)
+            ckpt.prune(c.save, c.keep_last)
 
         ckpt.save(c.save, self.step, state, self.model_cfg, meta, self.async_queue, on_complete)
 
-    def _export_hf(self, path) -> None:
-        from megatron_navil.conversion.export import export_hf
+    def _export_hf(self, path: Path) -> None:
+        """Rank 0, once the checkpoint is complete: write its HF copy to `<save>/hf_<iter dir>`
+        (read back from the files just written, so the copy is exactly the checkpoint)."""
+        from megatron_navil.conversion import ConversionError, export_hf
 
-        export_hf(path, path.parent / f"{path.name}_hf", tokenizer_dir=self.cfg.data.tokenizer)
+        tok = Path(self.cfg.tokenizer) if self.cfg.tokenizer else None
+        if tok is not None and tok.is_file():
+            tok = tok.parent
+        out = ckpt.hf_export_dir(path)
+        try:
+            report = export_hf(path, out, self.model_cfg, tokenizer_dir=tok, overwrite=True)
+        except ConversionError as e:  # the checkpoint itself is saved: keep training
+            log.error("HF export of %s failed: %s", path, e)
+            return
+        log.info("wrote HF copy %s (%.1f s)", out, report.seconds)
 
     # ------------------------------------------------------------------ steps
     def _next_batches(self) -> list[NaViLBatch]:
