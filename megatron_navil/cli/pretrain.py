@@ -26,8 +26,13 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
         code = trainer.train()
     except (ConfigError, CheckpointError, TrainingStopped) as e:
-        log.error("%s", e)
-        print(f"navil-pretrain: error: {e}", file=sys.stderr)
+        # Rank 0 states it once; other ranks log it with their rank (it may be theirs alone).
+        from megatron_navil.utils.logging import global_rank
+
+        if global_rank() == 0:
+            print(f"navil-pretrain: error: {e}", file=sys.stderr)
+        else:
+            log.error("%s", e)
         code = 2
     finally:
         destroy()

@@ -1,0 +1,41 @@
+"""navil-pretrain refuses checkpoints it cannot use, with one message that names the problem and
+leaves the checkpoint untouched:
+- a checkpoint of another model shape (`--load` with a different layer count / hidden size)
+  names each differing config field, checkpoint value vs config value;
+- a `latest` pointer at an incomplete save names the step and directory.
+Where to look on failure: megatron_navil/training/checkpoint.py (check_model_config, resolve).
+"""
+
+import hashlib
+
+import pytest
+
+from tests.training.runner import pretrain
+from tests.training.test_pretrain import BASE
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    ck = tmp_path / "ck"
+    pretrain(1, BASE + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(ck)])
+    before = _digest(ck)
+    with pytest.raises(AssertionError) as err:
+        pretrain(1, BASE + ["--train-iters", "2", "--load", str(ck), "model.llm.num_layers=2",
+                            "model.llm.hidden_size=128"])
+    msg = str(err.value)
+    assert "was saved for a different model" in msg, msg[-3000:]
+    assert "llm.num_layers: checkpoint 4 vs config 2" in msg, msg[-3000:]
+    assert "llm.hidden_size" in msg and "Traceback" not in msg, msg[-3000:]
+    assert _digest(ck) == before
+
+    (ck / "latest_checkpointed_iteration.txt").write_text("7")
+    with pytest.raises(AssertionError) as err:
+        pretrain(1, BASE + ["--train-iters", "2", "--load", str(ck)])
+    assert "points at step 7" in str(err.value), str(err.value)[-3000:]
