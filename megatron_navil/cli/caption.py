@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         cfg = NaViLModelConfig.from_dict(meta["model"])
         tok = NaViLTokenizer.load(args.tokenizer_model)
     except (ckpt.CheckpointError, ConfigError, TokenizerError, OSError) as e:
-        print(f"navil-caption: error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     initialize_model_parallel(ParallelConfig(), seed=0)
     try:
@@ -57,9 +57,10 @@ def main(argv=None) -> int:
                                   grid_thw=grid.to(device), max_new_tokens=args.max_new_tokens,
                                   stop_ids=[tok.eos_id])
             text = tok.decode([i for i in out if i != tok.eos_id])
-            print(json.dumps({"image": path, "step": meta["step"], "caption": text}))
+            # stdout carries only the results (JSON lines, for pipes); logs go to stderr.
+            sys.stdout.write(json.dumps({"image": path, "step": meta["step"], "caption": text}) + "\n")
     except (ckpt.CheckpointError, ValueError) as e:
-        print(f"navil-caption: error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     finally:
         destroy()

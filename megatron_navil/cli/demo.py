@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     try:
         cfg = get_flavor(args.flavor)
     except ConfigError as e:
-        print(f"navil-demo: error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     initialize_model_parallel(ParallelConfig(), seed=args.seed)
     precision = PrecisionConfig(params_dtype="bfloat16" if torch.cuda.is_available() else "float32")

@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
     except ConfigError as e:
-        print(f"navil-pretrain: error: {e}", file=sys.stderr)
+        log.error("%s", e)
         return 2
     from megatron_navil.training.trainer import Trainer, TrainingStopped
     from megatron_navil.utils.distributed import destroy
@@ -26,13 +26,7 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg)
         code = trainer.train()
     except (ConfigError, CheckpointError, TrainingStopped) as e:
-        # Rank 0 states it once; other ranks log it with their rank (it may be theirs alone).
-        from megatron_navil.utils.logging import global_rank
-
-        if global_rank() == 0:
-            print(f"navil-pretrain: error: {e}", file=sys.stderr)
-        else:
-            log.error("%s", e)
+        log.error("%s", e)  # once per rank, prefixed with the rank (it may be one rank's alone)
         code = 2
     finally:
         destroy()
