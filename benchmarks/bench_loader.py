@@ -26,7 +26,6 @@ all sides alike). Results go to --results (JSON, one entry per device) and a tab
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import platform

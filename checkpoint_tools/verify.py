@@ -78,17 +78,13 @@ def read_inputs(path: Path) -> dict:
             "pixel_values": d.get("pixel_values"), "grid_thw": d.get("grid_thw")}
 
 
-def megatron_logits(checkpoint: Path, inputs: dict, dtype: torch.dtype):
-    """(config, logits [n, V], rows) of the Megatron model loaded from `checkpoint`."""
+def megatron_logits(checkpoint: Path, cfg: NaViLModelConfig, inputs: dict, dtype: torch.dtype):
+    """(logits [n, V], rows) of the Megatron model (config `cfg`) loaded from `checkpoint`."""
     from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
     from megatron_navil.conversion.layout import ensure_single_process_world
     from megatron_navil.models.navil import NaViLModel
-    from megatron_navil.training.checkpoint import CheckpointError, load_model, read_metadata
+    from megatron_navil.training.checkpoint import CheckpointError, load_model
 
-    try:
-        cfg = NaViLModelConfig.from_dict(read_metadata(checkpoint)["model"])
-    except CheckpointError as e:
-        raise ConversionError(str(e)) from None
     ensure_single_process_world()
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
     model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=name))
@@ -103,7 +99,7 @@ def megatron_logits(checkpoint: Path, inputs: dict, dtype: torch.dtype):
                              pixel_values=None if pv is None else pv.to(dtype), grid_thw=inputs["grid_thw"])
     del model
     gc.collect()
-    return cfg, logits[:, : cfg.llm.vocab_size].double(), rows
+    return logits[:, : cfg.llm.vocab_size].double(), rows
 
 
 def reference_logits(hf_dir: Path, cfg: NaViLModelConfig, inputs: dict, rows: torch.Tensor,
@@ -141,19 +137,20 @@ def verify(checkpoint: Path, hf_dir: Path, inputs_path: Optional[Path] = None, *
            seq_length: int = 128, seed: int = 0, atol: float = 1e-3, max_kl: float = 1e-5,
            dtype: torch.dtype = torch.float32) -> VerifyResult:
     from megatron_navil.conversion.to_megatron import load_hf_config
-    from megatron_navil.training.checkpoint import CheckpointError, check_model_config, read_metadata
+    from megatron_navil.training.checkpoint import CheckpointError, model_config_diffs, read_metadata
 
     hf_cfg = load_hf_config(hf_dir)
     try:
         saved = read_metadata(checkpoint)["model"]
-        check_model_config(saved, hf_cfg, Path(checkpoint))
     except CheckpointError as e:
-        diffs = "; ".join(line.strip() for line in str(e).splitlines()[1:-1])
+        raise ConversionError(str(e)) from None
+    diffs = model_config_diffs(saved, hf_cfg)
+    if diffs:
         raise ConversionError(f"config mismatch: {checkpoint} and {hf_dir}/config.json describe "
-                              f"different models ({diffs}); compare a checkpoint with its own "
-                              "conversion") from None
+                              f"different models ({'; '.join(diffs)}); compare a checkpoint with its "
+                              "own conversion")
     cfg = NaViLModelConfig.from_dict(saved)
     inputs = read_inputs(inputs_path) if inputs_path else make_inputs(cfg, seq_length, seed)
-    cfg, meg, rows = megatron_logits(checkpoint, inputs, dtype)
+    meg, rows = megatron_logits(checkpoint, cfg, inputs, dtype)
     ref = reference_logits(hf_dir, hf_cfg, inputs, rows, dtype)
     return compare(ref, meg, atol, max_kl)

@@ -8,11 +8,11 @@ what to do, and exits 2 without a traceback. Anything else is a bug and keeps it
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from megatron_navil.utils.files import write_text_atomic
 from megatron_navil.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -43,13 +43,7 @@ def run_cli(main_fn: Callable[[Optional[Sequence[str]]], int], argv: Optional[Se
 
 def write_json_atomic(path: str, obj: Any, *, indent: Optional[int] = None) -> None:
     """Write JSON to `path` via a temporary name + rename, so readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 def write_text(text: str) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from data_tools import FORMAT_VERSION
 from data_tools.cli_common import UsageError, format_table, write_json_atomic
+from megatron_navil.utils.files import write_text_atomic
 
 PARTITIONS_DIR = "partitions"
 
@@ -28,11 +29,8 @@ def write_partition_report(out_dir: str, index: int, report: dict[str, Any],
                            rejected_rows: list[dict[str, Any]]) -> None:
     os.makedirs(os.path.join(out_dir, PARTITIONS_DIR), exist_ok=True)
     base = partition_report_path(out_dir, index)
-    tmp = f"{base[:-5]}.rejected.jsonl.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rejected_rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, f"{base[:-5]}.rejected.jsonl")
+    write_text_atomic(f"{base[:-5]}.rejected.jsonl",
+                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rejected_rows))
     write_json_atomic(base, report, indent=1)
 
 

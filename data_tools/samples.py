@@ -17,10 +17,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-IMAGE_PLACEHOLDER = "<image>"
-KINDS = ("caption", "conversation", "interleaved", "text")
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-          "system": "system"}
+# The loader's own constants: what the writer accepts is what the loader understands.
+from megatron_navil.data.chat_template import _ROLES, IMAGE_PLACEHOLDER
+
 _KNOWN_KEYS = {"image", "images", "text", "texts", "caption", "conversations", "_sidecar"}
 
 

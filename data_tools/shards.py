@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from data_tools.cli_common import write_json_atomic
+from megatron_navil.utils.files import write_text_atomic
 
 DALI_INDEX_VERSION = "v1.2"
 """Header of DALI's webdataset index format (what its `wds2idx` writes)."""
@@ -87,10 +88,7 @@ class ShardWriter:
         tar_name, idx_name = f"{self.stem}.tar", f"{self.stem}.idx"
         size = os.path.getsize(self.tmp_path)
         os.replace(self.tmp_path, os.path.join(self.out_dir, tar_name))
-        idx_tmp = os.path.join(self.out_dir, f"{idx_name}.tmp")
-        with open(idx_tmp, "w", encoding="utf-8") as f:
-            f.write(dali_index_text(self.samples))
-        os.replace(idx_tmp, os.path.join(self.out_dir, idx_name))
+        write_text_atomic(os.path.join(self.out_dir, idx_name), dali_index_text(self.samples))
         return tar_name, idx_name, size
 
     def abort(self) -> None:

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     initialize_model_parallel(ParallelConfig(), seed=0)
     try:
         model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local"))
-        ckpt.load_model(args.load, [model], cfg)
+        ckpt.load_model(args.load, [model])  # cfg came from this checkpoint
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model.to(device)
         for path in args.image:

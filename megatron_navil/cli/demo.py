@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     from megatron_navil.config import ConfigError, ParallelConfig, PrecisionConfig, get_flavor
     from megatron_navil.data.synthetic import synthetic_batch
     from megatron_navil.models.navil import NaViLModel
+    from megatron_navil.training.step import counted_positions
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
 
     try:
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     log.info("%s: %.2fM parameters (%.2fM activated per token), backend %s on %s",
              args.flavor, total / 1e6, active / 1e6, model.backend.name, device)
     batch = synthetic_batch(cfg, args.seq_length, torch.Generator().manual_seed(args.seed)).to(device)
-    counted = ((batch.loss_mask != 0) & (batch.tokens != cfg.img_context_id)).sum()
+    counted = counted_positions(batch, cfg.img_context_id).sum()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     losses = []
     for step in range(1, args.steps + 1):

@@ -1,7 +1,7 @@
-"""In-memory conversion of whole state dicts (canonical Megatron layout <-> HF release layout).
+"""In-memory conversion of a whole HF release-layout state dict to the canonical Megatron layout.
 
-Strict both ways: every key on the source side must be consumed by exactly one mapping and every
-target key produced, else a KeyError names the offending keys. The streaming, any-layout,
+Strict: every HF key must be consumed by exactly one mapping and every Megatron key produced,
+else a KeyError names the offending keys. The streaming, any-layout,
 on-disk tools (navil-convert) are built on the same mappings.
 """
 
@@ -39,15 +39,3 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: NaViLModelConfig,
     _check_consumed(hf, used, "HF")
     return out
 
-
-def megatron_to_hf(meg: dict[str, torch.Tensor], cfg: NaViLModelConfig,
-                   padded_vocab: int) -> dict[str, torch.Tensor]:
-    out, used = {}, set()
-    for transform, name, hf_names in _pairs(cfg, padded_vocab):
-        if name not in meg:
-            raise KeyError(f"Megatron state dict lacks {name}")
-        for hf_name, t in zip(hf_names, transform.to_hf(meg[name])):
-            out[hf_name] = t.contiguous()
-        used.add(name)
-    _check_consumed({k: v for k, v in meg.items() if not k.endswith("_extra_state")}, used, "Megatron")
-    return out

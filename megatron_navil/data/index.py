@@ -64,9 +64,6 @@ class DatasetIndex:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def num_images(self, i: int) -> int:
-        return int(self.image_start[i + 1] - self.image_start[i])
-
 
 def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) -> DatasetIndex:
     """Read `root/manifest.json` and every shard index listed in it (in manifest order)."""

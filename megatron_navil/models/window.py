@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import torch
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_navil.config.model import NaViLModelConfig
 

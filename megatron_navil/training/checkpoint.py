@@ -13,13 +13,14 @@ mid-save leaves the previous checkpoint usable.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.utils.distributed import barrier, is_rank0
+from megatron_navil.utils.files import write_text_atomic
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -77,21 +78,22 @@ def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
 SHARDING_METADATA = {"singleton_local_shards": True}
 
 
-def model_sharded_state_dict(chunks: list) -> dict:
+def _model_chunks(chunks: list) -> list[tuple[str, torch.nn.Module]]:
+    """(state key, unwrapped module) per model chunk: `model`, or `model0..` with virtual PP."""
     unwrap = [c.module if hasattr(c, "module") else c for c in chunks]
     if len(unwrap) == 1:
-        return {"model": unwrap[0].sharded_state_dict(metadata=dict(SHARDING_METADATA))}
-    return {f"model{i}": c.sharded_state_dict(metadata=dict(SHARDING_METADATA))
-            for i, c in enumerate(unwrap)}
+        return [("model", unwrap[0])]
+    return [(f"model{i}", c) for i, c in enumerate(unwrap)]
 
 
-def _rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+def model_sharded_state_dict(chunks: list) -> dict:
+    return {k: c.sharded_state_dict(metadata=dict(SHARDING_METADATA)) for k, c in _model_chunks(chunks)}
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+def load_model_state(loaded: dict, chunks: list) -> None:
+    """Copy the model entries of a loaded state (checkpoint.load) into `chunks`."""
+    for key, chunk in _model_chunks(chunks):
+        chunk.load_state_dict(loaded[key], strict=False)
 
 
 def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaViLModelConfig,
@@ -105,28 +107,28 @@ def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaVi
     from megatron.core import dist_checkpointing
 
     d = iteration_dir(root, step)
-    if _rank0():
+    if is_rank0():
         d.mkdir(parents=True, exist_ok=True)
         stale = d / METADATA
         if stale.exists():  # overwriting a step: it is incomplete until the metadata returns
             stale.unlink()
-    _barrier()
+    barrier()
     meta = {"format_version": FORMAT_VERSION, "step": step, "model": model_cfg.to_dict(),
             **(extra_metadata or {})}
 
     def finalize():
-        if _rank0():
-            _atomic_write(d / METADATA, json.dumps(meta, indent=2))
-            _atomic_write(Path(root) / LATEST, str(step))
+        if is_rank0():
+            write_text_atomic(d / METADATA, json.dumps(meta, indent=2))
+            write_text_atomic(Path(root) / LATEST, str(step))
             log.info("saved checkpoint %s", d)
             if on_complete is not None:
                 on_complete(d)
 
     if async_queue is None:
         dist_checkpointing.save(sharded_state, str(d))
-        _barrier()
+        barrier()
         finalize()
-        _barrier()
+        barrier()
     else:
         request = dist_checkpointing.save(sharded_state, str(d), async_sharded_save=True)
         request.add_finalize_fn(finalize)
@@ -144,7 +146,7 @@ def prune(root: Union[str, Path], keep_last: int) -> list[Path]:
     their `--save-hf` copies."""
     import shutil
 
-    if keep_last <= 0 or not _rank0():
+    if keep_last <= 0 or not is_rank0():
         return []
     complete = sorted(p for p in Path(root).glob("iter_*") if (p / METADATA).exists())
     latest = read_latest(root)
@@ -158,17 +160,8 @@ def prune(root: Union[str, Path], keep_last: int) -> list[Path]:
     return removed
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def check_model_config(saved: dict, current: NaViLModelConfig, path: Path) -> None:
-    """Refuse a checkpoint of another model shape, naming the fields that differ."""
+def model_config_diffs(saved: dict, current: NaViLModelConfig) -> list[str]:
+    """`field: checkpoint X vs config Y` for every shape-relevant field that differs."""
     diffs = []
 
     def walk(a, b, prefix):
@@ -180,6 +173,12 @@ def check_model_config(saved: dict, current: NaViLModelConfig, path: Path) -> No
                 diffs.append(f"{prefix}{k}: checkpoint {va!r} vs config {vb!r}")
 
     walk(saved, current.to_dict(), "")
+    return diffs
+
+
+def check_model_config(saved: dict, current: NaViLModelConfig, path: Path) -> None:
+    """Refuse a checkpoint of another model shape, naming the fields that differ."""
+    diffs = model_config_diffs(saved, current)
     if diffs:
         raise CheckpointError(
             f"checkpoint {path} was saved for a different model:\n  " + "\n  ".join(diffs)
@@ -217,8 +216,5 @@ def load(path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLM
 def load_model(path: Union[str, Path], chunks: list, model_cfg: Optional[NaViLModelConfig] = None) -> dict:
     """Load model weights (only) into `chunks`; returns the checkpoint metadata."""
     state, meta = load(path, model_sharded_state_dict(chunks), model_cfg)
-    unwrap = [c.module if hasattr(c, "module") else c for c in chunks]
-    keys = ["model"] if len(unwrap) == 1 else [f"model{i}" for i in range(len(unwrap))]
-    for key, chunk in zip(keys, unwrap):
-        chunk.load_state_dict(state[key], strict=False)
+    load_model_state(state, chunks)
     return meta

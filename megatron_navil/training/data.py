@@ -28,17 +28,15 @@ class MockPackLoader:
     patches in 2-3 samples per pack)."""
 
     def __init__(self, cfg: NaViLModelConfig, seq_length: int, seed: int, dp_rank: int,
-                 dp_size: int, limit: Optional[int] = None):
+                 dp_size: int):
         self.cfg, self.seq_length, self.seed = cfg, seq_length, seed
-        self.dp_rank, self.dp_size, self.limit = dp_rank, dp_size, limit
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self.position = 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> NaViLBatch:
-        if self.limit is not None and self.position >= self.limit:
-            raise StopIteration
         i = self.position * self.dp_size + self.dp_rank
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
         layout = MOCK_LAYOUTS[i % len(MOCK_LAYOUTS)]

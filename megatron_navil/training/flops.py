@@ -18,6 +18,7 @@ import torch
 
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.training.step import counted_positions
 
 # Dense bf16 peak per device (vendor spec, TFLOP/s), used for MFU when not configured.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -35,7 +36,7 @@ def micro_batch_flops(cfg: NaViLModelConfig, batch: NaViLBatch) -> float:
         flops += llm.num_layers * 2 * d * d * visual
     lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).to(torch.float64)
     flops += llm.num_layers * 2 * 2 * q * float((lens * (lens + 1) / 2).sum())
-    counted = int(((batch.loss_mask != 0) & (batch.tokens != cfg.img_context_id)).sum())
+    counted = int(counted_positions(batch, cfg.img_context_id).sum())
     flops += 2 * d * llm.vocab_size * counted
 
     if batch.grid_thw is not None and batch.grid_thw.numel():

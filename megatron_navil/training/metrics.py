@@ -20,13 +20,10 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_navil.config.training import LoggingConfig
+from megatron_navil.utils.distributed import is_rank0
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def _is_rank0() -> bool:
-    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
 def reduce_step_sums(loss_reports: list[dict], extras: list[float]) -> list[float]:
@@ -48,7 +45,7 @@ def reduce_step_sums(loss_reports: list[dict], extras: list[float]) -> list[floa
 class MetricsWriter:
     def __init__(self, cfg: LoggingConfig, total_steps: int, start_step: int):
         self.cfg = cfg
-        self.active = _is_rank0()
+        self.active = is_rank0()
         self.file = self.tb = self.bar = None
         if not self.active:
             return

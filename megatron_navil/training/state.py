@@ -20,7 +20,11 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_navil.training.checkpoint import SHARDING_METADATA, model_sharded_state_dict
+from megatron_navil.training.checkpoint import (
+    SHARDING_METADATA,
+    load_model_state,
+    model_sharded_state_dict,
+)
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", **SHARDING_METADATA}
 
@@ -52,9 +56,9 @@ def _world() -> tuple[int, int]:
 
 def train_sharded_state(chunks: list, optimizer, scheduler, *, train: Optional[dict] = None,
                         data: Any = None, is_loading: bool = False,
-                        include_rng: bool = True, include_optimizer: bool = True) -> dict:
+                        include_rng: bool = True) -> dict:
     state = model_sharded_state_dict(chunks)
-    if optimizer is not None and include_optimizer:
+    if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
             dict(state), is_loading=is_loading, metadata=OPTIMIZER_SHARDING
         )
@@ -72,10 +76,7 @@ def train_sharded_state(chunks: list, optimizer, scheduler, *, train: Optional[d
 
 def restore(loaded: dict, chunks: list, optimizer, scheduler) -> None:
     """Put a loaded train state (from checkpoint.load) back into the live objects."""
-    unwrap = [c.module if hasattr(c, "module") else c for c in chunks]
-    keys = ["model"] if len(unwrap) == 1 else [f"model{i}" for i in range(len(unwrap))]
-    for key, chunk in zip(keys, unwrap):
-        chunk.load_state_dict(loaded[key], strict=False)
+    load_model_state(loaded, chunks)
     if optimizer is not None and "optimizer" in loaded:
         from megatron_navil.training.optimizer import unshare_adam_steps
 

@@ -78,7 +78,8 @@ def forward_backward(chunks: list, batches: list[NaViLBatch], seq_length: int,
     Returns the per-micro-batch loss reports (non-empty on the last pipeline stage only).
     """
     for chunk in chunks:
-        chunk.zero_grad_buffer() if hasattr(chunk, "zero_grad_buffer") else None
+        if hasattr(chunk, "zero_grad_buffer"):  # DDP-wrapped (training); bare in eval tools
+            chunk.zero_grad_buffer()
     iterators = [iter(batches) for _ in chunks] if len(chunks) > 1 else iter(batches)
     return get_forward_backward_func()(
         forward_step_func=forward_step,

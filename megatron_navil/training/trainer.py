@@ -98,16 +98,15 @@ class Trainer:
         if not finetune:
             prime_optimizer_state(self.optimizer)
         same_layout = meta.get("world_size") == torch.distributed.get_world_size()
+        # --finetune takes the model weights only: fresh optimizer, scheduler, step and data.
+        opt, sched = (None, None) if finetune else (self.optimizer, self.scheduler)
         request = train_sharded_state(
-            self.chunks, self.optimizer, self.scheduler, is_loading=True,
-            train={} if not finetune else None, data={} if not finetune else None,
-            include_rng=same_layout and not finetune, include_optimizer=not finetune,
+            self.chunks, opt, sched, is_loading=True,
+            train=None if finetune else {}, data=None if finetune else {},
+            include_rng=same_layout and not finetune,
         )
-        if finetune:
-            request.pop("scheduler", None)
         loaded, meta = ckpt.load(path, request, self.model_cfg)
-        restore(loaded, self.chunks, None if finetune else self.optimizer,
-                None if finetune else self.scheduler)
+        restore(loaded, self.chunks, opt, sched)
         if finetune:
             log.info("loaded model weights from %s (step %d) for fine-tuning", path, meta["step"])
             return
@@ -159,9 +158,7 @@ class Trainer:
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        for c in self.chunks:
-            c.zero_grad_buffer()
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad()  # forward_backward zeroes the DDP grad buffers
         batches = self._next_batches()
         seq = self.cfg.training.seq_length * self.cfg.training.micro_batch_size
         reports = forward_backward(self.chunks, batches, seq)

@@ -21,6 +21,17 @@ from megatron_navil.utils.logging import get_logger
 log = get_logger(__name__)
 
 
+def is_rank0() -> bool:
+    """Global rank 0 of the initialised world (True outside a distributed job)."""
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def barrier() -> None:
+    """World barrier; a no-op outside a distributed job."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def init_process_group(timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed from the launcher's env (torchrun / SLURM) if needed."""
     if torch.distributed.is_initialized():

@@ -101,7 +101,7 @@ def test_dp_ranks_disjoint_equal_and_complete(dp_size, mbps):
     per_rank = []
     for r in range(dp_size):
         plan, got, k = EpochPlan(order, c, p, 0, unit), [], 0
-        while (item := plan.get(k * dp_size + r)) is not None:
+        while plan.get(k * dp_size + r) is not None:
             got.append(k * dp_size + r)
             k += 1
         per_rank.append(got)

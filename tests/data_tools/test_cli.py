@@ -152,7 +152,7 @@ def test_inspect_stats_and_render(reference_run, tmp_path, capsys):
     assert st["samples"] == rep["written"] and st["read"] == rep["read"]
     assert st["rejected"] == rep["rejected"] and st["images"] == rep["num_images"]
     assert sum(st["image_longer_side"].values()) == st["images"]
-    assert f"samples" in text and "rendered 4 sample(s)" in text
+    assert "samples" in text and "rendered 4 sample(s)" in text
     pngs = [n for n in os.listdir(look) if n.endswith(".png")]
     assert len(pngs) in (3, 4) and f"{keys[0]}.png" in pngs
     for n in pngs:

@@ -127,7 +127,7 @@ def test_layer_matches_explicit_formula(overrides):
 
     with torch.no_grad():
         x = model.vision_model.embeddings(pixels)
-        n, c, heads = x.shape[0], cfg.hidden_size, cfg.num_attention_heads
+        c, heads = cfg.hidden_size, cfg.num_attention_heads
         hd = c // heads
         a = layer.attn
         y = _rms(x, layer.norm1.weight, cfg.norm_eps)
