@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
@@ -32,6 +31,8 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_size
+
+from megatron_navil.models.local_layers import _tp_group
 
 TEXT, VISUAL = 0, 1
 
@@ -102,10 +103,6 @@ class ModalityRouting:
         return self.ungroup(out)
 
 
-def _tp(tp_group):
-    return tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
-
-
 class ModalityColumnParallelLinear(MegatronModule):
     """Column-parallel linear with a text and a visual weight (e.g. wqkv / wqkv_ve).
 
@@ -118,7 +115,7 @@ class ModalityColumnParallelLinear(MegatronModule):
         # `unused`: Megatron linear kwargs (gather_output, tp_comm_buffer_name, ...) the
         # attention passes to whichever linear the spec chose.
         super().__init__(config=config)
-        self.tp_group = _tp(tp_group)
+        self.tp_group = _tp_group(tp_group)
         kw = dict(config=config, init_method=init_method, bias=bias, partition_dim=0,
                   tp_group=self.tp_group)
         self.text = shard_linear(input_size, output_size, **kw)
@@ -149,7 +146,7 @@ class ModalityRowParallelLinear(MegatronModule):
         super().__init__(config=config)
         if bias:
             raise ValueError("modality output projections have no bias (InternLM2/Qwen3 have none)")
-        self.tp_group = _tp(tp_group)
+        self.tp_group = _tp_group(tp_group)
         self.composed = composed
         kw = dict(config=config, init_method=init_method, bias=False, partition_dim=1,
                   tp_group=self.tp_group)

@@ -24,7 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.utils import get_pg_size
 
-from megatron_navil.models.modality import TEXT, VISUAL, ModalityRouting
+from megatron_navil.models.modality import ModalityRouting
 
 
 class ModalityRouter(MegatronModule):
@@ -91,9 +91,4 @@ class ModalityMoELayer(MoELayer):
         return self.postprocess(output, None), None
 
 
-def expert_index(modality: str) -> int:
-    """Global expert index of a modality's FFN ('text' -> 0, 'visual' -> 1)."""
-    return {"text": TEXT, "visual": VISUAL}[modality]
-
-
-__all__ = ["ModalityRouter", "ModalityMoELayer", "expert_index"]
+__all__ = ["ModalityRouter", "ModalityMoELayer"]

@@ -66,10 +66,10 @@ class WindowPlan:
         return torch.cat(perms), seqlens
 
     def enter(self, x: torch.Tensor, freqs: torch.Tensor, grid_thw: torch.Tensor, pad: int):
-        from megatron_navil.models.vision import packed_params
-
         """Permute patches (and RoPE angles) into window order; returns the window segments and
         the permutation, which the caller hands back to `leave`."""
+        from megatron_navil.models.vision import packed_params  # vision imports this module
+
         perm, seqlens = self.plan(grid_thw, pad)
         perm = perm.to(x.device)
         x, freqs = x.index_select(0, perm), freqs.index_select(0, perm)
