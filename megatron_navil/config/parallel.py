@@ -7,6 +7,11 @@ from typing import Literal, Optional
 
 from megatron_navil.config.base import ConfigBase, ConfigError
 
+# Rows every FP8 GEMM operand must have a multiple of, per recipe (Megatron-Core's
+# get_fp8_align_size: MXFP8 scales blocks of 32 elements along the row dimension too; the
+# per-tensor and 128-wide block recipes need TE's general 16).
+FP8_ROW_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
+
 
 @dataclass
 class ParallelConfig(ConfigBase):
@@ -70,8 +75,9 @@ class PrecisionConfig(ConfigBase):
     """Parameter/compute dtype of the model (bf16 on GPU for training, fp32 on CPU)."""
     fp8: Optional[Literal["delayed", "tensorwise", "blockwise", "mxfp8"]] = None
     """FP8 recipe through Transformer Engine (None = off). Needs the TE backend."""
-    fp8_padding_multiple: int = 16
-    """With FP8 every GEMM's row count is padded to a multiple of this (TE requirement)."""
+    fp8_padding_multiple: Optional[int] = None
+    """With FP8 every GEMM's row count is padded to a multiple of this (None = what the recipe
+    needs: 32 for mxfp8, 16 otherwise; an explicit value must be a multiple of that)."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
     hidden_dropout: float = 0.0
@@ -81,3 +87,16 @@ class PrecisionConfig(ConfigBase):
         super().validate()
         if self.fp8 is not None and self.backend == "local":
             raise ConfigError("precision.fp8 needs backend transformer_engine (or auto on a GPU)")
+        if self.fp8 is not None and self.fp8_padding_multiple is not None:
+            need = FP8_ROW_MULTIPLE[self.fp8]
+            if self.fp8_padding_multiple <= 0 or self.fp8_padding_multiple % need:
+                raise ConfigError(
+                    f"precision.fp8_padding_multiple {self.fp8_padding_multiple} does not suit "
+                    f"fp8 recipe {self.fp8!r}: it needs a positive multiple of {need} (leave it "
+                    "unset to use the recipe's own)")
+
+    def row_multiple(self) -> int:
+        """Rows every modality-split GEMM and the packed sequence are padded to (1 without FP8)."""
+        if self.fp8 is None:
+            return 1
+        return self.fp8_padding_multiple or FP8_ROW_MULTIPLE[self.fp8]

@@ -74,7 +74,7 @@ class PretrainConfig(ConfigBase):
 
     def resolved_data(self) -> DataConfig:
         pad = pad_multiple_for(self.parallel.tensor_model_parallel_size,
-                               self.parallel.sequence_parallel, self.precision.fp8 is not None)
+                               self.parallel.sequence_parallel, self.precision.row_multiple())
         return self.data.replace(seq_length=self.training.seq_length, seed=self.training.seed,
                                  pad_multiple=pad)
 

@@ -165,7 +165,9 @@ class PackBuilder:
         stats.update(samples=len(samples), tokens=used, padding_tokens=pad,
                      loss_tokens=int(sum(loss)), images=sum(len(s.jobs) for s in samples),
                      keys=[s.key for s in samples])
-        # one uint8 concat + one float pass for the whole pack
+        # one uint8 concat + one float pass for the whole pack; on the GPU path these run on
+        # the caller's current stream (the loader's private one, cuda_handoff.py), like the
+        # decoder's allocations, so the whole pack is ordered on one stream
         pixel_values = normalize_pixels(torch.cat(pixels), self.pixel_dtype) if pixels else None
         return NaViLBatch(
             tokens=t, labels=torch.tensor(labels, dtype=torch.long),

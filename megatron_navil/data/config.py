@@ -118,9 +118,10 @@ class DataConfig(ConfigBase):
 
 
 def pad_multiple_for(tensor_model_parallel_size: int = 1, sequence_parallel: bool = False,
-                     fp8: bool = False) -> int:
-    """Smallest multiple seq_length must honour: 16 with FP8, the TP size under SP."""
-    m = 16 if fp8 else 1
+                     fp8_row_multiple: int = 1) -> int:
+    """Smallest multiple seq_length must honour: the FP8 recipe's row multiple (16, or 32 for
+    MXFP8; 1 without FP8), and the TP size under SP."""
+    m = fp8_row_multiple
     if sequence_parallel:
         m = m * tensor_model_parallel_size // math.gcd(m, tensor_model_parallel_size)
     return m

@@ -21,6 +21,10 @@ out. The pipeline has a fixed number S of scale slots (the most scales any image
 has); unused slots process a 2x2 corner of the image (negligible work). `patchify` is the same
 reordering in torch (used by the benchmark's PIL baseline).
 
+GPU results are torch tensors made on the caller's current CUDA stream, complete when `decode`
+returns (the loader runs it on a private stream and hands batches over with an event:
+megatron_navil/data/cuda_handoff.py).
+
 Failures: DALI invalidates a pipeline after any operator error, so on an error the pipeline is
 rebuilt and the batch decoded image by image to find the culprits; an image whose decoded size
 differs from the index is a failure too (the token layout was planned from the index sizes).
@@ -232,7 +236,14 @@ class DaliImageDecoder:
 
     def _copy_out(self, tensor_list) -> torch.Tensor:
         """A DALI TensorList of [n_i, W] samples -> one torch tensor [sum n_i, W] of our own
-        (DALI reuses its buffers on the next run)."""
+        (DALI reuses its buffers on the next run).
+
+        GPU: the tensor is allocated on the caller's current stream (the loader's private one,
+        megatron_navil/data/cuda_handoff.py) and DALI copies into it on that same stream, so the
+        caching allocator's stream bookkeeping is right. The copy is blocking (DALI 2.4: it
+        orders the copy after DALI's own stream, then the host waits for it), so it is complete
+        before the next `pipe.run()` may overwrite DALI's buffers; on a private stream that wait
+        covers only decode work, never training kernels."""
         rows = sum(int(sh[0]) for sh in tensor_list.shape())
         width = 3 * self.patch * self.patch
         if self.device == "gpu":
@@ -240,7 +251,7 @@ class DaliImageDecoder:
                               device=torch.device("cuda", self.device_id))
             stream = torch.cuda.current_stream(self.device_id).cuda_stream
             tensor_list.copy_to_external(ctypes.c_void_p(out.data_ptr()),
-                                         ctypes.c_void_p(stream), non_blocking=True)
+                                         cuda_stream=ctypes.c_void_p(stream), non_blocking=False)
         else:
             out = torch.empty((rows, width), dtype=torch.uint8)
             tensor_list.copy_to_external(ctypes.c_void_p(out.data_ptr()))

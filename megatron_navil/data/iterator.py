@@ -5,6 +5,10 @@ decode, collate) -> a background thread keeps up to `prefetch_depth` finished mi
 bounded queue (the loader holds at most prefetch_depth + 1). The state is that of the last
 batch handed out, so prefetching never changes what a restored loader yields. Built by
 megatron_navil.data.loader (the public entry point, API described there).
+
+GPU decode: batches are built on the loader's private CUDA stream and handed to the trainer's
+current stream in `__next__` through a ready event (`CudaHandoff`, cuda_handoff.py); on the CPU
+path the hand-off is a no-op.
 """
 
 from __future__ import annotations
@@ -14,8 +18,11 @@ import queue
 import threading
 from typing import Iterator, Optional
 
+import torch
+
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.data.builder import PackBuilder
+from megatron_navil.data.cuda_handoff import CudaHandoff
 from megatron_navil.data.index import DataError
 from megatron_navil.data.planner import EpochPlan, GlobalCosts, PlanParams, epoch_order
 from megatron_navil.data.state import COUNTER_NAMES, LoaderState, LoaderStateError
@@ -47,11 +54,12 @@ class NaViLDataLoader:
 
     def __init__(self, builder: PackBuilder, costs: GlobalCosts, params: PlanParams,
                  schedule: Schedule, prefetch_depth: int, fingerprint: str,
-                 restart_on_iter: bool = False):
+                 restart_on_iter: bool = False, handoff: Optional[CudaHandoff] = None):
         if not 0 <= schedule.dp_rank < schedule.dp_size:
             raise ValueError(f"dp_rank {schedule.dp_rank} outside 0..{schedule.dp_size - 1}")
         self.builder, self.costs, self.params, self.schedule = builder, costs, params, schedule
         self.prefetch_depth, self.restart_on_iter = prefetch_depth, restart_on_iter
+        self.handoff = handoff if handoff is not None else CudaHandoff(None)
         self._state = LoaderState(dp_size=schedule.dp_size, fingerprint=fingerprint)
         self._initial = self._state.to_dict()
         self._gen: Optional[Iterator] = None
@@ -70,7 +78,7 @@ class NaViLDataLoader:
             if self._gen is None:
                 self._gen = self._produce(self._state)
             try:
-                state, batch = next(self._gen)
+                state, batch, ready = next(self._gen)
             except BaseException:
                 self._gen = None  # like the thread path: a retry restarts from the state
                 raise
@@ -81,7 +89,9 @@ class NaViLDataLoader:
             if isinstance(item, BaseException):
                 self._join()
                 raise item
-            state, batch = item
+            state, batch, ready = item
+        # here, in the trainer's thread: its current stream waits for the batch's GPU work
+        batch = self.handoff.accept(batch, ready)
         for k in COUNTER_NAMES:
             state.counters[k] = self._state.counters[k] + (1 if k == "batches"
                                                            else batch.metadata.get(k, 0))
@@ -124,8 +134,10 @@ class NaViLDataLoader:
             pass
 
     # ------------------------------------------------------------------ production
-    def _produce(self, state: LoaderState) -> Iterator[tuple[LoaderState, NaViLBatch]]:
-        """(state after the batch, batch) from `state` on; pure function of its input."""
+    def _produce(self, state: LoaderState) -> Iterator[tuple[LoaderState, NaViLBatch,
+                                                             Optional[torch.cuda.Event]]]:
+        """(state after the batch, batch, its ready event or None) from `state` on; pure
+        function of its input."""
         sch = self.schedule
         epoch, start, k = state.epoch, state.start, state.position
         hint = (state.chunk, state.chunk_first_pack)
@@ -140,11 +152,15 @@ class NaViLDataLoader:
                 if got is None:
                     break
                 pack, chunk, first = got
-                batch = self.builder.build(pack)
+                # the stream context ends before the yield: a suspended generator must not leave
+                # the private stream current in the thread that resumes it (depth 0: the trainer)
+                with self.handoff.building():
+                    batch = self.builder.build(pack)
+                ready = self.handoff.seal(batch)
                 batch.metadata.update(epoch=epoch, position=k, global_pack=g)
                 k += 1
                 yield LoaderState(epoch, k, start, sch.dp_size, chunk, first,
-                                  state.fingerprint, {}), batch
+                                  state.fingerprint, {}), batch, ready
             if k == 0 and start == 0:
                 raise DataError(
                     f"epoch {epoch} gives no micro-batch: {plan.known} packs for "

@@ -18,10 +18,13 @@
                                                            # batches each evaluation
 Tensors are on the CPU (pixel_values float32, or bfloat16 with data.pixel_dtype), except with
 decode_device gpu (or auto on a CUDA machine), where pixel_values are made and kept on the
-current CUDA device. Every DP rank yields the same number of micro-batches per epoch (a
-multiple of micro_batches_per_step), so expert-parallel collectives never wait on a rank that
-ran dry. Ranks of one DP group (TP/PP/EP peers) build identical loaders and get identical
-batches.
+current CUDA device (build the loader after torch.cuda.set_device). They are built on the
+loader's own CUDA stream, and `next()` makes the caller's current stream wait for them: use them
+on the stream that was current at `next()` (or synchronise it first). The CPU tensors are then
+pinned, so `batch.to(device, non_blocking=True)` is asynchronous. Every DP rank yields the same
+number of micro-batches per epoch (a multiple of micro_batches_per_step), so expert-parallel
+collectives never wait on a rank that ran dry. Ranks of one DP group (TP/PP/EP peers) build
+identical loaders and get identical batches.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.data.builder import Datasets, PackBuilder
 from megatron_navil.data.config import DataConfig
+from megatron_navil.data.cuda_handoff import CudaHandoff
 from megatron_navil.data.decode import DaliImageDecoder, cuda_available
 from megatron_navil.data.index import DataError, blended_fingerprint, load_dataset
 from megatron_navil.data.iterator import NaViLDataLoader, Schedule
@@ -130,8 +134,11 @@ def _build(data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer, paths: 
     log.info("data: %d dataset(s), %d samples, %d images, seq_length %d, decode on %s, "
              "rank %d/%d", len(datasets), len(costs.length), int(costs.num_images.sum()),
              data_cfg.seq_length, device, dp_rank, dp_size)
+    # GPU decode: batches are built on a private stream of the decoder's device and handed to
+    # the trainer's stream by event (device_id None on the CPU path: no stream, no event)
     return NaViLDataLoader(builder, costs, params, schedule, data_cfg.prefetch_depth,
-                           fingerprint, restart_on_iter=restart_on_iter)
+                           fingerprint, restart_on_iter=restart_on_iter,
+                           handoff=CudaHandoff(decoder.device_id))
 
 
 __all__ += ["check_tokenizer", "resolve_decode_device", "DataError"]

@@ -176,6 +176,13 @@ class NaViLTransformerBlock(TransformerBlock):
 
     def _recompute(self, run, hidden_states, rotary_freqs):
         cfg = self.config
+        if (torch.is_grad_enabled() and not hidden_states.requires_grad
+                and any(p.requires_grad for p in self.parameters())):
+            # Megatron's and TE's checkpoints are reentrant autograd Functions: when no INPUT
+            # requires grad their output does not either, and the layers' trainable weights get
+            # no gradient (e.g. a stage training only the visual experts: the embeddings and
+            # the vision encoder are frozen). A leaf that requires grad restores the graph.
+            hidden_states = hidden_states.detach().requires_grad_(True)
 
         def checkpointed(fn, h):
             if cfg.fp8:

@@ -18,7 +18,6 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import (
     _initialize_affine_weight_cpu,
     _initialize_affine_weight_gpu,
-    set_tensor_model_parallel_attributes,
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import divide, get_pg_rank, get_pg_size
@@ -26,6 +25,29 @@ from megatron.core.utils import divide, get_pg_rank, get_pg_size
 
 def _tp_group(tp_group: Optional[torch.distributed.ProcessGroup]):
     return tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
+
+
+def mark_tp_sharded(param: torch.Tensor, partition_dim: int) -> None:
+    """Flag `param` as one TP shard split along `partition_dim`, OVERWRITING earlier flags.
+
+    Megatron's set_tensor_model_parallel_attributes asserts the flags are absent, but TE's
+    Linear.reset_parameters has already set them (partition_dim 0 unless its own parallel_mode
+    is "row", which ours is not), and a row-sharded shard needs partition_dim 1: the checkpoint
+    and optimizer bookkeeping read these flags."""
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    param.partition_stride = 1
+
+
+def finish_shard_params(module: torch.nn.Module, partition_dim: int) -> None:
+    """TP flags of a shard linear (local or TE): weight split along `partition_dim`, bias (if
+    any, column-sharded only) along 0; every parameter is data-parallel all-reduced (not an
+    expert parameter), as Megatron DDP reads `allreduce`."""
+    mark_tp_sharded(module.weight, partition_dim)
+    if getattr(module, "bias", None) is not None and module.bias.numel():
+        mark_tp_sharded(module.bias, 0)
+    for p in module.parameters():
+        p.allreduce = True
 
 
 class ShardLinear(torch.nn.Module):
@@ -67,13 +89,11 @@ class ShardLinear(torch.nn.Module):
                 )
             else:
                 _initialize_affine_weight_gpu(self.weight, init_method, partition_dim=partition_dim)
-        if not hasattr(self.weight, "tensor_model_parallel"):  # the init helpers set them too
-            set_tensor_model_parallel_attributes(self.weight, True, partition_dim, 1)
         if bias:
             self.bias = torch.nn.Parameter(torch.zeros(out_local, dtype=config.params_dtype, device=device))
-            set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
         else:
             self.register_parameter("bias", None)
+        finish_shard_params(self, partition_dim)  # the init helpers set some flags already
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -116,7 +136,7 @@ class TPRMSNorm(torch.nn.Module):
         local = divide(hidden_size, get_pg_size(self.tp_group))
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
         self.weight = torch.nn.Parameter(torch.ones(local, dtype=config.params_dtype, device=device))
-        set_tensor_model_parallel_attributes(self.weight, True, 0, 1)
+        mark_tp_sharded(self.weight, 0)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

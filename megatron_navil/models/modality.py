@@ -6,8 +6,16 @@ through model -> block -> layer -> attention/MLP (never stored on a module: a mo
 would break under activation recompute and with several pipeline micro-batches in flight).
 
 It precomputes a stable "grouped" order (text rows first, then visual rows, each group padded
-with zero rows to a multiple of 16 under FP8) so every modality-split GEMM is two dense GEMMs on
-contiguous row blocks, and the same index vectors serve all layers of the micro-batch.
+with zero rows to a multiple of the FP8 recipe's row multiple under FP8) so every modality-split
+GEMM is two dense GEMMs on contiguous row blocks, and the same index vectors serve all layers of
+the micro-batch.
+
+A modality absent from the pack still gets one block of zero rows (row_multiple rows, at least
+one). So no kernel ever runs on zero rows (TE's GEMMs, norms and FP8 quantizers reject them),
+every modality module runs on every micro-batch (FP8 amax bookkeeping and Megatron DDP's
+grad-ready hooks then see the same modules whatever the pack), and the absent modality's
+weights get a gradient that is exactly zero: their inputs are zero rows and their outputs are
+dropped by `ungroup`, so both factors of the weight gradient vanish.
 
 Under sequence parallelism the hidden states of a rank hold only its chunk of the sequence; the
 modality linears see the gathered sequence (QKV gathers first, the output projection reduces
@@ -37,6 +45,12 @@ from megatron_navil.models.local_layers import _tp_group
 TEXT, VISUAL = 0, 1
 
 
+def group_rows(count: int, row_multiple: int = 1) -> int:
+    """Rows a modality group occupies: `count` rounded up to `row_multiple`, at least one block
+    (an empty group would launch kernels on zero rows; see the module docstring)."""
+    return max(1, -(-count // row_multiple)) * row_multiple
+
+
 @dataclass
 class ModalityRouting:
     """Per-micro-batch token -> modality routing over the packed sequence (flattened [s*b])."""
@@ -50,7 +64,8 @@ class ModalityRouting:
     counts: tuple[int, int]
     """(text, visual) token counts."""
     padded: tuple[int, int]
-    """(text, visual) group sizes in the grouped buffer (counts rounded up to row_multiple)."""
+    """(text, visual) group sizes in the grouped buffer: counts rounded up to row_multiple, and
+    never 0 (an absent modality gets row_multiple zero rows)."""
     local_mask: torch.Tensor
     """bool [N / sp]: this rank's sequence-parallel chunk of `mask` (== mask without SP)."""
 
@@ -61,8 +76,7 @@ class ModalityRouting:
         n = mask.numel()
         n_vis = int(mask.sum())  # one host sync per micro-batch, shared by every layer
         n_txt = n - n_vis
-        pad = lambda c: -(-c // row_multiple) * row_multiple  # noqa: E731
-        padded = (pad(n_txt), pad(n_vis))
+        padded = (group_rows(n_txt, row_multiple), group_rows(n_vis, row_multiple))
         vis = mask.long()
         # Rank of each token within its own modality (stable: original order kept).
         rank_in_group = torch.where(mask, torch.cumsum(vis, 0) - 1, torch.cumsum(1 - vis, 0) - 1)

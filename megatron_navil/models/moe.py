@@ -8,7 +8,10 @@ capacity. Two execution paths over the SAME expert modules (so checkpoints are i
   with the precomputed routing (one index_select), run the experts module on the two contiguous
   row blocks (a grouped GEMM with TE), restore the order, then one TP reduce(-scatter).
 - EP = 2: Megatron's token dispatcher (alltoall/allgather) moves visual tokens to the rank
-  holding the visual expert and back; we only supply the routing.
+  holding the visual expert and back; we only supply the routing. A local expert that received
+  no token at all (no rank of the EP group had that modality) runs on a block of zero rows that
+  is dropped afterwards, as the EP = 1 path's routing does: no kernel on zero rows, and the
+  expert's weight gradient is exactly zero rather than absent.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.utils import get_pg_size
 
-from megatron_navil.models.modality import ModalityRouting
+from megatron_navil.models.modality import ModalityRouting, group_rows
 
 
 class ModalityRouter(MegatronModule):
@@ -49,8 +52,34 @@ class ModalityRouter(MegatronModule):
         return routing_map.to(torch.float32), routing_map
 
 
+def run_experts_nonempty(experts, x: torch.Tensor, tokens_per_expert: torch.Tensor,
+                         probs: torch.Tensor, row_multiple: int = 1):
+    """experts(x, tokens_per_expert, probs) with every expert given at least one block of rows:
+    an expert with 0 tokens gets `row_multiple` zero rows (prob 0), removed from the output."""
+    counts = [int(c) for c in tokens_per_expert.tolist()]
+    if all(counts):
+        return experts(x, tokens_per_expert, probs)
+    xs, ps = torch.split(x, counts), torch.split(probs, counts)
+    new_x, new_p, rows = [], [], []
+    for c, xi, pi in zip(counts, xs, ps):
+        n = c if c else group_rows(0, row_multiple)
+        new_x.append(xi if c else x.new_zeros(n, x.shape[-1]))
+        new_p.append(pi if c else probs.new_zeros((n,) + tuple(probs.shape[1:])))
+        rows.append(n)
+    out, bias = experts(torch.cat(new_x), torch.tensor(rows, dtype=torch.long), torch.cat(new_p))
+    kept = [o for o, c in zip(torch.split(out, rows), counts) if c]
+    return (torch.cat(kept) if kept else out[:0]), bias
+
+
 class ModalityMoELayer(MoELayer):
-    """Megatron MoELayer whose routing comes from the modality mask (see module docstring)."""
+    """Megatron MoELayer whose routing comes from the modality mask (see module docstring).
+
+    `row_multiple`: the FP8 recipe's row multiple (1 without FP8), for the zero-row blocks."""
+
+    def __init__(self, config, submodules, layer_number=None, pg_collection=None,
+                 row_multiple: int = 1):
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        self.row_multiple = row_multiple
 
     def forward(self, hidden_states: torch.Tensor, routing: ModalityRouting):
         if self.ep_group.size() == 1:
@@ -90,5 +119,15 @@ class ModalityMoELayer(MoELayer):
         output = self.combine(output)
         return self.postprocess(output, None), None
 
+    def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        """Megatron's, with experts that received no token run on a zero block (see above)."""
+        x, tokens_per_expert, permuted_probs = self.token_dispatcher.dispatch_postprocess(
+            hidden_states, probs)
+        out, bias = run_experts_nonempty(self.experts, x, tokens_per_expert, permuted_probs,
+                                         self.row_multiple)
+        if bias is not None:
+            raise ValueError("modality experts have no bias")
+        return self.token_dispatcher.combine_preprocess(out), None
 
-__all__ = ["ModalityRouter", "ModalityMoELayer"]
+
+__all__ = ["ModalityRouter", "ModalityMoELayer", "run_experts_nonempty"]

@@ -26,7 +26,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_navil.batch import check_packed_sequence
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
-from megatron_navil.models.backends import get_backend, resolve_backend
+from megatron_navil.models.backends import get_backend, resolve_backend, use_grouped_experts
+from megatron_navil.models.fp8 import check_device_fp8
 from megatron_navil.models.language import NaViLLanguageModel
 from megatron_navil.models.modality import ModalityRouting
 from megatron_navil.models.transformer_config import (
@@ -37,18 +38,32 @@ from megatron_navil.models.vision import Connector, VisionEncoder, packed_params
 
 
 class NaViLModel(MegatronModule):
+    """One pipeline stage of NaViL.
+
+    `experts_trainable` (text FFN expert, visual FFN expert): whether the training stage trains
+    each; it picks the TE experts module (backends.use_grouped_experts). `vision_every_micro_batch`:
+    in training, run the vision encoder and connector even on packs without images (on one blank
+    merge block, contributing exactly 0), so every trainable parameter gets a gradient on every
+    micro-batch, as Megatron DDP's overlapped grad reduce requires.
+    """
+
     def __init__(self, cfg: NaViLModelConfig, parallel: ParallelConfig,
                  precision: PrecisionConfig, pre_process: bool = True, post_process: bool = True,
                  vp_stage: Optional[int] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None):
+                 pg_collection: Optional[ProcessGroupCollection] = None,
+                 experts_trainable: tuple[bool, bool] = (True, True),
+                 vision_every_micro_batch: bool = False):
         cfg.validate()
         parallel.validate()
         precision.validate()
         backend_name = resolve_backend(precision)
-        backend = get_backend(
-            backend_name, row_multiple=precision.fp8_padding_multiple if precision.fp8 else 1
-        )
-        super().__init__(config=llm_transformer_config(cfg, parallel, precision, backend_name))
+        if backend_name == "transformer_engine":
+            check_device_fp8(precision.fp8)
+        grouped = use_grouped_experts(backend_name, experts_trainable)
+        backend = get_backend(backend_name, row_multiple=precision.row_multiple(),
+                              grouped_experts=grouped)
+        super().__init__(config=llm_transformer_config(cfg, parallel, precision, backend_name,
+                                                       grouped_experts=grouped))
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.cfg, self.backend = cfg, backend
@@ -61,6 +76,7 @@ class NaViLModel(MegatronModule):
         self.language_model = NaViLLanguageModel(cfg, self.config, backend, pre_process,
                                                  post_process, pg_collection, vp_stage)
         self.visual_token_ids = (cfg.img_context_id, cfg.img_start_id)
+        self.vision_every_micro_batch = vision_every_micro_batch
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # NaViL's LM head is untied
 
@@ -98,20 +114,35 @@ class NaViLModel(MegatronModule):
         packed = packed_params(seqlens, tokens.device)
         hidden = None
         if self.pre_process:
-            vision = None
+            vision = blank = None
             if pixel_values is not None and pixel_values.shape[0] > 0:
                 vision = self.connector(self.vision_model(pixel_values, grid_thw))
+            elif self.vision_every_micro_batch and self.training and torch.is_grad_enabled():
+                blank = self._blank_image_features(tokens.device)  # same module order as images
             hidden = self.language_model.embed(tokens, vision)
+            if blank is not None:
+                # exactly 0 added; the encoder's parameters get (zero) gradients like on any pack
+                hidden = hidden + 0.0 * blank.sum()
         return self.language_model(
             hidden, input_ids=tokens, position_ids=position_ids, packed_seq_params=packed,
             routing=routing, labels=None if labels is None else labels.reshape(-1),
             loss_mask=None if loss_mask is None else loss_mask.reshape(-1),
         )
 
+    def _blank_image_features(self, device) -> torch.Tensor:
+        """Connector output for one blank merge block (the smallest image the encoder takes)."""
+        m, p = self.cfg.connector.merge_size, self.cfg.vision.patch_size
+        pixels = torch.zeros(m * m, self.cfg.vision.num_channels * p * p, device=device,
+                             dtype=self.config.params_dtype)
+        grid = torch.tensor([[1, m, m]], device=device)
+        return self.connector(self.vision_model(pixels, grid))
+
 
 def build_model(cfg: NaViLModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                pg_collection: Optional[ProcessGroupCollection] = None) -> list[NaViLModel]:
-    """This rank's model chunks (one per virtual pipeline stage), like Megatron-LM's get_model."""
+                pg_collection: Optional[ProcessGroupCollection] = None,
+                **model_kwargs) -> list[NaViLModel]:
+    """This rank's model chunks (one per virtual pipeline stage), like Megatron-LM's get_model.
+    `model_kwargs` go to every NaViLModel (experts_trainable, vision_every_micro_batch)."""
     from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
 
     vp = parallel.virtual_pipeline_model_parallel_size
@@ -123,5 +154,5 @@ def build_model(cfg: NaViLModelConfig, parallel: ParallelConfig, precision: Prec
         first = pp_rank == 0 and (vp is None or is_vp_first_stage(vp_stage, vp))
         last = pp_rank == pp_size - 1 and (vp is None or is_vp_last_stage(vp_stage, vp))
         chunks.append(NaViLModel(cfg, parallel, precision, pre_process=first, post_process=last,
-                                 vp_stage=vp_stage, pg_collection=pg_collection))
+                                 vp_stage=vp_stage, pg_collection=pg_collection, **model_kwargs))
     return chunks

@@ -82,6 +82,7 @@ def llm_layer_spec(cfg: NaViLModelConfig, backend: Backend) -> ModuleSpec:
     if experts.ffn_experts:
         mlp = ModuleSpec(
             module=ModalityMoELayer,
+            params={"row_multiple": backend.fp8_row_multiple},
             submodules=MoESubmodules(
                 experts=ModuleSpec(module=backend.experts, submodules=backend.experts_submodules),
                 router=ModalityRouter,

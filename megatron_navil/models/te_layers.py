@@ -3,7 +3,7 @@
 - `TEShardLinear`: a TE Linear holding one TP shard and doing no communication (TE's own
   parallel modes are off), so the modality experts keep owning their collectives, exactly like
   the local `ShardLinear`; FP8-capable. Under FP8 the modality routing pads every group's rows
-  to a multiple of 16 before these GEMMs (ModalityRouting.build(row_multiple=16)).
+  to the recipe's multiple (16; 32 for MXFP8) before these GEMMs, and never hands them 0 rows.
 - `TEVarlenAttention`: Megatron's TEDotProductAttention (cuDNN/flash fused attention) called in
   THD form with our packed-sequence params; causal/no_mask become padding_causal/padding there.
 
@@ -23,12 +23,11 @@ from megatron.core.extensions.transformer_engine import (
     condition_init_method,
 )
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import divide, get_pg_size
 
-from megatron_navil.models.local_layers import _tp_group
+from megatron_navil.models.local_layers import _tp_group, finish_shard_params
 
 
 class TEShardLinear(te.pytorch.Linear):
@@ -49,15 +48,15 @@ class TEShardLinear(te.pytorch.Linear):
             parallel_mode=None, **_get_extra_te_kwargs(config),
         )
         self.partition_dim = partition_dim
-        set_tensor_model_parallel_attributes(self.weight, True, partition_dim, 1)
-        if bias:
-            set_tensor_model_parallel_attributes(self.bias, True, 0, 1)
-        for p in self.parameters():
-            setattr(p, "allreduce", True)
+        # TE's reset_parameters flagged the weight as split along dim 0: overwrite (row shards
+        # are split along 1), as Megatron's own helper would refuse to.
+        finish_shard_params(self, partition_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 0:  # TE GEMMs reject empty inputs (a modality absent from the pack)
-            return x.new_zeros(0, self.out_features) + 0 * self.weight.sum()
+        if x.shape[0] == 0:
+            # ModalityRouting gives every group >= 1 row block; a zero-row input is a bug
+            # upstream, and TE's GEMMs and FP8 quantizers would fail on it less clearly.
+            raise ValueError("TEShardLinear got 0 rows; route through ModalityRouting.group")
         return super().forward(x)
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):

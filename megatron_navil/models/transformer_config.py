@@ -50,12 +50,16 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) 
         batch_p2p_comm=torch.cuda.is_available(),
     )
     if precision.fp8 is not None:
-        common.update(fp8="hybrid", fp8_recipe=Fp8Recipe(precision.fp8))
+        # Amax reduced over TP only: DP ranks' packs differ, so their FP8 modules need not
+        # run in the same order or number (see models/fp8.py).
+        common.update(fp8="hybrid", fp8_recipe=Fp8Recipe(precision.fp8), tp_only_amax_red=True)
     return common
 
 
 def llm_transformer_config(cfg: NaViLModelConfig, parallel: ParallelConfig,
-                           precision: PrecisionConfig, backend: str) -> TransformerConfig:
+                           precision: PrecisionConfig, backend: str,
+                           grouped_experts: bool = False) -> TransformerConfig:
+    """`grouped_experts`: the FFN experts run as one TE GroupedLinear (backends.py decides)."""
     llm = cfg.llm
     kw = _common(parallel, precision, backend)
     kw.update(
@@ -86,7 +90,7 @@ def llm_transformer_config(cfg: NaViLModelConfig, parallel: ParallelConfig,
             moe_aux_loss_coeff=0.0,
             moe_router_load_balancing_type="none",
             moe_token_dispatcher_type=parallel.moe_token_dispatcher_type,
-            moe_grouped_gemm=backend == "transformer_engine",
+            moe_grouped_gemm=grouped_experts,
             moe_permute_fusion=False,
             moe_router_dtype="fp32",
             moe_router_pre_softmax=True,  # Megatron requires it for top-1; our router has no softmax

@@ -193,13 +193,58 @@ _NON_SHAPE_FIELDS = {"init_method_std", "visual_init", "max_sequence_length", "r
                      "window_size", "fullatt_block_indexes"}
 
 
+EXTRA_STATE = "_extra_state"
+"""Key suffix of Transformer Engine's per-module metadata (FP8 scales and amax history)."""
+
+
+def _missing_keys_error(d: Path, keys: list[str]) -> CheckpointError:
+    shown = "\n  ".join(keys[:5])
+    more = f"\n  ... and {len(keys) - 5} more" if len(keys) > 5 else ""
+    return CheckpointError(
+        f"cannot load {d}: {len(keys)} tensors this run needs are not in the checkpoint:\n  "
+        f"{shown}{more}\nit was saved by a model of another structure (flavor, experts, overrides), "
+        "or by a training stage that froze parts this one trains (start a new stage with "
+        "--finetune); use the matching config, or convert it with navil-convert")
+
+
+def _agree_on_failure(local_bad: int) -> int:
+    """Largest count of missing keys over all ranks, so every rank refuses together instead of
+    some ranks going on to a collective the refusing ones never reach."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local_bad
+    t = torch.tensor([local_bad], dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _absent_keys(d: Path, sharded_state: dict) -> set[str]:
+    """Keys `sharded_state` requests that checkpoint `d` does not hold (after factories, as
+    dist_checkpointing resolves them), read from the checkpoint's metadata only."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+
+    stored = {sh.key for sh in load_sharded_metadata(str(d)).values()}
+    requested, _, _ = load_preprocess(sharded_state)
+    return {x.key for x in nested_values(requested) if isinstance(x, ShardedBase)} - stored
+
+
 def load(path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLModelConfig] = None) -> tuple[dict, dict]:
     """Load a checkpoint into the structure `sharded_state` describes (any parallel layout).
 
-    Returns (loaded state dict, metadata). Missing or unexpected keys raise CheckpointError
-    naming them.
+    Returns (loaded state dict, metadata). Requested tensors the checkpoint lacks are refused
+    before anything is read, on every rank, with one message naming how many and the first few.
+    Missing `_extra_state` entries are tolerated: Transformer Engine modules ask for their FP8
+    metadata, which checkpoints of the local backend and of navil-convert do not have (starting
+    GPU training from a converted LLM or from a CPU checkpoint); those modules keep their fresh
+    scaling state, as at initialisation.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     d = resolve(path)
@@ -207,7 +252,24 @@ def load(path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLM
     if model_cfg is not None:
         check_model_config(meta["model"], model_cfg, d)
     try:
-        state = dist_checkpointing.load(sharded_state, str(d), strict=StrictHandling.RAISE_UNEXPECTED)
+        absent = _absent_keys(d, sharded_state)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the metadata of {d}: {e}") from e
+    missing = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
+    if _agree_on_failure(len(missing)):
+        if missing:
+            raise _missing_keys_error(d, missing)
+        raise CheckpointError(f"cannot load {d}: another rank is missing tensors (see its error)")
+    extra = absent - set(missing)
+    if extra:
+        _, sharded_state = extract_matching_values(
+            sharded_state, lambda x: isinstance(x, ShardedObject) and x.key in extra)
+        log.info("%s has no Transformer Engine metadata (_extra_state) for %d modules (a "
+                 "local-backend or converted checkpoint): their FP8 scaling state starts fresh",
+                 d, len(extra))
+    try:
+        state = dist_checkpointing.load(sharded_state, str(d),
+                                        strict=StrictHandling.ASSUME_OK_UNEXPECTED)
     except Exception as e:  # dist_checkpointing raises several types; name the checkpoint
         raise CheckpointError(f"cannot load {d}: {e}") from e
     return state, meta

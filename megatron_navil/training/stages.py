@@ -58,6 +58,30 @@ def classify(chunk: torch.nn.Module) -> dict[str, str]:
     return parts
 
 
+def experts_trainable(stage: StageConfig) -> tuple[bool, bool]:
+    """(text FFN expert, visual FFN expert) trained by `stage`; the model picks its experts
+    module from this (models/backends.use_grouped_experts)."""
+    return stage.trains("text"), stage.trains("visual_experts")
+
+
+def check_grouped_experts(chunks: list) -> None:
+    """Refuse a frozen/trained mix inside one grouped expert GEMM.
+
+    A TE GroupedLinear (parameters weight0, weight1, ...) computes all its weight gradients or
+    none, from weight0's requires_grad; build the model with `experts_trainable(stage)` so a
+    stage that freezes one expert gets separate expert linears instead."""
+    for chunk in chunks:
+        for name, module in chunk.named_modules():
+            flags = {n: p.requires_grad for n, p in module.named_parameters(recurse=False)
+                     if n.startswith("weight") and n[len("weight"):].isdigit()}
+            if len(set(flags.values())) > 1:
+                raise ValueError(
+                    f"{name} holds grouped expert weights of which only some train "
+                    f"({', '.join(f'{n}={v}' for n, v in sorted(flags.items()))}); Transformer "
+                    "Engine's GroupedLinear would skip the trained ones' gradients. Build the model "
+                    "with experts_trainable=experts_trainable(stage)")
+
+
 def apply_stage(chunks: list, stage: StageConfig) -> Counter:
     """Tag every parameter with its part and freeze the parts the stage does not train.
 
@@ -72,6 +96,7 @@ def apply_stage(chunks: list, stage: StageConfig) -> Counter:
             p.requires_grad_(stage.trains(part))
             if p.requires_grad:
                 trainable[part] += p.numel()
+    check_grouped_experts(chunks)
     return trainable
 
 

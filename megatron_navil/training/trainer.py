@@ -33,7 +33,7 @@ from megatron_navil.training.optimizer import (
     prime_optimizer_state,
 )
 from megatron_navil.training.signals import ExitSignalHandler
-from megatron_navil.training.stages import apply_stage
+from megatron_navil.training.stages import apply_stage, experts_trainable
 from megatron_navil.training.state import restore, train_sharded_state
 from megatron_navil.training.step import forward_backward, wrap_ddp
 from megatron_navil.utils.distributed import initialize_model_parallel
@@ -56,7 +56,14 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.num_microbatches = cfg.training.num_microbatches(self.dp_size)
 
-        chunks = build_model(self.model_cfg, cfg.parallel, cfg.precision)
+        # Stage-dependent model choices: TE's grouped expert GEMM cannot train one expert and
+        # freeze the other; DDP's overlapped grad reduce needs every trainable parameter to get a
+        # gradient on every micro-batch, so text-only packs then run the encoder on a blank image.
+        vision_trains = cfg.stage.trains("vision") or cfg.stage.trains("connector")
+        chunks = build_model(
+            self.model_cfg, cfg.parallel, cfg.precision,
+            experts_trainable=experts_trainable(cfg.stage),
+            vision_every_micro_batch=cfg.optimizer.overlap_grad_reduce and vision_trains)
         if torch.cuda.is_available():
             chunks = [c.cuda() for c in chunks]
         trainable = apply_stage(chunks, cfg.stage)

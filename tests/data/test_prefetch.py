@@ -7,14 +7,22 @@ waiting to enter it); with depth 0 nothing is built ahead. An exception in the p
 the trainer at the batch where it happened, after the batches before it, and a retry resumes
 at that batch. close() joins the thread. Waiting is by polling with a generous deadline, never a fixed sleep that could pass by
 luck: the "bounded" check waits until the producer has stopped making progress.
+The GPU hand-off is called where it must be (a recording stand-in for `CudaHandoff`, CPU): every
+build runs inside `building()` (the private stream on GPU), `seal` runs after it in the
+producer's thread, `accept` runs in the trainer's thread with the event sealed for that very
+batch, and no build context is left open in the trainer's thread (prefetch_depth 0 builds in
+it); what the hand-off does on CUDA is tested in test_gpu.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
 import pytest
+
+from megatron_navil.data.cuda_handoff import CudaHandoff
 
 
 def _count_builds(loader, fail_at=None):
@@ -74,3 +82,56 @@ def test_close_stops_the_thread(dataset, make_loader):
     assert any(t.name == "navil-data-prefetch" for t in threading.enumerate())
     loader.close()
     assert not any(t.name == "navil-data-prefetch" for t in threading.enumerate())
+
+
+class _RecordingHandoff(CudaHandoff):
+    """CPU stand-in: records in which thread, and inside which context, the loader calls it."""
+
+    def __init__(self):
+        super().__init__(None)
+        self._local = threading.local()
+        self._sealed: dict[int, tuple[object, str]] = {}
+        self.accepted: list[str] = []  # per batch handed out: the thread that built it
+
+    def depth(self) -> int:
+        return getattr(self._local, "depth", 0)
+
+    @contextlib.contextmanager
+    def building(self):
+        self._local.depth = self.depth() + 1
+        try:
+            yield
+        finally:
+            self._local.depth -= 1
+
+    def seal(self, batch):
+        assert self.depth() == 0, "seal must follow the build, outside its stream context"
+        token = object()  # stands for the CUDA event
+        self._sealed[id(batch)] = (token, threading.current_thread().name)
+        return token
+
+    def accept(self, batch, ready):
+        assert threading.current_thread() is threading.main_thread()
+        assert self.depth() == 0, "a build context leaked into the trainer's thread"
+        token, producer = self._sealed.pop(id(batch))
+        assert ready is token, "accepted with another batch's event"
+        self.accepted.append(producer)
+        return batch
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_handoff_is_called_around_each_build(dataset, make_loader, depth):
+    loader = make_loader([dataset.root], prefetch_depth=depth)
+    rec = _RecordingHandoff()
+    loader.handoff = rec
+    real = loader.builder.build
+
+    def build(pack):
+        assert rec.depth() == 1, "build outside the hand-off's building() context"
+        return real(pack)
+
+    loader.builder.build = build
+    for _ in range(4):
+        next(loader)
+    producer = "navil-data-prefetch" if depth else threading.main_thread().name
+    assert rec.accepted == [producer] * 4

@@ -4,7 +4,7 @@ Proves: the validation loader reads the held-out set in file order (no shuffle),
 restarts it so each evaluation sees bit-identical batches, it cycles past the end of the set,
 and DP ranks get equal counts of disjoint packs; DataConfig documents every field (the CLI/YAML
 help is generated from these docstrings; docs/data_loader.md has a row for each), round-trips through dicts, and rejects settings that
-cannot work with a message naming the field; `pad_multiple_for` is lcm(16 if FP8, TP if SP).
+cannot work with a message naming the field; `pad_multiple_for` is lcm(the FP8 recipe's row multiple, TP if SP).
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def test_bad_settings_are_refused(kw, field):
 
 def test_pad_multiple_for():
     assert pad_multiple_for() == 1
-    assert pad_multiple_for(fp8=True) == 16
+    assert pad_multiple_for(fp8_row_multiple=16) == 16
+    assert pad_multiple_for(fp8_row_multiple=32) == 32  # MXFP8
     assert pad_multiple_for(4, sequence_parallel=True) == 4
-    assert pad_multiple_for(8, sequence_parallel=True, fp8=True) == 16
-    assert pad_multiple_for(3, sequence_parallel=True, fp8=True) == 48
+    assert pad_multiple_for(8, sequence_parallel=True, fp8_row_multiple=16) == 16
+    assert pad_multiple_for(3, sequence_parallel=True, fp8_row_multiple=16) == 48
