@@ -17,6 +17,17 @@ nproc=${NPROC:-1}
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   nproc=${NPROC:-$(python -c "import torch; print(torch.cuda.device_count())")}
   extra=(--bf16)
+  # The GPU path wants Transformer Engine (the `te` extra); without a working one training
+  # falls back to the slow local backend (navil-pretrain says so too). NAVIL_SKIP_TE=1 skips.
+  if [[ ${NAVIL_SKIP_TE:-0} != 1 ]] && ! python -c "import transformer_engine.pytorch" >/dev/null 2>&1; then
+    echo "[quickstart] GPU found but Transformer Engine does not import: installing the 'te' extra"
+    echo "[quickstart] (transformer_engine_torch compiles against this torch: needs nvcc, takes minutes)"
+    if ! python -m pip install -q --no-build-isolation -c "$root/constraints.txt" -e "$root[te]"; then
+      echo "[quickstart] could not install Transformer Engine; continuing on the local backend."
+      echo "[quickstart] To get the fast path: pip install --no-build-isolation 'megatron-navil[te]'"
+      echo "[quickstart] with the CUDA toolkit (nvcc) on PATH, or use an NGC PyTorch container."
+    fi
+  fi
 else
   extra=()
 fi

@@ -85,7 +85,7 @@ def test_dry_run_training_loss_finite_and_falling(dry_run):
         assert {run["metrics_file"], run["stderr"], run["stdout"]} <= names
         rows = tar.extractfile(run["metrics_file"]).read().decode().splitlines()
     assert len(rows) == run["steps"]
-    for name in ("debug-fp8-delayed", "debug-fp8-tensorwise", "2b-l2-bf16", "2b-l2-fp8-delayed"):
+    for name in ("debug-fp8-delayed", "2b-l2-bf16", "2b-l2-fp8-delayed"):
         assert train["runs"][name] == {"status": "skipped", "reason": "dry run"}
 
 

@@ -31,8 +31,8 @@ class DataConfig(ConfigBase):
     seq_length: int = 4096
     """Tokens per packed micro-batch (T); every pack is padded to exactly this length."""
     pad_multiple: int = 16
-    """seq_length must be a multiple of this: 16 for FP8 GEMMs, times the TP size under
-    sequence parallelism (see `pad_multiple_for`)."""
+    """seq_length must be a multiple of this: the FP8 recipe's row multiple (16; 32 for MXFP8),
+    times the TP size under sequence parallelism (see `pad_multiple_for`)."""
     seed: int = 1234
     """Seed of the epoch shuffles and the blend draws (same seed = same batches)."""
     shuffle: bool = True

@@ -22,9 +22,9 @@ from megatron_navil.utils.logging import get_logger
 log = get_logger(__name__)
 
 TE_INSTALL_HINT = (
-    "pip install 'megatron-navil[te]' (Transformer Engine >=2.9,<2.12 built for this torch and "
-    "CUDA; it compiles transformer_engine_torch, so nvcc must be on PATH), or use an NGC PyTorch "
-    "container"
+    "pip install --no-build-isolation 'megatron-navil[te]' (Transformer Engine >=2.9,<2.12; it "
+    "compiles transformer_engine_torch against this torch, so nvcc must be on PATH), or use an "
+    "NGC PyTorch container"
 )
 
 

@@ -24,6 +24,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_navil.batch import check_packed_sequence
+from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
 from megatron_navil.models.backends import get_backend, resolve_backend, use_grouped_experts
@@ -59,6 +60,10 @@ class NaViLModel(MegatronModule):
         backend_name = resolve_backend(precision)
         if backend_name == "transformer_engine":
             check_device_fp8(precision.fp8)
+        elif precision.fp8 is not None:
+            raise ConfigError(f"precision.fp8={precision.fp8} needs the Transformer Engine backend "
+                              "on a GPU, but this run resolved to the local backend (see the "
+                              "warning above, if any); drop --fp8-recipe or install TE")
         grouped = use_grouped_experts(backend_name, experts_trainable)
         backend = get_backend(backend_name, row_multiple=precision.row_multiple(),
                               grouped_experts=grouped)

@@ -293,7 +293,7 @@ def test_auto_backend_on_gpu_without_te_says_why_and_how():
     name, warning = choose_backend("auto", cuda=True,
                                    te_error="ModuleNotFoundError: No module named 'transformer_engine'")
     assert name == "local"
-    assert "No module named 'transformer_engine'" in warning and "pip install 'megatron-navil[te]'" in warning
+    assert "No module named 'transformer_engine'" in warning and "pip install --no-build-isolation 'megatron-navil[te]'" in warning
     assert "\n" not in warning
     assert choose_backend("auto", cuda=True, te_error=None) == ("transformer_engine", None)
     assert choose_backend("auto", cuda=False, te_error="anything") == ("local", None)
@@ -313,3 +313,11 @@ def test_te_import_is_really_attempted():
         assert err is not None and type(e).__name__ in err
     else:
         assert err is None
+
+
+def test_fp8_without_te_is_refused_at_model_construction(megatron_single_process):
+    if te_import_error() is None and torch.cuda.is_available():
+        pytest.skip("this machine runs FP8 (the GPU tests cover it)")
+    with pytest.raises(ConfigError, match="needs the Transformer Engine backend"):
+        NaViLModel(get_flavor("debug-internlm2"), ParallelConfig(),
+                   PrecisionConfig(backend="auto", fp8="delayed"))
