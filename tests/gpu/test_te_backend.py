@@ -103,6 +103,13 @@ def _grads_as_params(model, like, tmp_path, name):
     return {n: p.detach().float().clone() for n, p in like.named_parameters()}
 
 
+@torch.no_grad()
+def _logits(model, b):
+    """(logits [n, vocab], rows) of an inference forward (no labels)."""
+    return model(b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values,
+                 grid_thw=b.grid_thw)
+
+
 def _loss(model, batch):
     return model(**batch.model_inputs()).sum() / batch.loss_mask.sum()
 
@@ -127,11 +134,7 @@ def test_te_matches_local_bf16(gpu_parallel_state, tmp_path, flavor, proj):
     local, te = _build(cfg, "local"), _build(cfg, "transformer_engine", seed=1)
     _move(local, te, tmp_path, "w")  # a local checkpoint (no _extra_state) into TE modules
     b = _batch(cfg)
-    with torch.no_grad():
-        lo, rows = local(b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values,
-                         grid_thw=b.grid_thw)
-        to, rows2 = te(b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values,
-                       grid_thw=b.grid_thw)
+    (lo, rows), (to, rows2) = _logits(local, b), _logits(te, b)
     assert torch.equal(rows, rows2)
     v = cfg.llm.vocab_size
     torch.testing.assert_close(to[:, :v].float(), lo[:, :v].float(), atol=5e-2, rtol=0)
@@ -219,12 +222,7 @@ def test_te_checkpoint_round_trip(gpu_parallel_state, tmp_path, fp8):
     fresh = _build(cfg, "transformer_engine", fp8=fp8, seed=9)
     _move(model, fresh, tmp_path, "rt")
     model.eval(), fresh.eval()
-    with torch.no_grad():
-        a, _ = model(b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values,
-                     grid_thw=b.grid_thw)
-        c, _ = fresh(b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values,
-                     grid_thw=b.grid_thw)
-    assert torch.equal(a, c)
+    assert torch.equal(_logits(model, b)[0], _logits(fresh, b)[0])
 
 
 def test_full_recompute_under_fp8(gpu_parallel_state, tmp_path):
