@@ -74,8 +74,8 @@ def vision_mappings(cfg: NaViLModelConfig) -> list[ParamMapping]:
                       tp=per_head))
     if v.qk_normalization:  # full-width norms, sharded like q and k (TPRMSNorm)
         head = TPSplit(axis=0, unit=v.head_dim)
-        out += [_m(ml + "self_attention.q_layernorm.weight", hl + "attn.q_norm.weight", tp=head),
-                _m(ml + "self_attention.k_layernorm.weight", hl + "attn.k_norm.weight", tp=head)]
+        out += [_m(ml + "self_attention.q_norm.weight", hl + "attn.q_norm.weight", tp=head),
+                _m(ml + "self_attention.k_norm.weight", hl + "attn.k_norm.weight", tp=head)]
     return out
 
 

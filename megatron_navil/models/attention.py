@@ -79,8 +79,18 @@ class NaViLSelfAttention(MegatronModule):
         )
         self.full_width_qk_norm = full_width_qk_norm
         norm_size = q_size if full_width_qk_norm else self.hn
-        self.q_layernorm = self._build_norm(submodules.q_layernorm, config, norm_size)
-        self.k_layernorm = self._build_norm(submodules.k_layernorm, config, norm_size)
+        q_norm = self._build_norm(submodules.q_layernorm, config, norm_size)
+        k_norm = self._build_norm(submodules.k_layernorm, config, norm_size)
+        # NOTE: Megatron's finalize_model_grads sums over TP the gradient of every parameter
+        # named like `q_layernorm` / `k_layernorm` when the LLM has qk_layernorm (right for the
+        # per-head norms, replicated over TP). The encoder's full-width norms are TP-SHARDED,
+        # so they must not carry that name: they are `q_norm` / `k_norm` (as in the HF layout).
+        if full_width_qk_norm:
+            self.q_norm, self.k_norm = q_norm, k_norm
+            self.q_layernorm = self.k_layernorm = None
+        else:
+            self.q_layernorm, self.k_layernorm = q_norm, k_norm
+            self.q_norm = self.k_norm = None
         self.core_attention = build_module(
             submodules.core_attention, config=config, layer_number=layer_number,
             attn_mask_type=attn_mask_type, attention_type="self", pg_collection=pg_collection,
@@ -125,8 +135,9 @@ class NaViLSelfAttention(MegatronModule):
         mixed = mixed.view(s, b, self.ng, (per_group + 2) * self.hn)
         q, k, v = torch.split(mixed, [per_group * self.hn, self.hn, self.hn], dim=3)
         q = q.reshape(s, b, self.np, self.hn)  # [s, b, np, hn]
-        q = self._norm(self.q_layernorm, q, routing)
-        k = self._norm(self.k_layernorm, k, routing)  # [s, b, ng, hn]
+        wide = self.full_width_qk_norm
+        q = self._norm(self.q_norm if wide else self.q_layernorm, q, routing)
+        k = self._norm(self.k_norm if wide else self.k_layernorm, k, routing)  # [s, b, ng, hn]
 
         q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config)
         k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config)

@@ -37,7 +37,18 @@ LAYOUTS = {
 CASES = [("debug-internlm2", name) for name in LAYOUTS] + [
     # Qwen3 adds per-head q/k norms per modality (replicated over TP, summed by finalize).
     ("debug-qwen3", name) for name in ("tp2_sp", "pp2", "ep2")
+] + [
+    # ...and with the encoder's full-width q/k norms (TP-sharded: finalize must NOT sum them,
+    # which its name rule for the LLM's norms once did).
+    ("debug-qwen3+vit_qk_norm", "tp2"),
 ]
+# Named model variants: flavor + dotted overrides passed to the worker.
+VARIANTS = {"debug-qwen3+vit_qk_norm": ("debug-qwen3", ["vision.qk_normalization=true"])}
+
+
+def _model_args(variant: str) -> list[str]:
+    flavor, overrides = VARIANTS.get(variant, (variant, []))
+    return ["--flavor", flavor] + [a for o in overrides for a in ("--override", o)]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +59,7 @@ def references(tmp_path_factory):
     def get(flavor):
         if flavor not in cache:
             d = tmp_path_factory.mktemp(flavor)
-            launch("tests.workers.parity", 1, ["--mode", "reference", "--flavor", flavor,
+            launch("tests.workers.parity", 1, ["--mode", "reference", *_model_args(flavor),
                                                "--dir", str(d), "--out", str(d / "ref")])
             with open(d / "ref.rank0.json") as f:
                 ref = json.load(f)
@@ -65,7 +76,7 @@ def test_layout_matches_single_process(references, flavor, name):
     world, args = LAYOUTS[name]
     out = d / name
     launch("tests.workers.parity", world,
-           ["--mode", "parallel", "--flavor", flavor, "--dir", str(d), "--out", str(out), *args])
+           ["--mode", "parallel", *_model_args(flavor), "--dir", str(d), "--out", str(out), *args])
     ranks = [json.load(open(f)) for f in sorted(glob.glob(f"{out}.rank*.json"))]
     assert len(ranks) == world
     # Every micro-batch's loss appears on some last-stage rank and equals the reference.
