@@ -71,10 +71,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", type=Path, required=True, help="checkpoint root or iter_* directory")
     p.add_argument("--output", type=Path, required=True, help="HF directory to create")
     p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer files to include (default: CKPT/tokenizer if present)")
+                   help="tokenizer files to include (default: the one the checkpoint carries)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="stored dtype (auto: as saved)")
     p.add_argument("--max-shard-size", type=_size, default="5GiB", help="per safetensors file")
+    p.add_argument("--modeling-code", type=Path, default=None,
+                   help="local copy of the released NaViL code to include (offline clusters); "
+                        "default: config.json points at the family's hub repository")
     _common(p)
+
+    p = sub.add_parser("check-release", help="what the released NaViL code would reject in an HF directory")
+    p.add_argument("hf_dir", type=Path, help="HF NaViL directory (navil-to-hf output)")
 
     p = sub.add_parser("hf-to-navil", help="HF NaViL directory -> Megatron checkpoint")
     p.add_argument("--hf", type=Path, required=True, help="HF NaViL directory (config.json + safetensors)")
@@ -123,6 +129,19 @@ def _summary(verb: str, report) -> str:
             f"{report.seconds:.1f} s ({report.gb_per_s:.2f} GB/s)")
 
 
+def _print_release_check(hf_dir: Path, problems) -> int:
+    """The release check's verdict on stdout: one line per problem; exit 1 if any."""
+    if not problems:
+        print(f"release check OK: {hf_dir} loads in the released NaViL code as far as config, "
+              "tokenizer and weights can tell")
+        return 0
+    print(f"release check: {len(problems)} problem(s) in {hf_dir} for the released NaViL code:")
+    for line in problems:
+        print(f"  {line}")
+    print(f"fix them, then run: navil-convert check-release {hf_dir}")
+    return 1
+
+
 def run(a) -> int:
     progress = not getattr(a, "no_progress", False)
     if a.command == "llm-to-navil":
@@ -147,8 +166,14 @@ def run(a) -> int:
         from megatron_navil.conversion.to_hf import export_hf
 
         report = export_hf(a.load, a.output, tokenizer_dir=a.tokenizer, dtype=_dtype(a.dtype),
-                           max_shard_bytes=a.max_shard_size, overwrite=a.overwrite, progress=progress)
+                           max_shard_bytes=a.max_shard_size, overwrite=a.overwrite, progress=progress,
+                           modeling_code=a.modeling_code)
         print(_summary("exported", report))
+        _print_release_check(report.output, report.problems)  # the gate is check-release
+    elif a.command == "check-release":
+        from megatron_navil.conversion.release import check_release
+
+        return _print_release_check(a.hf_dir, check_release(a.hf_dir))
     else:
         from checkpoint_tools.verify import verify
 
@@ -158,7 +183,7 @@ def run(a) -> int:
             a.json.write_text(json.dumps(r.__dict__, indent=2) + "\n")
         print(f"{'OK' if r.ok else 'MISMATCH'}: {r.positions} positions, max |logit diff| "
               f"{r.max_abs_diff:.3g} (atol {a.atol:g}), KL mean {r.mean_kl:.3g} max {r.max_kl:.3g} "
-              f"(max allowed {a.max_kl:g})")
+              f"(max allowed {a.max_kl:g}); tokenizer: {r.tokenizer}")
         return 0 if r.ok else 1
     return 0
 

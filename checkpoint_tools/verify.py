@@ -38,6 +38,9 @@ class VerifyResult:
     mean_kl: float
     max_kl: float
     ok: bool
+    tokenizer: str = "not checked"
+    """The HF directory's tokenizer vs the one the checkpoint carries: "same", "differs: FILE",
+    "missing: FILE" (both make the result not ok), or "not in the checkpoint"."""
 
 
 def make_inputs(cfg: NaViLModelConfig, seq_length: int, seed: int) -> dict:
@@ -153,4 +156,29 @@ def verify(checkpoint: Path, hf_dir: Path, inputs_path: Optional[Path] = None, *
     inputs = read_inputs(inputs_path) if inputs_path else make_inputs(cfg, seq_length, seed)
     meg, rows = megatron_logits(checkpoint, cfg, inputs, dtype)
     ref = reference_logits(hf_dir, hf_cfg, inputs, rows, dtype)
-    return compare(ref, meg, atol, max_kl)
+    result = compare(ref, meg, atol, max_kl)
+    result.tokenizer = compare_tokenizers(checkpoint, hf_dir)
+    result.ok = result.ok and result.tokenizer in ("same", "not in the checkpoint")
+    return result
+
+
+# Files that define the vocabulary (the export adds special tokens to the others).
+_VOCAB_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
+
+
+def compare_tokenizers(checkpoint: Path, hf_dir: Path) -> str:
+    """The tokenizer the checkpoint carries (navil-pretrain's copy, or navil-convert's) vs the
+    HF directory's, by the bytes of the files that define the vocabulary."""
+    from megatron_navil.conversion.to_hf import checkpoint_tokenizer
+    from megatron_navil.training.checkpoint import resolve
+
+    own = checkpoint_tokenizer(resolve(checkpoint))
+    names = [n for n in _VOCAB_FILES if (own / n).is_file()]
+    if not names:
+        return "not in the checkpoint"
+    for n in names:
+        if not (Path(hf_dir) / n).is_file():
+            return f"missing: {n}"
+        if (Path(hf_dir) / n).read_bytes() != (own / n).read_bytes():
+            return f"differs: {n}"
+    return "same"

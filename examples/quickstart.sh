@@ -43,9 +43,6 @@ if [[ ! -f $work/tokenizer/navil_tokenizer.json ]]; then
   navil-tokenizer train --input "$work/raw/train.jsonl" --output "$work/tokenizer" --vocab-size 512
 fi
 cp "$work/tokenizer/tokenizer.model" "$work/tokenizer.model"
-# The model's embedding follows the tokenizer: a tiny corpus may yield fewer than 500 pieces.
-read -r vocab first < <(python -c "import json,sys; t=json.load(open(sys.argv[1])); \
-print(t['vocab_size'], t['first_special_token_id'])" "$work/tokenizer/navil_tokenizer.json")
 step "3/5 preprocess -> $work/data"
 for split in train valid; do
   navil-preprocess --input "$work/raw/$split.jsonl" --image-root "$work/raw" \
@@ -56,8 +53,8 @@ torchrun --standalone --nproc_per_node "$nproc" --no-python navil-pretrain \
   --config examples/configs/debug.yaml "${extra[@]}" \
   --data-path "$work/data/train" --valid-data-path "$work/data/valid" \
   --tokenizer-model "$work/tokenizer" --save "$work/checkpoints" \
-  --metrics-file "$work/metrics.jsonl" --tensorboard-dir "$work/tensorboard" \
-  model.llm.vocab_size="$vocab" model.llm.first_special_token_id="$first" "$@"
+  --metrics-file "$work/metrics.jsonl" --tensorboard-dir "$work/tensorboard" "$@"
+# (the model's vocabulary follows the tokenizer: a tiny corpus may yield fewer than 500 pieces)
 python - "$work/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

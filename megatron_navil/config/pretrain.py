@@ -66,11 +66,41 @@ class PretrainConfig(ConfigBase):
     """Train on synthetic packs (random pixels and tokens) instead of data.train_paths."""
 
     def resolved_model(self) -> NaViLModelConfig:
+        """The flavor, its overrides, and (with a tokenizer) the vocabulary the tokenizer has."""
         cfg = get_flavor(self.model.flavor)
         if self.model.overrides:
             cfg = cfg.apply_overrides(self.model.overrides)
+        if self.tokenizer is not None:
+            cfg = self._vocabulary_from_tokenizer(cfg)
         cfg.validate()
         return cfg
+
+    def _vocabulary_from_tokenizer(self, cfg: NaViLModelConfig) -> NaViLModelConfig:
+        """llm.first_special_token_id = the tokenizer's; llm.vocab_size = the tokenizer's size,
+        unless the model has more rows for the same special-token position (Qwen3's padded
+        embedding) or an explicit override asks for more. Contradictions are an error."""
+        from megatron_navil.data.tokenizer import TokenizerError, tokenizer_vocabulary
+
+        try:
+            size, first = tokenizer_vocabulary(self.tokenizer)
+        except (TokenizerError, OSError) as e:
+            raise ConfigError(f"--tokenizer-model {self.tokenizer}: {e}") from None
+        explicit = {k: v for k, v in self.model.overrides.items()
+                    if k in ("llm.vocab_size", "llm.first_special_token_id")}
+        llm = cfg.llm
+        if "llm.first_special_token_id" in explicit and llm.first_special_token_id != first:
+            raise ConfigError(
+                f"model.llm.first_special_token_id={llm.first_special_token_id} contradicts "
+                f"--tokenizer-model {self.tokenizer}, whose special tokens start at {first}: drop "
+                "the override (the model follows its tokenizer) or use the model's own tokenizer")
+        if "llm.vocab_size" in explicit and llm.vocab_size < size:
+            raise ConfigError(
+                f"model.llm.vocab_size={llm.vocab_size} is smaller than --tokenizer-model "
+                f"{self.tokenizer} ({size} ids): drop the override or use the model's tokenizer")
+        keep_rows = "llm.vocab_size" in explicit or (llm.first_special_token_id == first
+                                                     and llm.vocab_size >= size)
+        return cfg.apply_overrides({"llm.first_special_token_id": first,
+                                    "llm.vocab_size": llm.vocab_size if keep_rows else size})
 
     def resolved_data(self) -> DataConfig:
         pad = pad_multiple_for(self.parallel.tensor_model_parallel_size,

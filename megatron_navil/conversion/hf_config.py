@@ -3,9 +3,11 @@
 The released fields are the source of truth: `vision_config` (model_type `navil_vit`, InternViT
 names), `llm_config` (InternLM2VEForCausalLM / Qwen3VEForCausalLM with their usual HF names) and
 the top-level image fields. What the release has no field for (special-token position, expert
-switches, the window-order quirk, vocab padding, ...) goes into a `megatron_navil` section, so
-NaViLModelConfig -> config.json -> NaViLModelConfig is exact. A released config.json has no
-such section; reading it uses the release's own semantics:
+switches, the window-order quirk and our own window, vocab padding, ...) goes into a
+`megatron_navil` section, so NaViLModelConfig -> config.json -> NaViLModelConfig is exact.
+Our export also writes what the released code needs to load it (`auto_map`, a window under
+which its window order is right: conversion/release.py). A released config.json has no such
+section; reading it uses the release's own semantics:
 
 - `vision_config.window_size` counts PATCHES in the release (ours: pixels = patches x patch_size);
   `fullatt_block_indexes: null` means every layer attends fully, and the released encoder still
@@ -34,10 +36,19 @@ EXTENSION = "megatron_navil"
 ARCHITECTURES = {"internlm2": "InternLM2VEForCausalLM", "qwen3": "Qwen3VEForCausalLM"}
 
 
-def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str) -> dict[str, Any]:
-    """The HF config.json dict of a model whose weights are stored as `torch_dtype`."""
+def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str, local_code: bool = False) -> dict[str, Any]:
+    """The HF config.json dict of a model whose weights are stored as `torch_dtype`.
+
+    `auto_map` points at the released code of the LLM family on the hub, or (`local_code`) at
+    copies of it beside config.json. The vision `window_size` is the model's own when it was
+    trained in the released window order (`keep_window_order`); a model trained in row order
+    gets a window wider than any admissible image, under which the released code's window
+    order is the identity (conversion/release.py)."""
+    from megatron_navil.conversion.release import auto_map, raster_window_patches
+
     v, llm, e = cfg.vision, cfg.llm, cfg.experts
     windowed = v.window_size > 0
+    unit = v.patch_size * cfg.connector.merge_size
     vision = {
         "model_type": "navil_vit", "hidden_size": v.hidden_size,
         "intermediate_size": v.ffn_hidden_size, "num_hidden_layers": v.num_layers,
@@ -45,10 +56,10 @@ def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str) -> dict[str, Any]:
         "patch_size": v.patch_size, "qkv_bias": v.qkv_bias, "qk_normalization": v.qk_normalization,
         "norm_type": "rms_norm", "layer_norm_eps": v.norm_eps, "hidden_act": "gelu",
         "initializer_factor": v.layerscale_init, "initializer_range": v.init_method_std,
-        "window_size": v.window_size // v.patch_size,
+        "window_size": v.window_size // v.patch_size if windowed else raster_window_patches(cfg),
         # null = every layer attends fully (release semantics); only meaningful with windows
-        "fullatt_block_indexes": list(v.fullatt_block_indexes)
-        if windowed or v.fullatt_block_indexes else None,
+        "fullatt_block_indexes": list(v.fullatt_block_indexes) if windowed else None,
+        "image_size": unit,
         "dropout": 0.0, "attention_dropout": 0.0, "drop_path_rate": 0.0, "torch_dtype": torch_dtype,
     }
     lm = {
@@ -67,7 +78,8 @@ def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str) -> dict[str, Any]:
         lm.update(head_dim=llm.kv_channels, attention_bias=False)
     return {
         "architectures": ["NaViL"], "model_type": "navil_chat", "torch_dtype": torch_dtype,
-        "vision_config": vision, "llm_config": lm,
+        "auto_map": auto_map(llm.backbone, local=local_code),
+        "vision_config": vision, "llm_config": lm, "force_image_size": unit,
         "downsample_ratio": 1.0 / cfg.connector.merge_size,
         "scale_downsample_ratio": cfg.scale_downsample_ratio,
         "min_dynamic_patch": cfg.min_dynamic_patch, "max_dynamic_patch": cfg.max_dynamic_patch,
@@ -80,6 +92,9 @@ def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str) -> dict[str, Any]:
             "attention_experts": e.attention_experts, "ffn_experts": e.ffn_experts,
             "output_proj_mode": e.output_proj_mode, "visual_init": e.visual_init,
             "keep_window_order": v.keep_window_order, "vision_rope_theta": v.rope_theta,
+            # our own window (pixels; 0 = none): vision_config.window_size may be the wide
+            # identity window of a row-order model
+            "window_size": v.window_size, "fullatt_block_indexes": list(v.fullatt_block_indexes),
             "connector_layernorm_eps": cfg.connector.layernorm_eps,
         },
     }
@@ -121,6 +136,8 @@ def from_hf_config(d: dict, first_special_token_id: Optional[int] = None) -> NaV
     layers = _get(vd, "num_hidden_layers", "vision_config")
     window = _get(vd, "window_size", "vision_config", 0) * patch
     full = vd.get("fullatt_block_indexes")
+    if "window_size" in ext:  # ours: the model's own window, whatever the released field says
+        window, full = ext["window_size"], ext.get("fullatt_block_indexes", [])
     heads = _get(ld, "num_attention_heads", "llm_config")
     hidden = _get(ld, "hidden_size", "llm_config")
     try:

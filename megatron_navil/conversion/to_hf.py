@@ -4,6 +4,10 @@
     OUT/model-0000i-of-0000n.safetensors          released key names and layouts
     OUT/model.safetensors.index.json
     OUT/tokenizer files                           with the 12 special tokens registered
+    OUT/generation_config.json
+    OUT/configuration_navil_chat.py, ...          only with `modeling_code` (offline clusters)
+The directory is then checked against the released code's constraints (release.check_release);
+the report lists what would fail there.
 
 `export_hf` is what `navil-convert navil-to-hf` and `navil-pretrain --save-hf` call. It reads a
 saved checkpoint one parameter at a time through torch.distributed.checkpoint without a process
@@ -13,6 +17,7 @@ ranks, whatever TP/PP/EP the job runs at; memory stays at about one parameter.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Mapping, Optional, Union
@@ -27,6 +32,7 @@ from megatron_navil.conversion.memory import release_freed_memory
 from megatron_navil.conversion.outputs import check_free, staged, write_json
 from megatron_navil.conversion.plan import hf_shapes, megatron_shapes, pairs
 from megatron_navil.conversion.progress import ByteProgress
+from megatron_navil.conversion.release import CODE_FILES, GENERATION_CONFIG, check_release
 from megatron_navil.conversion.safetensors_io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
 from megatron_navil.conversion.to_megatron import TOKENIZER_DIR, ConversionReport
 from megatron_navil.conversion.tokenizer_files import (
@@ -63,8 +69,15 @@ def _from_checkpoint(path: Path, model_cfg: Optional[NaViLModelConfig]):
     cfg = model_cfg or saved
     reader = DistCheckpointReader(it)
     _check_stored_keys(reader, cfg)
-    root = it.parent if it.name.startswith("iter_") else it
-    return cfg, (lambda n: reader.load([n])[n]), (lambda n: reader.info(n)[1]), root / TOKENIZER_DIR
+    return cfg, (lambda n: reader.load([n])[n]), (lambda n: reader.info(n)[1]), checkpoint_tokenizer(it)
+
+
+def checkpoint_tokenizer(iteration: Path) -> Path:
+    """The tokenizer a checkpoint carries: `iter_*/tokenizer` (navil-pretrain copies the one it
+    trains with into every checkpoint), else the root's (navil-convert's imports write it there)."""
+    own = iteration / TOKENIZER_DIR
+    root = iteration.parent if iteration.name.startswith("iter_") else iteration
+    return own if has_tokenizer(own) else root / TOKENIZER_DIR
 
 
 def _check_stored_keys(reader, cfg: NaViLModelConfig) -> None:
@@ -96,23 +109,40 @@ def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: NaViLModelConfig):
     return (lambda n: state[n].detach().cpu()), (lambda n: state[n].dtype)
 
 
+def _modeling_files(code_dir: Optional[Union[str, Path]]) -> list[Path]:
+    """The released code's Python files in `code_dir` (refused if it lacks the entry points)."""
+    if code_dir is None:
+        return []
+    code_dir = Path(code_dir)
+    missing = [n for n in CODE_FILES if not (code_dir / n).is_file()]
+    if missing:
+        raise ConversionError(f"--modeling-code {code_dir} lacks {', '.join(missing)}; point it at a "
+                              "copy of the released NaViL-2B (InternLM2) or NaViL-9B (Qwen3) code")
+    return sorted(code_dir.glob("*.py"))
+
+
 def export_hf(weights: Weights, out_dir: Union[str, Path],
               model_cfg: Optional[NaViLModelConfig] = None,
               tokenizer_dir: Optional[Union[str, Path]] = None, *,
               dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              overwrite: bool = False, progress: bool = False) -> ConversionReport:
+              overwrite: bool = False, progress: bool = False,
+              modeling_code: Optional[Union[str, Path]] = None) -> ConversionReport:
     """Write an HF NaViL directory at `out_dir`.
 
     `weights`: a checkpoint root or `iter_*` directory (any TP/PP/EP; `model_cfg` optional, taken
     from its navil_checkpoint.json, and checked against it when given), or canonical Megatron
     weights in memory: a state dict, or the model chunks of an unsharded (TP=PP=EP=1) model
     (`model_cfg` required). `tokenizer_dir`: tokenizer files to include (default: the
-    checkpoint root's `tokenizer/` if present). `dtype`: of the written tensors (default: as
-    stored). Raises ConversionError for anything the caller can fix.
+    checkpoint's `tokenizer/`: the one navil-pretrain saved with it, else the checkpoint
+    root's). `dtype`: of the written tensors (default: as stored). `modeling_code`: a local copy
+    of the released NaViL code to copy in (auto_map then names the local files; default: the
+    family's hub repository). Raises ConversionError for anything the caller can fix; what the
+    released code would reject is returned in `report.problems`.
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     check_free(out_dir, overwrite)
+    code_files = _modeling_files(modeling_code)
     default_tok = None
     if isinstance(weights, (str, Path)):
         cfg, load, dtype_of, default_tok = _from_checkpoint(Path(weights), model_cfg)
@@ -150,13 +180,19 @@ def export_hf(weights: Weights, out_dir: Union[str, Path],
             raise
         bar.close()
         dtype_name = str(plan[0][1]).replace("torch.", "")
-        write_json(tmp / "config.json", to_hf_config(cfg, dtype_name))
+        write_json(tmp / "config.json", to_hf_config(cfg, dtype_name, local_code=bool(code_files)))
+        write_json(tmp / "generation_config.json", GENERATION_CONFIG)
+        for f in code_files:
+            shutil.copyfile(f, tmp / f.name)
         if tok is not None:
             write_tokenizer_files(tok, tmp, cfg.llm.first_special_token_id)
+        problems = tuple(check_release(tmp))
     seconds = time.perf_counter() - start
     log.info("exported %s: %d tensors, %.2f GB in %.1f s", out_dir, len(plan), writer.total_bytes / 1e9,
              seconds)
-    return ConversionReport(out_dir, len(plan), writer.total_bytes, seconds)
+    for line in problems:
+        log.warning("release check: %s", line)
+    return ConversionReport(out_dir, len(plan), writer.total_bytes, seconds, problems)
 
 
 def _unsharded_state_dict(chunks: list) -> dict[str, torch.Tensor]:

@@ -50,6 +50,8 @@ class ConversionReport:
     tensors: int
     bytes: int
     seconds: float
+    problems: tuple[str, ...] = ()
+    """HF exports: what the released code would reject (release.check_release), one per line."""
 
     @property
     def gb_per_s(self) -> float:

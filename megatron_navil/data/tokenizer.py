@@ -183,6 +183,22 @@ class NaViLTokenizer:
         return cls(_read(path), origin="wrapped", source=os.path.abspath(path))
 
 
+def tokenizer_vocabulary(path: str) -> tuple[int, int]:
+    """(vocab_size, first_special_token_id) of a NaViL tokenizer directory (from its metadata)
+    or a bare sentencepiece .model file (wrapped), without building an encoder for a directory."""
+    meta_path = os.path.join(path, META_FILE)
+    if os.path.isdir(path) and os.path.isfile(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+            return int(meta["vocab_size"]), int(meta["first_special_token_id"])
+        except (OSError, ValueError, KeyError) as e:
+            raise TokenizerError(f"{meta_path} is unreadable ({e}); re-create it with "
+                                 "navil-tokenizer") from None
+    tok = NaViLTokenizer.load(path)
+    return tok.vocab_size, tok.first_special_token_id
+
+
 def _read(path: str) -> bytes:
     try:
         with open(path, "rb") as f:

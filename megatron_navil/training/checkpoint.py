@@ -4,6 +4,7 @@ On disk, under a checkpoint root:
     latest_checkpointed_iteration.txt     the step of the newest COMPLETE checkpoint
     iter_0000100/                         one dist checkpoint (layout-free: loads at any TP/PP/EP)
         navil_checkpoint.json             step, resolved model config, the layout it was saved at
+        tokenizer/                        the tokenizer files the run trains with (navil-pretrain)
         <torch_dist shards + metadata>
 The sharded state dict holds `model` (or `model0`, `model1`, ... with virtual pipeline stages).
 The `latest` pointer is replaced atomically only after every rank finished writing, so a crash
@@ -96,14 +97,51 @@ def load_model_state(loaded: dict, chunks: list) -> None:
         chunk.load_state_dict(loaded[key], strict=False)
 
 
+TOKENIZER_DIR = "tokenizer"
+
+
+def tokenizer_source(path: Union[str, Path]) -> Path:
+    """The directory of a tokenizer given as a directory or as one of its files."""
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def tokenizer_file_names(directory: Path) -> list[str]:
+    """The tokenizer files (sentencepiece / BPE files, HF configs, NaViL metadata) in `directory`."""
+    from megatron_navil.conversion.tokenizer_files import COPIED
+
+    return [n for n in COPIED if (directory / n).is_file()]
+
+
+def tokenizer_digest(directory: Union[str, Path]) -> str:
+    """sha256 over the names and bytes of a tokenizer directory's files (what resume compares)."""
+    import hashlib
+
+    d, h = tokenizer_source(directory), hashlib.sha256()
+    for name in tokenizer_file_names(d):
+        h.update(name.encode() + b"\0" + (d / name).read_bytes())
+    return h.hexdigest()
+
+
+def _copy_tokenizer(src: Path, dest: Path) -> None:
+    import shutil
+
+    dest.mkdir(exist_ok=True)
+    for name in tokenizer_file_names(src):
+        shutil.copyfile(src / name, dest / name)
+
+
 def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaViLModelConfig,
          extra_metadata: Optional[dict] = None, async_queue=None,
-         on_complete: Optional[Callable[[Path], None]] = None) -> Path:
+         on_complete: Optional[Callable[[Path], None]] = None,
+         tokenizer: Optional[Union[str, Path]] = None) -> Path:
     """Write `sharded_state` (from model_sharded_state_dict, plus optimizer etc.) as step `step`.
 
     The metadata file and the `latest` pointer are written only once every rank has finished
     (after the background write completes when `async_queue` is given); `on_complete(dir)` runs
-    then on rank 0 (pruning old checkpoints, the HF export)."""
+    then on rank 0 (pruning old checkpoints, the HF export). `tokenizer` (a directory or one of
+    its files): copied into `iter_*/tokenizer/` before the metadata, its digest recorded, so
+    the checkpoint carries the tokenizer it was trained with."""
     from megatron.core import dist_checkpointing
 
     d = iteration_dir(root, step)
@@ -115,9 +153,13 @@ def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaVi
     barrier()
     meta = {"format_version": FORMAT_VERSION, "step": step, "model": model_cfg.to_dict(),
             **(extra_metadata or {})}
+    if tokenizer is not None:
+        meta["tokenizer_sha256"] = tokenizer_digest(tokenizer)
 
     def finalize():
         if is_rank0():
+            if tokenizer is not None:
+                _copy_tokenizer(tokenizer_source(tokenizer), d / TOKENIZER_DIR)
             write_text_atomic(d / METADATA, json.dumps(meta, indent=2))
             write_text_atomic(Path(root) / LATEST, str(step))
             log.info("saved checkpoint %s", d)

@@ -103,6 +103,7 @@ class Trainer:
         finetune = c.finetune and path == c.load
         meta = ckpt.read_metadata(path)
         if not finetune:
+            self._check_tokenizer(path, meta)
             prime_optimizer_state(self.optimizer)
         same_layout = meta.get("world_size") == torch.distributed.get_world_size()
         # --finetune takes the model weights only: fresh optimizer, scheduler, step and data.
@@ -123,6 +124,19 @@ class Trainer:
         log.info("resumed from %s at step %d%s", path, self.step,
                  "" if same_layout else " (new parallel layout: RNG re-seeded)")
 
+    def _check_tokenizer(self, path: str, meta: dict) -> None:
+        """A resumed run must tokenize as the run it continues (the checkpoint's digest)."""
+        saved = meta.get("tokenizer_sha256")
+        if saved is None or self.cfg.tokenizer is None:
+            return
+        now = ckpt.tokenizer_digest(self.cfg.tokenizer)
+        if now != saved:
+            raise ckpt.CheckpointError(
+                f"{path} was trained with another tokenizer than --tokenizer-model "
+                f"{self.cfg.tokenizer} (sha256 {saved[:12]} vs {now[:12]}; the checkpoint's copy "
+                f"is in {ckpt.resolve(path) / ckpt.TOKENIZER_DIR}): resume with that tokenizer, or "
+                "start a new stage from it with --finetune")
+
     def save(self) -> None:
         c = self.cfg.checkpoint
         if not c.save:
@@ -139,23 +153,23 @@ class Trainer:
                 self._export_hf(path)
             ckpt.prune(c.save, c.keep_last)
 
-        ckpt.save(c.save, self.step, state, self.model_cfg, meta, self.async_queue, on_complete)
+        ckpt.save(c.save, self.step, state, self.model_cfg, meta, self.async_queue, on_complete,
+                  tokenizer=self.cfg.tokenizer)
 
     def _export_hf(self, path: Path) -> None:
         """Rank 0, once the checkpoint is complete: write its HF copy to `<save>/hf_<iter dir>`
         (read back from the files just written, so the copy is exactly the checkpoint)."""
         from megatron_navil.conversion import ConversionError, export_hf
 
-        tok = Path(self.cfg.tokenizer) if self.cfg.tokenizer else None
-        if tok is not None and tok.is_file():
-            tok = tok.parent
         out = ckpt.hf_export_dir(path)
-        try:
-            report = export_hf(path, out, self.model_cfg, tokenizer_dir=tok, overwrite=True)
+        try:  # the tokenizer comes from the checkpoint itself (iter_*/tokenizer)
+            report = export_hf(path, out, self.model_cfg, overwrite=True)
         except ConversionError as e:  # the checkpoint itself is saved: keep training
             log.error("HF export of %s failed: %s", path, e)
             return
-        log.info("wrote HF copy %s (%.1f s)", out, report.seconds)
+        log.info("wrote HF copy %s (%.1f s)%s", out, report.seconds,
+                 "" if not report.problems else
+                 f"; the released code would reject it ({len(report.problems)} problem(s) above)")
 
     # ------------------------------------------------------------------ steps
     def _next_batches(self) -> list[NaViLBatch]:

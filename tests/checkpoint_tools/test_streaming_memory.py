@@ -41,6 +41,7 @@ def _generate(path, cfg):
     from megatron_navil.conversion.hf_config import to_hf_config
     from megatron_navil.conversion.outputs import write_json
     from megatron_navil.conversion.plan import hf_shapes, pairs
+    from megatron_navil.conversion.release import GENERATION_CONFIG
     from megatron_navil.conversion.safetensors_io import ShardedSafetensorsWriter
 
     shapes = hf_shapes(cfg)
@@ -52,6 +53,7 @@ def _generate(path, cfg):
         w.write(name, torch.randn(shape, generator=g) * 0.02)
     w.close()
     write_json(path / "config.json", to_hf_config(cfg, "float32"))
+    write_json(path / "generation_config.json", GENERATION_CONFIG)
     return w.total_bytes, max(math.prod(s) * 4 for s in shapes.values())
 
 
