@@ -39,7 +39,9 @@ setup(
         # Transformer Engine for the GPU backend (Megatron-Core 0.16.1 supports >=2.9,<2.12).
         # NOTE: NVIDIA apex is not on PyPI (the PyPI package named `apex` is unrelated): never add it.
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
-        "test": ["pytest", "scikit-image"],
+        # transformers: tests load our HF tokenizer exports with AutoTokenizer (library code
+        # never imports it).
+        "test": ["pytest", "scikit-image", "transformers"],
     },
     entry_points={
         "console_scripts": [

@@ -7,6 +7,25 @@ tokens appear, at `first_special_token_id + row`, in the standard HF places: `ad
 `tokenizer_config.json` (`added_tokens_decoder`, `additional_special_tokens`),
 `special_tokens_map.json`, and `tokenizer.json`'s `added_tokens` when that file exists. A source
 that already places them elsewhere is an error: the embedding rows would not match.
+
+What `AutoTokenizer.from_pretrained(out, use_fast=False)` (transformers 4.51, as the released
+NaViL demo calls it) then gives, per source:
+- OUR sentencepiece tokenizer (navil-tokenizer output, or a bare `tokenizer.model`:
+  `tokenizer.model` + `navil_tokenizer.json`, no tokenizer_config.json of another class):
+  `tokenizer_config.json` and `special_tokens_map.json` are (re)written by
+  megatron_navil.conversion.hf_tokenizer for transformers' own slow `GemmaTokenizer`, no remote
+  code: the same ids as NaViLTokenizer for text, special tokens and chat markers; bos/eos/unk/pad
+  = its pieces; `add_bos_token` and the Jinja `chat_template` follow the model's chat style;
+  `model_max_length` = the model's sequence length.
+- Qwen3 (BPE `vocab.json`/`merges.txt`/`tokenizer.json`, `Qwen2Tokenizer`): the family's files,
+  the 12 tokens added at `first_special_token_id + row`; built into transformers.
+- InternLM2 (`tokenizer.model` + a tokenizer_config.json naming `InternLM2Tokenizer` through
+  `auto_map`): the family's files as the source has them, tokenizer code included when the source
+  has it (we never ship it); loading needs `trust_remote_code=True` and
+  `tokenization_internlm2.py` in the directory (without it transformers refuses). The
+  directory also loads as a NaViLTokenizer (`navil_tokenizer.json`).
+The style and length come from the arguments, else from `out/config.json` when it is an HF NaViL
+config (export_hf writes it first), else from the source's own tokenizer_config.json.
 """
 
 from __future__ import annotations
@@ -18,6 +37,10 @@ from typing import Optional
 
 from megatron_navil.config.model import SPECIAL_TOKENS
 from megatron_navil.conversion.errors import ConversionError
+from megatron_navil.conversion.hf_tokenizer import chat_style, is_ours, sentencepiece_hf_files
+from megatron_navil.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 COPIED = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
           "special_tokens_map.json", "added_tokens.json", "navil_tokenizer.json",
@@ -84,11 +107,20 @@ def check_tokenizer(src: Path, first_id: int) -> None:
                               f"{first_id} (llm.first_special_token_id); use the model's tokenizer")
 
 
-def write_tokenizer_files(src: Path, out: Path, first_id: int) -> list[str]:
+def write_tokenizer_files(src: Path, out: Path, first_id: int, *,
+                          chat_template: Optional[str] = None,
+                          model_max_length: Optional[int] = None) -> list[str]:
     """Copy `src`'s tokenizer files into `out` and register the special tokens; returns the
-    names of the files written."""
+    names of the files written.
+
+    `chat_template`: the model's chat style or template name (internlm2 / qwen3 /
+    internlm2-chat / qwen3-chat; other names: no Jinja template) and `model_max_length`
+    (tokens), for our sentencepiece tokenizers' tokenizer_config.json; None: from
+    `out/config.json` (an HF NaViL config), else as the source's tokenizer_config.json has them."""
     src, out = Path(src), Path(out)
     check_tokenizer(src, first_id)
+    style = _style(chat_template, out)
+    src_config = _load(src / "tokenizer_config.json")
     written = []
     for name in COPIED:
         if (src / name).exists():
@@ -120,7 +152,41 @@ def write_tokenizer_files(src: Path, out: Path, first_id: int) -> list[str]:
         entries += [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
                      "normalized": False, "special": True} for t, i in ids.items() if t not in have]
         _dump(out / "tokenizer.json", fast)
+    ours = (out / "tokenizer.model").exists() and (out / "navil_tokenizer.json").exists()
+    if ours and is_ours(src_config):
+        if model_max_length is None:
+            llm = _navil_config(out).get("llm_config") or {}
+            model_max_length = llm.get("max_position_embeddings")
+        from megatron_navil.data.tokenizer import TokenizerError
+
+        try:
+            files = sentencepiece_hf_files(out, style, model_max_length, previous=src_config)
+        except TokenizerError as e:
+            raise ConversionError(f"tokenizer {src}: {e}") from None
+        for name, content in files.items():
+            _dump(out / name, content)
+            written.append(name)
     return sorted(set(written) | {"added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"})
+
+
+def _navil_config(out: Path) -> dict:
+    """`out/config.json` when it is an HF NaViL model config (else {})."""
+    try:
+        d = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return d if isinstance(d, dict) and d.get("model_type") == "navil_chat" else {}
+
+
+def _style(chat_template: Optional[str], out: Path) -> Optional[str]:
+    """Our chat style of the model (None: a template we do not render, e.g. a released
+    conversation template other than internlm2-chat / qwen3-chat, or no model config)."""
+    name = chat_template if chat_template is not None else _navil_config(out).get("template")
+    style = chat_style(name)
+    if name is not None and style is None:
+        log.info("chat template %r has no Jinja rendering here; tokenizer_config.json keeps the "
+                 "source's chat_template", name)
+    return style
 
 
 def _dump(path: Path, obj: dict) -> None:
