@@ -177,35 +177,13 @@ def _window_problems(d: dict, vision: dict) -> list[str]:
     return []
 
 
-def _special_token_claims(hf_dir: Path) -> dict[str, list[tuple[int, str]]]:
-    """token -> every (id, file) the directory's tokenizer files give a NaViL special token
-    (all files: transformers reads added_tokens.json and tokenizer_config.json, ours
-    navil_tokenizer.json; they must agree)."""
-    claims: dict[str, list[tuple[int, str]]] = {}
-
-    def note(token, i, name):
-        if token in SPECIAL_TOKENS and i is not None:
-            claims.setdefault(token, []).append((int(i), name))
-
-    for t, i in ((_load_json(hf_dir / "navil_tokenizer.json") or {}).get("special_tokens") or {}).items():
-        note(t, i, "navil_tokenizer.json")
-    for t, i in (_load_json(hf_dir / "added_tokens.json") or {}).items():
-        note(t, i, "added_tokens.json")
-    decoder = (_load_json(hf_dir / "tokenizer_config.json") or {}).get("added_tokens_decoder") or {}
-    for i, entry in decoder.items():
-        note(entry.get("content"), i, "tokenizer_config.json")
-    for entry in (_load_json(hf_dir / "tokenizer.json") or {}).get("added_tokens") or []:
-        note(entry.get("content"), entry.get("id"), "tokenizer.json")
-    return claims
-
-
 def check_release(hf_dir: Path) -> list[str]:
     """Every constraint of the released code on HF directory `hf_dir`, one line per problem."""
     from megatron_navil.conversion.errors import ConversionError
     from megatron_navil.conversion.hf_config import EXTENSION, from_hf_config
     from megatron_navil.conversion.plan import check_source
     from megatron_navil.conversion.safetensors_io import SafetensorsDir
-    from megatron_navil.conversion.tokenizer_files import has_tokenizer
+    from megatron_navil.conversion.tokenizer_files import has_tokenizer, special_token_claims
 
     hf_dir = Path(hf_dir)
     d = _load_json(hf_dir / "config.json")
@@ -223,7 +201,7 @@ def check_release(hf_dir: Path) -> list[str]:
         out.append(f"tokenizer: no tokenizer files in {hf_dir} (AutoTokenizer finds nothing); "
                    "export from a checkpoint that carries its tokenizer, or pass --tokenizer")
     first = (d.get(EXTENSION) or {}).get("first_special_token_id")
-    claims = _special_token_claims(hf_dir)
+    claims = special_token_claims(hf_dir)
     if first is None and claims.get(SPECIAL_TOKENS[0]):
         first = claims[SPECIAL_TOKENS[0]][0][0]
     if has_tokenizer(hf_dir):

@@ -56,13 +56,15 @@ def _load(path: Path) -> Optional[dict]:
         raise ConversionError(f"{path} is not valid JSON ({e})") from None
 
 
-def special_token_ids(directory: Path) -> dict[str, tuple[int, str]]:
-    """token -> (id, file that says so) for the NaViL special tokens the tokenizer files list."""
-    d, found = Path(directory), {}
+def special_token_claims(directory: Path) -> dict[str, list[tuple[int, str]]]:
+    """token -> every (id, file) the directory's tokenizer files give a NaViL special token, in
+    the order navil_tokenizer.json, added_tokens.json, tokenizer_config.json, tokenizer.json
+    (transformers reads the last three, NaViLTokenizer the first: they must agree)."""
+    d, claims = Path(directory), {}
 
     def note(token, i, name):
-        if token in SPECIAL_TOKENS:
-            found.setdefault(token, (int(i), name))
+        if token in SPECIAL_TOKENS and i is not None:
+            claims.setdefault(token, []).append((int(i), name))
 
     meta = _load(d / "navil_tokenizer.json") or {}
     for t, i in (meta.get("special_tokens") or {}).items():
@@ -73,7 +75,12 @@ def special_token_ids(directory: Path) -> dict[str, tuple[int, str]]:
         note(entry.get("content"), i, "tokenizer_config.json")
     for entry in (_load(d / "tokenizer.json") or {}).get("added_tokens") or []:
         note(entry.get("content"), entry.get("id"), "tokenizer.json")
-    return found
+    return claims
+
+
+def special_token_ids(directory: Path) -> dict[str, tuple[int, str]]:
+    """token -> (id, file that says so): the first claim of each NaViL special token."""
+    return {t: c[0] for t, c in special_token_claims(directory).items()}
 
 
 def first_special_token_id(directory: Path) -> Optional[int]:
