@@ -8,6 +8,9 @@ chunks are pending, and results come back in input order (so shards are determin
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -23,6 +26,27 @@ class WorkerDied(JobError):
     """A worker process was killed (usually out of memory); the job can be resumed."""
 
 
+PARENT_POLL_S = 0.5
+"""How often a worker checks that the job's main process is still alive."""
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker side: leave as soon as the job's main process is gone. A SIGKILLed (or OOM-killed)
+    parent cannot shut its pool down, and spawned workers would otherwise keep running,
+    reparented to init, holding memory and the resource tracker."""
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(parent_pid: int, initializer: Callable, initargs: tuple) -> None:
+    _exit_with_parent(parent_pid)
+    initializer(*initargs)
+
+
 def ordered_map(fn: Callable[[T], R], initializer: Callable, initargs: tuple,
                 items: Iterable[T], num_workers: int, inflight: int = 4) -> Iterator[R]:
     if num_workers == 0:
@@ -32,8 +56,8 @@ def ordered_map(fn: Callable[[T], R], initializer: Callable, initargs: tuple,
         return
     # spawn, not fork: safe whatever threads the parent has (tqdm, DALI, torch), same on macOS.
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=initializer,
-                             initargs=initargs) as ex:
+    with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(os.getpid(), initializer, initargs)) as ex:
         pending: deque = deque()
         try:
             for item in items:

@@ -2,7 +2,7 @@
 counted twice, and the result is byte-identical to an uninterrupted run.
 
 Proves: (1) a run SIGKILLed mid-job and then re-run gives the same shards, indexes and
-report.json as a clean run; (2) leftovers of a kill at any point (a temporary tar, a half-written
+report.json as a clean run, and no worker of the killed run outlives it (within 10 s); (2) leftovers of a kill at any point (a temporary tar, a half-written
 index, a tar renamed but not committed) are removed and redone; (3) re-running with different
 settings into the same directory is refused with exit code 2 (it would mix two layouts);
 (4) a worker process killed mid-job (as by the OOM killer) stops the job with exit code 1 and a
@@ -52,11 +52,27 @@ def _slow_corpus(root: str, n: int = 240) -> list[str]:
             "--samples-per-shard", "5", "--num-workers", "1", "--log-every", "1000"]
 
 
+def _processes_with(token: str) -> list[int]:
+    """PIDs whose environment carries `token` (the killed job's workers inherit it)."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if token.encode() in f.read():
+                        out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
 def test_killed_run_resumes_to_identical_output(tmp_path):
     args = _slow_corpus(str(tmp_path / "c"))
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
     assert main(args + ["--output", clean]) == 0
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    token = f"navil-test-{os.getpid()}-{time.monotonic_ns()}"  # marks the job's processes
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "NAVIL_TEST_JOB": token}
     proc = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", *args,
                              "--output", killed], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -68,6 +84,12 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
             break
         time.sleep(0.005)
     assert proc.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    survivors = _processes_with(token)
+    deadline = time.monotonic() + 10
+    while survivors and time.monotonic() < deadline:
+        time.sleep(0.1)
+        survivors = _processes_with(token)
+    assert not survivors, f"processes of the killed job still run: {survivors}"
     assert not os.path.exists(os.path.join(killed, "report.json"))
     committed = sum(n.endswith(".index.json") for n in os.listdir(killed))
     total = sum(n.endswith(".index.json") for n in os.listdir(clean))
