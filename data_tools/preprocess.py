@@ -30,6 +30,7 @@ from data_tools.report import summary_text, try_merge, write_partition_report
 from data_tools.resume import load_finished
 from data_tools.shards import Segment, ShardWriter, sample_entry, sample_key
 from data_tools.worker import Result, WorkerConfig, init_worker, process_chunk
+from megatron_navil.data.chat_template import CHAT_ENCODING_VERSION
 from megatron_navil.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -134,6 +135,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "samples_per_shard": a.samples_per_shard, "max_shard_bytes": a.max_shard_bytes,
         "min_image_side": a.min_image_side, "max_image_pixels": a.max_image_pixels,
         "dedup": a.dedup, "chat_template": a.chat_template,
+        "chat_encoding": CHAT_ENCODING_VERSION,
         "tokenizer_sha256": tok["model_sha256"] if tok else None,
         "num_partitions": a.num_partitions,
     }

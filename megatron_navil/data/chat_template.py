@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 IMAGE_PLACEHOLDER = "<image>"
+CHAT_ENCODING_VERSION = 2
+"""How conversations become ids; navil-preprocess records it with its token counts, and the
+loader recounts conversations counted under another version. 1: role header and content
+encoded apart; 2: whole-string tokenization between special tokens (see _Builder)."""
 STYLES = ("internlm2", "qwen3")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
           "system": "system"}
@@ -54,31 +58,97 @@ def normalize_conversation(conversation: Sequence[Any]) -> list[dict[str, str]]:
     return out
 
 
+class _Builder:
+    """Appends a templated conversation's text and atomic ids to a ChatEncoding.
+
+    Text is not encoded piece by piece: consecutive text (role header, content, unmatched
+    markers) is collected into one run and encoded in one call when an atomic id (a template
+    marker, image tokens) or the end comes, as transformers and the released NaViL chat code
+    tokenize the whole rendered string between special tokens. Encoding the header and the
+    content apart would differ from that: a dummy-prefix model (InternLM2's) would give each
+    content its own leading '▁', and a piece such as "\n." could not form across "user\n" and
+    ".". Loss goes on every id that stands for a loss character (an id spanning the header and
+    the content predicts content, so it is trained).
+    """
+
+    def __init__(self, tok, allow_special: bool):
+        self.tok, self.allow_special = tok, allow_special
+        self.enc = ChatEncoding()
+        self._text: list[str] = []
+        self._loss: list[tuple[int, int]] = []  # character ranges of the run that get loss
+        self._len = 0
+        self._anchors: list[tuple[list, int, int, bool]] = []  # (target, slot, char, is_end)
+
+    def text(self, s: str, loss: bool) -> None:
+        if s:
+            if loss:
+                self._loss.append((self._len, self._len + len(s)))
+            self._text.append(s)
+            self._len += len(s)
+
+    def ids(self, ids: Sequence[int], loss: bool) -> None:
+        self.flush()
+        self.enc._add(ids, loss)
+
+    def anchor(self, target: list, slot: int, is_end: bool = False) -> None:
+        """Set `target[slot]` to the id index where the text added next starts (is_end=False:
+        the first id covering a later character) or where the text added so far ends
+        (is_end=True: after the last id covering an earlier character), once it is encoded."""
+        self._anchors.append((target, slot, self._len, is_end))
+
+    def flush(self) -> None:
+        text, base = "".join(self._text), len(self.enc.ids)
+        inside = any(0 < char < len(text) for _, _, char, _ in self._anchors)
+        if text and (inside or self._loss not in ([], [(0, len(text))])):
+            ids, spans = self.tok.encode_with_offsets(text, allow_special=self.allow_special)
+            # an empty range (a byte-fallback id) stands for the character it starts
+            spans = [(s, max(e, s + 1)) for s, e in spans]
+            for i, (s, e) in zip(ids, spans):
+                self.enc._add([i], any(ls < e and s < le for ls, le in self._loss))
+        else:  # one loss value, anchors only at the ends: no offsets needed
+            self.enc._add(self.tok.encode(text, allow_special=self.allow_special) if text
+                          else [], bool(self._loss))
+            spans = None
+        for target, slot, char, is_end in self._anchors:
+            if spans is None:
+                k = 0 if char == 0 else len(self.enc.ids) - base
+            elif is_end:  # after the last id that covers a character before `char`
+                k = sum(1 for s, _ in spans if s < char)
+            else:  # at the first id that covers a character at or after `char`
+                k = sum(1 for _, e in spans if e <= char)
+            target[slot] = base + k
+        self._text, self._loss, self._len, self._anchors = [], [], 0, []
+
+
 def apply_chat_template(tok, conversation: Sequence[Any], style: str = "internlm2",
                         image_tokens: Optional[Sequence[Sequence[int]]] = None,
                         add_generation_prompt: bool = False, empty_think: bool = True,
                         allow_special: bool = False) -> ChatEncoding:
     """Template and encode `conversation` with tokenizer `tok` (a NaViLTokenizer).
 
-    `allow_special=False` (default) encodes special-token strings inside turns as plain text,
-    so a literal "<img>" in user data cannot fake an image.
+    The ids are those of the whole rendered string (see _Builder), as transformers'
+    `apply_chat_template` of our exported tokenizer gives them. `allow_special=False` (default)
+    encodes special-token strings inside turns as plain text, so a literal "<img>" in user data
+    cannot fake an image (the one intended difference from whole-string tokenization).
     """
     if style not in STYLES:
         raise ValueError(f"unknown chat style {style!r}; choose one of {', '.join(STYLES)}")
     turns = normalize_conversation(conversation)
-    start, end = (tok.token_to_id("<|im_start|>") if "<|im_start|>" in tok.template_tokens
-                  else None), (tok.token_to_id("<|im_end|>")
-                               if "<|im_end|>" in tok.template_tokens else None)
-    enc = ChatEncoding()
+    b = _Builder(tok, allow_special)
+    enc = b.enc
     images_used = 0
 
-    def marker(tid: Optional[int], text: str, loss: bool) -> None:
-        enc._add([tid] if tid is not None else tok.encode(text, allow_special=False), loss)
+    def marker(text: str, loss: bool) -> None:
+        if text in tok.template_tokens:
+            b.ids([tok.token_to_id(text)], loss)
+        else:  # the model has no such piece: the marker is ordinary text, as in transformers
+            b.text(text, loss)
 
     def content(text: str, loss: bool) -> None:
         nonlocal images_used
         for k, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
             if k > 0:
+                b.flush()  # image tokens are special: the rendered string splits here
                 s = len(enc.ids)
                 if image_tokens is not None:
                     if images_used >= len(image_tokens):
@@ -87,27 +157,31 @@ def apply_chat_template(tok, conversation: Sequence[Any], style: str = "internlm
                     enc._add(list(image_tokens[images_used]), False)
                 enc.image_spans.append((s, len(enc.ids)))
                 images_used += 1
-            if piece:
-                enc._add(tok.encode(piece, allow_special=allow_special), loss)
+            b.text(piece, loss)
 
     if style == "internlm2":
-        enc._add([tok.bos_id], False)
+        b.ids([tok.bos_id], False)
     last_user = max((i for i, t in enumerate(turns) if t["role"] == "user"), default=-1)
     for i, t in enumerate(turns):
-        marker(start, "<|im_start|>", False)
-        enc._add(tok.encode(t["role"] + "\n", allow_special=False), False)
+        marker("<|im_start|>", False)
+        b.text(t["role"] + "\n", False)
         is_asst = t["role"] == "assistant"
-        s = len(enc.ids)
-        if is_asst and style == "qwen3" and empty_think and i == len(turns) - 1 and i > last_user:
-            enc._add(tok.encode("<think>\n\n</think>\n\n", allow_special=False), True)
-        content(t["content"], is_asst)
-        marker(end, "<|im_end|>", is_asst)
+        span = [0, 0]
         if is_asst:
-            enc.assistant_spans.append((s, len(enc.ids)))
-        enc._add(tok.encode("\n", allow_special=False), False)
+            b.anchor(span, 0)
+        if is_asst and style == "qwen3" and empty_think and i == len(turns) - 1 and i > last_user:
+            b.text("<think>\n\n</think>\n\n", True)
+        content(t["content"], is_asst)
+        marker("<|im_end|>", is_asst)
+        if is_asst:
+            b.anchor(span, 1, is_end=True)
+            enc.assistant_spans.append(span)
+        b.text("\n", False)
     if add_generation_prompt:
-        marker(start, "<|im_start|>", False)
-        enc._add(tok.encode("assistant\n", allow_special=False), False)
+        marker("<|im_start|>", False)
+        b.text("assistant\n", False)
+    b.flush()
+    enc.assistant_spans = [tuple(s) for s in enc.assistant_spans]
     if image_tokens is not None and images_used != len(image_tokens):
         raise ValueError(f"{images_used} {IMAGE_PLACEHOLDER} placeholders but "
                          f"{len(image_tokens)} image_tokens given")

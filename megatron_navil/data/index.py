@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_navil.data.chat_template import count_sample_tokens
+from megatron_navil.data.chat_template import CHAT_ENCODING_VERSION, count_sample_tokens
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -81,7 +81,9 @@ def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) ->
     tok_meta = manifest.get("tokenizer") or {}
     same_tok = tok_meta.get("model_sha256") is not None and \
         tok_meta.get("model_sha256") == getattr(tokenizer, "sha256", None)
-    same_style = manifest.get("settings", {}).get("chat_template") == chat_style
+    settings = manifest.get("settings", {})
+    same_style = settings.get("chat_template") == chat_style and \
+        settings.get("chat_encoding", 1) == CHAT_ENCODING_VERSION
     cols: dict[str, list] = {k: [] for k in ("kind", "shard", "json_offset", "json_size",
                                              "text_tokens", "num_images", "image_offset",
                                              "image_size", "image_height", "image_width")}
@@ -130,10 +132,13 @@ def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) ->
     if not same_style:  # only conversations depend on the chat template
         stale |= ds.kind == KINDS.index("conversation")
     if stale.any():
-        theirs = manifest.get("settings", {}).get("chat_template")
+        theirs = settings.get("chat_template")
         why = ("its index was made with another tokenizer (manifest tokenizer hash differs or "
                "is missing)" if not same_tok else f"its conversations were counted with chat "
-               f"template {theirs!r}, not {chat_style!r}")
+               f"template {theirs!r}, not {chat_style!r}" if theirs != chat_style else
+               f"its conversations were counted with chat encoding version "
+               f"{settings.get('chat_encoding', 1)}, this loader uses {CHAT_ENCODING_VERSION} "
+               "(whole-string tokenization)")
         if not recount:
             raise DataError(f"{root}: {why}; re-run navil-preprocess with this tokenizer/"
                             "template or set data.recount_tokens: true")

@@ -105,6 +105,37 @@ class NaViLTokenizer:
                 ids.extend(self.sp.encode(part))
         return ids
 
+    def encode_with_offsets(self, text: str, allow_special: bool = True,
+                            ) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text, allow_special)` and, per id, the half-open character range of `text`
+        it stands for. Byte-fallback ids of one character: all but the last have an empty range
+        at the character's start (sentencepiece gives the surface to the last byte)."""
+        splitter = self._split_all if allow_special else self._split_template
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for part in splitter.split(text) if splitter else [text]:
+            if not part:
+                continue
+            atomic = self._atomic.get(part)
+            if atomic is not None and (allow_special or part in self.template_tokens):
+                ids.append(atomic)
+                spans.append((pos, pos + len(part)))
+            else:
+                # sentencepiece reports UTF-8 byte offsets; map them to character offsets.
+                char_at = [0] * (len(part.encode("utf-8")) + 1)
+                b = 0
+                for c, ch in enumerate(part):
+                    n = len(ch.encode("utf-8"))
+                    char_at[b:b + n] = [c] * n
+                    b += n
+                char_at[b] = len(part)
+                for piece in self.sp.encode(part, out_type="proto").pieces:
+                    ids.append(piece.id)
+                    spans.append((pos + char_at[piece.begin], pos + char_at[piece.end]))
+            pos += len(part)
+        return ids, spans
+
     def decode(self, ids: Iterable[int]) -> str:
         """Inverse of encode (special ids decode to their strings)."""
         out, run = [], []

@@ -23,9 +23,11 @@ InternLM2-like model with a dummy prefix and byte fallback), exported by `write_
 - the Jinja chat template renders, for both styles, with and without a generation prompt, with
   role/content and LLaVA from/value turns and `empty_think=False`, the string our chat template
   encodes, and tokenizes to our ids; an image expanded to its token string gives our image ids;
-  KNOWN LIMITS of whole-string tokenization, pinned by strict xfails: a turn whose content starts
-  with what forms one piece with the header's "\\n" (here "\\n." + ...), and every turn of a
-  dummy-prefix tokenizer (our chat template encodes header and content separately);
+  the ids are those of the whole rendered string also where encoding the header and the content
+  apart would differ: a content starting with what forms one piece with the header's "\\n"
+  ("\\n." + ...), and every turn of a dummy-prefix (InternLM2-like) model; the loss mask equals
+  an oracle from the fast tokenizer's character offsets (ids overlapping an assistant content or
+  its <|im_end|>);
 - through export_hf: the model's template and sequence length reach tokenizer_config.json, and
   HF -> Megatron -> HF reproduces the tokenizer files byte for byte;
 - Qwen3 family (transformers' own Qwen2Tokenizer, a byte-level BPE vocab.json/merges.txt and
@@ -289,28 +291,82 @@ def _require(cond: bool, what: str) -> None:
         raise RuntimeError(what)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known limit: our chat template "
-                   "encodes the role header and the content separately; whole-string tokenization "
-                   "(transformers, the released chat code) merges a piece across them")
 def test_chat_content_merging_with_the_header(trained, tmp_path):
+    """A content whose first character forms one piece with the header's newline ("\\n.") gets
+    the whole-string ids, and that spanning piece is trained (it predicts content)."""
     tok, hf = _export(trained, tmp_path / "hf")
     _require("\n." in [tok.sp.id_to_piece(i) for i in range(tok.base_vocab_size)], "no '\\n.' piece")
-    conv = [{"role": "user", "content": ".starts with a dot"}, {"role": "assistant", "content": "ok"}]
+    conv = [{"role": "user", "content": ".starts with a dot"}, {"role": "assistant", "content": ".ok"}]
     ours = apply_chat_template(tok, conv)
-    _require(hf.apply_chat_template(conv, tokenize=False) == _our_string(tok, hf, ours.ids),
-             "the rendered string differs")
-    assert hf.apply_chat_template(conv) == ours.ids  # fails: "\n." is one piece in transformers
+    assert hf.apply_chat_template(conv, tokenize=False) == _our_string(tok, hf, ours.ids)
+    assert hf.apply_chat_template(conv) == ours.ids
+    newline_dot = tok.sp.piece_to_id("\n.")
+    (s, e), = ours.assistant_spans
+    assert ours.ids[s] == newline_dot and ours.loss_mask[s] == 1 and ours.loss_mask[s - 1] == 0
+    assert ours.ids.count(newline_dot) == 2  # the user's one is not trained
+    assert ours.loss_mask[ours.ids.index(newline_dot)] == 0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="known limit: with a dummy-prefix "
-                   "model (InternLM2's) our chat template encodes each content with its own '▁' "
-                   "prefix; whole-string tokenization adds none after the role header")
 def test_chat_with_a_dummy_prefix_model(wrapped, tmp_path):
+    """InternLM2-like model (dummy prefix): the content after the role header gets no '▁' of its
+    own, as in whole-string tokenization, for every conversation and both styles."""
     tok, hf = _export(wrapped, tmp_path / "hf")
-    ours = apply_chat_template(tok, CONVERSATIONS[0])
     _require(tok.sp.encode("hello") != tok.sp.encode("x\nhello")[-len(tok.sp.encode("hello")):],
              "the model adds no dummy prefix")
-    assert hf.apply_chat_template(CONVERSATIONS[0]) == ours.ids
+    for style in ("internlm2", "qwen3"):
+        tok, hf = _export(wrapped, tmp_path / style, style=style)
+        for conv in CONVERSATIONS:
+            for gen in (False, True):
+                ours = apply_chat_template(tok, conv, style=style, add_generation_prompt=gen)
+                assert hf.apply_chat_template(conv, add_generation_prompt=gen) == ours.ids, conv
+
+
+def _loss_oracle(fast, text: str, trained_ranges: list[tuple[int, int]]) -> list[int]:
+    """1 for each id of `text` (tokenized by the HF fast tokenizer, offsets from the `tokenizers`
+    library, not from sentencepiece) whose characters overlap a trained range."""
+    enc = fast(text, add_special_tokens=False, return_offsets_mapping=True)
+    return [int(any(a < max(e, b + 1) and b < z for a, z in trained_ranges))
+            for b, e in enc["offset_mapping"]]
+
+
+def _assistant_ranges(text: str, conv, think: str) -> list[tuple[int, int]]:
+    """Character ranges of each assistant content (+ <|im_end|>) in the rendered `text`,
+    found by walking the turns in order."""
+    out, pos = [], 0
+    for t in conv:
+        role = {"human": "user", "gpt": "assistant"}.get(t.get("from"), t.get("role"))
+        body = t.get("content", t.get("value"))
+        header = f"<|im_start|>{role}\n"
+        pos = text.index(header, pos) + len(header)
+        if role == "assistant" and text.startswith(think, pos):
+            body = think + body
+        assert text.startswith(body + "<|im_end|>", pos)
+        if role == "assistant":
+            out.append((pos, pos + len(body) + len("<|im_end|>")))
+        pos += len(body)
+    return out
+
+
+@pytest.mark.parametrize("style", ["internlm2", "qwen3"])
+def test_chat_loss_mask_matches_an_offsets_oracle(trained, tmp_path, style):
+    """Loss goes on exactly the ids that overlap an assistant content or its <|im_end|>, by the
+    fast tokenizer's offsets (ids equal to ours: checked here too); assistant_spans cover them."""
+    tok, _ = _export(trained, tmp_path / "hf", style=style)
+    fast = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), use_fast=True)
+    think = "<think>\n\n</think>\n\n" if style == "qwen3" else ""
+    convs = CONVERSATIONS + [[{"role": "user", "content": "x"},
+                              {"role": "assistant", "content": ".\n. 🚀 数字\n\n"}]]
+    for conv in convs:
+        ours = apply_chat_template(tok, conv, style=style)
+        text = fast.apply_chat_template(conv, tokenize=False)
+        body = text[len(fast.bos_token):] if style == "internlm2" else text
+        oracle = _loss_oracle(fast, body, _assistant_ranges(body, conv, think))
+        ids = ours.ids[1:] if style == "internlm2" else ours.ids
+        mask = ours.loss_mask[1:] if style == "internlm2" else ours.loss_mask
+        assert fast(body, add_special_tokens=False)["input_ids"] == ids, conv
+        assert mask == oracle, conv
+        spans = [i for s, e in ours.assistant_spans for i in range(s, e)]
+        assert spans == [i for i, m in enumerate(ours.loss_mask) if m], conv
 
 
 def test_export_hf_writes_the_models_template_and_round_trips(trained, tmp_path, cli):

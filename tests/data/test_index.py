@@ -93,3 +93,30 @@ def test_bad_paths_and_tokenizers_are_refused(tmp_path, make_loader, dataset, to
     bad = bad.replace(llm=bad.llm.replace(first_special_token_id=tok.first_special_token_id - 1))
     with pytest.raises(ConfigError, match="tokenizer gives"):
         make_loader([dataset.root], model_cfg=bad)
+
+
+def test_old_chat_encoding_is_recounted(dataset, make_loader, tmp_path, navil_logs, tok):
+    """An output counted under chat encoding 1 (header and content apart; manifests before the
+    version was recorded) has its conversations recounted under the current whole-string
+    encoding, so their lengths match what the builder makes; with recount off it is refused."""
+    from megatron_navil.data.chat_template import CHAT_ENCODING_VERSION
+    from megatron_navil.data.index import load_dataset
+
+    root = str(tmp_path / "old")
+    shutil.copytree(dataset.root, root)
+    path = os.path.join(root, "manifest.json")
+    with open(path) as f:
+        manifest = json.load(f)
+    assert manifest["settings"]["chat_encoding"] == CHAT_ENCODING_VERSION
+    del manifest["settings"]["chat_encoding"]
+    with open(path, "w") as f:
+        json.dump(manifest, f)
+    fresh = load_dataset(dataset.root, tok, "internlm2")
+    navil_logs.clear()
+    old = load_dataset(root, tok, "internlm2")
+    assert any("chat encoding version 1" in r.getMessage() for r in navil_logs.records)
+    assert (old.text_tokens == fresh.text_tokens).all()
+    batches, _ = epochs(make_loader([root]), 1)
+    assert batches
+    with pytest.raises(DataError, match="chat encoding version 1"):
+        load_dataset(root, tok, "internlm2", recount=False)
