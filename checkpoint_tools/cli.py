@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""--dtype choices: auto + megatron_navil.utils.dtypes.DTYPES (spelt out so that building the
+parser does not import torch; tests/test_dtypes.py keeps the two equal)."""
 
 
 def _size(text: str) -> int:
@@ -109,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dtype(name: str):
-    import torch
+    from megatron_navil.utils.dtypes import torch_dtype
 
-    return None if name == "auto" else getattr(torch, name)
+    return None if name == "auto" else torch_dtype(name)
 
 
 def _parallel(a):

@@ -87,10 +87,11 @@ def megatron_logits(checkpoint: Path, cfg: NaViLModelConfig, inputs: dict, dtype
     from megatron_navil.conversion.layout import ensure_single_process_world
     from megatron_navil.models.navil import NaViLModel
     from megatron_navil.training.checkpoint import CheckpointError, load_model
+    from megatron_navil.utils.dtypes import dtype_name
 
     ensure_single_process_world()
-    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-    model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=name))
+    model = NaViLModel(cfg, ParallelConfig(),
+                       PrecisionConfig(backend="local", params_dtype=dtype_name(dtype)))
     try:
         load_model(checkpoint, [model], cfg)
     except CheckpointError as e:

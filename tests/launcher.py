@@ -21,7 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(module: str, world_size: int, args: list[str], timeout: float = 600.0) -> None:
+def run_ranks(module: str, world_size: int, args: list[str],
+              timeout: float = 600.0) -> list[tuple[int, str]]:
+    """Start `module` on `world_size` ranks (torchrun's env variables) and return each rank's
+    (exit code, stdout+stderr), failing or not."""
     port = str(free_port())
     procs = []
     for rank in range(world_size):
@@ -32,7 +35,7 @@ def launch(module: str, world_size: int, args: list[str], timeout: float = 600.0
             [sys.executable, "-m", module, *args], cwd=ROOT, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
-    failures = []
+    results = []
     for rank, p in enumerate(procs):
         try:
             out, _ = p.communicate(timeout=timeout)
@@ -40,7 +43,14 @@ def launch(module: str, world_size: int, args: list[str], timeout: float = 600.0
             for q in procs:
                 q.kill()
             raise AssertionError(f"{module} rank {rank} timed out after {timeout}s")
-        if p.returncode != 0:
-            failures.append(f"--- rank {rank} exit {p.returncode} ---\n{out[-6000:]}")
+        results.append((p.returncode, out))
+    return results
+
+
+def launch(module: str, world_size: int, args: list[str], timeout: float = 600.0) -> None:
+    """run_ranks, failing the test with each failed rank's output."""
+    failures = [f"--- rank {rank} exit {rc} ---\n{out[-6000:]}"
+                for rank, (rc, out) in enumerate(run_ranks(module, world_size, args, timeout))
+                if rc != 0]
     if failures:
         raise AssertionError(f"{module} {' '.join(args)} failed:\n" + "\n".join(failures))

@@ -31,6 +31,8 @@ REPO = Path(__file__).resolve().parent.parent
 SECTIONS = ("env", "gpu_tests", "training", "decode")
 HEADER = "== gpu_check summary"
 
+pytestmark = pytest.mark.processes  # every test here runs gpu_check.sh in a child
+
 
 def _run(out: Path, *args: str, env_extra: dict[str, str] | None = None,
          timeout: float = 240) -> subprocess.CompletedProcess:

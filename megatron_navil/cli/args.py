@@ -71,8 +71,16 @@ def _help_for(dotted: str) -> str:
     return f"{doc.splitlines()[0] if doc else ''} [{dotted}]"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are ConfigErrors: navil-pretrain then reports them once
+    (rank 0) in one line, like every other configuration error, instead of once per rank."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="navil-pretrain",
         description="Pretrain a NaViL model on Megatron-Core (torchrun --no-python navil-pretrain ...).",
         epilog="Any config field can also be set as section.field=value (e.g. training.train_iters=10, "

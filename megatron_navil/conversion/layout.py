@@ -26,9 +26,9 @@ from torch.overrides import TorchFunctionMode
 
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
+from megatron_navil.utils.dtypes import dtype_name
 
 _EXPERT_PATH = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sharded_location(name: str) -> str:
@@ -137,7 +137,7 @@ def canonical_sharded_layout(cfg: NaViLModelConfig, dtype: torch.dtype) -> Canon
     from megatron_navil.models.navil import NaViLModel
 
     ensure_single_process_world()
-    name = {v: k for k, v in DTYPES.items()}[dtype]
+    name = dtype_name(dtype)
     with torch.device("meta"), _AllOnMeta():
         model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=name))
     params = {k: p for k, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)}

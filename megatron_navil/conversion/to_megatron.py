@@ -36,6 +36,7 @@ from megatron_navil.conversion.tokenizer_files import (
     write_tokenizer_files,
 )
 from megatron_navil.training.checkpoint import FORMAT_VERSION, LATEST, METADATA, iteration_dir
+from megatron_navil.utils.dtypes import dtype_name
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -92,7 +93,7 @@ def write_megatron_checkpoint(source: Source, cfg: NaViLModelConfig, root: Path,
         write_dist_checkpoint(it, layout, produce, bar.update)
         bar.close()
         meta = {"format_version": FORMAT_VERSION, "step": step, "model": cfg.to_dict(),
-                "converted": {"source": source.describe(), "dtype": str(dtype).replace("torch.", ""),
+                "converted": {"source": source.describe(), "dtype": dtype_name(dtype),
                               "model_only": True,
                               "requested_layout": {
                                   "tensor_model_parallel_size": parallel.tensor_model_parallel_size,

@@ -33,7 +33,6 @@ import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
@@ -45,6 +44,7 @@ from megatron_navil.data.index import DataError, blended_fingerprint, load_datas
 from megatron_navil.data.iterator import NaViLDataLoader, Schedule
 from megatron_navil.data.planner import GlobalCosts, PlanParams
 from megatron_navil.data.sizing import ImageSizer, sample_costs
+from megatron_navil.utils.dtypes import torch_dtype
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -123,7 +123,7 @@ def _build(data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer, paths: 
         patch_size=cfg.vision.patch_size, merge_size=cfg.connector.merge_size)
     data = Datasets(datasets)
     builder = PackBuilder(data, costs.length, sizer, decoder, cfg, tokenizer, style, add_bos,
-                          data_cfg.seq_length, getattr(torch, data_cfg.pixel_dtype))
+                          data_cfg.seq_length, torch_dtype(data_cfg.pixel_dtype))
     schedule = Schedule(tuple(len(d) for d in datasets), tuple(weights), samples_per_epoch,
                         data_cfg.seed, shuffle, dp_rank, dp_size, micro_batches_per_step)
     fingerprint = blended_fingerprint(datasets, dict(

@@ -14,12 +14,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
+from megatron_navil.utils.dtypes import torch_dtype
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) -> dict:
-    dtype = _DTYPES[precision.params_dtype]
+    dtype = torch_dtype(precision.params_dtype)
     on_gpu = backend == "transformer_engine"
     common = dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,

@@ -11,13 +11,13 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_navil.config.parallel import PrecisionConfig
 from megatron_navil.config.training import OptimizerSettings, StageConfig, TrainingConfig
 from megatron_navil.training.stages import lr_overrides
+from megatron_navil.utils.dtypes import torch_dtype
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_optimizer(chunks: list, opt: OptimizerSettings, stage: StageConfig,
                     precision: PrecisionConfig):
-    dtype = _DTYPES[precision.params_dtype]
+    dtype = torch_dtype(precision.params_dtype)
     config = OptimizerConfig(
         optimizer="adam",
         lr=opt.lr,

@@ -14,6 +14,7 @@ import random
 import numpy as np
 import torch
 
+from megatron_navil.config.base import ConfigError
 from megatron_navil.config.parallel import ParallelConfig
 from megatron_navil.utils import cpu_compat
 from megatron_navil.utils.logging import get_logger
@@ -64,15 +65,17 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> Non
     world = torch.distributed.get_world_size()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
     if world % model_parallel:
-        raise ValueError(
+        raise ConfigError(
             f"world size {world} is not divisible by TP x PP = {model_parallel}; launch a "
-            "multiple of that many processes or change the parallel sizes"
+            "multiple of that many processes or change the parallel sizes",
+            same_on_every_rank=True,
         )
     dp = world // model_parallel
     if (dp * parallel.tensor_model_parallel_size) % parallel.expert_model_parallel_size:
-        raise ValueError(
+        raise ConfigError(
             f"expert parallel size {parallel.expert_model_parallel_size} must divide "
-            f"DP x TP = {dp * parallel.tensor_model_parallel_size}"
+            f"DP x TP = {dp * parallel.tensor_model_parallel_size}",
+            same_on_every_rank=True,
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -138,6 +138,7 @@ def test_tokenizer_that_disagrees(cli, navil, tmp_path):
                   tmp_path / "empty"], "holds no tokenizer", output=tmp_path / "o")
 
 
+@pytest.mark.processes
 def test_real_process_exit_status(tmp_path):
     p = subprocess.run([sys.executable, "-m", "checkpoint_tools.cli", "hf-to-navil", "--hf",
                         str(tmp_path / "missing"), "--output", str(tmp_path / "o")],

@@ -49,6 +49,7 @@ def _write(root, cfg, weights, dtype=torch.float32, calls=None):
     return it
 
 
+@pytest.mark.processes
 def test_streamed_checkpoint_equals_megatron_save(tmp_path, megatron_single_process):
     cfg, weights = _weights()
     calls = []

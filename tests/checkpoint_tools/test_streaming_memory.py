@@ -14,10 +14,13 @@ import math
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from tests.checkpoint_tools.conftest import same_files
 from tests.launcher import ROOT
+
+pytestmark = pytest.mark.processes  # every test here starts a process
 
 OVERRIDES = {"llm.hidden_size": 512, "llm.ffn_hidden_size": 1536, "llm.num_layers": 8,
              "llm.num_attention_heads": 8, "llm.num_query_groups": 2, "llm.kv_channels": 64,

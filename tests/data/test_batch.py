@@ -127,6 +127,7 @@ def test_every_sample_matches_independent_layout(dataset, make_loader, tok, cfg)
     assert c["tokens"] + c["padding_tokens"] == SEQ * c["batches"]
 
 
+@pytest.mark.processes
 def test_text_only_packs(tmp_path, tok_dir, make_loader, tok, cfg):
     root = preprocess(str(tmp_path), [{"text": f"plain text number {k} " * (1 + k % 7)}
                                       for k in range(30)], tok_dir).root

@@ -44,6 +44,7 @@ def test_every_flag_has_help(mod):
         [a.dest for a in acts if not a.help]
 
 
+@pytest.mark.processes
 def test_help_runs_as_a_program():
     env = {**os.environ, "PYTHONPATH": REPO}
     for mod in ("preprocess", "tokenizer_cli", "inspector"):
@@ -52,6 +53,7 @@ def test_help_runs_as_a_program():
         assert r.returncode == 0 and "usage:" in r.stdout
 
 
+@pytest.mark.processes
 def test_missing_input_is_one_clear_line_exit_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
     r = subprocess.run([sys.executable, "-m", "data_tools.preprocess", "--input",

@@ -31,6 +31,7 @@ def _manifest(out):
         return json.load(f)
 
 
+@pytest.mark.processes
 def test_our_idx_equals_wds2idx(reference_run, tmp_path):
     exe = shutil.which("wds2idx") or os.path.join(os.path.dirname(sys.executable), "wds2idx")
     for sh in _manifest(reference_run)["shards"]:

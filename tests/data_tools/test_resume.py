@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import skimage.data as sd
 from PIL import Image
 
@@ -66,6 +67,7 @@ def _processes_with(token: str) -> list[int]:
     return out
 
 
+@pytest.mark.processes
 def test_killed_run_resumes_to_identical_output(tmp_path):
     args = _slow_corpus(str(tmp_path / "c"))
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
@@ -101,6 +103,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     assert part["this_run"]["read"] < part["counts"]["read"]  # only the rest was redone
 
 
+@pytest.mark.processes
 def test_killed_worker_stops_the_job_cleanly_and_rerun_completes(tmp_path):
     """What the kernel's OOM killer does: a worker process dies mid-job."""
     import psutil

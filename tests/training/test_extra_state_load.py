@@ -29,6 +29,8 @@ from megatron_navil.models.local_layers import RMSNorm
 from megatron_navil.models.navil import NaViLModel
 from megatron_navil.training import checkpoint as ck
 
+pytestmark = pytest.mark.processes  # every test here starts a process
+
 
 class ExtraStateRMSNorm(RMSNorm):
     """RMSNorm that, like TE's RMSNorm op, carries extra state (here: a uint8 byte tensor)."""

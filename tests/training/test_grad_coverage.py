@@ -32,6 +32,7 @@ from tests.training.runner import losses, pretrain
 from tests.training.test_pretrain import BASE
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("stage", [[], ["stage.preset=stage1"]], ids=["full", "stage1"])
 def test_overlapped_grad_reduce_with_text_only_packs(tmp_path, stage):
     plain, overlap = tmp_path / "plain.jsonl", tmp_path / "overlap.jsonl"

@@ -13,6 +13,8 @@ import pytest
 from tests.training.runner import pretrain
 from tests.training.test_pretrain import BASE
 
+pytestmark = pytest.mark.processes  # every test here starts a process
+
 
 def _digest(root):
     h = hashlib.sha256()

@@ -23,6 +23,8 @@ import torch
 
 from tests.training.runner import kill, losses, metrics, pretrain, start_single, wait_for_step
 
+pytestmark = pytest.mark.processes  # every test here starts a process
+
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_debug_losses.json"
 BASE = ["--mock-data", "--model", "debug-internlm2", "--seq-length", "256", "--global-batch-size", "2",
         "--lr", "1e-3", "--lr-warmup-iters", "1", "--min-lr", "1e-4", "--log-interval", "1",

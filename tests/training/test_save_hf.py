@@ -9,10 +9,14 @@ Where to look on failure: megatron_navil/training/trainer.py (_export_hf), check
 
 import json
 
+import pytest
+
 from megatron_navil.conversion import export_hf
 from tests.checkpoint_tools.conftest import same_files
 from tests.training.runner import pretrain
 from tests.training.test_pretrain import BASE
+
+pytestmark = pytest.mark.processes  # every test here starts a process
 
 
 def test_save_hf_writes_the_checkpoints_hf_copy(tmp_path):

@@ -19,6 +19,8 @@ from tests.checkpoint_tools.conftest import run_cli
 from tests.training.runner import pretrain
 from tests.training.test_pretrain import BASE
 
+pytestmark = pytest.mark.processes  # every test here starts a process
+
 WORDS = ("a photo of the cat coffee cup rocket camera man standing near with red blue green "
          "small large image picture showing on in at day night").split()
 
