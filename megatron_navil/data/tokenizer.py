@@ -89,17 +89,25 @@ class NaViLTokenizer:
         return self._id_to_atomic[i] if i in self._id_to_atomic else self.sp.id_to_piece(i)
 
     # ------------------------------------------------------------------ text
+    def _parts(self, text: str, allow_special: bool) -> Iterable[tuple[int, str, Optional[int]]]:
+        """(start, part, atomic id or None) of `text` split on the atomic strings that count:
+        every special token and template marker, or only the markers (allow_special=False)."""
+        splitter = self._split_all if allow_special else self._split_template
+        pos = 0
+        for part in splitter.split(text) if splitter else [text]:
+            if part:
+                atomic = self._atomic.get(part)
+                keep = atomic is not None and (allow_special or part in self.template_tokens)
+                yield pos, part, atomic if keep else None
+            pos += len(part)
+
     def encode(self, text: str, allow_special: bool = True) -> list[int]:
         """Token ids of `text` (no BOS/EOS). Special-token strings become their single id
         unless `allow_special=False` (then they are ordinary text: use it for untrusted web
         text that may contain e.g. a literal "<img>"); template markers stay atomic."""
-        splitter = self._split_all if allow_special else self._split_template
         ids: list[int] = []
-        for part in splitter.split(text) if splitter else [text]:
-            if not part:
-                continue
-            atomic = self._atomic.get(part)
-            if atomic is not None and (allow_special or part in self.template_tokens):
+        for _, part, atomic in self._parts(text, allow_special):
+            if atomic is not None:
                 ids.append(atomic)
             else:
                 ids.extend(self.sp.encode(part))
@@ -110,30 +118,23 @@ class NaViLTokenizer:
         """`encode(text, allow_special)` and, per id, the half-open character range of `text`
         it stands for. Byte-fallback ids of one character: all but the last have an empty range
         at the character's start (sentencepiece gives the surface to the last byte)."""
-        splitter = self._split_all if allow_special else self._split_template
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
-        pos = 0
-        for part in splitter.split(text) if splitter else [text]:
-            if not part:
-                continue
-            atomic = self._atomic.get(part)
-            if atomic is not None and (allow_special or part in self.template_tokens):
+        for pos, part, atomic in self._parts(text, allow_special):
+            if atomic is not None:
                 ids.append(atomic)
                 spans.append((pos, pos + len(part)))
-            else:
-                # sentencepiece reports UTF-8 byte offsets; map them to character offsets.
-                char_at = [0] * (len(part.encode("utf-8")) + 1)
-                b = 0
-                for c, ch in enumerate(part):
-                    n = len(ch.encode("utf-8"))
-                    char_at[b:b + n] = [c] * n
-                    b += n
-                char_at[b] = len(part)
-                for piece in self.sp.encode(part, out_type="proto").pieces:
-                    ids.append(piece.id)
-                    spans.append((pos + char_at[piece.begin], pos + char_at[piece.end]))
-            pos += len(part)
+                continue
+            # sentencepiece reports UTF-8 byte offsets; map them to character offsets.
+            char_at = [len(part)] * (len(part.encode("utf-8")) + 1)
+            b = 0
+            for c, ch in enumerate(part):
+                n = len(ch.encode("utf-8"))
+                char_at[b:b + n] = [c] * n
+                b += n
+            for piece in self.sp.encode(part, out_type="proto").pieces:
+                ids.append(piece.id)
+                spans.append((pos + char_at[piece.begin], pos + char_at[piece.end]))
         return ids, spans
 
     def decode(self, ids: Iterable[int]) -> str:
