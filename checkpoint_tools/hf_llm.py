@@ -23,7 +23,7 @@ from typing import Optional
 
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
-from megatron_navil.conversion.hf_config import backbone_of
+from megatron_navil.conversion.hf_config import backbone_of, hf_llm_value
 from megatron_navil.conversion.outputs import read_json
 from megatron_navil.conversion.safetensors_io import SafetensorsDir
 from megatron_navil.conversion.tokenizer_files import first_special_token_id as listed_first_id
@@ -136,9 +136,9 @@ def navil_config_for(llm: HFLLM, flavor: NaViLModelConfig,
         num_query_groups=c.get("num_key_value_heads") or heads,
         kv_channels=c.get("head_dim") or hidden // heads, qk_layernorm=llm.backbone == "qwen3",
         vocab_size=max(rows, first + len(SPECIAL_TOKENS)), first_special_token_id=first,
-        rope_theta=float(c.get("rope_theta", flavor.llm.rope_theta)),
-        norm_eps=float(c.get("rms_norm_eps", flavor.llm.norm_eps)),
-        init_method_std=float(c.get("initializer_range", flavor.llm.init_method_std)),
+        rope_theta=float(hf_llm_value(c, "rope_theta")),
+        norm_eps=float(hf_llm_value(c, "rms_norm_eps")),
+        init_method_std=float(hf_llm_value(c, "initializer_range")),
     )
     changed = [f"{f.name} {getattr(flavor.llm, f.name)} -> {getattr(new_llm, f.name)}"
                for f in dataclasses.fields(new_llm) if getattr(flavor.llm, f.name) != getattr(new_llm, f.name)]

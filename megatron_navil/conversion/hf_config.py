@@ -100,6 +100,19 @@ def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str, local_code: bool = Fal
     }
 
 
+HF_LLM_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "initializer_range": 0.02}
+"""What transformers uses when an LLM config.json leaves these out: the defaults of
+Qwen3Config (transformers 4.51) and of InternLM2's InternLM2Config, equal for these keys. Both
+readers (a NaViL config's llm_config here, a plain LLM's config.json in llm-to-navil) fall back
+to them, so a converted model runs what transformers would run from the same file."""
+
+
+def hf_llm_value(c: dict, key: str) -> Any:
+    """`c[key]` of an HF LLM config, or transformers' default (HF_LLM_DEFAULTS) when absent."""
+    value = c.get(key)
+    return HF_LLM_DEFAULTS[key] if value is None else value
+
+
 def _get(d: dict, key: str, where: str, default: Any = ...) -> Any:
     if key in d and d[key] is not None:
         return d[key]
@@ -166,10 +179,10 @@ def from_hf_config(d: dict, first_special_token_id: Optional[int] = None) -> NaV
                 kv_channels=ext.get("kv_channels", _get(ld, "head_dim", "llm_config", hidden // heads)),
                 qk_layernorm=bool(ext.get("qk_layernorm", backbone == "qwen3")),
                 vocab_size=_get(ld, "vocab_size", "llm_config"), first_special_token_id=int(first),
-                rope_theta=float(_get(ld, "rope_theta", "llm_config", 1e6)),
-                norm_eps=float(_get(ld, "rms_norm_eps", "llm_config", 1e-6)),
+                rope_theta=float(hf_llm_value(ld, "rope_theta")),
+                norm_eps=float(hf_llm_value(ld, "rms_norm_eps")),
                 max_sequence_length=_get(ld, "max_position_embeddings", "llm_config", 8192),
-                init_method_std=float(_get(ld, "initializer_range", "llm_config", 0.02)),
+                init_method_std=float(hf_llm_value(ld, "initializer_range")),
                 make_vocab_size_divisible_by=ext.get("make_vocab_size_divisible_by", 128),
             ),
             experts=ExpertConfig(

@@ -8,6 +8,9 @@
 - a released-style config.json (no `megatron_navil` section) is read with the release's
   semantics (window in patches, null fullatt = all layers + window-order quirk, composed vs
   separate projection by backbone), the special-token start from the tokenizer files;
+- an LLM config that leaves out rope_theta / rms_norm_eps / initializer_range gets what
+  transformers' own config classes default to (Qwen3Config, asked here; InternLM2Config's are
+  the same), in both readers: a NaViL config.json's llm_config and llm-to-navil's plain LLM;
 - malformed configs raise ConversionError naming the field.
 Exact comparisons: configs are plain values.
 """
@@ -89,3 +92,31 @@ def test_bad_configs_name_the_field(edit, message):
     edit(d)
     with pytest.raises(ConversionError, match=message.replace("(", r"\(").replace(")", r"\)")):
         from_hf_config(d)
+
+
+def test_absent_llm_fields_get_transformers_defaults(tmp_path, cli):
+    from transformers import Qwen3Config
+
+    from megatron_navil.config import NaViLModelConfig
+    from megatron_navil.training.checkpoint import read_metadata
+    from tests.checkpoint_tools.plain_llm import make_llm_dir
+
+    hf = Qwen3Config()
+    want = (hf.rope_theta, hf.rms_norm_eps, hf.initializer_range)
+    keys = ("rope_theta", "rms_norm_eps", "initializer_range")
+    d = _released("qwen3")
+    for k in keys:
+        d["llm_config"].pop(k, None)
+    llm = from_hf_config(d, first_special_token_id=151669).llm
+    assert (llm.rope_theta, llm.norm_eps, llm.init_method_std) == want
+    # llm-to-navil with a flavor whose value differs (debug-internlm2: norm_eps 1e-5): where the
+    # file is silent, transformers' default, not the flavor's.
+    c, _ = make_llm_dir(tmp_path / "llm", "internlm2")
+    for k in keys:
+        c.pop(k)
+    (tmp_path / "llm/config.json").write_text(json.dumps(c))
+    rc, _, err = cli(["llm-to-navil", "--hf-llm", tmp_path / "llm", "--flavor", "debug-internlm2",
+                      "--output", tmp_path / "ck", "--no-progress"])
+    assert rc == 0, err
+    got = NaViLModelConfig.from_dict(read_metadata(tmp_path / "ck")["model"]).llm
+    assert (got.rope_theta, got.norm_eps, got.init_method_std) == want
