@@ -137,13 +137,14 @@ def main() -> None:
 
     from megatron_navil.config import get_flavor
     from megatron_navil.conversion.plan import hf_shapes
+    from megatron_navil.utils.dtypes import torch_dtype
 
     cfg = get_flavor(a.flavor)
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench_convert_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         t = time.perf_counter()
-        nbytes = generate(cfg, work / "hf", getattr(torch, a.dtype))
+        nbytes = generate(cfg, work / "hf", torch_dtype(a.dtype))
         gen_s = time.perf_counter() - t
         rows = []
         steps = [("baseline: copy files (read+write+fsync)", ["copy", work / "hf", work / "copy"], work / "hf"),
@@ -164,7 +165,7 @@ def main() -> None:
         params, largest = sum(sizes), max(sizes)
         result = {
             "flavor": a.flavor, "dtype": a.dtype, "parameters": params, "weight_gb": nbytes / 1e9,
-            "largest_tensor_gb": largest * getattr(torch, a.dtype).itemsize / 1e9,
+            "largest_tensor_gb": largest * torch_dtype(a.dtype).itemsize / 1e9,
             "generate_s": gen_s, "cpus": os.cpu_count(), "machine": platform.machine(),
             "python": platform.python_version(), "torch": torch.__version__,
             "rows": rows,

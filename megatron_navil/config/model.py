@@ -250,6 +250,13 @@ class NaViLModelConfig(ConfigBase):
     def img_start_id(self) -> int:
         return self.special_token_id(IMG_START)
 
+    def visual_token_mask(self, tokens):
+        """True where a token goes to the visual experts: <IMG_CONTEXT> and <img> (the released
+        model's rule). Elementwise on a torch tensor or a numpy array. The one implementation
+        the loader, the model and the FLOP count share (the reference model keeps its own: it
+        is the test oracle)."""
+        return (tokens == self.img_context_id) | (tokens == self.img_start_id)
+
     def num_parameters(self) -> tuple[int, int]:
         """(total, activated) parameters of the whole model, vision side included."""
         c4 = self.vision.hidden_size * self.connector.merge_size**2

@@ -176,6 +176,6 @@ class PackBuilder:
             cu_seqlens=torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32),
             pixel_values=pixel_values,
             grid_thw=torch.tensor(grids, dtype=torch.long) if grids else None,
-            modality_mask=(t == self.cfg.img_context_id) | (t == self.cfg.img_start_id),
+            modality_mask=self.cfg.visual_token_mask(t),
             metadata=stats,
         )

@@ -80,7 +80,6 @@ class NaViLModel(MegatronModule):
             self.connector = Connector(cfg, vit_config)
         self.language_model = NaViLLanguageModel(cfg, self.config, backend, pre_process,
                                                  post_process, pg_collection, vp_stage)
-        self.visual_token_ids = (cfg.img_context_id, cfg.img_start_id)
         self.vision_every_micro_batch = vision_every_micro_batch
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # NaViL's LM head is untied
@@ -93,9 +92,7 @@ class NaViLModel(MegatronModule):
 
     def routing(self, tokens: torch.Tensor, modality_mask: Optional[torch.Tensor] = None) -> ModalityRouting:
         if modality_mask is None:
-            modality_mask = torch.zeros_like(tokens, dtype=torch.bool)
-            for i in self.visual_token_ids:
-                modality_mask |= tokens == i
+            modality_mask = self.cfg.visual_token_mask(tokens)
         sp = self.config.sequence_parallel and self.tp_group.size() > 1
         return ModalityRouting.build(
             modality_mask, row_multiple=self.backend.fp8_row_multiple,

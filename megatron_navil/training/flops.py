@@ -29,7 +29,7 @@ def micro_batch_flops(cfg: NaViLModelConfig, batch: NaViLBatch) -> float:
     d, f = llm.hidden_size, llm.ffn_hidden_size
     q, kv = llm.num_attention_heads * llm.kv_channels, llm.num_query_groups * llm.kv_channels
     tokens = batch.num_tokens
-    visual = int(((batch.tokens == cfg.img_context_id) | (batch.tokens == cfg.img_start_id)).sum())
+    visual = int(cfg.visual_token_mask(batch.tokens).sum())
     per_token = 2 * d * (q + 2 * kv) + 2 * q * d + 2 * 3 * d * f
     flops = llm.num_layers * per_token * tokens
     if cfg.experts.attention_experts and cfg.experts.output_proj_mode == "composed":
