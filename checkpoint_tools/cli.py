@@ -190,28 +190,19 @@ def run(a) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from megatron_navil.config.base import ConfigError
-    from megatron_navil.conversion.errors import ConversionError
-    from megatron_navil.data.tokenizer import TokenizerError
-    from megatron_navil.training.checkpoint import CheckpointError
-
+def _main(argv: Optional[Sequence[str]]) -> int:
     a = build_parser().parse_args(argv)
     # Megatron's loader goes through deprecated torch ShardedTensor APIs; not actionable here.
     warnings.filterwarnings("ignore", message=".*(Please use DTensor|`load_state_dict` is deprecated).*")
-    try:
-        return run(a)
-    except (ConversionError, CheckpointError, ConfigError, TokenizerError) as e:
-        # One line, whatever the message: log scrapers and humans both read the first line.
-        sys.stderr.write("error: " + "; ".join(x.strip() for x in str(e).splitlines() if x.strip()) + "\n")
-        return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; nothing was written (outputs appear only when complete)\n")
-        return 130
-    finally:
-        from megatron_navil.conversion.layout import release_single_process_world
+    return run(a)
 
-        release_single_process_world()
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from megatron_navil.conversion.layout import release_single_process_world
+    from megatron_navil.utils.cli import run_cli
+
+    return run_cli(_main, argv, cleanup=release_single_process_world,
+                   interrupted="interrupted; nothing was written (outputs appear only when complete)")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Shared CLI plumbing: one-line user errors with exit code 2, progress, atomic JSON writes.
+"""Shared CLI plumbing of the data tools: their usage error, progress, atomic JSON writes.
 
-Every `navil-*` data tool wraps its `main` in `run_cli`, so an error the user can fix (bad path,
-bad flag combination, output made with other settings) prints one message naming the thing and
-what to do, and exits 2 without a traceback. Anything else is a bug and keeps its traceback.
+Every `navil-*` data tool wraps its `main` in megatron_navil.utils.cli.run_cli, as every other
+console script does, so an error the user can fix (bad path, bad flag combination, output made
+with other settings) prints one line naming the thing and what to do, and exits 2 without a
+traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,35 +11,17 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from megatron_navil.errors import UserError
 from megatron_navil.utils.files import write_text_atomic
 from megatron_navil.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
 
-class UsageError(Exception):
-    """An error the user can fix; the message names the thing and what to do (exit 2)."""
-
-
-class JobError(Exception):
-    """The job stopped for an outside reason (e.g. a worker was killed); exit 1, resumable."""
-
-
-def run_cli(main_fn: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]]) -> int:
-    """Run a CLI body, turning UsageError into one stderr line and exit status 2."""
-    try:
-        return main_fn(argv)
-    except UsageError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 2
-    except JobError as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 1
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted; re-run the same command to resume\n")
-        return 130
+class UsageError(UserError):
+    """A data tool's flag, path or flag combination that cannot work (exit 2)."""
 
 
 def write_json_atomic(path: str, obj: Any, *, indent: Optional[int] = None) -> None:

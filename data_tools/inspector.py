@@ -22,7 +22,8 @@ import textwrap
 from collections import Counter
 from typing import Any, Optional, Sequence
 
-from data_tools.cli_common import UsageError, format_table, run_cli, write_json_atomic, write_text
+from data_tools.cli_common import UsageError, format_table, write_json_atomic, write_text
+from megatron_navil.utils.cli import run_cli
 from megatron_navil.utils.logging import get_logger
 
 logger = get_logger(__name__)

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator, TypeVar
 
-from data_tools.cli_common import JobError
+from megatron_navil.errors import JobError
 
 T = TypeVar("T")
 R = TypeVar("R")

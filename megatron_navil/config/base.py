@@ -17,16 +17,14 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from megatron_navil.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration that cannot work; the message names the field and what to do.
 
-    `same_on_every_rank=True` says the error follows from what all ranks share (the command
-    line, the world size), so a CLI reports it once, from rank 0, instead of once per rank."""
-
-    def __init__(self, message: str, same_on_every_rank: bool = False):
-        super().__init__(message)
-        self.same_on_every_rank = same_on_every_rank
+    `same_on_every_rank=True` (see UserError) says the error follows from what all ranks share
+    (the command line, the world size), so a CLI reports it once, from rank 0."""
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ from typing import Optional
 import numpy as np
 
 from megatron_navil.data.chat_template import CHAT_ENCODING_VERSION, count_sample_tokens
+from megatron_navil.errors import UserError
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -30,7 +31,7 @@ KINDS = ("caption", "conversation", "interleaved", "text")
 """Sample kinds, in the order of their int8 codes in `DatasetIndex.kind`."""
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset the loader cannot use; the message names the path and what to do."""
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from megatron_navil.errors import UserError
+
 STATE_VERSION = 1
 
 COUNTER_NAMES = ("batches", "samples", "tokens", "loss_tokens", "padding_tokens", "images",
@@ -22,7 +24,7 @@ COUNTER_NAMES = ("batches", "samples", "tokens", "loss_tokens", "padding_tokens"
 """Counters the loader accumulates over the batches it hands out (rank-local)."""
 
 
-class LoaderStateError(ValueError):
+class LoaderStateError(UserError, ValueError):
     """A loader state that cannot be restored; the message says why and what to do."""
 
 

@@ -25,6 +25,7 @@ from typing import Iterable, Optional, Sequence
 import sentencepiece as spm
 
 from megatron_navil.config import SPECIAL_TOKENS
+from megatron_navil.errors import UserError
 
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 """Chat-template markers reserved as atomic pieces when training a fresh model."""
@@ -32,7 +33,7 @@ META_FILE = "navil_tokenizer.json"
 MODEL_FILE = "tokenizer.model"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer file that cannot be used; the message says which and why."""
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.errors import UserError
 from megatron_navil.utils.distributed import barrier, is_rank0
 from megatron_navil.utils.files import write_text_atomic
 from megatron_navil.utils.logging import get_logger
@@ -31,7 +32,7 @@ METADATA = "navil_checkpoint.json"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be loaded; the message names the path/keys and what to do."""
 
 

@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.pretrain import PretrainConfig
+from megatron_navil.errors import UserError
 from megatron_navil.models.navil import build_model
 from megatron_navil.training import checkpoint as ckpt
 from megatron_navil.training.data import build_loaders, concat_packs
@@ -42,8 +43,9 @@ from megatron_navil.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-class TrainingStopped(RuntimeError):
-    """The run cannot continue (e.g. too many non-finite steps in a row)."""
+class TrainingStopped(UserError, RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row); the message says why
+    and what to change (exit status 2: rerunning the same command would stop the same way)."""
 
 
 class Trainer:

@@ -1,0 +1,56 @@
+"""`megatron_navil.utils.cli.run_cli`, the one error convention of every console script: every
+package's user-error type (ConfigError, CheckpointError, ConversionError, TokenizerError,
+DataError, the data tools' UsageError) is a UserError and becomes ONE `error:` line with exit
+status 2; JobError exit 1; Ctrl-C 130; in a multi-rank job an error every rank shares is printed
+by rank 0 only, one rank's own error carries its rank; a bug keeps its traceback; cleanup always
+runs. Where to look on failure: megatron_navil/errors.py, megatron_navil/utils/cli.py."""
+
+import pytest
+
+from data_tools.cli_common import UsageError
+from megatron_navil.config.base import ConfigError
+from megatron_navil.conversion.errors import ConversionError
+from megatron_navil.data.index import DataError
+from megatron_navil.data.tokenizer import TokenizerError
+from megatron_navil.errors import JobError, UserError
+from megatron_navil.training.checkpoint import CheckpointError
+from megatron_navil.utils.cli import run_cli
+
+
+def _raiser(exc):
+    def body(argv):
+        raise exc
+    return body
+
+
+@pytest.mark.parametrize("cls", [ConfigError, CheckpointError, ConversionError, TokenizerError,
+                                 DataError, UsageError])
+def test_every_user_error_is_one_line_exit_2(cls, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert issubclass(cls, UserError)
+    cleaned = []
+    rc = run_cli(_raiser(cls("bad thing at /x:\n  key a\n  key b")), [], cleanup=lambda: cleaned.append(1))
+    err = capsys.readouterr().err
+    assert rc == 2 and cleaned == [1]
+    assert err == "error: bad thing at /x:; key a; key b\n"
+
+
+def test_job_error_interrupt_and_bug(capsys):
+    assert run_cli(_raiser(JobError("worker 3 was killed")), []) == 1
+    assert capsys.readouterr().err == "error: worker 3 was killed\n"
+    assert run_cli(_raiser(KeyboardInterrupt()), [], interrupted="stopped") == 130
+    assert capsys.readouterr().err == "stopped\n"
+    with pytest.raises(ZeroDivisionError):  # a bug is not turned into a one-liner
+        run_cli(lambda argv: 1 // 0, [])
+
+
+@pytest.mark.parametrize("rank,shared,expected", [
+    ("0", True, "error: layout\n"), ("1", True, ""),
+    ("0", False, "[rank 0] error: layout\n"), ("1", False, "[rank 1] error: layout\n")])
+def test_multi_rank_reporting(rank, shared, expected, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    # an earlier test of this process may have left a 1-rank process group: use the env rank
+    monkeypatch.setattr("megatron_navil.utils.cli.global_rank", lambda: int(rank))
+    assert run_cli(_raiser(ConfigError("layout", same_on_every_rank=shared)), []) == 2
+    assert capsys.readouterr().err == expected
