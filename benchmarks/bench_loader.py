@@ -146,7 +146,7 @@ def dali_pass(paths, sizer, device: str, threads: int, batch: int):
 def loader_pass(img_dir, names, tmp, multiscale, device, threads, batch):
     """The whole loader over navil-preprocess shards: one call = about one epoch of images."""
     from data_tools.preprocess import main as preprocess
-    from megatron_navil.data.config import DataConfig
+    from megatron_navil.config.data import DataConfig
     from megatron_navil.data.loader import build_train_loader
     from megatron_navil.data.tokenizer import train_sentencepiece
 

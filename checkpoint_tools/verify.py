@@ -1,7 +1,7 @@
 """verify: a Megatron checkpoint and an HF NaViL directory give the same logits.
 
 Megatron side: the NaViL Megatron-Core model (TP=1, one process) loaded with the trainer's own
-loader (`training.checkpoint.load_model`). HF side: the plain-PyTorch reference in the HF layout
+loader (`checkpoint.load_model`). HF side: the plain-PyTorch reference in the HF layout
 (`megatron_navil.reference`) with the directory's safetensors. Both run the same packed
 inputs (generated: several samples, images of several grids, a text-only sample; or given in a
 file) at every position that has logits (not `<IMG_CONTEXT>`), and we report the max absolute
@@ -86,7 +86,7 @@ def megatron_logits(checkpoint: Path, cfg: NaViLModelConfig, inputs: dict, dtype
     from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
     from megatron_navil.conversion.layout import ensure_single_process_world
     from megatron_navil.models.navil import NaViLModel
-    from megatron_navil.training.checkpoint import CheckpointError, load_model
+    from megatron_navil.checkpoint import CheckpointError, load_model
     from megatron_navil.utils.dtypes import dtype_name
 
     ensure_single_process_world()
@@ -141,7 +141,7 @@ def verify(checkpoint: Path, hf_dir: Path, inputs_path: Optional[Path] = None, *
            seq_length: int = 128, seed: int = 0, atol: float = 1e-3, max_kl: float = 1e-5,
            dtype: torch.dtype = torch.float32) -> VerifyResult:
     from megatron_navil.conversion.to_megatron import load_hf_config
-    from megatron_navil.training.checkpoint import CheckpointError, model_config_diffs, read_metadata
+    from megatron_navil.checkpoint import CheckpointError, model_config_diffs, read_metadata
 
     hf_cfg = load_hf_config(hf_dir)
     try:
@@ -171,7 +171,7 @@ def compare_tokenizers(checkpoint: Path, hf_dir: Path) -> str:
     """The tokenizer the checkpoint carries (navil-pretrain's copy, or navil-convert's) vs the
     HF directory's, by the bytes of the files that define the vocabulary."""
     from megatron_navil.conversion.to_hf import checkpoint_tokenizer
-    from megatron_navil.training.checkpoint import resolve
+    from megatron_navil.checkpoint import resolve
 
     own = checkpoint_tokenizer(resolve(checkpoint))
     names = [n for n in _VOCAB_FILES if (own / n).is_file()]

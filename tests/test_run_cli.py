@@ -13,7 +13,7 @@ from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.data.index import DataError
 from megatron_navil.data.tokenizer import TokenizerError
 from megatron_navil.errors import JobError, UserError
-from megatron_navil.training.checkpoint import CheckpointError
+from megatron_navil.checkpoint import CheckpointError
 from megatron_navil.utils.cli import run_cli
 
 

@@ -15,6 +15,7 @@ import yaml
 
 from megatron_navil.config.base import ConfigError, field_docs, load_yaml, parse_scalar
 from megatron_navil.config.pretrain import PretrainConfig
+from megatron_navil.data.tokenizer import configured_vocabulary
 
 # Megatron-LM flag -> (dotted config field, type); type "flag" = store_true.
 MEGATRON_FLAGS: dict[str, tuple[str, Any]] = {
@@ -156,4 +157,5 @@ def parse_config(argv: Optional[list[str]] = None) -> PretrainConfig:
         _set(raw, key, parse_scalar(value))
     cfg = PretrainConfig.from_dict(raw)
     cfg.validate()
+    cfg.resolved_model(configured_vocabulary(cfg.tokenizer))  # a bad tokenizer: refused here
     return cfg

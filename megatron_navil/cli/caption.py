@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     from megatron_navil.inference.generate import greedy_generate
     from megatron_navil.inference.images import prepare_image
     from megatron_navil.models.navil import NaViLModel
-    from megatron_navil.training import checkpoint as ckpt
+    from megatron_navil import checkpoint as ckpt
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
 
     try:

@@ -25,7 +25,7 @@ from megatron_navil.config.training import (
     StageConfig,
     TrainingConfig,
 )
-from megatron_navil.data.config import DataConfig, pad_multiple_for
+from megatron_navil.config.data import DataConfig, pad_multiple_for
 
 
 @dataclass
@@ -65,26 +65,32 @@ class PretrainConfig(ConfigBase):
     mock_data: bool = False
     """Train on synthetic packs (random pixels and tokens) instead of data.train_paths."""
 
-    def resolved_model(self) -> NaViLModelConfig:
-        """The flavor, its overrides, and (with a tokenizer) the vocabulary the tokenizer has."""
-        cfg = get_flavor(self.model.flavor)
-        if self.model.overrides:
-            cfg = cfg.apply_overrides(self.model.overrides)
-        if self.tokenizer is not None:
-            cfg = self._vocabulary_from_tokenizer(cfg)
+    def resolved_model(self, vocabulary: Optional[tuple[int, int]] = None) -> NaViLModelConfig:
+        """The flavor, its overrides, and with a tokenizer the vocabulary it has: `vocabulary`
+        = (vocab_size, first_special_token_id) as megatron_navil.data.tokenizer.
+        configured_vocabulary reads it (config stays free of file formats). Required when
+        `tokenizer` is set, so no caller gets the flavor's vocabulary by mistake."""
+        if self.tokenizer is not None and vocabulary is None:
+            raise TypeError("resolved_model: this config names a tokenizer; pass "
+                            "vocabulary=configured_vocabulary(cfg.tokenizer)")
+        cfg = self._flavor_model()
+        if vocabulary is not None:
+            cfg = self._follow_tokenizer(cfg, *vocabulary)
         cfg.validate()
         return cfg
 
-    def _vocabulary_from_tokenizer(self, cfg: NaViLModelConfig) -> NaViLModelConfig:
+    def _flavor_model(self) -> NaViLModelConfig:
+        """The flavor with its overrides, not yet validated: with a tokenizer, the vocabulary
+        fields are only complete once it is followed."""
+        cfg = get_flavor(self.model.flavor)
+        if self.model.overrides:
+            cfg = cfg.apply_overrides(self.model.overrides)
+        return cfg
+
+    def _follow_tokenizer(self, cfg: NaViLModelConfig, size: int, first: int) -> NaViLModelConfig:
         """llm.first_special_token_id = the tokenizer's; llm.vocab_size = the tokenizer's size,
         unless the model has more rows for the same special-token position (Qwen3's padded
         embedding) or an explicit override asks for more. Contradictions are an error."""
-        from megatron_navil.data.tokenizer import TokenizerError, tokenizer_vocabulary
-
-        try:
-            size, first = tokenizer_vocabulary(self.tokenizer)
-        except (TokenizerError, OSError) as e:
-            raise ConfigError(f"--tokenizer-model {self.tokenizer}: {e}") from None
         explicit = {k: v for k, v in self.model.overrides.items()
                     if k in ("llm.vocab_size", "llm.first_special_token_id")}
         llm = cfg.llm
@@ -110,7 +116,9 @@ class PretrainConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        model = self.resolved_model()
+        model = self._flavor_model()
+        if self.tokenizer is None:  # else resolved_model validates it with the vocabulary
+            model.validate()
         t = self.training
         seq = t.seq_length * t.micro_batch_size
         if seq > model.llm.max_sequence_length:

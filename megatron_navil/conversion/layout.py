@@ -1,73 +1,27 @@
-"""Where canonical Megatron parameters live inside a torch_dist checkpoint.
+"""The canonical model's sharded layout, for the streaming checkpoint writer.
 
-A Megatron dist checkpoint stores GLOBAL tensors, so a checkpoint written at one TP/PP/EP layout
-loads at any other. Our checkpoints (megatron_navil.training.checkpoint.SHARDING_METADATA) keep
-one key per parameter, per layer and per expert (`...decoder.layers.3.mlp.experts.experts.1.
-linear_fc2.weight`); gated `linear_fc1` weights are two keys, `_w` (gate) and `_v` (up).
+How keys are named in our checkpoints (one per parameter and expert) is megatron_navil.checkpoint.
+keys; this module builds, from the model code, what Megatron itself saves for a model config:
 
-- `sharded_location(name)` / `stored_parts(keys, name)`: canonical parameter name
-  (TP=1/PP=1/EP=1 local-backend `state_dict` key) -> its storage key(s). Used by the reader,
-  which needs no model and no process group (so a trainer can export from rank 0 alone).
 - `canonical_sharded_layout(cfg, dtype)`: the exact ShardedTensor / ShardedObject list that
   Megatron itself would save for the canonical model, taken from the model's own
   `sharded_state_dict()` built on the meta device (no memory). Used by the writer, so what we
   write is by construction what Megatron writes. Needs a 1-process model-parallel world.
-Tests check that the two agree for every model variant and both full-size flavors.
+Tests check that it and keys.stored_parts agree for every model variant and both full-size
+flavors.
 """
 
 from __future__ import annotations
 
 import os
-import re
-from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
 
+from megatron_navil.checkpoint.keys import SHARDING_METADATA, CanonicalLayout, SlotView
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.utils.dtypes import dtype_name
-
-_EXPERT_PATH = re.compile(r"\.mlp\.experts\.local_experts\.(\d+)\.")
-
-
-def sharded_location(name: str) -> str:
-    """Canonical parameter name -> its torch_dist key (megatron_navil.training.checkpoint stores
-    one key per parameter: only the experts' module path differs, `local_experts.{e}` ->
-    `experts.{e}`). A gated `linear_fc1` is stored as two keys, `<key>_w` (gate) and `<key>_v`
-    (up): see `stored_parts`."""
-    return _EXPERT_PATH.sub(r".mlp.experts.experts.\1.", name)
-
-
-def stored_parts(keys, name: str) -> list[str]:
-    """The stored key(s) of canonical parameter `name`, concatenated along dim 0 in this order."""
-    key = sharded_location(name)
-    if key in keys:
-        return [key]
-    if f"{key}_w" in keys and f"{key}_v" in keys:
-        return [f"{key}_w", f"{key}_v"]
-    return [key]  # missing: the caller names it
-
-
-@dataclass
-class SlotView:
-    """How one ShardedTensor's data is cut from its canonical parameter (a strided view)."""
-
-    param: str
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-    offset: int
-
-
-@dataclass
-class CanonicalLayout:
-    """What Megatron saves for the canonical model: tensors (with the parameter each is a view
-    of) and objects (`_extra_state` of linear layers, grouped by unique key)."""
-
-    tensors: list  # [ShardedTensor]
-    views: list[SlotView]
-    objects: dict[str, list]  # unique_key -> [ShardedObject]
-    params: dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class _AllOnMeta(TorchFunctionMode):
@@ -142,8 +96,6 @@ def canonical_sharded_layout(cfg: NaViLModelConfig, dtype: torch.dtype) -> Canon
         model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=name))
     params = {k: p for k, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)}
     by_storage = {p.untyped_storage()._cdata: k for k, p in params.items()}
-    from megatron_navil.training.checkpoint import SHARDING_METADATA
-
     sharded = {"model": model.sharded_state_dict(metadata=dict(SHARDING_METADATA))}
     apply_factories(sharded)
     tensors, views, objects = [], [], {}

@@ -24,23 +24,24 @@ from typing import Mapping, Optional, Union
 
 import torch
 
+from megatron_navil.checkpoint import TOKENIZER_DIR
+from megatron_navil.checkpoint.dist_io import TRIM_BYTES
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.hf_config import to_hf_config
-from megatron_navil.conversion.dist_io import TRIM_BYTES
-from megatron_navil.conversion.memory import release_freed_memory
 from megatron_navil.conversion.outputs import check_free, staged, write_json
 from megatron_navil.conversion.plan import hf_shapes, megatron_shapes, pairs
 from megatron_navil.conversion.progress import ByteProgress
 from megatron_navil.conversion.release import CODE_FILES, GENERATION_CONFIG, check_release
 from megatron_navil.conversion.safetensors_io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
-from megatron_navil.conversion.to_megatron import TOKENIZER_DIR, ConversionReport
+from megatron_navil.conversion.to_megatron import ConversionReport
 from megatron_navil.conversion.tokenizer_files import (
     check_tokenizer,
     has_tokenizer,
     write_tokenizer_files,
 )
 from megatron_navil.utils.logging import get_logger
+from megatron_navil.utils.memory import release_freed_memory
 
 log = get_logger(__name__)
 Weights = Union[str, Path, Mapping[str, torch.Tensor], list]
@@ -48,8 +49,8 @@ Weights = Union[str, Path, Mapping[str, torch.Tensor], list]
 
 def _from_checkpoint(path: Path, model_cfg: Optional[NaViLModelConfig]):
     """(config, reader(name) -> tensor, dtype(name), tokenizer dir) of a saved checkpoint."""
-    from megatron_navil.conversion.dist_io import DistCheckpointReader
-    from megatron_navil.training.checkpoint import (
+    from megatron_navil.checkpoint.dist_io import DistCheckpointReader
+    from megatron_navil.checkpoint import (
         CheckpointError,
         check_model_config,
         read_metadata,

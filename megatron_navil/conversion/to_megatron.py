@@ -22,9 +22,10 @@ from typing import Optional
 
 import torch
 
+from megatron_navil.checkpoint import FORMAT_VERSION, LATEST, METADATA, TOKENIZER_DIR, iteration_dir
+from megatron_navil.checkpoint.dist_io import write_dist_checkpoint
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.parallel import ParallelConfig
-from megatron_navil.conversion.dist_io import write_dist_checkpoint
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.layout import canonical_sharded_layout
 from megatron_navil.conversion.outputs import check_free, staged, write_json
@@ -35,12 +36,10 @@ from megatron_navil.conversion.tokenizer_files import (
     has_tokenizer,
     write_tokenizer_files,
 )
-from megatron_navil.training.checkpoint import FORMAT_VERSION, LATEST, METADATA, iteration_dir
 from megatron_navil.utils.dtypes import dtype_name
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
-TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass

@@ -35,16 +35,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from megatron_navil.checkpoint.tokenizer import TOKENIZER_FILES
 from megatron_navil.config.model import SPECIAL_TOKENS
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.hf_tokenizer import chat_style, is_ours, sentencepiece_hf_files
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
-
-COPIED = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-          "special_tokens_map.json", "added_tokens.json", "navil_tokenizer.json",
-          "tokenization_internlm2.py", "tokenization_internlm2_fast.py")
 
 
 def _load(path: Path) -> Optional[dict]:
@@ -129,7 +126,7 @@ def write_tokenizer_files(src: Path, out: Path, first_id: int, *,
     style = _style(chat_template, out)
     src_config = _load(src / "tokenizer_config.json")
     written = []
-    for name in COPIED:
+    for name in TOKENIZER_FILES:
         if (src / name).exists():
             shutil.copyfile(src / name, out / name)
             written.append(name)

@@ -24,7 +24,7 @@ from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
 
-from megatron_navil.config import SPECIAL_TOKENS
+from megatron_navil.config import SPECIAL_TOKENS, ConfigError
 from megatron_navil.errors import UserError
 
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
@@ -230,6 +230,17 @@ def tokenizer_vocabulary(path: str) -> tuple[int, int]:
                                  "navil-tokenizer") from None
     tok = NaViLTokenizer.load(path)
     return tok.vocab_size, tok.first_special_token_id
+
+
+def configured_vocabulary(path: Optional[str]) -> Optional[tuple[int, int]]:
+    """`tokenizer_vocabulary` of navil-pretrain's --tokenizer-model (None without one), for
+    PretrainConfig.resolved_model; an unreadable tokenizer is a ConfigError naming the flag."""
+    if path is None:
+        return None
+    try:
+        return tokenizer_vocabulary(path)
+    except (TokenizerError, OSError) as e:
+        raise ConfigError(f"--tokenizer-model {path}: {e}") from None
 
 
 def _read(path: str) -> bytes:

@@ -20,7 +20,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_navil.training.checkpoint import (
+from megatron_navil.checkpoint import (
     SHARDING_METADATA,
     load_model_state,
     model_sharded_state_dict,

@@ -19,11 +19,12 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
+from megatron_navil import checkpoint as ckpt
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.pretrain import PretrainConfig
+from megatron_navil.data.tokenizer import configured_vocabulary
 from megatron_navil.errors import UserError
 from megatron_navil.models.navil import build_model
-from megatron_navil.training import checkpoint as ckpt
 from megatron_navil.training.data import build_loaders, concat_packs
 from megatron_navil.training.flops import micro_batch_flops, peak_tflops
 from megatron_navil.training.metrics import MetricsWriter, memory_gb, reduce_step_sums
@@ -52,7 +53,7 @@ class Trainer:
     def __init__(self, cfg: PretrainConfig):
         cfg.validate()
         self.cfg = cfg
-        self.model_cfg = cfg.resolved_model()
+        self.model_cfg = cfg.resolved_model(configured_vocabulary(cfg.tokenizer))
         initialize_model_parallel(cfg.parallel, seed=cfg.training.seed)
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -166,7 +167,7 @@ class Trainer:
         out = ckpt.hf_export_dir(path)
         try:  # the tokenizer comes from the checkpoint itself (iter_*/tokenizer)
             report = export_hf(path, out, self.model_cfg, overwrite=True)
-        except ConversionError as e:  # the checkpoint itself is saved: keep training
+        except (ConversionError, ckpt.CheckpointError) as e:  # the checkpoint is saved: go on
             log.error("HF export of %s failed: %s", path, e)
             return
         log.info("wrote HF copy %s (%.1f s)%s", out, report.seconds,

@@ -1,13 +1,13 @@
 """Worker (one rank of a torchrun-style job): load a converted checkpoint at a TP/PP/EP layout.
 
 1. builds the NaViL Megatron model at the requested layout and loads the checkpoint with the
-   trainer's loader (training.checkpoint.load_model, model-config check included);
+   trainer's loader (checkpoint.load_model, model-config check included);
 2. checks every local parameter against the registry's TP split of the canonical tensor (read
    from the same checkpoint): `TPSplit.shard(canonical, rank, tp)` must equal what the rank
    holds (global layer / expert index from the model itself);
 3. runs one packed batch through Megatron's pipeline schedule (forward only) and keeps the
    last stage's logits;
-4. saves the model again at this layout with training.checkpoint.save (collective).
+4. saves the model again at this layout with checkpoint.save (collective).
 Writes `{out}.rank{r}.pt`: {"logits", "rows"} (last stage) and the split mismatches.
 """
 
@@ -51,9 +51,9 @@ def canonical_name(local: str, model) -> tuple[str, bool]:
 def check_splits(model, cfg, load_dir) -> list[str]:
     from megatron.core import parallel_state as ps
 
-    from megatron_navil.conversion.dist_io import DistCheckpointReader
+    from megatron_navil.checkpoint.dist_io import DistCheckpointReader
     from megatron_navil.conversion.plan import pairs
-    from megatron_navil.training.checkpoint import resolve
+    from megatron_navil.checkpoint import resolve
 
     reader = DistCheckpointReader(resolve(load_dir))
     by_name = {p.megatron: p for p in pairs(cfg)}
@@ -75,7 +75,7 @@ def main():
 
     from megatron_navil.config import NaViLModelConfig, ParallelConfig, PrecisionConfig
     from megatron_navil.models.navil import build_model
-    from megatron_navil.training import checkpoint
+    from megatron_navil import checkpoint
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
 
     par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,

@@ -7,7 +7,7 @@
 - the writer produces each canonical parameter exactly once (one alive at a time) and the
   reader returns each exactly;
 - a bf16 checkpoint loads into a float32 model (the values cast exactly);
-- a truncated or missing shard file, or a missing metadata.json, is a ConversionError naming
+- a truncated or missing shard file, or a missing metadata.json, is a CheckpointError naming
   the file.
 Exact comparisons: no arithmetic happens on the way.
 """
@@ -18,15 +18,15 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
+from megatron_navil import checkpoint
+from megatron_navil.checkpoint import CheckpointError
+from megatron_navil.checkpoint.dist_io import DistCheckpointReader, write_dist_checkpoint
 from megatron_navil.config import ParallelConfig, PrecisionConfig, get_flavor
 from megatron_navil.conversion import hf_to_megatron
-from megatron_navil.conversion.dist_io import DistCheckpointReader, write_dist_checkpoint
-from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.layout import canonical_sharded_layout
 from megatron_navil.conversion.plan import padded_vocab
 from megatron_navil.models.navil import NaViLModel
 from megatron_navil.reference import NaViLReference
-from megatron_navil.training import checkpoint
 
 
 def _weights(flavor="debug-qwen3", seed=0):
@@ -87,11 +87,11 @@ def test_damaged_checkpoints_are_named(tmp_path, megatron_single_process):
     shard = it / "__0_0.distcp"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ConversionError, match=r"__0_0.distcp is truncated: \d+ bytes, but .* ends at byte"):
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp is truncated: \d+ bytes, but .* ends at byte"):
         DistCheckpointReader(it)
     shard.unlink()
-    with pytest.raises(ConversionError, match="__0_0.distcp is missing"):
+    with pytest.raises(CheckpointError, match="__0_0.distcp is missing"):
         DistCheckpointReader(it)
     (it / "metadata.json").unlink()
-    with pytest.raises(ConversionError, match="metadata.json is missing or unreadable"):
+    with pytest.raises(CheckpointError, match="metadata.json is missing or unreadable"):
         DistCheckpointReader(it)

@@ -98,7 +98,7 @@ def test_absent_llm_fields_get_transformers_defaults(tmp_path, cli):
     from transformers import Qwen3Config
 
     from megatron_navil.config import NaViLModelConfig
-    from megatron_navil.training.checkpoint import read_metadata
+    from megatron_navil.checkpoint import read_metadata
     from tests.checkpoint_tools.plain_llm import make_llm_dir
 
     hf = Qwen3Config()

@@ -37,7 +37,7 @@ def dataset(tmp_path_factory, tok_dir):
 @pytest.fixture
 def make_loader(tok, cfg):
     """build_train_loader with test defaults; closes every loader it made."""
-    from megatron_navil.data.config import DataConfig
+    from megatron_navil.config.data import DataConfig
     from megatron_navil.data.loader import build_train_loader, build_valid_loader
 
     made = []

@@ -32,7 +32,7 @@ def other_tok(tmp_path_factory):
 
 def test_other_tokenizer_is_recounted(dataset, other_tok, navil_logs):
     cfg = model_config(other_tok)
-    from megatron_navil.data.config import DataConfig
+    from megatron_navil.config.data import DataConfig
     from megatron_navil.data.loader import build_train_loader
 
     loader = build_train_loader(DataConfig(train_paths=(dataset.root,), seq_length=256,
@@ -63,7 +63,7 @@ def test_other_chat_style_is_recounted(dataset, make_loader, tok, cfg):
 
 
 def test_recount_off_refuses(dataset, make_loader, other_tok):
-    from megatron_navil.data.config import DataConfig
+    from megatron_navil.config.data import DataConfig
     from megatron_navil.data.loader import build_train_loader
 
     with pytest.raises(DataError, match="another tokenizer"):

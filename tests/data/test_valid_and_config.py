@@ -16,7 +16,7 @@ import os
 import pytest
 
 from megatron_navil.config.base import ConfigError, field_docs
-from megatron_navil.data.config import DataConfig, pad_multiple_for
+from megatron_navil.config.data import DataConfig, pad_multiple_for
 from tests.data.corpus import all_index_samples
 from tests.data.test_resume import assert_same_batch, assert_same_tensors
 

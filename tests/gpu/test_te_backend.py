@@ -85,7 +85,7 @@ def _build(cfg, backend, fp8=None, recompute=None, seed=0):
 
 def _move(src, dst, tmp_path, name):
     """src's parameters into dst through a dist checkpoint (backend- and layout-free keys)."""
-    from megatron_navil.training import checkpoint as ck
+    from megatron_navil import checkpoint as ck
 
     ck.save(tmp_path / name, 1, ck.model_sharded_state_dict([src]), src.cfg)
     ck.load_model(tmp_path / name, [dst], dst.cfg)
@@ -262,7 +262,7 @@ def _checkpoint_weights(root, cfg):
     """A TE checkpoint's weights read through a local-backend bf16 model (local names)."""
     from megatron_navil.config import ParallelConfig, PrecisionConfig
     from megatron_navil.models.navil import NaViLModel
-    from megatron_navil.training import checkpoint as ck
+    from megatron_navil import checkpoint as ck
 
     model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype="bfloat16"))
     ck.load_model(root, [model], cfg)

@@ -11,7 +11,7 @@ through the same backend slot TE's norm fills) and proves:
 - a checkpoint missing a real tensor is refused with one message naming how many tensors and
   the first few keys (not thousands of names), and the checkpoint is left untouched.
 The same path with real TE modules runs on the GPU machine (tests/gpu/test_te_backend.py).
-Where to look on failure: megatron_navil/training/checkpoint.py (load).
+Where to look on failure: megatron_navil/checkpoint/ (load).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from megatron_navil.models import navil as navil_module
 from megatron_navil.models.backends import get_backend
 from megatron_navil.models.local_layers import RMSNorm
 from megatron_navil.models.navil import NaViLModel
-from megatron_navil.training import checkpoint as ck
+from megatron_navil import checkpoint as ck
 
 pytestmark = pytest.mark.processes  # every test here starts a process
 

@@ -3,7 +3,7 @@ leaves the checkpoint untouched:
 - a checkpoint of another model shape (`--load` with a different layer count / hidden size)
   names each differing config field, checkpoint value vs config value;
 - a `latest` pointer at an incomplete save names the step and directory.
-Where to look on failure: megatron_navil/training/checkpoint.py (check_model_config, resolve).
+Where to look on failure: megatron_navil/checkpoint/ (check_model_config, resolve).
 """
 
 import hashlib

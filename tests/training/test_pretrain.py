@@ -83,7 +83,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     wait_for_step(m, 2, proc)
     out = kill(proc, signal.SIGTERM)
     assert proc.returncode == 0, out[-3000:]
-    from megatron_navil.training.checkpoint import read_latest
+    from megatron_navil.checkpoint import read_latest
 
     step = read_latest(ck)
     assert step is not None and step >= 2, out[-3000:]

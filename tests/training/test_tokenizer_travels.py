@@ -3,7 +3,7 @@ every checkpoint (`iter_*/tokenizer/`, its sha256 in navil_checkpoint.json), so 
 (`--save-hf` and a later `navil-convert navil-to-hf` without --tokenizer) includes it and passes
 the release check; resuming with another tokenizer is refused in one message naming both, and
 the checkpoint is untouched. Exact (byte) comparisons.
-Where to look on failure: megatron_navil/training/checkpoint.py (save, tokenizer_digest),
+Where to look on failure: megatron_navil/checkpoint/ (save, tokenizer_digest),
 trainer.py (_check_tokenizer), conversion/to_hf.py (checkpoint_tokenizer).
 """
 

@@ -5,16 +5,16 @@ and `load` materialises every requested tensor at once, and both are collective 
 default process group. Conversion needs neither: it drives torch.distributed.checkpoint (the
 format under torch_dist) directly, without a process group (`no_dist=True`):
 
-- writing: the write plan is the canonical model's sharded layout (layout.py: what Megatron
-  would save, from a meta-device model); a custom save planner produces each tensor only when
-  the file writer asks for it (`resolve_data`), from a callback that reads/transforms the HF
-  source. One canonical parameter is alive at a time (gate/up halves of a SwiGLU weight are
+- writing: the write plan is the canonical model's sharded layout (keys.CanonicalLayout, built
+  by conversion/layout.py: what Megatron would save, from a meta-device model); a custom save
+  planner produces each tensor only when the file writer asks for it (`resolve_data`), from a
+  callback that reads/transforms the HF source. One canonical parameter is alive at a time (gate/up halves of a SwiGLU weight are
   consecutive items and share it).
 - reading: a load planner asks for the region of the stored global tensor that one canonical
   parameter occupies (e.g. layer 3, expert 1 of `...experts.experts.linear_fc1.weight`), read
   into a fresh tensor: the reader's memory is one parameter.
 Megatron's `metadata.json` and `common.pt` are written as Megatron writes them, so
-`dist_checkpointing.load` (and training/checkpoint.load_model) read the result at any TP/PP/EP.
+`dist_checkpointing.load` (and checkpoint.load_model) read the result at any TP/PP/EP.
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_navil.conversion.errors import ConversionError
-from megatron_navil.conversion.layout import CanonicalLayout, stored_parts
-from megatron_navil.conversion.memory import release_freed_memory
+from megatron_navil.checkpoint.format import CheckpointError
+from megatron_navil.checkpoint.keys import CanonicalLayout, stored_parts
+from megatron_navil.utils.memory import release_freed_memory
 
 Producer = Callable[[str], torch.Tensor]
 COMMON_FILE = "common.pt"
@@ -129,7 +129,7 @@ def write_dist_checkpoint(iter_dir: Path, layout: CanonicalLayout, produce: Prod
             shape, dtype = layout.params[view.param]
             t = produce(view.param)
             if tuple(t.shape) != shape or t.dtype != dtype:
-                raise ConversionError(f"{view.param}: produced {t.dtype} {list(t.shape)}, the model "
+                raise CheckpointError(f"{view.param}: produced {t.dtype} {list(t.shape)}, the model "
                                       f"needs {dtype} {list(shape)}")
             cache[view.param] = t.contiguous()
         full = cache[view.param]
@@ -196,16 +196,16 @@ class DistCheckpointReader:
         try:
             backend = json.loads(config.read_text()).get("sharded_backend")
         except (OSError, json.JSONDecodeError):
-            raise ConversionError(f"{config} is missing or unreadable: {self.dir} is not a Megatron "
+            raise CheckpointError(f"{config} is missing or unreadable: {self.dir} is not a Megatron "
                                   "dist checkpoint (or its save did not finish)") from None
         if backend != "torch_dist":
-            raise ConversionError(f"{self.dir} uses sharded backend {backend!r}; only torch_dist "
+            raise CheckpointError(f"{self.dir} uses sharded backend {backend!r}; only torch_dist "
                                   "checkpoints are supported")
         self.reader = CachedMetadataFileSystemReader(str(self.dir))
         try:
             self.metadata = self.reader.read_metadata()
         except Exception as e:  # a missing or truncated .metadata pickle
-            raise ConversionError(f"cannot read {self.dir / '.metadata'} ({type(e).__name__}); the "
+            raise CheckpointError(f"cannot read {self.dir / '.metadata'} ({type(e).__name__}); the "
                                   "checkpoint is incomplete or corrupt") from None
         self._check_files()
 
@@ -220,9 +220,9 @@ class DistCheckpointReader:
             path = self.dir / name
             size = path.stat().st_size if path.exists() else None
             if size is None:
-                raise ConversionError(f"{path} is missing (it holds {key}); copy the whole checkpoint")
+                raise CheckpointError(f"{path} is missing (it holds {key}); copy the whole checkpoint")
             if size < end:
-                raise ConversionError(f"{path} is truncated: {size} bytes, but {key} ends at byte {end}; "
+                raise CheckpointError(f"{path} is truncated: {size} bytes, but {key} ends at byte {end}; "
                                       "the checkpoint is incomplete")
 
     def tensor_keys(self) -> list[str]:
@@ -234,12 +234,12 @@ class DistCheckpointReader:
         return stored_parts(self.metadata.state_dict_metadata, name)
 
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
-        """(shape, dtype) of canonical parameter `name`; ConversionError if not stored."""
+        """(shape, dtype) of canonical parameter `name`; CheckpointError if not stored."""
         shapes, dtype = [], None
         for key in self.parts(name):
             md = self.metadata.state_dict_metadata.get(key)
             if md is None or isinstance(md, BytesStorageMetadata):
-                raise ConversionError(f"{self.dir} has no tensor {key} (needed for {name}); the "
+                raise CheckpointError(f"{self.dir} has no tensor {key} (needed for {name}); the "
                                       "checkpoint does not match the model config in its "
                                       "navil_checkpoint.json")
             shapes.append(tuple(md.size))
@@ -263,10 +263,10 @@ class DistCheckpointReader:
             with _quiet():
                 dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner(regions),
                          no_dist=True)
-        except ConversionError:
+        except CheckpointError:
             raise
         except Exception as e:  # torch.load on a corrupt item, short reads
-            raise ConversionError(f"reading {', '.join(names[:3])} from {self.dir} failed: "
+            raise CheckpointError(f"reading {', '.join(names[:3])} from {self.dir} failed: "
                                   f"{type(e).__name__}: {e}") from None
         return out
 

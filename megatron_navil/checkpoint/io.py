@@ -1,0 +1,167 @@
+"""Collective save and load of training checkpoints with Megatron's dist_checkpointing (torch_dist).
+
+`save` writes the sharded state (model from keys.model_sharded_state_dict, plus optimizer, RNG,
+loader state) at any TP/PP/EP/DP layout; `load` reads it back at any other. The metadata file
+and the `latest` pointer are written only after every rank finished (format.py), so a crash
+mid-save leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+
+from megatron_navil.checkpoint.compat import check_model_config
+from megatron_navil.checkpoint.format import (
+    FORMAT_VERSION,
+    LATEST,
+    METADATA,
+    TOKENIZER_DIR,
+    CheckpointError,
+    iteration_dir,
+    read_metadata,
+    resolve,
+)
+from megatron_navil.checkpoint.keys import EXTRA_STATE, load_model_state, model_sharded_state_dict
+from megatron_navil.checkpoint.tokenizer import copy_tokenizer, tokenizer_digest
+from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.utils.distributed import barrier, is_rank0
+from megatron_navil.utils.files import write_text_atomic
+from megatron_navil.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaViLModelConfig,
+         extra_metadata: Optional[dict] = None, async_queue=None,
+         on_complete: Optional[Callable[[Path], None]] = None,
+         tokenizer: Optional[Union[str, Path]] = None) -> Path:
+    """Write `sharded_state` (from model_sharded_state_dict, plus optimizer etc.) as step `step`.
+
+    The metadata file and the `latest` pointer are written only once every rank has finished
+    (after the background write completes when `async_queue` is given); `on_complete(dir)` runs
+    then on rank 0 (pruning old checkpoints, the HF export). `tokenizer` (a directory or one of
+    its files): copied into `iter_*/tokenizer/` before the metadata, its digest recorded, so
+    the checkpoint carries the tokenizer it was trained with."""
+    from megatron.core import dist_checkpointing
+
+    d = iteration_dir(root, step)
+    if is_rank0():
+        d.mkdir(parents=True, exist_ok=True)
+        stale = d / METADATA
+        if stale.exists():  # overwriting a step: it is incomplete until the metadata returns
+            stale.unlink()
+    barrier()
+    meta = {"format_version": FORMAT_VERSION, "step": step, "model": model_cfg.to_dict(),
+            **(extra_metadata or {})}
+    if tokenizer is not None:
+        meta["tokenizer_sha256"] = tokenizer_digest(tokenizer)
+
+    def finalize():
+        if is_rank0():
+            if tokenizer is not None:
+                copy_tokenizer(tokenizer, d / TOKENIZER_DIR)
+            write_text_atomic(d / METADATA, json.dumps(meta, indent=2))
+            write_text_atomic(Path(root) / LATEST, str(step))
+            log.info("saved checkpoint %s", d)
+            if on_complete is not None:
+                on_complete(d)
+
+    if async_queue is None:
+        dist_checkpointing.save(sharded_state, str(d))
+        barrier()
+        finalize()
+        barrier()
+    else:
+        request = dist_checkpointing.save(sharded_state, str(d), async_sharded_save=True)
+        request.add_finalize_fn(finalize)
+        async_queue.schedule_async_request(request)
+    return d
+
+
+def _missing_keys_error(d: Path, keys: list[str]) -> CheckpointError:
+    shown = "\n  ".join(keys[:5])
+    more = f"\n  ... and {len(keys) - 5} more" if len(keys) > 5 else ""
+    return CheckpointError(
+        f"cannot load {d}: {len(keys)} tensors this run needs are not in the checkpoint:\n  "
+        f"{shown}{more}\nit was saved by a model of another structure (flavor, experts, overrides), "
+        "or by a training stage that froze parts this one trains (start a new stage with "
+        "--finetune); use the matching config, or convert it with navil-convert")
+
+
+def _agree_on_failure(local_bad: int) -> int:
+    """Largest count of missing keys over all ranks, so every rank refuses together instead of
+    some ranks going on to a collective the refusing ones never reach."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local_bad
+    t = torch.tensor([local_bad], dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _absent_keys(d: Path, sharded_state: dict) -> set[str]:
+    """Keys `sharded_state` requests that checkpoint `d` does not hold (after factories, as
+    dist_checkpointing resolves them), read from the checkpoint's metadata only."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
+
+    stored = {sh.key for sh in load_sharded_metadata(str(d)).values()}
+    requested, _, _ = load_preprocess(sharded_state)
+    return {x.key for x in nested_values(requested) if isinstance(x, ShardedBase)} - stored
+
+
+def load(path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLModelConfig] = None) -> tuple[dict, dict]:
+    """Load a checkpoint into the structure `sharded_state` describes (any parallel layout).
+
+    Returns (loaded state dict, metadata). Requested tensors the checkpoint lacks are refused
+    before anything is read, on every rank, with one message naming how many and the first few.
+    Missing `_extra_state` entries are tolerated: Transformer Engine modules ask for their FP8
+    metadata, which checkpoints of the local backend and of navil-convert do not have (starting
+    GPU training from a converted LLM or from a CPU checkpoint); those modules keep their fresh
+    scaling state, as at initialisation.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    d = resolve(path)
+    meta = read_metadata(d)
+    if model_cfg is not None:
+        check_model_config(meta["model"], model_cfg, d)
+    try:
+        absent = _absent_keys(d, sharded_state)
+    except Exception as e:
+        raise CheckpointError(f"cannot read the metadata of {d}: {e}") from e
+    missing = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
+    if _agree_on_failure(len(missing)):
+        if missing:
+            raise _missing_keys_error(d, missing)
+        raise CheckpointError(f"cannot load {d}: another rank is missing tensors (see its error)")
+    extra = absent - set(missing)
+    if extra:
+        _, sharded_state = extract_matching_values(
+            sharded_state, lambda x: isinstance(x, ShardedObject) and x.key in extra)
+        log.info("%s has no Transformer Engine metadata (_extra_state) for %d modules (a "
+                 "local-backend or converted checkpoint): their FP8 scaling state starts fresh",
+                 d, len(extra))
+    try:
+        state = dist_checkpointing.load(sharded_state, str(d),
+                                        strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    except Exception as e:  # dist_checkpointing raises several types; name the checkpoint
+        raise CheckpointError(f"cannot load {d}: {e}") from e
+    return state, meta
+
+
+def load_model(path: Union[str, Path], chunks: list, model_cfg: Optional[NaViLModelConfig] = None) -> dict:
+    """Load model weights (only) into `chunks`; returns the checkpoint metadata."""
+    state, meta = load(path, model_sharded_state_dict(chunks), model_cfg)
+    load_model_state(state, chunks)
+    return meta
