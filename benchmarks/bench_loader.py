@@ -43,7 +43,10 @@ sys.path.insert(0, REPO)
 
 from megatron_navil.config import get_flavor  # noqa: E402
 from megatron_navil.data.decode import (  # noqa: E402
-    DaliImageDecoder, ImageJob, normalize_pixels, patchify,
+    DaliImageDecoder,
+    ImageJob,
+    normalize_pixels,
+    patchify,
 )
 from megatron_navil.data.sizing import ImageSizer  # noqa: E402
 

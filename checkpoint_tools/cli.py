@@ -147,8 +147,8 @@ def _print_release_check(hf_dir: Path, problems) -> int:
 def run(a) -> int:
     progress = not getattr(a, "no_progress", False)
     if a.command == "llm-to-navil":
-        from checkpoint_tools.llm_init import llm_to_navil
         from megatron_navil.config.flavors import get_flavor
+        from megatron_navil.conversion.from_llm import llm_to_navil
 
         cfg, report = llm_to_navil(a.hf_llm, get_flavor(a.flavor), a.output,
                                    first_special_token_id=a.first_special_token_id,
@@ -177,7 +177,7 @@ def run(a) -> int:
 
         return _print_release_check(a.hf_dir, check_release(a.hf_dir))
     else:
-        from checkpoint_tools.verify import verify
+        from megatron_navil.conversion.verify import verify
 
         r = verify(a.load, a.hf, a.inputs, seq_length=a.seq_length, seed=a.seed, atol=a.atol,
                    max_kl=a.max_kl, dtype=_dtype(a.dtype))

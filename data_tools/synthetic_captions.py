@@ -17,6 +17,9 @@ import sys
 
 from PIL import Image, ImageDraw
 
+from data_tools.cli_common import UsageError
+from megatron_navil.utils.cli import run_cli
+
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
            "yellow": (235, 200, 40), "purple": (140, 60, 170), "white": (245, 245, 245)}
 SHAPES = ("circle", "square", "triangle")
@@ -62,7 +65,7 @@ def write_set(out_dir: str, num: int, size: int, seed: int, name: str) -> str:
     return path
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="navil-make-captions", description=__doc__.splitlines()[0])
     p.add_argument("--output", required=True, help="directory for images/ and the JSONL files")
     p.add_argument("--num-train", type=int, default=800, help="training samples")
@@ -71,12 +74,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
     if a.size < 32 or a.num_train < 1 or a.num_valid < 0:
-        print("navil-make-captions: error: --size must be >= 32 and --num-train >= 1", file=sys.stderr)
-        return 2
+        raise UsageError(f"--size {a.size} --num-train {a.num_train} --num-valid {a.num_valid}: "
+                         "the size must be >= 32 px, --num-train >= 1 and --num-valid >= 0")
+    try:
+        os.makedirs(os.path.join(a.output, "images"), exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output {a.output}: {e.strerror}") from None
     train = write_set(a.output, a.num_train, a.size, a.seed, "train")
     valid = write_set(a.output, a.num_valid, a.size, a.seed + 1, "valid") if a.num_valid else None
     print(json.dumps({"train": train, "valid": valid}))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, argv, interrupted="interrupted; re-run the same command")
 
 
 if __name__ == "__main__":

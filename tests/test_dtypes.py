@@ -21,8 +21,8 @@ def test_names_and_dtypes_convert_both_ways():
 
 def test_every_list_of_dtype_names_is_the_map():
     from checkpoint_tools.cli import DTYPES as CLI_CHOICES
-    from megatron_navil.config.parallel import PrecisionConfig
     from megatron_navil.config.data import DataConfig
+    from megatron_navil.config.parallel import PrecisionConfig
 
     assert CLI_CHOICES == ("auto", *DTYPES)
     hints = typing.get_type_hints(PrecisionConfig)

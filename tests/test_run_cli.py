@@ -8,12 +8,12 @@ runs. Where to look on failure: megatron_navil/errors.py, megatron_navil/utils/c
 import pytest
 
 from data_tools.cli_common import UsageError
+from megatron_navil.checkpoint import CheckpointError
 from megatron_navil.config.base import ConfigError
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.data.index import DataError
 from megatron_navil.data.tokenizer import TokenizerError
 from megatron_navil.errors import JobError, UserError
-from megatron_navil.checkpoint import CheckpointError
 from megatron_navil.utils.cli import run_cli
 
 
@@ -54,3 +54,26 @@ def test_multi_rank_reporting(rank, shared, expected, capsys, monkeypatch):
     monkeypatch.setattr("megatron_navil.utils.cli.global_rank", lambda: int(rank))
     assert run_cli(_raiser(ConfigError("layout", same_on_every_rank=shared)), []) == 2
     assert capsys.readouterr().err == expected
+
+
+def test_every_console_script_uses_run_cli(tmp_path, capsys, monkeypatch):
+    """navil-caption, navil-demo and navil-make-captions report bad input the same way: one
+    `error:` line naming it, exit 2 (the others are tested in their own modules)."""
+    from data_tools.synthetic_captions import main as make_captions
+    from megatron_navil.cli.caption import main as caption
+    from megatron_navil.cli.demo import main as demo
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cases = [
+        (caption, ["--load", str(tmp_path / "none"), "--tokenizer-model", str(tmp_path),
+                   "--image", "x.png"], f"no checkpoint at {tmp_path / 'none'}"),
+        (demo, ["--flavor", "no-such-flavor"], "no-such-flavor"),
+        (make_captions, ["--output", str(tmp_path / "c"), "--size", "8"], "--size 8"),
+    ]
+    for main, argv, named in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
+    assert make_captions(["--output", str(tmp_path / "c"), "--num-train", "2", "--num-valid", "0",
+                          "--size", "32"]) == 0
+    assert len(list((tmp_path / "c" / "images").iterdir())) == 2

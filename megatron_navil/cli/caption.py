@@ -15,7 +15,7 @@ from megatron_navil.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="navil-caption", description=__doc__.splitlines()[0])
     p.add_argument("--load", required=True, help="checkpoint root or iter_* directory")
     p.add_argument("--tokenizer-model", required=True, help="NaViL tokenizer directory")
@@ -28,43 +28,48 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_navil.config import ConfigError, ParallelConfig, PrecisionConfig
+    from megatron_navil import checkpoint as ckpt
+    from megatron_navil.config import ParallelConfig, PrecisionConfig
     from megatron_navil.config.model import NaViLModelConfig
-    from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError
+    from megatron_navil.data.tokenizer import NaViLTokenizer
+    from megatron_navil.errors import UserError
     from megatron_navil.inference.generate import greedy_generate
     from megatron_navil.inference.images import prepare_image
     from megatron_navil.models.navil import NaViLModel
-    from megatron_navil import checkpoint as ckpt
-    from megatron_navil.utils.distributed import destroy, initialize_model_parallel
+    from megatron_navil.utils.distributed import initialize_model_parallel
 
     try:
         meta = ckpt.read_metadata(args.load)
-        cfg = NaViLModelConfig.from_dict(meta["model"])
-        tok = NaViLTokenizer.load(args.tokenizer_model)
-    except (ckpt.CheckpointError, ConfigError, TokenizerError, OSError) as e:
-        log.error("%s", e)
-        return 2
+    except OSError as e:
+        raise ckpt.CheckpointError(f"cannot read the metadata of {args.load}: {e}") from None
+    cfg = NaViLModelConfig.from_dict(meta["model"])
+    tok = NaViLTokenizer.load(args.tokenizer_model)
     initialize_model_parallel(ParallelConfig(), seed=0)
-    try:
-        model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local"))
-        ckpt.load_model(args.load, [model])  # cfg came from this checkpoint
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        model.to(device)
-        for path in args.image:
+    model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local"))
+    ckpt.load_model(args.load, [model])  # cfg came from this checkpoint
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    for path in args.image:
+        try:
             pixels, grid, image_ids = prepare_image(path, cfg, args.multiscale)
-            prompt = ([] if args.no_bos else [tok.bos_id]) + image_ids + tok.encode(args.prompt)
-            out = greedy_generate(model, prompt, pixel_values=pixels.to(device),
-                                  grid_thw=grid.to(device), max_new_tokens=args.max_new_tokens,
-                                  stop_ids=[tok.eos_id])
-            text = tok.decode([i for i in out if i != tok.eos_id])
-            # stdout carries only the results (JSON lines, for pipes); logs go to stderr.
-            sys.stdout.write(json.dumps({"image": path, "step": meta["step"], "caption": text}) + "\n")
-    except (ckpt.CheckpointError, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    finally:
-        destroy()
+        except (OSError, ValueError) as e:  # unreadable, corrupt or too small an image
+            raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+        prompt = ([] if args.no_bos else [tok.bos_id]) + image_ids + tok.encode(args.prompt)
+        out = greedy_generate(model, prompt, pixel_values=pixels.to(device),
+                              grid_thw=grid.to(device), max_new_tokens=args.max_new_tokens,
+                              stop_ids=[tok.eos_id])
+        text = tok.decode([i for i in out if i != tok.eos_id])
+        # stdout carries only the results (JSON lines, for pipes); logs go to stderr.
+        sys.stdout.write(json.dumps({"image": path, "step": meta["step"], "caption": text}) + "\n")
+        sys.stdout.flush()
     return 0
+
+
+def main(argv=None) -> int:
+    from megatron_navil.utils.cli import run_cli
+    from megatron_navil.utils.distributed import destroy
+
+    return run_cli(_main, argv, interrupted="interrupted", cleanup=destroy)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from megatron_navil.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="navil-demo", description=__doc__.splitlines()[0])
     p.add_argument("--flavor", default="debug-internlm2", help="model flavor (see megatron_navil.config.FLAVORS)")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps on the same synthetic pack")
@@ -28,17 +28,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from megatron_navil.config import ConfigError, ParallelConfig, PrecisionConfig, get_flavor
+    from megatron_navil.config import ParallelConfig, PrecisionConfig, get_flavor
     from megatron_navil.data.synthetic import synthetic_batch
     from megatron_navil.models.navil import NaViLModel
     from megatron_navil.training.step import counted_positions
-    from megatron_navil.utils.distributed import destroy, initialize_model_parallel
+    from megatron_navil.utils.distributed import initialize_model_parallel
 
-    try:
-        cfg = get_flavor(args.flavor)
-    except ConfigError as e:
-        log.error("%s", e)
-        return 2
+    cfg = get_flavor(args.flavor)
     initialize_model_parallel(ParallelConfig(), seed=args.seed)
     precision = PrecisionConfig(params_dtype="bfloat16" if torch.cuda.is_available() else "float32")
     model = NaViLModel(cfg, ParallelConfig(), precision)
@@ -59,11 +55,17 @@ def main(argv=None) -> int:
         opt.step()
         losses.append(loss.item())
         log.info("step %d  loss %.4f  %.3f s", step, losses[-1], time.perf_counter() - t0)
-    destroy()
     if args.steps > 1 and not losses[-1] < losses[0]:
         log.error("loss did not decrease (%.4f -> %.4f)", losses[0], losses[-1])
         return 1
     return 0
+
+
+def main(argv=None) -> int:
+    from megatron_navil.utils.cli import run_cli
+    from megatron_navil.utils.distributed import destroy
+
+    return run_cli(_main, argv, interrupted="interrupted", cleanup=destroy)
 
 
 if __name__ == "__main__":

@@ -265,3 +265,16 @@ class NaViLModelConfig(ConfigBase):
         total, active = self.llm.num_parameters(self.experts)
         extra = self.vision.num_parameters() + connector + len(SPECIAL_TOKENS) * d
         return total + extra, active + extra
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
+    """Vocab rows Megatron allocates: a multiple of `divisible_by`, independent of TP, so a
+    checkpoint saved at one TP size loads at any other (Megatron-LM pads by divisible_by * TP,
+    which makes embedding shapes depend on the layout)."""
+    padded = -(-vocab_size // divisible_by) * divisible_by
+    if padded % tp:
+        raise ValueError(
+            f"padded vocab {padded} (llm.make_vocab_size_divisible_by = {divisible_by}) is not "
+            f"divisible by TP = {tp}; use a power-of-two TP size or a larger divisible_by"
+        )
+    return padded

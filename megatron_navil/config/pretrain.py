@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from megatron_navil.config.base import ConfigBase, ConfigError
+from megatron_navil.config.data import DataConfig, pad_multiple_for
 from megatron_navil.config.flavors import get_flavor
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
@@ -25,7 +26,6 @@ from megatron_navil.config.training import (
     StageConfig,
     TrainingConfig,
 )
-from megatron_navil.config.data import DataConfig, pad_multiple_for
 
 
 @dataclass

@@ -31,9 +31,9 @@ from megatron_navil.config.model import (
     VisionConfig,
 )
 from megatron_navil.conversion.errors import ConversionError
+from megatron_navil.conversion.released import LLM_ARCHITECTURES, auto_map, raster_window_patches
 
 EXTENSION = "megatron_navil"
-ARCHITECTURES = {"internlm2": "InternLM2VEForCausalLM", "qwen3": "Qwen3VEForCausalLM"}
 
 
 def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str, local_code: bool = False) -> dict[str, Any]:
@@ -44,8 +44,6 @@ def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str, local_code: bool = Fal
     trained in the released window order (`keep_window_order`); a model trained in row order
     gets a window wider than any admissible image, under which the released code's window
     order is the identity (conversion/release.py)."""
-    from megatron_navil.conversion.release import auto_map, raster_window_patches
-
     v, llm, e = cfg.vision, cfg.llm, cfg.experts
     windowed = v.window_size > 0
     unit = v.patch_size * cfg.connector.merge_size
@@ -63,7 +61,7 @@ def to_hf_config(cfg: NaViLModelConfig, torch_dtype: str, local_code: bool = Fal
         "dropout": 0.0, "attention_dropout": 0.0, "drop_path_rate": 0.0, "torch_dtype": torch_dtype,
     }
     lm = {
-        "architectures": [ARCHITECTURES[llm.backbone]], "model_type": llm.backbone,
+        "architectures": [LLM_ARCHITECTURES[llm.backbone]], "model_type": llm.backbone,
         "hidden_size": llm.hidden_size, "intermediate_size": llm.ffn_hidden_size,
         "num_attention_heads": llm.num_attention_heads, "num_key_value_heads": llm.num_query_groups,
         "num_hidden_layers": llm.num_layers, "rms_norm_eps": llm.norm_eps,

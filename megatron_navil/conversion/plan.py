@@ -19,12 +19,11 @@ from typing import Protocol
 import torch
 
 from megatron_navil.config.base import ConfigError
-from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.config.model import NaViLModelConfig, padded_vocab_size
 from megatron_navil.config.parallel import ParallelConfig
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.registry import expand, mappings
-from megatron_navil.conversion.transforms import Transform, TPSplit
-from megatron_navil.models.language import padded_vocab_size
+from megatron_navil.conversion.transforms import TPSplit, Transform
 
 
 class Source(Protocol):

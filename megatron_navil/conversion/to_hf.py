@@ -32,7 +32,8 @@ from megatron_navil.conversion.hf_config import to_hf_config
 from megatron_navil.conversion.outputs import check_free, staged, write_json
 from megatron_navil.conversion.plan import hf_shapes, megatron_shapes, pairs
 from megatron_navil.conversion.progress import ByteProgress
-from megatron_navil.conversion.release import CODE_FILES, GENERATION_CONFIG, check_release
+from megatron_navil.conversion.release import check_release
+from megatron_navil.conversion.released import CODE_FILES, GENERATION_CONFIG
 from megatron_navil.conversion.safetensors_io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
 from megatron_navil.conversion.to_megatron import ConversionReport
 from megatron_navil.conversion.tokenizer_files import (
@@ -49,13 +50,13 @@ Weights = Union[str, Path, Mapping[str, torch.Tensor], list]
 
 def _from_checkpoint(path: Path, model_cfg: Optional[NaViLModelConfig]):
     """(config, reader(name) -> tensor, dtype(name), tokenizer dir) of a saved checkpoint."""
-    from megatron_navil.checkpoint.dist_io import DistCheckpointReader
     from megatron_navil.checkpoint import (
         CheckpointError,
         check_model_config,
         read_metadata,
         resolve,
     )
+    from megatron_navil.checkpoint.dist_io import DistCheckpointReader
 
     try:
         it = resolve(path)

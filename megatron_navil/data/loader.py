@@ -35,9 +35,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from megatron_navil.config.base import ConfigError
+from megatron_navil.config.data import DataConfig
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.data.builder import Datasets, PackBuilder
-from megatron_navil.config.data import DataConfig
 from megatron_navil.data.cuda_handoff import CudaHandoff
 from megatron_navil.data.decode import DaliImageDecoder, cuda_available
 from megatron_navil.data.index import DataError, blended_fingerprint, load_dataset

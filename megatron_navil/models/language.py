@@ -29,25 +29,12 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.utils import get_pg_rank
 
-from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
+from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig, padded_vocab_size
 from megatron_navil.models.backends import Backend
 from megatron_navil.models.layer import NaViLTransformerBlock
 from megatron_navil.models.modality import ModalityRouting
 from megatron_navil.models.rope import rope_1d
 from megatron_navil.models.specs import block_submodules, llm_layer_spec
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
-    """Vocab rows Megatron allocates: a multiple of `divisible_by`, independent of TP, so a
-    checkpoint saved at one TP size loads at any other (Megatron-LM pads by divisible_by * TP,
-    which makes embedding shapes depend on the layout)."""
-    padded = -(-vocab_size // divisible_by) * divisible_by
-    if padded % tp:
-        raise ValueError(
-            f"padded vocab {padded} (llm.make_vocab_size_divisible_by = {divisible_by}) is not "
-            f"divisible by TP = {tp}; use a power-of-two TP size or a larger divisible_by"
-        )
-    return padded
 
 
 class NaViLLanguageModel(MegatronModule):

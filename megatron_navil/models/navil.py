@@ -31,11 +31,12 @@ from megatron_navil.models.backends import get_backend, resolve_backend, use_gro
 from megatron_navil.models.fp8 import check_device_fp8
 from megatron_navil.models.language import NaViLLanguageModel
 from megatron_navil.models.modality import ModalityRouting
+from megatron_navil.models.packing import packed_params
 from megatron_navil.models.transformer_config import (
     llm_transformer_config,
     vision_transformer_config,
 )
-from megatron_navil.models.vision import Connector, VisionEncoder, packed_params
+from megatron_navil.models.vision import Connector, VisionEncoder
 
 
 class NaViLModel(MegatronModule):

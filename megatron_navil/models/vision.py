@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.tensor_parallel.mappings import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
@@ -25,6 +24,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.models.backends import Backend
 from megatron_navil.models.layer import NaViLTransformerBlock
+from megatron_navil.models.packing import packed_params
 from megatron_navil.models.rope import rope_2d
 from megatron_navil.models.specs import block_submodules, vision_layer_spec
 from megatron_navil.models.window import WindowPlan
@@ -32,13 +32,6 @@ from megatron_navil.models.window import WindowPlan
 
 def _device(config):
     return None if config.use_cpu_initialization else torch.cuda.current_device()
-
-
-def packed_params(seqlens: list[int], device) -> PackedSeqParams:
-    cu = torch.tensor([0] + seqlens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-    longest = max(seqlens) if seqlens else 0
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def check_grid(cfg: NaViLModelConfig, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:

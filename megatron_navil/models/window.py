@@ -12,9 +12,11 @@ reproduces that; otherwise `leave` restores row order after the encoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.models.packing import packed_params
 
 
 def window_order(h_m: int, w_m: int, ws: int) -> tuple[torch.Tensor, list[int]]:
@@ -68,8 +70,6 @@ class WindowPlan:
     def enter(self, x: torch.Tensor, freqs: torch.Tensor, grid_thw: torch.Tensor, pad: int):
         """Permute patches (and RoPE angles) into window order; returns the window segments and
         the permutation, which the caller hands back to `leave`."""
-        from megatron_navil.models.vision import packed_params  # vision imports this module
-
         perm, seqlens = self.plan(grid_thw, pad)
         perm = perm.to(x.device)
         x, freqs = x.index_select(0, perm), freqs.index_select(0, perm)

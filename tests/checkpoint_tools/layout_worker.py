@@ -51,9 +51,9 @@ def canonical_name(local: str, model) -> tuple[str, bool]:
 def check_splits(model, cfg, load_dir) -> list[str]:
     from megatron.core import parallel_state as ps
 
+    from megatron_navil.checkpoint import resolve
     from megatron_navil.checkpoint.dist_io import DistCheckpointReader
     from megatron_navil.conversion.plan import pairs
-    from megatron_navil.checkpoint import resolve
 
     reader = DistCheckpointReader(resolve(load_dir))
     by_name = {p.megatron: p for p in pairs(cfg)}
@@ -73,9 +73,9 @@ def main():
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_navil import checkpoint
     from megatron_navil.config import NaViLModelConfig, ParallelConfig, PrecisionConfig
     from megatron_navil.models.navil import build_model
-    from megatron_navil import checkpoint
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
 
     par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,

@@ -14,10 +14,10 @@ import json
 
 import pytest
 
+from megatron_navil.checkpoint import load_model, read_metadata
 from megatron_navil.config import NaViLModelConfig, ParallelConfig, PrecisionConfig
 from megatron_navil.conversion import ConversionError, export_hf
 from megatron_navil.models.navil import NaViLModel
-from megatron_navil.checkpoint import load_model, read_metadata
 from tests.checkpoint_tools.conftest import same_files
 from tests.checkpoint_tools.plain_llm import make_llm_dir
 

@@ -17,9 +17,9 @@ import math
 import pytest
 import torch
 
+from megatron_navil.checkpoint.keys import stored_parts
 from megatron_navil.config import ParallelConfig, get_flavor
 from megatron_navil.conversion.errors import ConversionError
-from megatron_navil.checkpoint.keys import stored_parts
 from megatron_navil.conversion.layout import canonical_sharded_layout
 from megatron_navil.conversion.plan import check_layout, hf_shapes, megatron_shapes, pairs
 

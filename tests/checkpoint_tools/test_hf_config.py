@@ -97,8 +97,8 @@ def test_bad_configs_name_the_field(edit, message):
 def test_absent_llm_fields_get_transformers_defaults(tmp_path, cli):
     from transformers import Qwen3Config
 
-    from megatron_navil.config import NaViLModelConfig
     from megatron_navil.checkpoint import read_metadata
+    from megatron_navil.config import NaViLModelConfig
     from tests.checkpoint_tools.plain_llm import make_llm_dir
 
     hf = Qwen3Config()

@@ -22,9 +22,9 @@ import json
 import pytest
 import torch
 
+from megatron_navil.checkpoint import load_model, read_metadata
 from megatron_navil.config import NaViLModelConfig, ParallelConfig, PrecisionConfig
 from megatron_navil.models.navil import NaViLModel
-from megatron_navil.checkpoint import load_model, read_metadata
 from tests.checkpoint_tools.plain_llm import llm_logits, make_llm_dir
 
 FLAVOR = {"internlm2": "debug-internlm2", "qwen3": "debug-qwen3"}

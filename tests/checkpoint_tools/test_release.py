@@ -33,10 +33,9 @@ import pytest
 
 from megatron_navil.config import get_flavor
 from megatron_navil.conversion.hf_config import EXTENSION, from_hf_config, to_hf_config
-from megatron_navil.conversion.release import (
+from megatron_navil.conversion.release import check_config, check_release
+from megatron_navil.conversion.released import (
     RELEASED_REPOS,
-    check_config,
-    check_release,
     raster_window_patches,
     widest_merged_tokens,
 )

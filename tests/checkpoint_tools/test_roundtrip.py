@@ -80,8 +80,8 @@ def test_tp2_pp2_ep2_roundtrip_is_bit_identical(tmp_path, cli):
 
 
 def test_internlm2_roundtrip_and_logits(tmp_path, cli, megatron_single_process):
-    from megatron_navil.models.navil import NaViLModel
     from megatron_navil.checkpoint import load_model
+    from megatron_navil.models.navil import NaViLModel
 
     hf = tmp_path / "hf"
     cfg, ref = make_navil_hf(hf, "debug-internlm2", {"vision.window_size": 64,

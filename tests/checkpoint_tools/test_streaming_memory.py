@@ -44,7 +44,7 @@ def _generate(path, cfg):
     from megatron_navil.conversion.hf_config import to_hf_config
     from megatron_navil.conversion.outputs import write_json
     from megatron_navil.conversion.plan import hf_shapes, pairs
-    from megatron_navil.conversion.release import GENERATION_CONFIG
+    from megatron_navil.conversion.released import GENERATION_CONFIG
     from megatron_navil.conversion.safetensors_io import ShardedSafetensorsWriter
 
     shapes = hf_shapes(cfg)

@@ -431,7 +431,7 @@ def _qwen3_tokenizer_dir(d: Path) -> int:
 
 
 def test_qwen3_family_keeps_its_tokenizer(tmp_path):
-    from checkpoint_tools.hf_llm import tokenizer_vocab_end
+    from megatron_navil.conversion.hf_llm import tokenizer_vocab_end
 
     v = _qwen3_tokenizer_dir(tmp_path / "llm")
     first = tokenizer_vocab_end(tmp_path / "llm")

@@ -23,9 +23,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import Qwen3Config, Qwen3ForCausalLM  # noqa: E402
 
+from megatron_navil.checkpoint import load_model, read_metadata  # noqa: E402
 from megatron_navil.config import NaViLModelConfig, ParallelConfig, PrecisionConfig  # noqa: E402
 from megatron_navil.models.navil import NaViLModel  # noqa: E402
-from megatron_navil.checkpoint import load_model, read_metadata  # noqa: E402
 from tests.checkpoint_tools.conftest import load_hf_tensors  # noqa: E402
 from tests.checkpoint_tools.plain_llm import llm_config, make_llm_dir  # noqa: E402
 

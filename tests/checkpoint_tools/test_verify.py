@@ -12,9 +12,9 @@ import json
 import torch
 from safetensors.torch import load_file, save_file
 
+from megatron_navil.checkpoint import read_metadata
 from megatron_navil.config import NaViLModelConfig
 from megatron_navil.data.synthetic import synthetic_batch
-from megatron_navil.checkpoint import read_metadata
 
 
 def test_pair_agrees(cli, navil, tmp_path):

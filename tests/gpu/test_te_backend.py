@@ -260,9 +260,9 @@ def te_init(tmp_path_factory):
 
 def _checkpoint_weights(root, cfg):
     """A TE checkpoint's weights read through a local-backend bf16 model (local names)."""
+    from megatron_navil import checkpoint as ck
     from megatron_navil.config import ParallelConfig, PrecisionConfig
     from megatron_navil.models.navil import NaViLModel
-    from megatron_navil import checkpoint as ck
 
     model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype="bfloat16"))
     ck.load_model(root, [model], cfg)

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from megatron_navil.config import ParallelConfig, PrecisionConfig, get_flavor
+from megatron_navil.config.model import padded_vocab_size
 from megatron_navil.conversion import hf_to_megatron
 from megatron_navil.data.synthetic import synthetic_batch
-from megatron_navil.models.language import padded_vocab_size
 from megatron_navil.models.navil import NaViLModel
 from megatron_navil.reference import NaViLReference
 

@@ -22,12 +22,12 @@ import re
 import pytest
 import torch
 
+from megatron_navil import checkpoint as ck
 from megatron_navil.config import ParallelConfig, PrecisionConfig, get_flavor
 from megatron_navil.models import navil as navil_module
 from megatron_navil.models.backends import get_backend
 from megatron_navil.models.local_layers import RMSNorm
 from megatron_navil.models.navil import NaViLModel
-from megatron_navil import checkpoint as ck
 
 pytestmark = pytest.mark.processes  # every test here starts a process
 

@@ -14,8 +14,8 @@ def canonical_model(cfg) -> NaViLModel:
 
 def read_checkpoint_weights(root: str) -> dict[str, torch.Tensor]:
     """Model weights of a checkpoint (any layout) in the canonical TP=1 layout."""
-    from megatron_navil.config.model import NaViLModelConfig
     from megatron_navil import checkpoint as ckpt
+    from megatron_navil.config.model import NaViLModelConfig
 
     meta = ckpt.read_metadata(root)
     cfg = NaViLModelConfig.from_dict(meta["model"])

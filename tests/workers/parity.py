@@ -52,9 +52,9 @@ def main():
     a = _args()
     from megatron.core import dist_checkpointing, parallel_state
 
+    from megatron_navil.checkpoint import model_sharded_state_dict
     from megatron_navil.config import ParallelConfig, PrecisionConfig, get_flavor
     from megatron_navil.models.navil import build_model
-    from megatron_navil.checkpoint import model_sharded_state_dict
     from megatron_navil.training.step import forward_backward, wrap_ddp
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
 

@@ -28,9 +28,9 @@ from typing import Optional
 
 import torch
 
-from checkpoint_tools.hf_llm import EMBED, HEAD, IGNORED_SUFFIXES, HFLLM
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
+from megatron_navil.conversion.hf_llm import EMBED, HEAD, HFLLM, IGNORED_SUFFIXES
 from megatron_navil.conversion.plan import hf_shapes
 
 _VE = re.compile(r"_ve(?=\.|$)")
@@ -153,8 +153,8 @@ def llm_to_navil(llm_dir: Path, flavor: NaViLModelConfig, output: Path, *,
     """Write the first NaViL Megatron checkpoint at `output`; returns (config, report)."""
     import dataclasses
 
-    from checkpoint_tools.hf_llm import navil_config_for, read_hf_llm
     from megatron_navil.config.base import ConfigError
+    from megatron_navil.conversion.hf_llm import navil_config_for, read_hf_llm
     from megatron_navil.conversion.to_megatron import write_megatron_checkpoint
 
     llm = read_hf_llm(llm_dir)

@@ -83,10 +83,10 @@ def read_inputs(path: Path) -> dict:
 
 def megatron_logits(checkpoint: Path, cfg: NaViLModelConfig, inputs: dict, dtype: torch.dtype):
     """(logits [n, V], rows) of the Megatron model (config `cfg`) loaded from `checkpoint`."""
+    from megatron_navil.checkpoint import CheckpointError, load_model
     from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
     from megatron_navil.conversion.layout import ensure_single_process_world
     from megatron_navil.models.navil import NaViLModel
-    from megatron_navil.checkpoint import CheckpointError, load_model
     from megatron_navil.utils.dtypes import dtype_name
 
     ensure_single_process_world()
@@ -140,8 +140,8 @@ def compare(a: torch.Tensor, b: torch.Tensor, atol: float, max_kl: float) -> Ver
 def verify(checkpoint: Path, hf_dir: Path, inputs_path: Optional[Path] = None, *,
            seq_length: int = 128, seed: int = 0, atol: float = 1e-3, max_kl: float = 1e-5,
            dtype: torch.dtype = torch.float32) -> VerifyResult:
-    from megatron_navil.conversion.to_megatron import load_hf_config
     from megatron_navil.checkpoint import CheckpointError, model_config_diffs, read_metadata
+    from megatron_navil.conversion.to_megatron import load_hf_config
 
     hf_cfg = load_hf_config(hf_dir)
     try:
@@ -170,8 +170,8 @@ _VOCAB_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
 def compare_tokenizers(checkpoint: Path, hf_dir: Path) -> str:
     """The tokenizer the checkpoint carries (navil-pretrain's copy, or navil-convert's) vs the
     HF directory's, by the bytes of the files that define the vocabulary."""
-    from megatron_navil.conversion.to_hf import checkpoint_tokenizer
     from megatron_navil.checkpoint import resolve
+    from megatron_navil.conversion.to_hf import checkpoint_tokenizer
 
     own = checkpoint_tokenizer(resolve(checkpoint))
     names = [n for n in _VOCAB_FILES if (own / n).is_file()]
