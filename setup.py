@@ -37,11 +37,12 @@ setup(
     ],
     extras_require={
         # Transformer Engine for the GPU backend (Megatron-Core 0.16.1 supports >=2.9,<2.12).
-        # NOTE: NVIDIA apex is not on PyPI (the PyPI package named `apex` is unrelated): never add it.
+        # NOTE: NVIDIA apex is not on PyPI (the PyPI package named `apex` is unrelated): never add
+        # it.
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # transformers: tests load our HF tokenizer exports with AutoTokenizer (library code
-        # never imports it).
-        "test": ["pytest", "scikit-image", "transformers"],
+        # never imports it). ruff: tests/test_lint.py (lint + format check, pyproject.toml).
+        "test": ["pytest", "scikit-image", "transformers", "ruff"],
     },
     entry_points={
         "console_scripts": [

@@ -109,9 +109,13 @@ def peak_rss_bytes() -> int:
 def measure(argv: list[str], evict_path: Path) -> dict:
     evict(evict_path)
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, __file__, "--child", *map(str, argv)], cwd=REPO,
-                       capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2"))
+    p = subprocess.run(
+        [sys.executable, __file__, "--child", *map(str, argv)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="2"),
+    )
     if p.returncode:
         raise SystemExit(f"{argv[0]} failed:\n{p.stderr[-4000:]}")
     r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -129,8 +133,11 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks/bench_convert_results.json")
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--no-baseline", action="store_true", help="skip the file-copy baseline")
-    ap.add_argument("--drop-inputs", action="store_true",
-                    help="delete each step's input once converted (9B flavor: fits the disk)")
+    ap.add_argument(
+        "--drop-inputs",
+        action="store_true",
+        help="delete each step's input once converted (9B flavor: fits the disk)",
+    )
     a = ap.parse_args()
 
     import torch
@@ -147,13 +154,35 @@ def main() -> None:
         nbytes = generate(cfg, work / "hf", torch_dtype(a.dtype))
         gen_s = time.perf_counter() - t
         rows = []
-        steps = [("baseline: copy files (read+write+fsync)", ["copy", work / "hf", work / "copy"], work / "hf"),
-                 ("hf-to-navil", ["hf-to-navil", "--hf", work / "hf", "--output", work / "ck"], work / "hf"),
-                 ("navil-to-hf", ["navil-to-hf", "--load", work / "ck", "--output", work / "hf2"], work / "ck")]
+        steps = [
+            (
+                "baseline: copy files (read+write+fsync)",
+                ["copy", work / "hf", work / "copy"],
+                work / "hf",
+            ),
+            (
+                "hf-to-navil",
+                ["hf-to-navil", "--hf", work / "hf", "--output", work / "ck"],
+                work / "hf",
+            ),
+            (
+                "navil-to-hf",
+                ["navil-to-hf", "--load", work / "ck", "--output", work / "hf2"],
+                work / "ck",
+            ),
+        ]
         for name, argv, src in steps[1:] if a.no_baseline else steps:
             r = measure(argv, src)
-            rows.append({"step": name, "gb": nbytes / 1e9, "seconds": r["seconds"], "wall_s": r["wall_s"],
-                         "gb_per_s": nbytes / 1e9 / r["wall_s"], "max_rss_gb": r["max_rss_gb"]})
+            rows.append(
+                {
+                    "step": name,
+                    "gb": nbytes / 1e9,
+                    "seconds": r["seconds"],
+                    "wall_s": r["wall_s"],
+                    "gb_per_s": nbytes / 1e9 / r["wall_s"],
+                    "max_rss_gb": r["max_rss_gb"],
+                }
+            )
             if name.startswith("baseline"):
                 shutil.rmtree(work / "copy")
             elif a.drop_inputs:
@@ -164,20 +193,31 @@ def main() -> None:
         sizes = [math.prod(s) for s in hf_shapes(cfg).values()]
         params, largest = sum(sizes), max(sizes)
         result = {
-            "flavor": a.flavor, "dtype": a.dtype, "parameters": params, "weight_gb": nbytes / 1e9,
+            "flavor": a.flavor,
+            "dtype": a.dtype,
+            "parameters": params,
+            "weight_gb": nbytes / 1e9,
             "largest_tensor_gb": largest * torch_dtype(a.dtype).itemsize / 1e9,
-            "generate_s": gen_s, "cpus": os.cpu_count(), "machine": platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__,
+            "generate_s": gen_s,
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
             "rows": rows,
             "command": "PYTHONPATH=. python " + " ".join(sys.argv),
         }
         a.results.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"{a.flavor} ({params / 1e9:.2f}B params, {nbytes / 1e9:.2f} GB {a.dtype}); "
-              f"largest tensor {result['largest_tensor_gb']:.2f} GB")
+        print(
+            f"{a.flavor} ({params / 1e9:.2f}B params, {nbytes / 1e9:.2f} GB {a.dtype}); "
+            f"largest tensor {result['largest_tensor_gb']:.2f} GB"
+        )
         print(f"{'step':42s} {'wall s':>8s} {'GB/s':>7s} {'x copy':>7s} {'peak RSS GB':>12s}")
         for r in rows:
             ratio = f"{r['vs_baseline']:7.2f}" if r["vs_baseline"] else "      -"
-            print(f"{r['step']:42s} {r['wall_s']:8.1f} {r['gb_per_s']:7.3f} {ratio} {r['max_rss_gb']:12.2f}")
+            print(
+                f"{r['step']:42s} {r['wall_s']:8.1f} {r['gb_per_s']:7.3f} {ratio} "
+                f"{r['max_rss_gb']:12.2f}"
+            )
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

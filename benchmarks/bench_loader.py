@@ -50,8 +50,15 @@ from megatron_navil.data.decode import (  # noqa: E402
 )
 from megatron_navil.data.sizing import ImageSizer  # noqa: E402
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field",
-          "immunohistochemistry")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "retina",
+    "hubble_deep_field",
+    "immunohistochemistry",
+)
 SIZES = ((1400, 1000), (1600, 1067), (1280, 1280), (1500, 1200), (1200, 900), (1000, 1300))
 
 
@@ -70,17 +77,20 @@ def make_images(d: str, n: int, seed: int = 0) -> list[str]:
             x, row_h = 0, int(rng.integers(250, 500))
             while x < w:
                 src = photos[int(rng.integers(len(photos)))]
-                ch, cw = min(row_h, src.shape[0], h - y), min(int(rng.integers(250, 600)),
-                                                             src.shape[1], w - x)
+                ch, cw = (
+                    min(row_h, src.shape[0], h - y),
+                    min(int(rng.integers(250, 600)), src.shape[1], w - x),
+                )
                 oy = int(rng.integers(0, src.shape[0] - ch + 1))
                 ox = int(rng.integers(0, src.shape[1] - cw + 1))
-                canvas[y:y + ch, x:x + cw] = src[oy:oy + ch, ox:ox + cw]
+                canvas[y : y + ch, x : x + cw] = src[oy : oy + ch, ox : ox + cw]
                 x += cw
             y += row_h
         canvas += rng.normal(0, 3, canvas.shape).astype(np.int16)
         name = f"img{i:05d}.jpg"
-        Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(os.path.join(d, name),
-                                                                     quality=90)
+        Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(
+            os.path.join(d, name), quality=90
+        )
         names.append(name)
     return names
 
@@ -99,8 +109,11 @@ class PilDataset(torch.utils.data.Dataset):
         out = []
         for s in self.sizer.scales(im.height, im.width):
             h, w = s.resized
-            r = im if (h, w) == (im.height, im.width) else \
-                im.resize((w, h), Image.Resampling.BICUBIC)
+            r = (
+                im
+                if (h, w) == (im.height, im.width)
+                else im.resize((w, h), Image.Resampling.BICUBIC)
+            )
             out.append(normalize_pixels(patchify(torch.from_numpy(np.array(r)), s.padded, 16, 2)))
         return out
 
@@ -120,9 +133,13 @@ def interleaved_rates(runs: dict, repeats: int) -> dict:
 
 
 def pil_pass(paths, sizer, workers: int, batch: int):
-    loader = torch.utils.data.DataLoader(PilDataset(paths, sizer), batch_size=batch,
-                                         num_workers=workers, collate_fn=list,
-                                         persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        PilDataset(paths, sizer),
+        batch_size=batch,
+        num_workers=workers,
+        collate_fn=list,
+        persistent_workers=workers > 0,
+    )
     return lambda: sum(len(b) for b in loader)
 
 
@@ -133,7 +150,7 @@ def dali_pass(paths, sizer, device: str, threads: int, batch: int):
     def run() -> int:
         for i in range(0, len(paths), batch):
             jobs = []
-            for p, (w, h) in zip(paths[i:i + batch], sizes[i:i + batch]):
+            for p, (w, h) in zip(paths[i : i + batch], sizes[i : i + batch]):
                 with open(p, "rb") as f:
                     jobs.append(ImageJob(f.read(), h, w, sizer.scales(h, w)))
             out = dec.decode(jobs)
@@ -160,17 +177,43 @@ def loader_pass(img_dir, names, tmp, multiscale, device, threads, batch):
         with open(os.path.join(tmp, "caps.jsonl"), "w") as f:
             for n in names:
                 f.write(json.dumps({"image": n, "text": f"a photo named {n}"}) + "\n")
-        assert preprocess(["--input", os.path.join(tmp, "caps.jsonl"), "--image-root", img_dir,
-                           "--output", out, "--tokenizer", tok_dir, "--log-every", "1000"]) == 0
+        assert (
+            preprocess(
+                [
+                    "--input",
+                    os.path.join(tmp, "caps.jsonl"),
+                    "--image-root",
+                    img_dir,
+                    "--output",
+                    out,
+                    "--tokenizer",
+                    tok_dir,
+                    "--log-every",
+                    "1000",
+                ]
+            )
+            == 0
+        )
     from megatron_navil.data.tokenizer import NaViLTokenizer
 
     tok = NaViLTokenizer.load(tok_dir)
     cfg = get_flavor("navil-2b")
-    cfg = cfg.replace(llm=cfg.llm.replace(vocab_size=tok.vocab_size, max_sequence_length=65536,
-                                          first_special_token_id=tok.first_special_token_id))
-    dc = DataConfig(train_paths=(out,), seq_length=32768, multiscale=multiscale,
-                    max_images_per_pack=batch, num_decode_threads=threads, decode_device=device,
-                    prefetch_depth=0)  # synchronous: no background work while others are timed
+    cfg = cfg.replace(
+        llm=cfg.llm.replace(
+            vocab_size=tok.vocab_size,
+            max_sequence_length=65536,
+            first_special_token_id=tok.first_special_token_id,
+        )
+    )
+    dc = DataConfig(
+        train_paths=(out,),
+        seq_length=32768,
+        multiscale=multiscale,
+        max_images_per_pack=batch,
+        num_decode_threads=threads,
+        decode_device=device,
+        prefetch_depth=0,
+    )  # synchronous: no background work while others are timed
     loader = build_train_loader(dc, cfg, tok)
 
     def run() -> int:
@@ -191,8 +234,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16, help="images per decode batch")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per side (best kept)")
     p.add_argument("--end-to-end", action="store_true", help="also time the whole loader")
-    p.add_argument("--results", default=os.path.join(REPO, "benchmarks",
-                                                       "bench_loader_results.json"))
+    p.add_argument(
+        "--results", default=os.path.join(REPO, "benchmarks", "bench_loader_results.json")
+    )
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_loader_")
     try:
@@ -205,27 +249,46 @@ def main() -> None:
         for multiscale in (False, True):
             sizer = ImageSizer(get_flavor("navil-2b"), multiscale)
             mode = "multi-scale" if multiscale else "single-scale"
-            runs = {"pil": pil_pass(paths, sizer, a.pil_workers, a.batch),
-                    "ours": dali_pass(paths, sizer, a.device, a.dali_threads, a.batch)}
+            runs = {
+                "pil": pil_pass(paths, sizer, a.pil_workers, a.batch),
+                "ours": dali_pass(paths, sizer, a.device, a.dali_threads, a.batch),
+            }
             loader = None
             if a.end_to_end:
-                runs["loader"], loader = loader_pass(img_dir, names, tmp, multiscale, a.device,
-                                                     a.dali_threads, a.batch)
+                runs["loader"], loader = loader_pass(
+                    img_dir, names, tmp, multiscale, a.device, a.dali_threads, a.batch
+                )
             rate = interleaved_rates(runs, a.repeats)
-            row = {"mode": mode, "pil_img_s": rate["pil"], "dali_img_s": rate["ours"],
-                   "ratio": rate["ours"] / rate["pil"]}
+            row = {
+                "mode": mode,
+                "pil_img_s": rate["pil"],
+                "dali_img_s": rate["ours"],
+                "ratio": rate["ours"] / rate["pil"],
+            }
             if loader is not None:
                 row.update(loader_img_s=rate["loader"], loader_ratio=rate["loader"] / rate["pil"])
                 loader.close()
             del runs  # stops the PIL workers before the next mode
             rows.append(row)
-        device = torch.cuda.get_device_name() if a.device == "gpu" else (
-            platform.processor() or platform.machine())
-        entry = {"load_average_at_end": os.getloadavg(), "device": a.device, "hardware": device, "cpus": os.cpu_count(),
-                 "images": a.num_images, "mean_megapixels": mp, "mean_mb": mb,
-                 "dali_threads": a.dali_threads, "pil_workers": a.pil_workers, "batch": a.batch,
-                 "rows": rows, "command": "PYTHONPATH=. python benchmarks/bench_loader.py "
-                 + " ".join(sys.argv[1:])}
+        device = (
+            torch.cuda.get_device_name()
+            if a.device == "gpu"
+            else (platform.processor() or platform.machine())
+        )
+        entry = {
+            "load_average_at_end": os.getloadavg(),
+            "device": a.device,
+            "hardware": device,
+            "cpus": os.cpu_count(),
+            "images": a.num_images,
+            "mean_megapixels": mp,
+            "mean_mb": mb,
+            "dali_threads": a.dali_threads,
+            "pil_workers": a.pil_workers,
+            "batch": a.batch,
+            "rows": rows,
+            "command": "PYTHONPATH=. python benchmarks/bench_loader.py " + " ".join(sys.argv[1:]),
+        }
         results = {}
         if os.path.exists(a.results):
             with open(a.results) as f:
@@ -233,15 +296,18 @@ def main() -> None:
         results[a.device] = entry
         with open(a.results, "w") as f:
             json.dump(results, f, indent=1)
-        lines = [f"{a.num_images} JPEGs, mean {mp:.2f} MP / {mb:.2f} MB; {device}, "
-                 f"{os.cpu_count()} CPUs; DALI {a.device} {a.dali_threads} threads vs PIL "
-                 f"DataLoader {a.pil_workers} workers; batch {a.batch}",
-                 "| mode | PIL img/s | ours (decode stage) img/s | ratio |"
-                 + (" ours (whole loader) img/s | ratio |" if a.end_to_end else ""),
-                 "|---|---|---|---|" + ("---|---|" if a.end_to_end else "")]
+        lines = [
+            f"{a.num_images} JPEGs, mean {mp:.2f} MP / {mb:.2f} MB; {device}, "
+            f"{os.cpu_count()} CPUs; DALI {a.device} {a.dali_threads} threads vs PIL "
+            f"DataLoader {a.pil_workers} workers; batch {a.batch}",
+            "| mode | PIL img/s | ours (decode stage) img/s | ratio |"
+            + (" ours (whole loader) img/s | ratio |" if a.end_to_end else ""),
+            "|---|---|---|---|" + ("---|---|" if a.end_to_end else ""),
+        ]
         for r in rows:
-            line = (f"| {r['mode']} | {r['pil_img_s']:.1f} | {r['dali_img_s']:.1f} | "
-                    f"{r['ratio']:.2f} |")
+            line = (
+                f"| {r['mode']} | {r['pil_img_s']:.1f} | {r['dali_img_s']:.1f} | {r['ratio']:.2f} |"
+            )
             if a.end_to_end:
                 line += f" {r['loader_img_s']:.1f} | {r['loader_ratio']:.2f} |"
             lines.append(line)

@@ -30,16 +30,25 @@ from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (photo, target size): 1.0-2.0 MP, various aspect ratios
-PHOTOS = (("astronaut", (1400, 1400)), ("coffee", (1500, 1000)), ("chelsea", (1500, 1000)),
-          ("rocket", (1600, 1067)), ("retina", (1411, 1411)), ("hubble_deep_field", (1400, 1221)),
-          ("immunohistochemistry", (1200, 1200)), ("colorwheel", (1100, 1100)))
+PHOTOS = (
+    ("astronaut", (1400, 1400)),
+    ("coffee", (1500, 1000)),
+    ("chelsea", (1500, 1000)),
+    ("rocket", (1600, 1067)),
+    ("retina", (1411, 1411)),
+    ("hubble_deep_field", (1400, 1221)),
+    ("immunohistochemistry", (1200, 1200)),
+    ("colorwheel", (1100, 1100)),
+)
 
 
 def make_images(d: str, n: int, seed: int = 0) -> list[str]:
     rng = np.random.default_rng(seed)
     os.makedirs(d, exist_ok=True)
-    bases = [(Image.fromarray(getattr(sd, name)()).convert("RGB").resize(size, Image.Resampling.BICUBIC))
-             for name, size in PHOTOS]
+    bases = [
+        (Image.fromarray(getattr(sd, name)()).convert("RGB").resize(size, Image.Resampling.BICUBIC))
+        for name, size in PHOTOS
+    ]
     names = []
     for i in range(n):
         base = np.asarray(bases[i % len(bases)], dtype=np.int16)
@@ -64,8 +73,21 @@ def run_preprocess(jsonl: str, img_dir: str, out: str, workers: int) -> tuple[fl
     from its first results to the end, i.e. without interpreter/worker start-up)."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "data_tools.preprocess", "--input", jsonl, "--image-root",
-           img_dir, "--output", out, "--num-workers", str(workers), "--samples-per-shard", "64"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_tools.preprocess",
+        "--input",
+        jsonl,
+        "--image-root",
+        img_dir,
+        "--output",
+        out,
+        "--num-workers",
+        str(workers),
+        "--samples-per-shard",
+        "64",
+    ]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t
@@ -80,8 +102,11 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=120, help="JPEGs to generate and process")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--num-workers to try")
     p.add_argument("--repeats", type=int, default=2, help="runs per config; the best is kept")
-    p.add_argument("--results", default=os.path.join(REPO, "benchmarks", "bench_preprocess_results.json"),
-                   help="where to write the results JSON")
+    p.add_argument(
+        "--results",
+        default=os.path.join(REPO, "benchmarks", "bench_preprocess_results.json"),
+        help="where to write the results JSON",
+    )
     a = p.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench_pre_")
     try:
@@ -95,31 +120,60 @@ def main() -> None:
                 f.write(json.dumps({"image": n, "text": f"a photo named {n}"}) + "\n")
         rows = []
         base = max(pil_baseline(img_dir, names) for _ in range(a.repeats))
-        rows.append({"config": "PIL decode loop, 1 process", "workers": 1, "samples_per_s": base,
-                     "pipeline_samples_per_s": base})
+        rows.append(
+            {
+                "config": "PIL decode loop, 1 process",
+                "workers": 1,
+                "samples_per_s": base,
+                "pipeline_samples_per_s": base,
+            }
+        )
         for w in a.workers:
-            best = max((run_preprocess(jsonl, img_dir, os.path.join(tmp, "out"), w)
-                        for _ in range(a.repeats)), key=lambda x: x[0])
-            rows.append({"config": f"navil-preprocess --num-workers {w}", "workers": w,
-                         "samples_per_s": best[0], "pipeline_samples_per_s": best[1]})
+            best = max(
+                (
+                    run_preprocess(jsonl, img_dir, os.path.join(tmp, "out"), w)
+                    for _ in range(a.repeats)
+                ),
+                key=lambda x: x[0],
+            )
+            rows.append(
+                {
+                    "config": f"navil-preprocess --num-workers {w}",
+                    "workers": w,
+                    "samples_per_s": best[0],
+                    "pipeline_samples_per_s": best[1],
+                }
+            )
         one = next((r for r in rows[1:] if r["workers"] == 1), rows[1])
         for r in rows:
             steady = r["pipeline_samples_per_s"]
             r["per_worker"] = steady / r["workers"]
             r["vs_pil_loop"] = steady / base
             r["scaling_vs_1_worker"] = steady / one["pipeline_samples_per_s"]
-        result = {"images": a.num_images, "mean_megapixels": mp, "mean_mb": mb,
-                  "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                  "python": platform.python_version(), "rows": rows,
-                  "command": "PYTHONPATH=. python " + " ".join(["benchmarks/bench_preprocess.py", *sys.argv[1:]])}
+        result = {
+            "images": a.num_images,
+            "mean_megapixels": mp,
+            "mean_mb": mb,
+            "cpus": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "rows": rows,
+            "command": "PYTHONPATH=. python "
+            + " ".join(["benchmarks/bench_preprocess.py", *sys.argv[1:]]),
+        }
         with open(a.results, "w") as f:
             json.dump(result, f, indent=1)
-        lines = [f"{a.num_images} JPEGs, mean {mp:.2f} MP / {mb:.2f} MB, {os.cpu_count()} CPUs",
-                 "| config | samples/s end to end | samples/s steady | steady per worker | vs PIL loop | scaling vs 1 worker |",
-                 "|---|---|---|---|---|---|"]
+        lines = [
+            f"{a.num_images} JPEGs, mean {mp:.2f} MP / {mb:.2f} MB, {os.cpu_count()} CPUs",
+            "| config | samples/s end to end | samples/s steady | steady per worker | vs PIL loop "
+            "| scaling vs 1 worker |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in rows:
-            lines.append(f"| {r['config']} | {r['samples_per_s']:.1f} | {r['pipeline_samples_per_s']:.1f} | "
-                         f"{r['per_worker']:.1f} | {r['vs_pil_loop']:.2f} | {r['scaling_vs_1_worker']:.2f} |")
+            lines.append(
+                f"| {r['config']} | {r['samples_per_s']:.1f} | {r['pipeline_samples_per_s']:.1f} | "
+                f"{r['per_worker']:.1f} | {r['vs_pil_loop']:.2f} | {r['scaling_vs_1_worker']:.2f} |"
+            )
         sys.stdout.write("\n".join(lines) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,9 +13,9 @@ moves on:
    passed/failed/skipped counts, skip reasons, failing tests' names and first lines.
 3. training: synthetic captions -> tokenizer -> shards (as examples/quickstart.sh), then short
    runs of `python -m megatron_navil.cli.pretrain` under torchrun: debug model bf16 and FP8
-   delayed; navil-2b widths at 2+2 layers bf16 and FP8 delayed (FP8 tensorwise: gpu_tests) (benchmarks/
-   gpu_check_train.py). Per run: exit code, first/last loss, finite, falling (mean of the last 5
-   < mean of the first 5), tokens/s, TFLOP/s per GPU, MFU, peak memory, wall time.
+   delayed; navil-2b widths at 2+2 layers bf16 and FP8 delayed (FP8 tensorwise: gpu_tests)
+   (benchmarks/gpu_check_train.py). Per run: exit code, first/last loss, finite, falling (mean
+   of the last 5 < mean of the first 5), tokens/s, TFLOP/s per GPU, MFU, peak memory, wall time.
 4. decode: benchmarks/bench_loader.py, DALI (`mixed` on GPU) beside a PIL DataLoader on the
    same JPEGs: img/s of both and the ratio, single- and multi-scale.
 `--dry-run`: the same driver on CPU: local backend, fp32, the debug run only (12 steps; FP8 and
@@ -59,8 +59,14 @@ from gpu_check_train import run_training  # noqa: E402
 
 PY = sys.executable
 SECTIONS = ("env", "gpu_tests", "training", "decode")
-TIMEOUTS: dict[str, float] = {"env": 90, "gpu_tests": 210, "data": 60, "train_debug": 90,
-                              "train_2b": 120, "decode": 100}
+TIMEOUTS: dict[str, float] = {
+    "env": 90,
+    "gpu_tests": 210,
+    "data": 60,
+    "train_debug": 90,
+    "train_2b": 120,
+    "decode": 100,
+}
 BUDGET_S = 450.0  # 7.5 min: the check must end within 8 minutes on the H200
 GPU_TESTS = ("tests/gpu", "tests/data/test_gpu.py")
 TABLE_HEADER = "== gpu_check summary"
@@ -126,15 +132,22 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     try:
         rec = fn()
     except Exception as e:  # the check must always finish and report
-        rec = {"status": "error", "reason": f"{type(e).__name__}: {e}",
-               "traceback": traceback.format_exc().splitlines()[-8:]}
+        rec = {
+            "status": "error",
+            "reason": f"{type(e).__name__}: {e}",
+            "traceback": traceback.format_exc().splitlines()[-8:],
+        }
     rec.setdefault("seconds", round(time.monotonic() - t0, 2))
     return rec
 
 
 def _timed_out(res, what: str) -> dict[str, Any]:
-    return {"status": "timeout", "reason": f"{what} timed out after {res.wall_s:.1f} s",
-            "error": res.first_error(), "error_tail": res.tail()}
+    return {
+        "status": "timeout",
+        "reason": f"{what} timed out after {res.wall_s:.1f} s",
+        "error": res.first_error(),
+        "error_tail": res.tail(),
+    }
 
 
 # ----------------------------------------------------------------------------- sections
@@ -153,11 +166,17 @@ def section_env(logs: Path, budget: Budget, timeouts: dict[str, float], dry_run:
             info.update(json.loads(line))
         except ValueError:
             continue
-    rec: dict[str, Any] = {"info": info, "pythonpath": os.environ.get("PYTHONPATH", ""),
-                           "nvte_framework": os.environ.get("NVTE_FRAMEWORK")}
+    rec: dict[str, Any] = {
+        "info": info,
+        "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "nvte_framework": os.environ.get("NVTE_FRAMEWORK"),
+    }
     if shutil.which("nvidia-smi") and budget.grant(15):
-        smi = run_logged(["nvidia-smi", "--query-gpu=name,memory.total,driver_version",
-                          "--format=csv,noheader"], logs / "env" / "nvidia_smi", 15)
+        smi = run_logged(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            logs / "env" / "nvidia_smi",
+            15,
+        )
         rec["nvidia_smi"] = smi.tail(4, "stdout")
     if res.timed_out:
         return {**rec, **_timed_out(res, "env probe")}
@@ -167,9 +186,13 @@ def section_env(logs: Path, budget: Budget, timeouts: dict[str, float], dry_run:
     elif dry_run:  # CPU: TE is expected to be missing; the probe itself is what is checked
         rec.update(status="ok", reason="dry run; missing: " + (", ".join(missing) or "none"))
     elif not info.get("cuda_available") or missing:
-        rec.update(status="failed", reason="; ".join(
-            (["no CUDA device"] if not info.get("cuda_available") else [])
-            + [f"cannot import {m}" for m in missing]))
+        rec.update(
+            status="failed",
+            reason="; ".join(
+                (["no CUDA device"] if not info.get("cuda_available") else [])
+                + [f"cannot import {m}" for m in missing]
+            ),
+        )
     else:
         rec["status"] = "ok"
     return rec
@@ -188,8 +211,13 @@ def parse_junit(path: Path) -> dict[str, Any]:
             counts["failed" if tag == "failure" else "errors"] += 1
             el = kids[tag]
             text = (el.get("message") or el.text or "").strip()
-            failures.append({"name": name, "kind": tag, "first_line": text.splitlines()[0][:300]
-                             if text else ""})
+            failures.append(
+                {
+                    "name": name,
+                    "kind": tag,
+                    "first_line": text.splitlines()[0][:300] if text else "",
+                }
+            )
         elif "skipped" in kids:
             counts["skipped"] += 1
             reasons[(kids["skipped"].get("message") or "").strip()[:200]] += 1
@@ -198,8 +226,9 @@ def parse_junit(path: Path) -> dict[str, Any]:
     return {**counts, "skip_reasons": dict(reasons), "failures": failures}
 
 
-def section_gpu_tests(logs: Path, budget: Budget, timeouts: dict[str, float],
-                      dry_run: bool) -> dict:
+def section_gpu_tests(
+    logs: Path, budget: Budget, timeouts: dict[str, float], dry_run: bool
+) -> dict:
     """The marked GPU tests through pytest, counted from its JUnit XML."""
     grant = budget.grant(timeouts["gpu_tests"])
     if grant is None:
@@ -209,11 +238,25 @@ def section_gpu_tests(logs: Path, budget: Budget, timeouts: dict[str, float],
     paths = [p for p in GPU_TESTS if (REPO / p).exists()]
     if not paths:
         return {"status": "failed", "reason": f"none of {', '.join(GPU_TESTS)} exists"}
-    cmd = [PY, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-           f"--junitxml={junit}", *paths]
+    cmd = [
+        PY,
+        "-m",
+        "pytest",
+        "-q",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        *paths,
+    ]
     res = run_logged(cmd, logs / "gpu_tests" / "pytest", grant)
-    rec: dict[str, Any] = {"command": " ".join(cmd), "exit_code": res.rc,
-                           "wall_s": round(res.wall_s, 2), "paths": paths}
+    rec: dict[str, Any] = {
+        "command": " ".join(cmd),
+        "exit_code": res.rc,
+        "wall_s": round(res.wall_s, 2),
+        "paths": paths,
+    }
     if junit.exists():
         try:
             rec.update(parse_junit(junit))
@@ -222,18 +265,20 @@ def section_gpu_tests(logs: Path, budget: Budget, timeouts: dict[str, float],
     if res.timed_out:
         return {**rec, **_timed_out(res, "pytest")}
     if res.rc == 0 and not dry_run and rec.get("passed", 0) == 0:
-        rec.update(status="failed", reason=f"all {rec.get('skipped', 0)} test(s) skipped on a "
-                   "GPU run (see skip_reasons)")
+        rec.update(
+            status="failed",
+            reason=f"all {rec.get('skipped', 0)} test(s) skipped on a GPU run (see skip_reasons)",
+        )
     elif res.rc == 0:
         rec["status"] = "ok"
     else:
-        rec.update(status="failed", reason=f"pytest exit {res.rc}",
-                   pytest_tail=res.tail(15, "stdout"))
+        rec.update(
+            status="failed", reason=f"pytest exit {res.rc}", pytest_tail=res.tail(15, "stdout")
+        )
     return rec
 
 
-def section_training(logs: Path, budget: Budget, timeouts: dict[str, float],
-                     dry_run: bool) -> dict:
+def section_training(logs: Path, budget: Budget, timeouts: dict[str, float], dry_run: bool) -> dict:
     work = Path(tempfile.mkdtemp(prefix="gpu_check_data_"))  # scratch data: not sent back
     try:
         return run_training(logs, work, budget, timeouts, dry_run, note)
@@ -249,28 +294,68 @@ def section_decode(logs: Path, budget: Budget, timeouts: dict[str, float], dry_r
     results = logs / "decode" / "bench_loader_results.json"
     results.unlink(missing_ok=True)
     device = "cpu" if dry_run else "gpu"
-    size = (["--num-images", "8", "--batch", "4", "--repeats", "1", "--dali-threads", "2",
-             "--pil-workers", "2"] if dry_run else
-            ["--num-images", "192", "--batch", "32", "--repeats", "2", "--dali-threads", "8",
-             "--pil-workers", "16"])
-    cmd = [PY, "benchmarks/bench_loader.py", "--device", device, *size,
-           "--results", str(results)]
+    size = (
+        [
+            "--num-images",
+            "8",
+            "--batch",
+            "4",
+            "--repeats",
+            "1",
+            "--dali-threads",
+            "2",
+            "--pil-workers",
+            "2",
+        ]
+        if dry_run
+        else [
+            "--num-images",
+            "192",
+            "--batch",
+            "32",
+            "--repeats",
+            "2",
+            "--dali-threads",
+            "8",
+            "--pil-workers",
+            "16",
+        ]
+    )
+    cmd = [PY, "benchmarks/bench_loader.py", "--device", device, *size, "--results", str(results)]
     res = run_logged(cmd, logs / "decode" / "bench_loader", grant)
-    rec: dict[str, Any] = {"command": " ".join(cmd), "exit_code": res.rc,
-                           "wall_s": round(res.wall_s, 2), "device": device}
+    rec: dict[str, Any] = {
+        "command": " ".join(cmd),
+        "exit_code": res.rc,
+        "wall_s": round(res.wall_s, 2),
+        "device": device,
+    }
     if res.timed_out:
         return {**rec, **_timed_out(res, "bench_loader")}
     try:
         entry = json.loads(results.read_text())[device]
     except (OSError, ValueError, KeyError):
-        return {**rec, "status": "failed", "reason": f"exit {res.rc}, no results",
-                "error": res.first_error(), "error_tail": res.tail()}
-    rows = {r["mode"]: {"dali_img_s": r["dali_img_s"], "pil_img_s": r["pil_img_s"],
-                        "ratio": r["ratio"]} for r in entry["rows"]}
-    rec.update(rows=rows, images=entry.get("images"), hardware=entry.get("hardware"),
-               mean_megapixels=entry.get("mean_megapixels"))
-    good = res.rc == 0 and rows and all(r["dali_img_s"] > 0 and r["pil_img_s"] > 0
-                                        for r in rows.values())
+        return {
+            **rec,
+            "status": "failed",
+            "reason": f"exit {res.rc}, no results",
+            "error": res.first_error(),
+            "error_tail": res.tail(),
+        }
+    rows = {
+        r["mode"]: {"dali_img_s": r["dali_img_s"], "pil_img_s": r["pil_img_s"], "ratio": r["ratio"]}
+        for r in entry["rows"]
+    }
+    rec.update(
+        rows=rows,
+        images=entry.get("images"),
+        hardware=entry.get("hardware"),
+        mean_megapixels=entry.get("mean_megapixels"),
+    )
+    good = (
+        res.rc == 0
+        and rows
+        and all(r["dali_img_s"] > 0 and r["pil_img_s"] > 0 for r in rows.values())
+    )
     if good:
         rec["status"] = "ok"
     else:
@@ -278,8 +363,12 @@ def section_decode(logs: Path, budget: Budget, timeouts: dict[str, float], dry_r
     return rec
 
 
-RUNNERS = {"env": section_env, "gpu_tests": section_gpu_tests, "training": section_training,
-           "decode": section_decode}
+RUNNERS = {
+    "env": section_env,
+    "gpu_tests": section_gpu_tests,
+    "training": section_training,
+    "decode": section_decode,
+}
 
 
 # ----------------------------------------------------------------------------- summary
@@ -294,8 +383,9 @@ def _env_keys(s: dict) -> str:
         r = i.get(m) or {}
         mods.append(f"{short} {r.get('version') or '?'}" if r.get("ok") else f"{short} missing")
     dev = f"{i['device']} sm{i.get('capability', '?')}" if i.get("device") else "no GPU"
-    return f"torch {i.get('torch', '?')} cuda {i.get('torch_cuda') or '-'} | {dev} | " + \
-        ", ".join(mods)
+    return f"torch {i.get('torch', '?')} cuda {i.get('torch_cuda') or '-'} | {dev} | " + ", ".join(
+        mods
+    )
 
 
 def _run_keys(r: dict) -> str:
@@ -304,11 +394,13 @@ def _run_keys(r: dict) -> str:
     if not r.get("losses"):  # nothing trained: the reason and the error say it all
         return f"{r.get('reason', '')}: {r.get('error') or 'no metrics'}"[:160]
     trend = "falling" if r.get("falling") else "NOT falling"
-    s = (f"loss {_num(r.get('first_loss'), '{:.2f}')}->{_num(r.get('last_loss'), '{:.2f}')} "
-         f"{trend} | {_num(r.get('tokens_per_s'), '{:.0f}')} tok/s | "
-         f"{_num(r.get('tflops_per_gpu'), '{:.3g}')} TFLOP/s | mfu "
-         f"{_num(r['mfu'] * 100, '{:.1f}%') if r.get('mfu') is not None else '-'} | "
-         f"{_num(r.get('mem_gb'), '{:.1f}')} GB")
+    s = (
+        f"loss {_num(r.get('first_loss'), '{:.2f}')}->{_num(r.get('last_loss'), '{:.2f}')} "
+        f"{trend} | {_num(r.get('tokens_per_s'), '{:.0f}')} tok/s | "
+        f"{_num(r.get('tflops_per_gpu'), '{:.3g}')} TFLOP/s | mfu "
+        f"{_num(r['mfu'] * 100, '{:.1f}%') if r.get('mfu') is not None else '-'} | "
+        f"{_num(r.get('mem_gb'), '{:.1f}')} GB"
+    )
     return s if r.get("status") == "ok" else f"{r.get('reason', '')}: {s}"
 
 
@@ -321,34 +413,60 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
         t = _num(s.get("seconds"))
         if name == "env" and s.get("info"):
             keys = _env_keys(s)
-            rows.append((name, s["status"], t,
-                         keys if s["status"] == "ok" else f"{s.get('reason', '')} | {keys}"))
+            rows.append(
+                (
+                    name,
+                    s["status"],
+                    t,
+                    keys if s["status"] == "ok" else f"{s.get('reason', '')} | {keys}",
+                )
+            )
         elif name == "gpu_tests" and "passed" in s:
-            keys = f"{s['passed']} passed, {s['failed']} failed, {s['errors']} errors, " \
-                   f"{s['skipped']} skipped"
+            keys = (
+                f"{s['passed']} passed, {s['failed']} failed, {s['errors']} errors, "
+                f"{s['skipped']} skipped"
+            )
             fails = "; ".join(f["name"].rsplit("::", 1)[-1] for f in s["failures"][:3])
             rows.append((name, s["status"], t, keys + (f" | {fails}" if fails else "")))
         elif name == "training" and "runs" in s:
             rows.append((name, s["status"], t, s.get("reason", "")))
             d = s["data"]
-            rows.append(("train:data", d["status"], _num(sum(x["wall_s"] for x in
-                                                            d["steps"].values())),
-                         f"{d.get('samples', '-')} samples, vocab {d.get('vocab_size', '-')}"
-                         if d["status"] == "ok" else d.get("reason", "")))
+            rows.append(
+                (
+                    "train:data",
+                    d["status"],
+                    _num(sum(x["wall_s"] for x in d["steps"].values())),
+                    f"{d.get('samples', '-')} samples, vocab {d.get('vocab_size', '-')}"
+                    if d["status"] == "ok"
+                    else d.get("reason", ""),
+                )
+            )
             for run, r in s["runs"].items():
                 rows.append((f"train:{run}", r["status"], _num(r.get("wall_s")), _run_keys(r)))
         elif name == "decode" and s.get("rows"):
             for mode, r in s["rows"].items():
-                rows.append((f"decode:{mode}", s["status"], t,
-                             f"DALI {r['dali_img_s']:.1f} img/s | PIL {r['pil_img_s']:.1f} "
-                             f"img/s | ratio {r['ratio']:.2f}"))
+                rows.append(
+                    (
+                        f"decode:{mode}",
+                        s["status"],
+                        t,
+                        f"DALI {r['dali_img_s']:.1f} img/s | PIL {r['pil_img_s']:.1f} "
+                        f"img/s | ratio {r['ratio']:.2f}",
+                    )
+                )
         else:
             err = f": {s['error']}" if s.get("error") else ""
             rows.append((name, s["status"], t, (s.get("reason", "") + err)[:160]))
     made = [s["status"] for s in sec.values() if not s.get("reason", "").startswith("not sel")]
     total = "ok" if made and all(x == "ok" for x in made) else "partial"
-    rows.append(("total", total, _num(results.get("wall_s")),
-                 f"{sum(x == 'ok' for x in made)} of {len(made)} section(s) ok"))
+    rows.append(
+        (
+            "total",
+            total,
+            _num(results.get("wall_s")),
+            f"{sum(x == 'ok' for x in made)} of {len(made)} section(s) ok",
+        )
+    )
     return rows
 
 
@@ -356,8 +474,10 @@ def format_table(results: dict) -> str:
     rows = table_rows(results)
     w = max(24, max(len(r[0]) for r in rows) + 1)
     mode = "dry run, CPU" if results["dry_run"] else "GPU"
-    lines = [f"{TABLE_HEADER} ({mode}; {results['wall_s']:.0f} s) ==",
-             f"{'section':<{w}}{'status':<9}{'time_s':>7}  key numbers"]
+    lines = [
+        f"{TABLE_HEADER} ({mode}; {results['wall_s']:.0f} s) ==",
+        f"{'section':<{w}}{'status':<9}{'time_s':>7}  key numbers",
+    ]
     lines += [f"{a:<{w}}{b:<9}{c:>7}  {d}" for a, b, c, d in rows]
     return "\n".join(lines)
 
@@ -397,30 +517,50 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="CPU: local backend, tiny, no FP8")
     p.add_argument("--out", help="output folder (default: $OUT, else ./gpu_check_out)")
-    p.add_argument("--budget", type=float,
-                   default=float(os.environ.get("GPU_CHECK_BUDGET", BUDGET_S)),
-                   help=f"seconds for the whole check (default {BUDGET_S:.0f})")
-    p.add_argument("--timeout", action="append", default=[], metavar="NAME=S",
-                   help=f"a step's timeout; names: {', '.join(TIMEOUTS)}")
-    p.add_argument("--sections", default=",".join(SECTIONS),
-                   help="comma-separated subset to run (the others are recorded as skipped)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=float(os.environ.get("GPU_CHECK_BUDGET", BUDGET_S)),
+        help=f"seconds for the whole check (default {BUDGET_S:.0f})",
+    )
+    p.add_argument(
+        "--timeout",
+        action="append",
+        default=[],
+        metavar="NAME=S",
+        help=f"a step's timeout; names: {', '.join(TIMEOUTS)}",
+    )
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help="comma-separated subset to run (the others are recorded as skipped)",
+    )
     return p.parse_args(argv)
 
 
-def run_all(a: argparse.Namespace, timeouts: dict[str, float], chosen: list[str], out: Path,
-            logs: Path) -> int:
+def run_all(
+    a: argparse.Namespace, timeouts: dict[str, float], chosen: list[str], out: Path, logs: Path
+) -> int:
     budget = Budget(a.budget)
     results: dict[str, Any] = {
-        "dry_run": a.dry_run, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "out": str(out),
-        "budget_s": a.budget, "timeouts_s": timeouts, "python": PY, "logs": LOGS_ARCHIVE,
-        "sections": {}, "wall_s": 0.0}
+        "dry_run": a.dry_run,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "out": str(out),
+        "budget_s": a.budget,
+        "timeouts_s": timeouts,
+        "python": PY,
+        "logs": LOGS_ARCHIVE,
+        "sections": {},
+        "wall_s": 0.0,
+    }
     for name in SECTIONS:
         if name not in chosen:
             results["sections"][name] = skipped("not selected (--sections)")
             continue
         note(f"{name}: start ({budget.left():.0f} s of budget left)")
         results["sections"][name] = guarded(
-            lambda: RUNNERS[name](logs, budget, timeouts, a.dry_run))
+            lambda: RUNNERS[name](logs, budget, timeouts, a.dry_run)
+        )
         results["wall_s"] = round(budget.elapsed(), 2)
         save(results, logs, out)
         note(f"{name}: {results['sections'][name]['status']}")
@@ -456,8 +596,9 @@ if __name__ == "__main__":
         main()
     except SystemExit as e:  # usage errors: say so, still exit 0 (the check never fails a run)
         if e.code not in (None, 0):
-            print(e.code if isinstance(e.code, str) else f"gpu_check: exit {e.code}",
-                  file=sys.stderr)
+            print(
+                e.code if isinstance(e.code, str) else f"gpu_check: exit {e.code}", file=sys.stderr
+            )
     except Exception:  # a driver bug outside the guarded sections: report, still exit 0
         traceback.print_exc()
     sys.exit(0)

@@ -67,7 +67,6 @@ class ProcResult:
             return []
         return [ln for ln in lines if ln.strip()][-n:]
 
-
     def first_error(self) -> Optional[str]:
         """The first line of stderr that states an error: the project's `ERROR` log line or an
         exception's `SomethingError: message` (torchrun's own ChildFailedError report skipped)."""
@@ -85,8 +84,9 @@ def child_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
     and unbuffered Python output (logs are complete up to a kill)."""
     env = dict(os.environ)
     parts = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = os.pathsep.join(str((REPO / p).resolve()) if not os.path.isabs(p) else p
-                                        for p in parts) or str(REPO)
+    env["PYTHONPATH"] = os.pathsep.join(
+        str((REPO / p).resolve()) if not os.path.isabs(p) else p for p in parts
+    ) or str(REPO)
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("NVTE_FRAMEWORK", "pytorch")
     env.update(extra or {})
@@ -106,8 +106,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
-def run_logged(cmd: Sequence[str], log_stem: Path, timeout_s: float,
-               env: Optional[dict[str, str]] = None) -> ProcResult:
+def run_logged(
+    cmd: Sequence[str], log_stem: Path, timeout_s: float, env: Optional[dict[str, str]] = None
+) -> ProcResult:
     """Run cmd from the repository root; stdout/stderr to `<log_stem>.stdout.log/.stderr.log`."""
     log_stem.parent.mkdir(parents=True, exist_ok=True)
     out = log_stem.with_name(log_stem.name + ".stdout.log")
@@ -118,9 +119,15 @@ def run_logged(cmd: Sequence[str], log_stem: Path, timeout_s: float,
         fe.write(f"$ {' '.join(cmd)}\n")
         fe.flush()
         try:
-            proc = subprocess.Popen(list(cmd), cwd=REPO, stdout=fo, stderr=fe,
-                                    stdin=subprocess.DEVNULL, env=env or child_env(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                list(cmd),
+                cwd=REPO,
+                stdout=fo,
+                stderr=fe,
+                stdin=subprocess.DEVNULL,
+                env=env or child_env(),
+                start_new_session=True,
+            )
         except OSError as e:  # e.g. the interpreter is missing: report it like a failure
             fe.write(f"cannot start: {e}\n")
             return ProcResult(list(cmd), 127, False, time.monotonic() - t0, out, err)

@@ -50,40 +50,106 @@ class Dataset:
 DEBUG = ("--config", "examples/configs/debug.yaml")
 TE = ("precision.backend=transformer_engine",)  # explicit: a silent fallback to local must fail
 # navil-2b widths (LLM 2048/8192, GQA 16/8, ViT 1536/6144, 256..24576 patches) at 2+2 layers.
-NAVIL_2B_L2 = ("--model", "navil-2b", "model.llm.num_layers=2", "model.vision.num_layers=2",
-               "--seq-length", "8192", "--global-batch-size", "8", "--lr", "3e-4",
-               "data.max_images_per_pack=128")  # ~95 captioned images fill an 8192-token pack
+NAVIL_2B_L2 = (
+    "--model",
+    "navil-2b",
+    "model.llm.num_layers=2",
+    "model.vision.num_layers=2",
+    "--seq-length",
+    "8192",
+    "--global-batch-size",
+    "8",
+    "--lr",
+    "3e-4",
+    "data.max_images_per_pack=128",
+)  # ~95 captioned images fill an 8192-token pack
 
 
 def run_specs(dry_run: bool) -> list[RunSpec]:
     """The runs of this mode; a dry run makes only the CPU debug run and records the rest."""
     skip = "dry run" if dry_run else None
-    first = (RunSpec("debug-fp32", DEBUG + ("precision.backend=local",), "train_debug") if dry_run
-             else RunSpec("debug-bf16", DEBUG + ("--bf16",) + TE, "train_debug"))
+    first = (
+        RunSpec("debug-fp32", DEBUG + ("precision.backend=local",), "train_debug")
+        if dry_run
+        else RunSpec("debug-bf16", DEBUG + ("--bf16",) + TE, "train_debug")
+    )
     # FP8 tensorwise runs in gpu_tests (tests/gpu: its 30-step curve against bf16); here the
     # real-data loader path gets bf16 and delayed scaling at both sizes.
     return [
         first,
-        RunSpec("debug-fp8-delayed", DEBUG + ("--bf16", "--fp8-recipe", "delayed") + TE,
-                "train_debug", skip),
+        RunSpec(
+            "debug-fp8-delayed",
+            DEBUG + ("--bf16", "--fp8-recipe", "delayed") + TE,
+            "train_debug",
+            skip,
+        ),
         RunSpec("2b-l2-bf16", DEBUG + NAVIL_2B_L2 + ("--bf16",) + TE, "train_2b", skip),
-        RunSpec("2b-l2-fp8-delayed", DEBUG + NAVIL_2B_L2 + ("--bf16", "--fp8-recipe", "delayed")
-                + TE, "train_2b", skip),
+        RunSpec(
+            "2b-l2-fp8-delayed",
+            DEBUG + NAVIL_2B_L2 + ("--bf16", "--fp8-recipe", "delayed") + TE,
+            "train_2b",
+            skip,
+        ),
     ]
 
 
-def make_dataset(work: Path, logs: Path, budget: Budget, timeout_s: float,
-                 num_train: int) -> tuple[Optional[Dataset], dict[str, Any]]:
+def make_dataset(
+    work: Path, logs: Path, budget: Budget, timeout_s: float, num_train: int
+) -> tuple[Optional[Dataset], dict[str, Any]]:
     """Captions -> tokenizer -> shards under `work`; (the dataset or None, its record)."""
     raw, tok, train = work / "raw", work / "tokenizer", work / "data" / "train"
     steps = [
-        ("captions", [PY, "-m", "data_tools.synthetic_captions", "--output", str(raw),
-                      "--num-train", str(num_train), "--num-valid", "0", "--size", "128"]),
-        ("tokenizer", [PY, "-m", "data_tools.tokenizer_cli", "train", "--input",
-                       str(raw / "train.jsonl"), "--output", str(tok), "--vocab-size", "512"]),
-        ("preprocess", [PY, "-m", "data_tools.preprocess", "--input", str(raw / "train.jsonl"),
-                        "--image-root", str(raw), "--output", str(train), "--tokenizer", str(tok),
-                        "--samples-per-shard", "256", "--num-workers", "2"]),
+        (
+            "captions",
+            [
+                PY,
+                "-m",
+                "data_tools.synthetic_captions",
+                "--output",
+                str(raw),
+                "--num-train",
+                str(num_train),
+                "--num-valid",
+                "0",
+                "--size",
+                "128",
+            ],
+        ),
+        (
+            "tokenizer",
+            [
+                PY,
+                "-m",
+                "data_tools.tokenizer_cli",
+                "train",
+                "--input",
+                str(raw / "train.jsonl"),
+                "--output",
+                str(tok),
+                "--vocab-size",
+                "512",
+            ],
+        ),
+        (
+            "preprocess",
+            [
+                PY,
+                "-m",
+                "data_tools.preprocess",
+                "--input",
+                str(raw / "train.jsonl"),
+                "--image-root",
+                str(raw),
+                "--output",
+                str(train),
+                "--tokenizer",
+                str(tok),
+                "--samples-per-shard",
+                "256",
+                "--num-workers",
+                "2",
+            ],
+        ),
     ]
     record: dict[str, Any] = {"status": "ok", "dir": str(work), "steps": {}}
     deadline = Budget(timeout_s)  # one allowance for the three steps together
@@ -95,27 +161,55 @@ def make_dataset(work: Path, logs: Path, budget: Budget, timeout_s: float,
         res = run_logged(cmd, logs / f"data_{name}", grant)
         record["steps"][name] = {"rc": res.rc, "wall_s": round(res.wall_s, 2)}
         if res.timed_out or res.rc != 0:
-            record.update(status="timeout" if res.timed_out else "failed",
-                          reason=f"{name}: " + ("timed out" if res.timed_out else f"exit {res.rc}"),
-                          error=res.first_error(), error_tail=res.tail())
+            record.update(
+                status="timeout" if res.timed_out else "failed",
+                reason=f"{name}: " + ("timed out" if res.timed_out else f"exit {res.rc}"),
+                error=res.first_error(),
+                error_tail=res.tail(),
+            )
             return None, record
     meta = json.loads((tok / "navil_tokenizer.json").read_text())
-    ds = Dataset(train, tok, int(meta["vocab_size"]), int(meta["first_special_token_id"]),
-                 num_train)
-    record.update(samples=num_train, vocab_size=ds.vocab_size,
-                  first_special_token_id=ds.first_special_token_id)
+    ds = Dataset(
+        train, tok, int(meta["vocab_size"]), int(meta["first_special_token_id"]), num_train
+    )
+    record.update(
+        samples=num_train,
+        vocab_size=ds.vocab_size,
+        first_special_token_id=ds.first_special_token_id,
+    )
     return ds, record
 
 
 def train_command(spec: RunSpec, ds: Dataset, metrics: Path, steps: int) -> list[str]:
-    return [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-            "-m", "megatron_navil.cli.pretrain", *spec.args,
-            "--data-path", str(ds.train), "--tokenizer-model", str(ds.tokenizer),
-            "--metrics-file", str(metrics), "--train-iters", str(steps),
-            "--lr-warmup-iters", "3", "--eval-interval", "0", "--log-interval", "5",
-            f"model.llm.vocab_size={ds.vocab_size}",
-            f"model.llm.first_special_token_id={ds.first_special_token_id}",
-            "logging.progress_bar=off", "data.num_decode_threads=4"]
+    return [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "megatron_navil.cli.pretrain",
+        *spec.args,
+        "--data-path",
+        str(ds.train),
+        "--tokenizer-model",
+        str(ds.tokenizer),
+        "--metrics-file",
+        str(metrics),
+        "--train-iters",
+        str(steps),
+        "--lr-warmup-iters",
+        "3",
+        "--eval-interval",
+        "0",
+        "--log-interval",
+        "5",
+        f"model.llm.vocab_size={ds.vocab_size}",
+        f"model.llm.first_special_token_id={ds.first_special_token_id}",
+        "logging.progress_bar=off",
+        "data.num_decode_threads=4",
+    ]
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -144,27 +238,38 @@ def _median(rows: list[dict[str, Any]], key: str) -> Optional[float]:
 def loss_summary(losses: list[Optional[float]]) -> dict[str, Any]:
     """first/last loss; finite = every step's loss finite; falling = mean of the last 5 below
     the mean of the first 5 (halves when there are fewer than 10 steps)."""
-    finite = bool(losses) and all(isinstance(v, (int, float)) and math.isfinite(v)
-                                  for v in losses)
+    finite = bool(losses) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in losses)
     k = min(5, len(losses) // 2)
     falling = bool(finite and k and sum(losses[-k:]) / k < sum(losses[:k]) / k)
-    return {"first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "finite": finite, "falling": falling}
+    return {
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "finite": finite,
+        "falling": falling,
+    }
 
 
-def summarize_run(res: ProcResult, rows: list[dict[str, Any]], steps: int,
-                  log_root: Path) -> dict[str, Any]:
+def summarize_run(
+    res: ProcResult, rows: list[dict[str, Any]], steps: int, log_root: Path
+) -> dict[str, Any]:
     """The run's record: status, losses, steady-state throughput (median after 3 warm-up
     steps), peak memory."""
     losses = [r.get("loss") for r in rows]
     steady = rows[3:] if len(rows) > 6 else rows
     mem = [r["mem_gb"] for r in rows if isinstance(r.get("mem_gb"), (int, float))]
     rec: dict[str, Any] = {
-        "exit_code": res.rc, "timed_out": res.timed_out, "wall_s": round(res.wall_s, 2),
-        "steps_done": len(rows), "steps": steps, **loss_summary(losses), "losses": losses,
+        "exit_code": res.rc,
+        "timed_out": res.timed_out,
+        "wall_s": round(res.wall_s, 2),
+        "steps_done": len(rows),
+        "steps": steps,
+        **loss_summary(losses),
+        "losses": losses,
         "tokens_per_s": _median(steady, "tokens_per_s"),
-        "tflops_per_gpu": _median(steady, "tflops_per_gpu"), "mfu": _median(steady, "mfu"),
-        "mem_gb": max(mem) if mem else None, "stdout": _rel(res.stdout, log_root),
+        "tflops_per_gpu": _median(steady, "tflops_per_gpu"),
+        "mfu": _median(steady, "mfu"),
+        "mem_gb": max(mem) if mem else None,
+        "stdout": _rel(res.stdout, log_root),
         "stderr": _rel(res.stderr, log_root),
     }
     if res.timed_out:
@@ -184,8 +289,14 @@ def summarize_run(res: ProcResult, rows: list[dict[str, Any]], steps: int,
     return rec
 
 
-def run_training(log_root: Path, work: Path, budget: Budget, timeouts: dict[str, float],
-                 dry_run: bool, note: Callable[[str], None]) -> dict[str, Any]:
+def run_training(
+    log_root: Path,
+    work: Path,
+    budget: Budget,
+    timeouts: dict[str, float],
+    dry_run: bool,
+    note: Callable[[str], None],
+) -> dict[str, Any]:
     """The whole training section: data, then every run (failures recorded, never raised)."""
     logs = log_root / "training"
     steps = 12 if dry_run else 25
@@ -205,8 +316,11 @@ def run_training(log_root: Path, work: Path, budget: Budget, timeouts: dict[str,
         metrics.unlink(missing_ok=True)  # the trainer appends: start clean
         cmd = train_command(spec, ds, metrics, steps)
         res = run_logged(cmd, logs / spec.name, grant)
-        runs[spec.name] = {**summarize_run(res, read_metrics(metrics), steps, log_root),
-                           "metrics_file": _rel(metrics, log_root), "command": " ".join(cmd)}
+        runs[spec.name] = {
+            **summarize_run(res, read_metrics(metrics), steps, log_root),
+            "metrics_file": _rel(metrics, log_root),
+            "command": " ".join(cmd),
+        }
     made = [r for r in runs.values() if r["status"] != "skipped"]
     if data["status"] != "ok":
         status, reason = data["status"], "data: " + data.get("reason", "")
@@ -217,5 +331,4 @@ def run_training(log_root: Path, work: Path, budget: Budget, timeouts: dict[str,
     else:
         bad = [n for n, r in runs.items() if r["status"] not in ("ok", "skipped")]
         status, reason = "failed", "not ok: " + ", ".join(bad)
-    return {"status": status, "reason": reason, "steps_per_run": steps, "data": data,
-            "runs": runs}
+    return {"status": status, "reason": reason, "steps_per_run": steps, "data": data, "runs": runs}

@@ -36,8 +36,10 @@ def _size(text: str) -> int:
 
 
 def _layout_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("parallel layout the checkpoint is meant for (validated, recorded; "
-                             "the torch_dist files load at any layout)")
+    g = p.add_argument_group(
+        "parallel layout the checkpoint is meant for (validated, recorded; "
+        "the torch_dist files load at any layout)"
+    )
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
@@ -57,38 +59,68 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("llm-to-navil", help="first NaViL checkpoint from an HF InternLM2/Qwen3 LLM")
     p.add_argument("--hf-llm", type=Path, required=True, help="HF LLM directory (safetensors)")
-    p.add_argument("--flavor", required=True, choices=sorted(FLAVORS),
-                   help="model flavor giving the vision encoder, connector and experts")
+    p.add_argument(
+        "--flavor",
+        required=True,
+        choices=sorted(FLAVORS),
+        help="model flavor giving the vision encoder, connector and experts",
+    )
     p.add_argument("--output", type=Path, required=True, help="Megatron checkpoint root to create")
-    p.add_argument("--first-special-token-id", type=int, default=None,
-                   help="id of </box> (default: end of the tokenizer vocabulary, else of the embedding)")
-    p.add_argument("--visual-experts", choices=("copy", "random"), default=None,
-                   help="initialise visual experts as copies of the text weights (flavor default) or fresh")
+    p.add_argument(
+        "--first-special-token-id",
+        type=int,
+        default=None,
+        help="id of </box> (default: end of the tokenizer vocabulary, else of the embedding)",
+    )
+    p.add_argument(
+        "--visual-experts",
+        choices=("copy", "random"),
+        default=None,
+        help="initialise visual experts as copies of the text weights (flavor default) or fresh",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh vision/connector weights")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="stored dtype (auto: the LLM's)")
     _layout_flags(p)
     _common(p)
 
-    p = sub.add_parser("navil-to-hf", help="Megatron checkpoint (any TP/PP/EP) -> HF NaViL directory")
+    p = sub.add_parser(
+        "navil-to-hf", help="Megatron checkpoint (any TP/PP/EP) -> HF NaViL directory"
+    )
     p.add_argument("--load", type=Path, required=True, help="checkpoint root or iter_* directory")
     p.add_argument("--output", type=Path, required=True, help="HF directory to create")
-    p.add_argument("--tokenizer", type=Path, default=None,
-                   help="tokenizer files to include (default: the one the checkpoint carries)")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer files to include (default: the one the checkpoint carries)",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="stored dtype (auto: as saved)")
     p.add_argument("--max-shard-size", type=_size, default="5GiB", help="per safetensors file")
-    p.add_argument("--modeling-code", type=Path, default=None,
-                   help="local copy of the released NaViL code to include (offline clusters); "
-                        "default: config.json points at the family's hub repository")
+    p.add_argument(
+        "--modeling-code",
+        type=Path,
+        default=None,
+        help="local copy of the released NaViL code to include (offline clusters); "
+        "default: config.json points at the family's hub repository",
+    )
     _common(p)
 
-    p = sub.add_parser("check-release", help="what the released NaViL code would reject in an HF directory")
+    p = sub.add_parser(
+        "check-release", help="what the released NaViL code would reject in an HF directory"
+    )
     p.add_argument("hf_dir", type=Path, help="HF NaViL directory (navil-to-hf output)")
 
     p = sub.add_parser("hf-to-navil", help="HF NaViL directory -> Megatron checkpoint")
-    p.add_argument("--hf", type=Path, required=True, help="HF NaViL directory (config.json + safetensors)")
+    p.add_argument(
+        "--hf", type=Path, required=True, help="HF NaViL directory (config.json + safetensors)"
+    )
     p.add_argument("--output", type=Path, required=True, help="Megatron checkpoint root to create")
-    p.add_argument("--first-special-token-id", type=int, default=None,
-                   help="only for configs that do not record it and have no tokenizer files")
+    p.add_argument(
+        "--first-special-token-id",
+        type=int,
+        default=None,
+        help="only for configs that do not record it and have no tokenizer files",
+    )
     p.add_argument("--step", type=int, default=0, help="iteration number to write")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="stored dtype (auto: as in HF)")
     _layout_flags(p)
@@ -97,15 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="compare logits of a Megatron checkpoint and an HF directory")
     p.add_argument("--load", type=Path, required=True, help="checkpoint root or iter_* directory")
     p.add_argument("--hf", type=Path, required=True, help="HF NaViL directory")
-    p.add_argument("--inputs", type=Path, default=None,
-                   help="torch file with a dict: tokens [T] (+ position_ids, cu_seqlens, "
-                        "pixel_values, grid_thw); default: generated samples with images")
+    p.add_argument(
+        "--inputs",
+        type=Path,
+        default=None,
+        help="torch file with a dict: tokens [T] (+ position_ids, cu_seqlens, "
+        "pixel_values, grid_thw); default: generated samples with images",
+    )
     p.add_argument("--seq-length", type=int, default=128, help="length of the generated pack")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     p.add_argument("--atol", type=float, default=1e-3, help="max allowed |logit difference|")
-    p.add_argument("--max-kl", type=float, default=1e-5, help="max allowed KL(HF || Megatron) per position")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="compute dtype of both models")
+    p.add_argument(
+        "--max-kl", type=float, default=1e-5, help="max allowed KL(HF || Megatron) per position"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="compute dtype of both models",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return ap
 
@@ -121,21 +163,28 @@ def _parallel(a):
 
     tp, ep = a.tensor_model_parallel_size, a.expert_model_parallel_size
     # Sequence parallelism does not change a checkpoint; it is on where Megatron requires it.
-    return ParallelConfig(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                          pipeline_model_parallel_size=a.pipeline_model_parallel_size,
-                          sequence_parallel=tp > 1)
+    return ParallelConfig(
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+        sequence_parallel=tp > 1,
+    )
 
 
 def _summary(verb: str, report) -> str:
-    return (f"{verb} {report.output}: {report.tensors} tensors, {report.bytes / 1e9:.2f} GB in "
-            f"{report.seconds:.1f} s ({report.gb_per_s:.2f} GB/s)")
+    return (
+        f"{verb} {report.output}: {report.tensors} tensors, {report.bytes / 1e9:.2f} GB in "
+        f"{report.seconds:.1f} s ({report.gb_per_s:.2f} GB/s)"
+    )
 
 
 def _print_release_check(hf_dir: Path, problems) -> int:
     """The release check's verdict on stdout: one line per problem; exit 1 if any."""
     if not problems:
-        print(f"release check OK: {hf_dir} loads in the released NaViL code as far as config, "
-              "tokenizer and weights can tell")
+        print(
+            f"release check OK: {hf_dir} loads in the released NaViL code as far as config, "
+            "tokenizer and weights can tell"
+        )
         return 0
     print(f"release check: {len(problems)} problem(s) in {hf_dir} for the released NaViL code:")
     for line in problems:
@@ -150,26 +199,51 @@ def run(a) -> int:
         from megatron_navil.config.flavors import get_flavor
         from megatron_navil.conversion.from_llm import llm_to_navil
 
-        cfg, report = llm_to_navil(a.hf_llm, get_flavor(a.flavor), a.output,
-                                   first_special_token_id=a.first_special_token_id,
-                                   visual_experts=a.visual_experts, seed=a.seed, dtype=_dtype(a.dtype),
-                                   parallel=_parallel(a), overwrite=a.overwrite, progress=progress)
+        cfg, report = llm_to_navil(
+            a.hf_llm,
+            get_flavor(a.flavor),
+            a.output,
+            first_special_token_id=a.first_special_token_id,
+            visual_experts=a.visual_experts,
+            seed=a.seed,
+            dtype=_dtype(a.dtype),
+            parallel=_parallel(a),
+            overwrite=a.overwrite,
+            progress=progress,
+        )
         print(_summary("wrote", report))
-        print(f"special tokens from id {cfg.llm.first_special_token_id}; vocab {cfg.llm.vocab_size}; "
-              f"visual experts: {cfg.experts.visual_init}; resume with navil-pretrain --load {a.output}")
+        print(
+            f"special tokens from id {cfg.llm.first_special_token_id}; vocab {cfg.llm.vocab_size}; "
+            f"visual experts: {cfg.experts.visual_init}; "
+            f"resume with navil-pretrain --load {a.output}"
+        )
     elif a.command == "hf-to-navil":
         from megatron_navil.conversion.to_megatron import import_hf
 
-        _, report = import_hf(a.hf, a.output, step=a.step, dtype=_dtype(a.dtype),
-                              parallel=_parallel(a), first_special_token_id=a.first_special_token_id,
-                              overwrite=a.overwrite, progress=progress)
+        _, report = import_hf(
+            a.hf,
+            a.output,
+            step=a.step,
+            dtype=_dtype(a.dtype),
+            parallel=_parallel(a),
+            first_special_token_id=a.first_special_token_id,
+            overwrite=a.overwrite,
+            progress=progress,
+        )
         print(_summary("wrote", report))
     elif a.command == "navil-to-hf":
         from megatron_navil.conversion.to_hf import export_hf
 
-        report = export_hf(a.load, a.output, tokenizer_dir=a.tokenizer, dtype=_dtype(a.dtype),
-                           max_shard_bytes=a.max_shard_size, overwrite=a.overwrite, progress=progress,
-                           modeling_code=a.modeling_code)
+        report = export_hf(
+            a.load,
+            a.output,
+            tokenizer_dir=a.tokenizer,
+            dtype=_dtype(a.dtype),
+            max_shard_bytes=a.max_shard_size,
+            overwrite=a.overwrite,
+            progress=progress,
+            modeling_code=a.modeling_code,
+        )
         print(_summary("exported", report))
         _print_release_check(report.output, report.problems)  # the gate is check-release
     elif a.command == "check-release":
@@ -179,13 +253,23 @@ def run(a) -> int:
     else:
         from megatron_navil.conversion.verify import verify
 
-        r = verify(a.load, a.hf, a.inputs, seq_length=a.seq_length, seed=a.seed, atol=a.atol,
-                   max_kl=a.max_kl, dtype=_dtype(a.dtype))
+        r = verify(
+            a.load,
+            a.hf,
+            a.inputs,
+            seq_length=a.seq_length,
+            seed=a.seed,
+            atol=a.atol,
+            max_kl=a.max_kl,
+            dtype=_dtype(a.dtype),
+        )
         if a.json:
             a.json.write_text(json.dumps(r.__dict__, indent=2) + "\n")
-        print(f"{'OK' if r.ok else 'MISMATCH'}: {r.positions} positions, max |logit diff| "
-              f"{r.max_abs_diff:.3g} (atol {a.atol:g}), KL mean {r.mean_kl:.3g} max {r.max_kl:.3g} "
-              f"(max allowed {a.max_kl:g}); tokenizer: {r.tokenizer}")
+        print(
+            f"{'OK' if r.ok else 'MISMATCH'}: {r.positions} positions, max |logit diff| "
+            f"{r.max_abs_diff:.3g} (atol {a.atol:g}), KL mean {r.mean_kl:.3g} max {r.max_kl:.3g} "
+            f"(max allowed {a.max_kl:g}); tokenizer: {r.tokenizer}"
+        )
         return 0 if r.ok else 1
     return 0
 
@@ -193,7 +277,9 @@ def run(a) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     a = build_parser().parse_args(argv)
     # Megatron's loader goes through deprecated torch ShardedTensor APIs; not actionable here.
-    warnings.filterwarnings("ignore", message=".*(Please use DTensor|`load_state_dict` is deprecated).*")
+    warnings.filterwarnings(
+        "ignore", message=".*(Please use DTensor|`load_state_dict` is deprecated).*"
+    )
     return run(a)
 
 
@@ -201,8 +287,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from megatron_navil.conversion.layout import release_single_process_world
     from megatron_navil.utils.cli import run_cli
 
-    return run_cli(_main, argv, cleanup=release_single_process_world,
-                   interrupted="interrupted; nothing was written (outputs appear only when complete)")
+    return run_cli(
+        _main,
+        argv,
+        cleanup=release_single_process_world,
+        interrupted="interrupted; nothing was written (outputs appear only when complete)",
+    )
 
 
 if __name__ == "__main__":

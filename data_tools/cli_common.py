@@ -51,8 +51,13 @@ class Progress:
     so they get a periodic line with counts and rates instead.
     """
 
-    def __init__(self, desc: str, total: Optional[int] = None, log_every_s: float = 30.0,
-                 interactive: Optional[bool] = None):
+    def __init__(
+        self,
+        desc: str,
+        total: Optional[int] = None,
+        log_every_s: float = 30.0,
+        interactive: Optional[bool] = None,
+    ):
         self.desc, self.total, self.log_every_s = desc, total, log_every_s
         self.count = 0
         self.extra: dict[str, Any] = {}
@@ -82,7 +87,8 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         done = f"{self.count}" + (f"/{self.total}" if self.total else "")
         extra = " ".join(f"{k}={v}" for k, v in self.extra.items())
-        return f"{self.desc}: {done} samples, {self.count / elapsed:.1f}/s, {elapsed:.0f}s {extra}".rstrip()
+        rate = self.count / elapsed
+        return f"{self.desc}: {done} samples, {rate:.1f}/s, {elapsed:.0f}s {extra}".rstrip()
 
     def close(self) -> None:
         if self._bar is not None:

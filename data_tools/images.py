@@ -34,9 +34,13 @@ _ORIENTATION_TAG = 0x0112
 _LOSSY = {"JPEG", "MPO"}
 # EXIF orientation -> the transpose that displays the image upright (the EXIF 2.3 table).
 _TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
 }
 JPEG_QUALITY = 95
 """Quality of re-encoded lossy sources (high enough that conversion adds no visible loss)."""
@@ -103,10 +107,13 @@ def process_image(path: str, limits: ImageLimits) -> StoredImage:
     fmt = im.format or "UNKNOWN"
     w, h = im.size
     if w * h > limits.max_pixels:
-        raise Reject("image_too_large", f"{w}x{h} = {w * h} pixels > --max-image-pixels "
-                     f"{limits.max_pixels}")
+        raise Reject(
+            "image_too_large", f"{w}x{h} = {w * h} pixels > --max-image-pixels {limits.max_pixels}"
+        )
     if min(w, h) < limits.min_side:
-        raise Reject("image_too_small", f"{w}x{h}: shorter side < --min-image-side {limits.min_side}")
+        raise Reject(
+            "image_too_small", f"{w}x{h}: shorter side < --min-image-side {limits.min_side}"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns on odd-but-decodable metadata

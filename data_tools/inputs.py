@@ -20,8 +20,20 @@ from typing import Any, Iterator, Optional, Sequence
 from data_tools.cli_common import UsageError
 
 IMAGE_EXTENSIONS = (
-    ".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".jp2", ".ppm", ".pgm",
-    ".heic", ".avif", ".ico",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".webp",
+    ".gif",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".jp2",
+    ".ppm",
+    ".pgm",
+    ".heic",
+    ".avif",
+    ".ico",
 )
 """Files an image folder enumerates as samples (anything PIL cannot open is rejected later as
 `unsupported_format`, so listing a format here never silently drops a sample)."""
@@ -80,8 +92,9 @@ def discover(inputs: Sequence[str]) -> tuple[str, list[InputFile]]:
                 kind = "json" if ext == ".json" else "jsonl"
                 paths.append((os.path.abspath(m), kind))
             else:
-                raise UsageError(f"--input {m!r} does not exist; pass a JSONL/JSON file, a glob "
-                                 "or a folder")
+                raise UsageError(
+                    f"--input {m!r} does not exist; pass a JSONL/JSON file, a glob or a folder"
+                )
     if not paths:
         raise UsageError(f"--input {' '.join(inputs)!r} holds no .jsonl/.json files or images")
     uniq = sorted(set(paths))
@@ -100,8 +113,11 @@ def discover(inputs: Sequence[str]) -> tuple[str, list[InputFile]]:
 
 def _scan_dir(d: str) -> list[tuple[str, str]]:
     """A folder holding .jsonl/.json files is a folder of record files, else an image folder."""
-    records = [os.path.abspath(os.path.join(d, n)) for n in sorted(os.listdir(d))
-               if os.path.splitext(n)[1].lower() in RECORD_EXTENSIONS and not n.startswith(".")]
+    records = [
+        os.path.abspath(os.path.join(d, n))
+        for n in sorted(os.listdir(d))
+        if os.path.splitext(n)[1].lower() in RECORD_EXTENSIONS and not n.startswith(".")
+    ]
     if records:
         return [(p, "json" if p.lower().endswith(".json") else "jsonl") for p in records]
     return [(os.path.abspath(d), "imagefolder")]
@@ -132,8 +148,9 @@ def partition_bounds(total: int, num_partitions: int, index: int) -> tuple[int, 
     return index * total // num_partitions, (index + 1) * total // num_partitions
 
 
-def iter_records(files: Sequence[InputFile], lo: int, hi: int,
-                 image_root: Optional[str]) -> Iterator[RawRecord]:
+def iter_records(
+    files: Sequence[InputFile], lo: int, hi: int, image_root: Optional[str]
+) -> Iterator[RawRecord]:
     """Records whose position lies in [lo, hi), in deterministic order."""
     ordinal = 0
     for f in files:
@@ -176,8 +193,12 @@ def _iter_jsonl(f: InputFile, a: int, b: int, base: str) -> Iterator[RawRecord]:
                 try:
                     line = text.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield RawRecord(0, {"file": f.rel, "line": line_no}, base_dir=base,
-                                    error=("malformed_json", f"not UTF-8: {e}"))
+                    yield RawRecord(
+                        0,
+                        {"file": f.rel, "line": line_no},
+                        base_dir=base,
+                        error=("malformed_json", f"not UTF-8: {e}"),
+                    )
                 else:
                     yield RawRecord(0, {"file": f.rel, "line": line_no}, line=line, base_dir=base)
             line_no += 1
@@ -202,15 +223,23 @@ def _iter_json(f: InputFile, a: int, b: int, base: str) -> Iterator[RawRecord]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         # The whole file is one unreadable record: counted once, by the partition owning byte 0.
         if a == 0:
-            yield RawRecord(0, {"file": f.rel, "index": 0}, base_dir=base,
-                            error=("malformed_json", f"file is not valid JSON: {e}"))
+            yield RawRecord(
+                0,
+                {"file": f.rel, "index": 0},
+                base_dir=base,
+                error=("malformed_json", f"file is not valid JSON: {e}"),
+            )
         return
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):
         if a == 0:
-            yield RawRecord(0, {"file": f.rel, "index": 0}, base_dir=base,
-                            error=("malformed_record", "JSON file is neither an array nor an object"))
+            yield RawRecord(
+                0,
+                {"file": f.rel, "index": 0},
+                base_dir=base,
+                error=("malformed_record", "JSON file is neither an array nor an object"),
+            )
         return
     n = len(data)
     for j, obj in enumerate(data):
@@ -225,6 +254,10 @@ def _iter_folder(f: InputFile, a: int, b: int, base: str) -> Iterator[RawRecord]
         full = os.path.join(f.path, rel)
         if a <= pos < b:
             sidecar = os.path.splitext(full)[0] + ".txt"
-            yield RawRecord(0, {"file": os.path.join(f.rel, rel)},
-                            obj={"image": rel, "_sidecar": sidecar}, base_dir=f.path)
+            yield RawRecord(
+                0,
+                {"file": os.path.join(f.rel, rel)},
+                obj={"image": rel, "_sidecar": sidecar},
+                base_dir=f.path,
+            )
         pos += _weight(full)

@@ -35,16 +35,24 @@ TOKEN_EDGES = (16, 64, 256, 1024, 4096, 16384)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="navil-inspect", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="navil-inspect",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("dataset", help="output directory of navil-preprocess")
     p.add_argument("--json", default=None, help="also write the statistics to this JSON file")
-    p.add_argument("--render", type=int, default=0,
-                   help="render this many randomly chosen samples (see --seed)")
+    p.add_argument(
+        "--render",
+        type=int,
+        default=0,
+        help="render this many randomly chosen samples (see --seed)",
+    )
     p.add_argument("--keys", nargs="+", default=[], help="render these sample keys")
     p.add_argument("--seed", type=int, default=0, help="seed of the random sample choice")
-    p.add_argument("--render-dir", default=None,
-                   help="where renderings go (default: <dataset>/render)")
+    p.add_argument(
+        "--render-dir", default=None, help="where renderings go (default: <dataset>/render)"
+    )
     return p
 
 
@@ -80,11 +88,15 @@ def compute_stats(dataset: str, segs: list[dict[str, Any]]) -> dict[str, Any]:
         "shards": sum(1 for seg in segs if seg["tar"]),
         "tar_bytes": sum(seg["tar_bytes"] for seg in segs),
         "read": sum(seg["counts"]["read"] for seg in segs),
-        "samples": len(samples), "images": len(sides),
+        "samples": len(samples),
+        "images": len(sides),
         "kinds": dict(Counter(s["kind"] for s in samples)),
         "images_per_sample": dict(sorted(Counter(s["num_images"] for s in samples).items())),
-        "converted": dict(Counter(im["converted_from"] for s in samples for im in s["images"]
-                                  if im["converted_from"])),
+        "converted": dict(
+            Counter(
+                im["converted_from"] for s in samples for im in s["images"] if im["converted_from"]
+            )
+        ),
         "image_longer_side": _hist(sides, SIDE_EDGES),
         "text_tokens": _hist(tokens, TOKEN_EDGES) if tokens else None,
         "text_tokens_total": sum(tokens) if tokens else None,
@@ -93,8 +105,13 @@ def compute_stats(dataset: str, segs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def stats_text(st: dict[str, Any]) -> str:
-    rows = [["samples", st["samples"]], ["images", st["images"]], ["shards", st["shards"]],
-            ["GiB", f"{st['tar_bytes'] / 2**30:.3f}"], ["records read", st["read"]]]
+    rows = [
+        ["samples", st["samples"]],
+        ["images", st["images"]],
+        ["shards", st["shards"]],
+        ["GiB", f"{st['tar_bytes'] / 2**30:.3f}"],
+        ["records read", st["read"]],
+    ]
     rows += [[f"kind: {k}", v] for k, v in sorted(st["kinds"].items())]
     rows += [[f"images/sample = {k}", v] for k, v in st["images_per_sample"].items()]
     rows += [[f"converted from {k}", v] for k, v in sorted(st["converted"].items())]
@@ -114,8 +131,9 @@ def read_member(dataset: str, seg: dict[str, Any], sample: dict[str, Any], membe
         return f.read(size)
 
 
-def render(dataset: str, segs: list[dict[str, Any]], chosen: list[tuple[dict, dict]],
-           out_dir: str) -> list[str]:
+def render(
+    dataset: str, segs: list[dict[str, Any]], chosen: list[tuple[dict, dict]], out_dir: str
+) -> list[str]:
     """One PNG per sample (images side by side over the wrapped text) + index.html."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
@@ -130,8 +148,9 @@ def render(dataset: str, segs: list[dict[str, Any]], chosen: list[tuple[dict, di
             pic = ImageOps.exif_transpose(pic).convert("RGB")
             pic.thumbnail((384, 384))
             ims.append(pic)
-        text = doc.get("text") or "\n".join(f"[{t['role']}] {t['content']}"
-                                            for t in doc.get("conversations", []))
+        text = doc.get("text") or "\n".join(
+            f"[{t['role']}] {t['content']}" for t in doc.get("conversations", [])
+        )
         lines = [ln for para in text.splitlines() for ln in (textwrap.wrap(para, 100) or [""])]
         lines = lines[:40]
         width = max(800, sum(p.width + 8 for p in ims))
@@ -142,21 +161,30 @@ def render(dataset: str, segs: list[dict[str, Any]], chosen: list[tuple[dict, di
             canvas.paste(p, (x, 0))
             x += p.width + 8
         draw = ImageDraw.Draw(canvas)
-        draw.text((4, top + 4), f"{s['key']} ({s['kind']}, {s['num_images']} image(s))",
-                  fill="black", font=font)
+        draw.text(
+            (4, top + 4),
+            f"{s['key']} ({s['kind']}, {s['num_images']} image(s))",
+            fill="black",
+            font=font,
+        )
         for k, ln in enumerate(lines):
             draw.text((4, top + 22 + 14 * k), ln, fill=(40, 40, 40), font=font)
         path = os.path.join(out_dir, f"{s['key']}.png")
         canvas.save(path)
         written.append(path)
         meta = json.dumps({k: v for k, v in s.items() if k != "members"}, indent=1)
-        cards.append(f"<div><h3>{html.escape(s['key'])}</h3><img src=\"{s['key']}.png\">"
-                     f"<pre>{html.escape(text)}</pre><details><summary>index entry</summary>"
-                     f"<pre>{html.escape(meta)}</pre></details></div>")
+        cards.append(
+            f'<div><h3>{html.escape(s["key"])}</h3><img src="{s["key"]}.png">'
+            f"<pre>{html.escape(text)}</pre><details><summary>index entry</summary>"
+            f"<pre>{html.escape(meta)}</pre></details></div>"
+        )
     with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
-        f.write("<!doctype html><meta charset=utf-8><title>navil-inspect</title>"
-                "<style>img{max-width:100%}pre{white-space:pre-wrap}</style>\n"
-                + "\n<hr>\n".join(cards) + "\n")
+        f.write(
+            "<!doctype html><meta charset=utf-8><title>navil-inspect</title>"
+            "<style>img{max-width:100%}pre{white-space:pre-wrap}</style>\n"
+            + "\n<hr>\n".join(cards)
+            + "\n"
+        )
     return written
 
 
@@ -170,8 +198,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         raise UsageError(f"{a.dataset!r} is not a directory; pass the --output of navil-preprocess")
     segs = load_indexes(a.dataset)
     if not segs:
-        raise UsageError(f"{a.dataset!r} holds no shard index (*.index.json); is it the "
-                         "--output of navil-preprocess?")
+        raise UsageError(
+            f"{a.dataset!r} holds no shard index (*.index.json); is it the "
+            "--output of navil-preprocess?"
+        )
     st = compute_stats(a.dataset, segs)
     text = stats_text(st)
     if a.json:
@@ -184,7 +214,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         chosen = [by_key[k] for k in a.keys]
         if a.render:
             pool = sorted(by_key)
-            chosen += [by_key[k] for k in random.Random(a.seed).sample(pool, min(a.render, len(pool)))]
+            chosen += [
+                by_key[k] for k in random.Random(a.seed).sample(pool, min(a.render, len(pool)))
+            ]
         out = a.render_dir or os.path.join(a.dataset, "render")
         paths = render(a.dataset, segs, chosen, out)
         text += f"\nrendered {len(paths)} sample(s) to {out}/ (open index.html)"

@@ -34,6 +34,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     """Worker side: leave as soon as the job's main process is gone. A SIGKILLed (or OOM-killed)
     parent cannot shut its pool down, and spawned workers would otherwise keep running,
     reparented to init, holding memory and the resource tracker."""
+
     def watch():
         while os.getppid() == parent_pid:
             time.sleep(PARENT_POLL_S)
@@ -47,8 +48,14 @@ def _init_worker(parent_pid: int, initializer: Callable, initargs: tuple) -> Non
     initializer(*initargs)
 
 
-def ordered_map(fn: Callable[[T], R], initializer: Callable, initargs: tuple,
-                items: Iterable[T], num_workers: int, inflight: int = 4) -> Iterator[R]:
+def ordered_map(
+    fn: Callable[[T], R],
+    initializer: Callable,
+    initargs: tuple,
+    items: Iterable[T],
+    num_workers: int,
+    inflight: int = 4,
+) -> Iterator[R]:
     if num_workers == 0:
         initializer(*initargs)
         for item in items:
@@ -56,8 +63,12 @@ def ordered_map(fn: Callable[[T], R], initializer: Callable, initargs: tuple,
         return
     # spawn, not fork: safe whatever threads the parent has (tqdm, DALI, torch), same on macOS.
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(num_workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(os.getpid(), initializer, initargs)) as ex:
+    with ProcessPoolExecutor(
+        num_workers,
+        mp_context=ctx,
+        initializer=_init_worker,
+        initargs=(os.getpid(), initializer, initargs),
+    ) as ex:
         pending: deque = deque()
         try:
             for item in items:
@@ -67,8 +78,10 @@ def ordered_map(fn: Callable[[T], R], initializer: Callable, initargs: tuple,
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool:
-            raise WorkerDied("a worker process died (likely out of memory: lower --num-workers "
-                             "or --max-image-pixels); re-run the same command to resume") from None
+            raise WorkerDied(
+                "a worker process died (likely out of memory: lower --num-workers "
+                "or --max-image-pixels); re-run the same command to resume"
+            ) from None
         finally:
             for f in pending:
                 f.cancel()

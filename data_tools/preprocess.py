@@ -37,63 +37,124 @@ from megatron_navil.utils.logging import get_logger
 logger = get_logger(__name__)
 
 _TAR_END = tarfile.RECORDSIZE  # tarfile pads a closed archive to a multiple of this
-_FORMATS = {"auto": None, "caption": "caption", "llava": "conversation",
-            "conversation": "conversation", "interleaved": "interleaved", "text": "text",
-            "imagefolder": "caption"}
+_FORMATS = {
+    "auto": None,
+    "caption": "caption",
+    "llava": "conversation",
+    "conversation": "conversation",
+    "interleaved": "interleaved",
+    "text": "text",
+    "imagefolder": "caption",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="navil-preprocess", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="navil-preprocess",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Turn raw image-text corpora into validated WebDataset shards with a "
-                    "per-shard index (docs/data_format.md). Re-run the same command to resume.")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="JSONL/JSON file(s), glob(s) (quote them) or folder(s): a folder of "
-                        ".jsonl/.json files, or of images with same-name .txt captions")
+        "per-shard index (docs/data_format.md). Re-run the same command to resume.",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="JSONL/JSON file(s), glob(s) (quote them) or folder(s): a folder of "
+        ".jsonl/.json files, or of images with same-name .txt captions",
+    )
     p.add_argument("--output", required=True, help="output directory (created if missing)")
-    p.add_argument("--image-root", default=None,
-                   help="directory relative image paths are resolved against (default: the "
-                        "directory of each input file)")
-    p.add_argument("--format", default="auto", choices=sorted(_FORMATS),
-                   help="sample kind of every record (auto: detect per record from its keys; "
-                        "llava = conversation)")
-    p.add_argument("--tokenizer", default=None,
-                   help="tokenizer directory (navil-tokenizer) or sentencepiece .model; when "
-                        "given, the index records text token counts")
-    p.add_argument("--chat-template", default="internlm2", choices=["internlm2", "qwen3"],
-                   help="template used to count tokens of conversations")
-    p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1,
-                   help="decoding processes (0 = in the main process, for debugging)")
-    p.add_argument("--num-partitions", type=int, default=1,
-                   help="split the input into this many deterministic parts (one per machine)")
-    p.add_argument("--partition-index", type=int, default=0,
-                   help="which part this job processes, 0..num-partitions-1 "
-                        "(e.g. $SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--samples-per-shard", type=int, default=1000,
-                   help="close a shard after this many samples")
-    p.add_argument("--max-shard-bytes", type=int, default=1 << 30,
-                   help="close a shard before it would exceed this many bytes")
-    p.add_argument("--min-image-side", type=int, default=ImageLimits.min_side,
-                   help="reject images whose shorter side is below this (pixels)")
-    p.add_argument("--max-image-pixels", type=int, default=ImageLimits.max_pixels,
-                   help="reject images with more pixels than this, before decoding "
-                        "(decompression-bomb guard)")
-    p.add_argument("--dedup", action="store_true",
-                   help="drop exact duplicates (same text and image bytes) within the partition")
-    p.add_argument("--log-every", type=float, default=30.0,
-                   help="seconds between progress log lines when not on a terminal")
+    p.add_argument(
+        "--image-root",
+        default=None,
+        help="directory relative image paths are resolved against (default: the "
+        "directory of each input file)",
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=sorted(_FORMATS),
+        help="sample kind of every record (auto: detect per record from its keys; "
+        "llava = conversation)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer directory (navil-tokenizer) or sentencepiece .model; when "
+        "given, the index records text token counts",
+    )
+    p.add_argument(
+        "--chat-template",
+        default="internlm2",
+        choices=["internlm2", "qwen3"],
+        help="template used to count tokens of conversations",
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="decoding processes (0 = in the main process, for debugging)",
+    )
+    p.add_argument(
+        "--num-partitions",
+        type=int,
+        default=1,
+        help="split the input into this many deterministic parts (one per machine)",
+    )
+    p.add_argument(
+        "--partition-index",
+        type=int,
+        default=0,
+        help="which part this job processes, 0..num-partitions-1 (e.g. $SLURM_ARRAY_TASK_ID)",
+    )
+    p.add_argument(
+        "--samples-per-shard", type=int, default=1000, help="close a shard after this many samples"
+    )
+    p.add_argument(
+        "--max-shard-bytes",
+        type=int,
+        default=1 << 30,
+        help="close a shard before it would exceed this many bytes",
+    )
+    p.add_argument(
+        "--min-image-side",
+        type=int,
+        default=ImageLimits.min_side,
+        help="reject images whose shorter side is below this (pixels)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=ImageLimits.max_pixels,
+        help="reject images with more pixels than this, before decoding (decompression-bomb guard)",
+    )
+    p.add_argument(
+        "--dedup",
+        action="store_true",
+        help="drop exact duplicates (same text and image bytes) within the partition",
+    )
+    p.add_argument(
+        "--log-every",
+        type=float,
+        default=30.0,
+        help="seconds between progress log lines when not on a terminal",
+    )
     return p
 
 
 def _check_args(a: argparse.Namespace) -> None:
     if a.num_partitions < 1 or not 0 <= a.partition_index < a.num_partitions:
-        raise UsageError(f"--partition-index {a.partition_index} must be in 0.."
-                         f"{a.num_partitions - 1} (--num-partitions {a.num_partitions})")
-    for flag, v, lo in (("--samples-per-shard", a.samples_per_shard, 1),
-                        ("--max-shard-bytes", a.max_shard_bytes, 4096),
-                        ("--min-image-side", a.min_image_side, 1),
-                        ("--max-image-pixels", a.max_image_pixels, 1),
-                        ("--num-workers", a.num_workers, 0)):
+        raise UsageError(
+            f"--partition-index {a.partition_index} must be in 0.."
+            f"{a.num_partitions - 1} (--num-partitions {a.num_partitions})"
+        )
+    for flag, v, lo in (
+        ("--samples-per-shard", a.samples_per_shard, 1),
+        ("--max-shard-bytes", a.max_shard_bytes, 4096),
+        ("--min-image-side", a.min_image_side, 1),
+        ("--max-image-pixels", a.max_image_pixels, 1),
+        ("--num-workers", a.num_workers, 0),
+    ):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
     if a.image_root is not None and not os.path.isdir(a.image_root):
@@ -130,12 +191,17 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     limits = ImageLimits(a.min_image_side, a.max_image_pixels)
     forced = _FORMATS[a.format]
     settings = {
-        "format_version": FORMAT_VERSION, "input_root": root,
-        "inputs": [[f.rel, f.kind, f.size] for f in files], "format": a.format,
+        "format_version": FORMAT_VERSION,
+        "input_root": root,
+        "inputs": [[f.rel, f.kind, f.size] for f in files],
+        "format": a.format,
         "image_root": os.path.abspath(a.image_root) if a.image_root else None,
-        "samples_per_shard": a.samples_per_shard, "max_shard_bytes": a.max_shard_bytes,
-        "min_image_side": a.min_image_side, "max_image_pixels": a.max_image_pixels,
-        "dedup": a.dedup, "chat_template": a.chat_template,
+        "samples_per_shard": a.samples_per_shard,
+        "max_shard_bytes": a.max_shard_bytes,
+        "min_image_side": a.min_image_side,
+        "max_image_pixels": a.max_image_pixels,
+        "dedup": a.dedup,
+        "chat_template": a.chat_template,
         "chat_encoding": CHAT_ENCODING_VERSION,
         "tokenizer_sha256": tok["model_sha256"] if tok else None,
         "num_partitions": a.num_partitions,
@@ -144,8 +210,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     os.makedirs(a.output, exist_ok=True)
     total = sum(f.size for f in files)
     lo, hi = partition_bounds(total, a.num_partitions, a.partition_index)
-    logger.info("partition %d/%d: %d inputs, bytes [%d, %d) of %d, %d workers", a.partition_index,
-                a.num_partitions, len(files), lo, hi, total, a.num_workers)
+    logger.info(
+        "partition %d/%d: %d inputs, bytes [%d, %d) of %d, %d workers",
+        a.partition_index,
+        a.num_partitions,
+        len(files),
+        lo,
+        hi,
+        total,
+        a.num_workers,
+    )
 
     state = load_finished(a.output, a.partition_index, fingerprint)
     job = _Job(a, fingerprint, state)
@@ -155,8 +229,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     t0 = time.monotonic()
     first: Optional[tuple[float, int]] = None  # (time, records) when the first results arrived
     try:
-        for results in ordered_map(process_chunk, init_worker, (cfg,),
-                                   _chunks(records, state.records_done), a.num_workers):
+        for results in ordered_map(
+            process_chunk, init_worker, (cfg,), _chunks(records, state.records_done), a.num_workers
+        ):
             if first is None:
                 first = (time.monotonic(), len(results))
             for r in results:
@@ -172,7 +247,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     report = job.partition_report(settings, tok, t1 - t0)
     if first is not None:  # steady state: without worker start-up (what the benchmark reports)
         report["this_run"]["startup_s"] = first[0] - t0
-        report["this_run"]["steady_samples_per_s"] = (job.read_now - first[1]) / max(t1 - first[0], 1e-9)
+        report["this_run"]["steady_samples_per_s"] = (job.read_now - first[1]) / max(
+            t1 - first[0], 1e-9
+        )
     write_partition_report(a.output, a.partition_index, report, job.rejected_rows())
     merged = try_merge(a.output, a.num_partitions)
     write_text(summary_text(report, merged, a.output))
@@ -222,15 +299,20 @@ class _Job:
             seg = self._open(r.ordinal)
             seg.read += 1
             seg.rejected[r.reason] = seg.rejected.get(r.reason, 0) + 1
-            seg.rejected_samples.append({"source": r.source, "reason": r.reason,
-                                         "detail": r.detail})
+            seg.rejected_samples.append(
+                {"source": r.source, "reason": r.reason, "detail": r.detail}
+            )
             self.rejected_now += 1
             return
         seg = self._open(r.ordinal)
         key = sample_key(seg.stem, len(seg.samples))
         members, meta = sample_entry(key, r)
-        if (self.writer is not None and seg.samples and
-                self.writer.nbytes + ShardWriter.sample_bytes(members) + _TAR_END > self.a.max_shard_bytes):
+        if (
+            self.writer is not None
+            and seg.samples
+            and self.writer.nbytes + ShardWriter.sample_bytes(members) + _TAR_END
+            > self.a.max_shard_bytes
+        ):
             self.close_segment(r.ordinal)  # this sample starts the next shard
             seg = self._open(r.ordinal)
             key = sample_key(seg.stem, 0)
@@ -280,18 +362,37 @@ class _Job:
                 kinds[smp["kind"]] += 1
                 images += smp["num_images"]
             if s["tar"]:
-                shards.append({"tar": s["tar"], "dali_index": s["dali_index"],
-                               "index": f"{s['shard']}.index.json",
-                               "num_samples": s["counts"]["written"], "tar_bytes": s["tar_bytes"]})
+                shards.append(
+                    {
+                        "tar": s["tar"],
+                        "dali_index": s["dali_index"],
+                        "index": f"{s['shard']}.index.json",
+                        "num_samples": s["counts"]["written"],
+                        "tar_bytes": s["tar_bytes"],
+                    }
+                )
         return {
-            "partition": self.a.partition_index, "num_partitions": self.a.num_partitions,
-            "settings_fingerprint": self.fp, "settings": settings, "tokenizer": tok,
-            "counts": {"read": read, "written": written, "rejected": dict(sorted(rejected.items()))},
-            "num_images": images, "kinds": dict(kinds), "shards": shards,
+            "partition": self.a.partition_index,
+            "num_partitions": self.a.num_partitions,
+            "settings_fingerprint": self.fp,
+            "settings": settings,
+            "tokenizer": tok,
+            "counts": {
+                "read": read,
+                "written": written,
+                "rejected": dict(sorted(rejected.items())),
+            },
+            "num_images": images,
+            "kinds": dict(kinds),
+            "shards": shards,
             "resumed_segments": self.state.num_resumed,
-            "this_run": {"read": self.read_now, "written": self.written_now,
-                         "elapsed_s": elapsed, "samples_per_s": self.read_now / max(elapsed, 1e-9),
-                         "num_workers": self.a.num_workers},
+            "this_run": {
+                "read": self.read_now,
+                "written": self.written_now,
+                "elapsed_s": elapsed,
+                "samples_per_s": self.read_now / max(elapsed, 1e-9),
+                "num_workers": self.a.num_workers,
+            },
         }
 
 

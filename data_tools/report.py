@@ -25,12 +25,15 @@ def partition_report_path(out_dir: str, index: int) -> str:
     return os.path.join(out_dir, PARTITIONS_DIR, f"p{index:05d}.json")
 
 
-def write_partition_report(out_dir: str, index: int, report: dict[str, Any],
-                           rejected_rows: list[dict[str, Any]]) -> None:
+def write_partition_report(
+    out_dir: str, index: int, report: dict[str, Any], rejected_rows: list[dict[str, Any]]
+) -> None:
     os.makedirs(os.path.join(out_dir, PARTITIONS_DIR), exist_ok=True)
     base = partition_report_path(out_dir, index)
-    write_text_atomic(f"{base[:-5]}.rejected.jsonl",
-                      "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rejected_rows))
+    write_text_atomic(
+        f"{base[:-5]}.rejected.jsonl",
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rejected_rows),
+    )
     write_json_atomic(base, report, indent=1)
 
 
@@ -45,8 +48,10 @@ def try_merge(out_dir: str, num_partitions: int) -> Optional[dict[str, Any]]:
             reports.append(json.load(f))
     prints = {r["settings_fingerprint"] for r in reports}
     if len(prints) != 1:
-        raise UsageError(f"{out_dir}: partitions were made with different settings "
-                         f"({len(prints)} fingerprints); re-run them with the same flags")
+        raise UsageError(
+            f"{out_dir}: partitions were made with different settings "
+            f"({len(prints)} fingerprints); re-run them with the same flags"
+        )
     rejected: Counter = Counter()
     for r in reports:
         rejected.update(r["counts"]["rejected"])
@@ -55,8 +60,11 @@ def try_merge(out_dir: str, num_partitions: int) -> Optional[dict[str, Any]]:
     assert read == written + sum(rejected.values()), "accounting does not add up"
     shards = [s for r in reports for s in r["shards"]]
     report = {
-        "read": read, "written": written, "rejected": dict(sorted(rejected.items())),
-        "num_partitions": num_partitions, "num_shards": len(shards),
+        "read": read,
+        "written": written,
+        "rejected": dict(sorted(rejected.items())),
+        "num_partitions": num_partitions,
+        "num_shards": len(shards),
         "num_images": sum(r["num_images"] for r in reports),
         "kinds": dict(sum((Counter(r["kinds"]) for r in reports), Counter())),
         "settings_fingerprint": reports[0]["settings_fingerprint"],
@@ -64,13 +72,19 @@ def try_merge(out_dir: str, num_partitions: int) -> Optional[dict[str, Any]]:
     tmp = os.path.join(out_dir, f"rejected.jsonl.tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as out:
         for i in range(num_partitions):
-            with open(partition_report_path(out_dir, i)[:-5] + ".rejected.jsonl", encoding="utf-8") as f:
+            with open(
+                partition_report_path(out_dir, i)[:-5] + ".rejected.jsonl", encoding="utf-8"
+            ) as f:
                 out.write(f.read())
     os.replace(tmp, os.path.join(out_dir, "rejected.jsonl"))
     manifest = {
-        "format_version": FORMAT_VERSION, "created_by": "navil-preprocess",
-        "num_samples": written, "num_shards": len(shards), "num_partitions": num_partitions,
-        "settings": reports[0]["settings"], "tokenizer": reports[0]["tokenizer"],
+        "format_version": FORMAT_VERSION,
+        "created_by": "navil-preprocess",
+        "num_samples": written,
+        "num_shards": len(shards),
+        "num_partitions": num_partitions,
+        "settings": reports[0]["settings"],
+        "tokenizer": reports[0]["tokenizer"],
         "shards": shards,
     }
     write_json_atomic(os.path.join(out_dir, "report.json"), report, indent=1)
@@ -83,18 +97,25 @@ def summary_text(part: dict[str, Any], merged: Optional[dict[str, Any]], out_dir
     c, run = part["counts"], part["this_run"]
     rows = [["read", c["read"]], ["written", c["written"]]]
     rows += [[f"rejected: {k}", v] for k, v in sorted(c["rejected"].items())]
-    rows += [["shards", len(part["shards"])], ["images", part["num_images"]],
-             ["segments resumed", part["resumed_segments"]],
-             ["this run: records", run["read"]],
-             ["this run: samples/s", f"{run['samples_per_s']:.1f}"],
-             ["this run: seconds", f"{run['elapsed_s']:.1f}"]]
+    rows += [
+        ["shards", len(part["shards"])],
+        ["images", part["num_images"]],
+        ["segments resumed", part["resumed_segments"]],
+        ["this run: records", run["read"]],
+        ["this run: samples/s", f"{run['samples_per_s']:.1f}"],
+        ["this run: seconds", f"{run['elapsed_s']:.1f}"],
+    ]
     head = f"partition {part['partition']} of {part['num_partitions']}"
     text = format_table(rows, [head, "count"])
     if merged is not None:
-        text += (f"\nall partitions done: {merged['written']} samples in {merged['num_shards']} "
-                 f"shards; see {os.path.join(out_dir, 'report.json')}, manifest.json, "
-                 "rejected.jsonl")
+        text += (
+            f"\nall partitions done: {merged['written']} samples in {merged['num_shards']} "
+            f"shards; see {os.path.join(out_dir, 'report.json')}, manifest.json, "
+            "rejected.jsonl"
+        )
     else:
-        text += ("\nother partitions still running: report.json and manifest.json are written "
-                 "by the last one to finish")
+        text += (
+            "\nother partitions still running: report.json and manifest.json are written "
+            "by the last one to finish"
+        )
     return text

@@ -50,7 +50,8 @@ def load_finished(out_dir: str, partition: int, fingerprint: str) -> ResumeState
         if seg.get("settings_fingerprint") != fingerprint:
             raise UsageError(
                 f"{out_dir} holds shards made with different settings (e.g. other flags, "
-                "inputs or tokenizer); use a new --output, or re-run with the original flags")
+                "inputs or tokenizer); use a new --output, or re-run with the original flags"
+            )
         if seg["tar"] and _tar_size(out_dir, seg["tar"]) != seg["tar_bytes"]:
             logger.warning("%s: tar size differs from its index; redoing from this segment", stem)
             break
@@ -62,8 +63,12 @@ def load_finished(out_dir: str, partition: int, fingerprint: str) -> ResumeState
     state.num_resumed = j
     _remove_leftovers(out_dir, partition, j)
     if j:
-        logger.info("resuming partition %d: %d segments done, skipping %d input records",
-                    partition, j, state.records_done)
+        logger.info(
+            "resuming partition %d: %d segments done, skipping %d input records",
+            partition,
+            j,
+            state.records_done,
+        )
     return state
 
 
@@ -80,7 +85,7 @@ def _remove_leftovers(out_dir: str, partition: int, first_unfinished: int) -> No
     removed = 0
     for path in glob.glob(os.path.join(out_dir, prefix + "*")):
         name = os.path.basename(path)
-        seg = int(name[len(prefix):len(prefix) + 6])
+        seg = int(name[len(prefix) : len(prefix) + 6])
         if seg >= first_unfinished or ".tmp" in name:
             os.remove(path)
             removed += 1
@@ -99,4 +104,5 @@ def _check_other_partitions(out_dir: str, fingerprint: str) -> None:
             raise UsageError(
                 f"{out_dir} was written with different settings ({os.path.basename(path)}: "
                 "other flags, inputs, partition count or tokenizer); use a new --output, or "
-                "re-run with the original flags")
+                "re-run with the original flags"
+            )

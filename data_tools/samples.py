@@ -70,8 +70,9 @@ def parse_record(line: Optional[str], obj: Any, base_dir: str, forced: Optional[
     kind = forced or _detect(obj)
     sample = _BUILDERS[kind](obj)
     sample.extra = {k: v for k, v in obj.items() if k not in _KNOWN_KEYS}
-    sample.image_paths = [ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
-                          for ref in sample.image_refs]
+    sample.image_paths = [
+        ref if os.path.isabs(ref) else os.path.join(base_dir, ref) for ref in sample.image_refs
+    ]
     _check_placeholders(sample)
     return sample
 
@@ -97,8 +98,9 @@ def _str(obj: dict, *names: str) -> str:
         if n in obj:
             v = obj[n]
             if not isinstance(v, str):
-                raise Reject("malformed_record", f"field {n!r} must be a string, got "
-                             f"{type(v).__name__}")
+                raise Reject(
+                    "malformed_record", f"field {n!r} must be a string, got {type(v).__name__}"
+                )
             return v
     raise Reject("malformed_record", f"missing field {' or '.join(repr(n) for n in names)}")
 
@@ -115,7 +117,9 @@ def _caption(obj: dict) -> Sample:
             with open(obj["_sidecar"], "rb") as f:
                 text = f.read().decode("utf-8")
         except FileNotFoundError:
-            raise Reject("missing_caption", f"no sidecar {os.path.basename(obj['_sidecar'])}") from None
+            raise Reject(
+                "missing_caption", f"no sidecar {os.path.basename(obj['_sidecar'])}"
+            ) from None
         except UnicodeDecodeError as e:
             raise Reject("malformed_record", f"sidecar caption is not UTF-8: {e}") from None
         text = text.strip()
@@ -178,8 +182,12 @@ def _interleaved(obj: dict) -> Sample:
     return Sample("interleaved", image_refs=refs, text=_nonempty(text, "text"))
 
 
-_BUILDERS = {"caption": _caption, "conversation": _conversation, "interleaved": _interleaved,
-             "text": _text}
+_BUILDERS = {
+    "caption": _caption,
+    "conversation": _conversation,
+    "interleaved": _interleaved,
+    "text": _text,
+}
 
 
 def _check_placeholders(s: Sample) -> None:
@@ -188,5 +196,7 @@ def _check_placeholders(s: Sample) -> None:
     texts = [t["content"] for t in s.conversations] if s.conversations is not None else [s.text]
     n = sum(t.count(IMAGE_PLACEHOLDER) for t in texts)
     if n != len(s.image_refs):
-        raise Reject("placeholder_mismatch",
-                     f"{n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(s.image_refs)} image(s)")
+        raise Reject(
+            "placeholder_mismatch",
+            f"{n} {IMAGE_PLACEHOLDER} placeholder(s) for {len(s.image_refs)} image(s)",
+        )

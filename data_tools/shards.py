@@ -32,7 +32,7 @@ def shard_stem(partition: int, segment: int) -> str:
 
 
 def sample_key(stem: str, i: int) -> str:
-    return f"{stem[len('shard-'):]}-{i:06d}"
+    return f"{stem[len('shard-') :]}-{i:06d}"
 
 
 @dataclass
@@ -102,8 +102,9 @@ def dali_index_text(samples: list[list[Member]]) -> str:
     `<ext> <data offset> <size> <member name>` for each member (same as `wds2idx`)."""
     lines = [f"{DALI_INDEX_VERSION} {len(samples)}"]
     for members in samples:
-        lines.append(" ".join(f"{m.name.split('.', 1)[1]} {m.offset} {m.size} {m.name}"
-                              for m in members))
+        lines.append(
+            " ".join(f"{m.name.split('.', 1)[1]} {m.offset} {m.size} {m.name}" for m in members)
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -132,17 +133,24 @@ class Segment:
 
     def to_json(self, format_version: int) -> dict[str, Any]:
         return {
-            "format_version": format_version, "shard": self.stem, "tar": self.tar,
-            "dali_index": self.idx, "tar_bytes": self.tar_bytes, "partition": self.partition,
-            "segment": self.segment, "settings_fingerprint": self.fingerprint,
+            "format_version": format_version,
+            "shard": self.stem,
+            "tar": self.tar,
+            "dali_index": self.idx,
+            "tar_bytes": self.tar_bytes,
+            "partition": self.partition,
+            "segment": self.segment,
+            "settings_fingerprint": self.fingerprint,
             "records": [self.records_start, self.records_end],
             "counts": {"read": self.read, "written": len(self.samples), "rejected": self.rejected},
-            "samples": self.samples, "rejected": self.rejected_samples,
+            "samples": self.samples,
+            "rejected": self.rejected_samples,
         }
 
     def commit(self, out_dir: str, format_version: int) -> None:
-        write_json_atomic(os.path.join(out_dir, f"{self.stem}.index.json"),
-                          self.to_json(format_version))
+        write_json_atomic(
+            os.path.join(out_dir, f"{self.stem}.index.json"), self.to_json(format_version)
+        )
 
 
 def load_segment(path: str) -> dict[str, Any]:
@@ -165,12 +173,26 @@ def sample_entry(key: str, r) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
         members.append((name, im.data))
         common = {"width": im.width, "height": im.height, "converted_from": im.converted_from}
         json_images.append({"member": name, "path": r.image_refs[i], **common})
-        images_meta.append({"member": ext, **common, "orientation": im.orientation,
-                            "format": im.ext, "source_format": im.source_format,
-                            "path": r.image_refs[i], "digest": im.digest})
+        images_meta.append(
+            {
+                "member": ext,
+                **common,
+                "orientation": im.orientation,
+                "format": im.ext,
+                "source_format": im.source_format,
+                "path": r.image_refs[i],
+                "digest": im.digest,
+            }
+        )
     doc = {"key": key, **r.content, "images": json_images, "source": r.source}
     members.append((f"{key}.json", json.dumps(doc, ensure_ascii=False).encode("utf-8")))
-    meta = {"key": key, "kind": r.content["kind"], "num_images": len(r.images),
-            "images": images_meta, "text_tokens": r.text_tokens, "source": r.source,
-            "digest": r.digest}
+    meta = {
+        "key": key,
+        "kind": r.content["kind"],
+        "num_images": len(r.images),
+        "images": images_meta,
+        "text_tokens": r.text_tokens,
+        "source": r.source,
+        "digest": r.digest,
+    }
     return members, meta

@@ -20,11 +20,22 @@ from PIL import Image, ImageDraw
 from data_tools.cli_common import UsageError
 from megatron_navil.utils.cli import run_cli
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-           "yellow": (235, 200, 40), "purple": (140, 60, 170), "white": (245, 245, 245)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 40),
+    "purple": (140, 60, 170),
+    "white": (245, 245, 245),
+}
 SHAPES = ("circle", "square", "triangle")
-POSITIONS = {"top left": (0.25, 0.25), "top right": (0.75, 0.25), "center": (0.5, 0.5),
-             "bottom left": (0.25, 0.75), "bottom right": (0.75, 0.75)}
+POSITIONS = {
+    "top left": (0.25, 0.25),
+    "top right": (0.75, 0.25),
+    "center": (0.5, 0.5),
+    "bottom left": (0.25, 0.75),
+    "bottom right": (0.75, 0.75),
+}
 BACKGROUNDS = ((20, 20, 20), (90, 90, 90))
 
 
@@ -47,8 +58,11 @@ def make_sample(rng: random.Random, size: int) -> tuple[Image.Image, str]:
         shape, colour = rng.choice(SHAPES), rng.choice(sorted(COLOURS))
         fx, fy = POSITIONS[place]
         draw_shape(d, shape, fx * size, fy * size, size * 0.14, COLOURS[colour])
-        parts.append(f"a {colour} {shape} at the {place}" if place != "center"
-                     else f"a {colour} {shape} in the center")
+        parts.append(
+            f"a {colour} {shape} at the {place}"
+            if place != "center"
+            else f"a {colour} {shape} in the center"
+        )
     return img, " and ".join(parts) + "."
 
 
@@ -74,8 +88,10 @@ def _main(argv) -> int:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     a = p.parse_args(argv)
     if a.size < 32 or a.num_train < 1 or a.num_valid < 0:
-        raise UsageError(f"--size {a.size} --num-train {a.num_train} --num-valid {a.num_valid}: "
-                         "the size must be >= 32 px, --num-train >= 1 and --num-valid >= 0")
+        raise UsageError(
+            f"--size {a.size} --num-train {a.num_train} --num-valid {a.num_valid}: "
+            "the size must be >= 32 px, --num-train >= 1 and --num-valid >= 0"
+        )
     try:
         os.makedirs(os.path.join(a.output, "images"), exist_ok=True)
     except OSError as e:

@@ -26,29 +26,61 @@ logger = get_logger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="navil-tokenizer", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="navil-tokenizer",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a fresh sentencepiece model on corpus text",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help="corpus files, globs or folders (same formats as navil-preprocess)")
+    t = sub.add_parser(
+        "train",
+        help="train a fresh sentencepiece model on corpus text",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    t.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="corpus files, globs or folders (same formats as navil-preprocess)",
+    )
     t.add_argument("--output", required=True, help="directory to write the tokenizer to")
-    t.add_argument("--vocab-size", type=int, required=True,
-                   help="final vocabulary size including the 12 special tokens (they take the "
-                        "last 12 ids); smaller if the corpus cannot support it")
-    t.add_argument("--model-type", default="bpe", choices=["bpe", "unigram"],
-                   help="sentencepiece algorithm (InternLM2 uses BPE)")
-    t.add_argument("--max-texts", type=int, default=2_000_000,
-                   help="sample at most this many texts for training")
-    t.add_argument("--no-byte-fallback", action="store_true",
-                   help="do not reserve the 256 byte pieces (unknown characters become <unk>)")
-    w = sub.add_parser("wrap", help="wrap an existing sentencepiece model (e.g. InternLM2's)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument(
+        "--vocab-size",
+        type=int,
+        required=True,
+        help="final vocabulary size including the 12 special tokens (they take the "
+        "last 12 ids); smaller if the corpus cannot support it",
+    )
+    t.add_argument(
+        "--model-type",
+        default="bpe",
+        choices=["bpe", "unigram"],
+        help="sentencepiece algorithm (InternLM2 uses BPE)",
+    )
+    t.add_argument(
+        "--max-texts",
+        type=int,
+        default=2_000_000,
+        help="sample at most this many texts for training",
+    )
+    t.add_argument(
+        "--no-byte-fallback",
+        action="store_true",
+        help="do not reserve the 256 byte pieces (unknown characters become <unk>)",
+    )
+    w = sub.add_parser(
+        "wrap",
+        help="wrap an existing sentencepiece model (e.g. InternLM2's)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     w.add_argument("--model", required=True, help="sentencepiece tokenizer.model to wrap")
     w.add_argument("--output", required=True, help="directory to write the tokenizer to")
-    i = sub.add_parser("info", help="show a tokenizer's ids and optionally encode text",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    i = sub.add_parser(
+        "info",
+        help="show a tokenizer's ids and optionally encode text",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     i.add_argument("tokenizer", help="tokenizer directory or .model file")
     i.add_argument("--encode", default=None, help="text to encode and show")
     return p
@@ -91,19 +123,28 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                     progress.update(1)
                     yield t
 
-            tok = train_sentencepiece(texts(), a.vocab_size, a.model_type, a.max_texts,
-                                      byte_fallback=not a.no_byte_fallback)
+            tok = train_sentencepiece(
+                texts(),
+                a.vocab_size,
+                a.model_type,
+                a.max_texts,
+                byte_fallback=not a.no_byte_fallback,
+            )
             progress.close()
             tok.source = ",".join(a.input)
             if not counts.get("texts"):
                 raise UsageError(f"--input {' '.join(a.input)} holds no text to train on")
             tok.save(a.output)
-            logger.info("trained on %d texts (%d records skipped)", counts.get("texts", 0),
-                        counts.get("skipped", 0))
+            logger.info(
+                "trained on %d texts (%d records skipped)",
+                counts.get("texts", 0),
+                counts.get("skipped", 0),
+            )
         elif a.cmd == "wrap":
             if not os.path.isfile(a.model):
-                raise UsageError(f"--model {a.model!r} is not a file; pass a sentencepiece "
-                                 "tokenizer.model")
+                raise UsageError(
+                    f"--model {a.model!r} is not a file; pass a sentencepiece tokenizer.model"
+                )
             tok = NaViLTokenizer.load(a.model)
             tok.save(a.output)
         else:
@@ -113,17 +154,22 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     except TokenizerError as e:
         raise UsageError(str(e)) from None
     except RuntimeError as e:  # sentencepiece trainer errors (e.g. vocab too large for corpus)
-        raise UsageError(f"sentencepiece training failed: {e}; try a smaller --vocab-size") from None
+        raise UsageError(
+            f"sentencepiece training failed: {e}; try a smaller --vocab-size"
+        ) from None
     write_text(_summary(tok, getattr(a, "output", None), getattr(a, "encode", None)))
     return 0
 
 
 def _summary(tok: NaViLTokenizer, out: Optional[str], text: Optional[str]) -> str:
-    rows = [["origin", tok.origin], ["vocab_size", tok.vocab_size],
-            ["base (sentencepiece) pieces", tok.base_vocab_size],
-            ["first_special_token_id", tok.first_special_token_id],
-            ["bos / eos / pad / unk", f"{tok.bos_id} / {tok.eos_id} / {tok.pad_id} / {tok.unk_id}"],
-            ["template tokens", json.dumps(tok.template_tokens)]]
+    rows = [
+        ["origin", tok.origin],
+        ["vocab_size", tok.vocab_size],
+        ["base (sentencepiece) pieces", tok.base_vocab_size],
+        ["first_special_token_id", tok.first_special_token_id],
+        ["bos / eos / pad / unk", f"{tok.bos_id} / {tok.eos_id} / {tok.pad_id} / {tok.unk_id}"],
+        ["template tokens", json.dumps(tok.template_tokens)],
+    ]
     rows += [[name, i] for name, i in tok.special_tokens.items()]
     s = format_table(rows, ["tokenizer", "value"])
     if text is not None:

@@ -56,20 +56,33 @@ class NaViLBatch:
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments of NaViLModel.forward."""
-        return dict(tokens=self.tokens, position_ids=self.position_ids, cu_seqlens=self.cu_seqlens,
-                    labels=self.labels, loss_mask=self.loss_mask, pixel_values=self.pixel_values,
-                    grid_thw=self.grid_thw, modality_mask=self.modality_mask)
+        return dict(
+            tokens=self.tokens,
+            position_ids=self.position_ids,
+            cu_seqlens=self.cu_seqlens,
+            labels=self.labels,
+            loss_mask=self.loss_mask,
+            pixel_values=self.pixel_values,
+            grid_thw=self.grid_thw,
+            modality_mask=self.modality_mask,
+        )
 
     def validate(self, cfg: NaViLModelConfig) -> None:
         check_packed_sequence(cfg, self.tokens, self.position_ids, self.cu_seqlens)
         for name in ("labels", "loss_mask"):
             if getattr(self, name).shape != self.tokens.shape:
-                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, tokens "
-                                 f"{tuple(self.tokens.shape)}")
+                raise ValueError(
+                    f"{name} has shape {tuple(getattr(self, name).shape)}, tokens "
+                    f"{tuple(self.tokens.shape)}"
+                )
 
 
-def check_packed_sequence(cfg: NaViLModelConfig, tokens: torch.Tensor,
-                          position_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+def check_packed_sequence(
+    cfg: NaViLModelConfig,
+    tokens: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+) -> None:
     """Clear errors for a packed sequence the model cannot take."""
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be one packed sequence [T], got shape {tuple(tokens.shape)}")
@@ -80,9 +93,13 @@ def check_packed_sequence(cfg: NaViLModelConfig, tokens: torch.Tensor,
             f"{cfg.llm.max_sequence_length}; lower --seq-length or raise max_sequence_length"
         )
     if position_ids.shape != tokens.shape:
-        raise ValueError(f"position_ids {tuple(position_ids.shape)} != tokens {tuple(tokens.shape)}")
+        raise ValueError(
+            f"position_ids {tuple(position_ids.shape)} != tokens {tuple(tokens.shape)}"
+        )
     if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t:
-        raise ValueError(f"cu_seqlens must run from 0 to the {t} packed tokens, got {cu_seqlens.tolist()}")
+        raise ValueError(
+            f"cu_seqlens must run from 0 to the {t} packed tokens, got {cu_seqlens.tolist()}"
+        )
     if bool((cu_seqlens[1:] < cu_seqlens[:-1]).any()):
         raise ValueError(f"cu_seqlens must be non-decreasing, got {cu_seqlens.tolist()}")
     if int(tokens.max()) >= cfg.llm.vocab_size or int(tokens.min()) < 0:

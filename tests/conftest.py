@@ -33,13 +33,17 @@ def _process_guard(request, monkeypatch):
                 with open(audit, "a", encoding="utf-8") as f:
                     f.write(node + "\n")
                 return original(*args, **kwargs)
-            raise RuntimeError(f"{node} starts a process but is not marked: add "
-                               "@pytest.mark.processes (or distributed) so --fast skips it")
+            raise RuntimeError(
+                f"{node} starts a process but is not marked: add "
+                "@pytest.mark.processes (or distributed) so --fast skips it"
+            )
+
         return launch
 
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded(subprocess.Popen.__init__))
-    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds",
-                        guarded(multiprocessing.util.spawnv_passfds))
+    monkeypatch.setattr(
+        multiprocessing.util, "spawnv_passfds", guarded(multiprocessing.util.spawnv_passfds)
+    )
     monkeypatch.setattr(os, "fork", guarded(os.fork))
     yield
 

@@ -21,20 +21,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(module: str, world_size: int, args: list[str],
-              timeout: float = 600.0) -> list[tuple[int, str]]:
+def run_ranks(
+    module: str, world_size: int, args: list[str], timeout: float = 600.0
+) -> list[tuple[int, str]]:
     """Start `module` on `world_size` ranks (torchrun's env variables) and return each rank's
     (exit code, stdout+stderr), failing or not."""
     port = str(free_port())
     procs = []
     for rank in range(world_size):
-        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=ROOT, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     results = []
     for rank, p in enumerate(procs):
         try:
@@ -49,8 +63,10 @@ def run_ranks(module: str, world_size: int, args: list[str],
 
 def launch(module: str, world_size: int, args: list[str], timeout: float = 600.0) -> None:
     """run_ranks, failing the test with each failed rank's output."""
-    failures = [f"--- rank {rank} exit {rc} ---\n{out[-6000:]}"
-                for rank, (rc, out) in enumerate(run_ranks(module, world_size, args, timeout))
-                if rc != 0]
+    failures = [
+        f"--- rank {rank} exit {rc} ---\n{out[-6000:]}"
+        for rank, (rc, out) in enumerate(run_ranks(module, world_size, args, timeout))
+        if rc != 0
+    ]
     if failures:
         raise AssertionError(f"{module} {' '.join(args)} failed:\n" + "\n".join(failures))

@@ -22,8 +22,15 @@ from megatron_navil.config import (
     propose_vision_size,
 )
 
-ALL = [VisionConfig, ConnectorConfig, LLMConfig, ExpertConfig, NaViLModelConfig, ParallelConfig,
-       PrecisionConfig]
+ALL = [
+    VisionConfig,
+    ConnectorConfig,
+    LLMConfig,
+    ExpertConfig,
+    NaViLModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+]
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
@@ -43,7 +50,11 @@ def test_flavors_validate_and_round_trip(name):
 def test_published_shapes_and_sizes():
     two, nine = get_flavor("navil-2b"), get_flavor("navil-9b")
     assert (two.llm.num_layers, two.llm.hidden_size, two.llm.ffn_hidden_size) == (24, 2048, 8192)
-    assert (nine.llm.num_layers, nine.llm.hidden_size, nine.llm.ffn_hidden_size) == (36, 4096, 12288)
+    assert (nine.llm.num_layers, nine.llm.hidden_size, nine.llm.ffn_hidden_size) == (
+        36,
+        4096,
+        12288,
+    )
     assert two.special_token_id("</box>") == 92544 and two.img_context_id == 92546
     assert two.img_start_id == 92548
     # Encoders near the paper's ~0.6B / ~1.2B; activated parameters near 2.4B / 9.2B (the exact
@@ -69,7 +80,9 @@ def test_scaling_law_helper_passes_near_paper_points():
 
 
 def test_overrides_are_typed_and_named():
-    cfg = get_flavor("debug-qwen3").apply_overrides({"llm.num_layers": "6", "experts.ffn_experts": "false"})
+    cfg = get_flavor("debug-qwen3").apply_overrides(
+        {"llm.num_layers": "6", "experts.ffn_experts": "false"}
+    )
     assert cfg.llm.num_layers == 6 and cfg.experts.ffn_experts is False
     with pytest.raises(ConfigError, match="llm.num_layer"):
         cfg.apply_overrides({"llm.num_layer": 3})
@@ -79,12 +92,15 @@ def test_overrides_are_typed_and_named():
         cfg.apply_overrides({"experts.output_proj_mode": "fused"})
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"vision.num_attention_heads": 3}, "divisible"),
-    ({"llm.num_query_groups": 3}, "multiple"),
-    ({"llm.first_special_token_id": 505}, "do not fit"),
-    ({"vision.window_size": 40}, "multiple of"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"vision.num_attention_heads": 3}, "divisible"),
+        ({"llm.num_query_groups": 3}, "multiple"),
+        ({"llm.first_special_token_id": 505}, "do not fit"),
+        ({"vision.window_size": 40}, "multiple of"),
+    ],
+)
 def test_invalid_model_configs(bad, match):
     with pytest.raises(ConfigError, match=match):
         get_flavor("debug-internlm2").apply_overrides(bad).validate()

@@ -34,13 +34,19 @@ HEADER = "== gpu_check summary"
 pytestmark = pytest.mark.processes  # every test here runs gpu_check.sh in a child
 
 
-def _run(out: Path, *args: str, env_extra: dict[str, str] | None = None,
-         timeout: float = 240) -> subprocess.CompletedProcess:
+def _run(
+    out: Path, *args: str, env_extra: dict[str, str] | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, **(env_extra or {})}
     env.pop("OUT", None)  # --out decides, never a stray $OUT
-    return subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out),
-                           *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", "--out", str(out), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _table(stdout: str) -> list[str]:
@@ -48,7 +54,7 @@ def _table(stdout: str) -> list[str]:
     lines = stdout.rstrip("\n").splitlines()
     starts = [i for i, ln in enumerate(lines) if ln.startswith(HEADER)]
     assert starts, f"no summary table in the output:\n{stdout[-2000:]}"
-    table = lines[starts[-1]:]
+    table = lines[starts[-1] :]
     assert table[1].split() == ["section", "status", "time_s", "key", "numbers"]
     assert table[-1].startswith("total "), f"the table is not the last output:\n{stdout[-2000:]}"
     for row in table[2:]:  # nothing but table rows after the header
@@ -116,8 +122,13 @@ def test_dry_run_prints_the_table_last(dry_run):
 
 
 def test_section_timeout_is_recorded_and_the_check_goes_on(tmp_path):
-    proc = _run(tmp_path, "--sections", "env,gpu_tests",
-                env_extra={"GPU_CHECK_TIMEOUTS": "env=0.5"}, timeout=120)
+    proc = _run(
+        tmp_path,
+        "--sections",
+        "env,gpu_tests",
+        env_extra={"GPU_CHECK_TIMEOUTS": "env=0.5"},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((tmp_path / "results.json").read_text())
     env, tests = results["sections"]["env"], results["sections"]["gpu_tests"]

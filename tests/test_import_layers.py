@@ -10,7 +10,6 @@ It fails naming each offending edge (`file: package -> package`) or cycle.
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +50,7 @@ def _imported(module: str, path: Path, known: set[str]) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
@@ -79,7 +78,9 @@ def _graph() -> tuple[dict[str, Path], dict[str, set[str]]]:
 def test_every_package_has_a_layer():
     mods, _ = _graph()
     unplaced = sorted({_package(m) for m in mods} - set(RANK) - {"megatron_navil"})
-    assert not unplaced, f"packages without a layer (add them to LAYERS and the diagram): {unplaced}"
+    assert not unplaced, (
+        f"packages without a layer (add them to LAYERS and the diagram): {unplaced}"
+    )
 
 
 def test_packages_import_only_lower_layers():
@@ -124,7 +125,9 @@ def test_no_import_cycles_between_modules():
     for v in sorted(graph):
         if v not in index:
             visit(v)
-    assert not cycles, "modules that import each other: " + "; ".join(" <-> ".join(c) for c in cycles)
+    assert not cycles, "modules that import each other: " + "; ".join(
+        " <-> ".join(c) for c in cycles
+    )
 
 
 def test_the_checker_sees_a_lazy_upward_import(tmp_path):

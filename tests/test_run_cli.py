@@ -20,16 +20,20 @@ from megatron_navil.utils.cli import run_cli
 def _raiser(exc):
     def body(argv):
         raise exc
+
     return body
 
 
-@pytest.mark.parametrize("cls", [ConfigError, CheckpointError, ConversionError, TokenizerError,
-                                 DataError, UsageError])
+@pytest.mark.parametrize(
+    "cls", [ConfigError, CheckpointError, ConversionError, TokenizerError, DataError, UsageError]
+)
 def test_every_user_error_is_one_line_exit_2(cls, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert issubclass(cls, UserError)
     cleaned = []
-    rc = run_cli(_raiser(cls("bad thing at /x:\n  key a\n  key b")), [], cleanup=lambda: cleaned.append(1))
+    rc = run_cli(
+        _raiser(cls("bad thing at /x:\n  key a\n  key b")), [], cleanup=lambda: cleaned.append(1)
+    )
     err = capsys.readouterr().err
     assert rc == 2 and cleaned == [1]
     assert err == "error: bad thing at /x:; key a; key b\n"
@@ -44,9 +48,15 @@ def test_job_error_interrupt_and_bug(capsys):
         run_cli(lambda argv: 1 // 0, [])
 
 
-@pytest.mark.parametrize("rank,shared,expected", [
-    ("0", True, "error: layout\n"), ("1", True, ""),
-    ("0", False, "[rank 0] error: layout\n"), ("1", False, "[rank 1] error: layout\n")])
+@pytest.mark.parametrize(
+    "rank,shared,expected",
+    [
+        ("0", True, "error: layout\n"),
+        ("1", True, ""),
+        ("0", False, "[rank 0] error: layout\n"),
+        ("1", False, "[rank 1] error: layout\n"),
+    ],
+)
 def test_multi_rank_reporting(rank, shared, expected, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", rank)
@@ -65,8 +75,18 @@ def test_every_console_script_uses_run_cli(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "1")
     cases = [
-        (caption, ["--load", str(tmp_path / "none"), "--tokenizer-model", str(tmp_path),
-                   "--image", "x.png"], f"no checkpoint at {tmp_path / 'none'}"),
+        (
+            caption,
+            [
+                "--load",
+                str(tmp_path / "none"),
+                "--tokenizer-model",
+                str(tmp_path),
+                "--image",
+                "x.png",
+            ],
+            f"no checkpoint at {tmp_path / 'none'}",
+        ),
         (demo, ["--flavor", "no-such-flavor"], "no-such-flavor"),
         (make_captions, ["--output", str(tmp_path / "c"), "--size", "8"], "--size 8"),
     ]
@@ -74,6 +94,19 @@ def test_every_console_script_uses_run_cli(tmp_path, capsys, monkeypatch):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and named in err[0], err
-    assert make_captions(["--output", str(tmp_path / "c"), "--num-train", "2", "--num-valid", "0",
-                          "--size", "32"]) == 0
+    assert (
+        make_captions(
+            [
+                "--output",
+                str(tmp_path / "c"),
+                "--num-train",
+                "2",
+                "--num-valid",
+                "0",
+                "--size",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert len(list((tmp_path / "c" / "images").iterdir())) == 2

@@ -33,8 +33,27 @@ from megatron_navil.checkpoint.keys import (
 )
 from megatron_navil.checkpoint.tokenizer import TOKENIZER_FILES, tokenizer_digest
 
-__all__ = ["FORMAT_VERSION", "LATEST", "METADATA", "TOKENIZER_DIR", "CheckpointError",
-           "hf_export_dir", "iteration_dir", "prune", "read_latest", "read_metadata", "resolve",
-           "check_model_config", "model_config_diffs", "load", "load_model", "save",
-           "EXTRA_STATE", "SHARDING_METADATA", "load_model_state", "model_sharded_state_dict",
-           "TOKENIZER_FILES", "tokenizer_digest"]
+__all__ = [
+    "FORMAT_VERSION",
+    "LATEST",
+    "METADATA",
+    "TOKENIZER_DIR",
+    "CheckpointError",
+    "hf_export_dir",
+    "iteration_dir",
+    "prune",
+    "read_latest",
+    "read_metadata",
+    "resolve",
+    "check_model_config",
+    "model_config_diffs",
+    "load",
+    "load_model",
+    "save",
+    "EXTRA_STATE",
+    "SHARDING_METADATA",
+    "load_model_state",
+    "model_sharded_state_dict",
+    "TOKENIZER_FILES",
+    "tokenizer_digest",
+]

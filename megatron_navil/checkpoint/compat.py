@@ -13,10 +13,22 @@ from megatron_navil.checkpoint.format import CheckpointError
 from megatron_navil.config.model import NaViLModelConfig
 
 # Fields that change behaviour or data handling but not parameter shapes.
-_NON_SHAPE_FIELDS = {"init_method_std", "visual_init", "max_sequence_length", "rope_theta",
-                     "template", "min_dynamic_patch", "max_dynamic_patch", "scale_downsample_ratio",
-                     "layerscale_init", "norm_eps", "layernorm_eps", "keep_window_order",
-                     "window_size", "fullatt_block_indexes"}
+_NON_SHAPE_FIELDS = {
+    "init_method_std",
+    "visual_init",
+    "max_sequence_length",
+    "rope_theta",
+    "template",
+    "min_dynamic_patch",
+    "max_dynamic_patch",
+    "scale_downsample_ratio",
+    "layerscale_init",
+    "norm_eps",
+    "layernorm_eps",
+    "keep_window_order",
+    "window_size",
+    "fullatt_block_indexes",
+}
 
 
 def model_config_diffs(saved: dict, current: NaViLModelConfig) -> list[str]:
@@ -40,6 +52,7 @@ def check_model_config(saved: dict, current: NaViLModelConfig, path: Path) -> No
     diffs = model_config_diffs(saved, current)
     if diffs:
         raise CheckpointError(
-            f"checkpoint {path} was saved for a different model:\n  " + "\n  ".join(diffs)
+            f"checkpoint {path} was saved for a different model:\n  "
+            + "\n  ".join(diffs)
             + "\nuse the matching --model config / flavor, or convert the checkpoint"
         )

@@ -8,8 +8,8 @@ format under torch_dist) directly, without a process group (`no_dist=True`):
 - writing: the write plan is the canonical model's sharded layout (keys.CanonicalLayout, built
   by conversion/layout.py: what Megatron would save, from a meta-device model); a custom save
   planner produces each tensor only when the file writer asks for it (`resolve_data`), from a
-  callback that reads/transforms the HF source. One canonical parameter is alive at a time (gate/up halves of a SwiGLU weight are
-  consecutive items and share it).
+  callback that reads/transforms the HF source. One canonical parameter is alive at a time
+  (gate/up halves of a SwiGLU weight are consecutive items and share it).
 - reading: a load planner asks for the region of the stored global tensor that one canonical
   parameter occupies (e.g. layer 3, expert 1 of `...experts.experts.linear_fc1.weight`), read
   into a fresh tensor: the reader's memory is one parameter.
@@ -81,8 +81,12 @@ class _StreamingSavePlanner(DefaultSavePlanner):
         return self._resolve(write_item)
 
 
-def write_dist_checkpoint(iter_dir: Path, layout: CanonicalLayout, produce: Producer,
-                          on_bytes: Optional[Callable[[int], None]] = None) -> None:
+def write_dist_checkpoint(
+    iter_dir: Path,
+    layout: CanonicalLayout,
+    produce: Producer,
+    on_bytes: Optional[Callable[[int], None]] = None,
+) -> None:
     """Write one torch_dist checkpoint directory; `produce(name)` returns the canonical tensor
     of parameter `name` (shape and dtype as in `layout.params`). The writer takes ownership of
     what `produce` returns and frees its memory once written: return a fresh tensor."""
@@ -93,10 +97,17 @@ def write_dist_checkpoint(iter_dir: Path, layout: CanonicalLayout, produce: Prod
         offsets = torch.Size(st.global_offset)
         sizes = torch.Size((1,) * st.prepend_axis_num + tuple(st.local_shape))
         props = TensorProperties(dtype=st.dtype, requires_grad=False)
-        items.append(WriteItem(
-            index=MetadataIndex(st.key, offsets), type=WriteItemType.SHARD,
-            tensor_data=TensorWriteData(chunk=ChunkStorageMetadata(offsets, sizes),
-                                        properties=props, size=torch.Size(st.global_shape))))
+        items.append(
+            WriteItem(
+                index=MetadataIndex(st.key, offsets),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets, sizes),
+                    properties=props,
+                    size=torch.Size(st.global_shape),
+                ),
+            )
+        )
         slots[(st.key, offsets)] = (view, sizes)
     for key, objs in layout.objects.items():
         # Megatron stores each ShardedObject group as torch.save([obj.data, ...]) bytes.
@@ -129,8 +140,10 @@ def write_dist_checkpoint(iter_dir: Path, layout: CanonicalLayout, produce: Prod
             shape, dtype = layout.params[view.param]
             t = produce(view.param)
             if tuple(t.shape) != shape or t.dtype != dtype:
-                raise CheckpointError(f"{view.param}: produced {t.dtype} {list(t.shape)}, the model "
-                                      f"needs {dtype} {list(shape)}")
+                raise CheckpointError(
+                    f"{view.param}: produced {t.dtype} {list(t.shape)}, the model "
+                    f"needs {dtype} {list(shape)}"
+                )
             cache[view.param] = t.contiguous()
         full = cache[view.param]
         if math.prod(view.size) == full.numel():  # the whole parameter: no copy
@@ -145,10 +158,17 @@ def write_dist_checkpoint(iter_dir: Path, layout: CanonicalLayout, produce: Prod
     iter_dir.mkdir(parents=True, exist_ok=True)
     # One thread and no copy-ahead: the serial loader asks for item i+1 only after writing item
     # i, which is what lets `resolve` free written tensors (and keeps one parameter alive).
-    writer = dcp.FileSystemWriter(str(iter_dir), single_file_per_rank=True, thread_count=1,
-                                  sync_files=True, per_thread_copy_ahead=0)
+    writer = dcp.FileSystemWriter(
+        str(iter_dir),
+        single_file_per_rank=True,
+        thread_count=1,
+        sync_files=True,
+        per_thread_copy_ahead=0,
+    )
     with _quiet():
-        dcp.save({}, storage_writer=writer, planner=_StreamingSavePlanner(items, resolve), no_dist=True)
+        dcp.save(
+            {}, storage_writer=writer, planner=_StreamingSavePlanner(items, resolve), no_dist=True
+        )
     cache.clear()
     torch.save({}, iter_dir / COMMON_FILE)  # the model holds no non-sharded state
     save_config(CheckpointingConfig("torch_dist", 1), str(iter_dir))
@@ -176,7 +196,9 @@ class _RegionLoadPlanner(DefaultLoadPlanner):
         items = []
         for (key, offsets), dest in self._regions.items():
             chunk = ChunkStorageMetadata(offsets=offsets, sizes=dest.shape)
-            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            items += create_read_items_for_chunk_list(
+                key, self.metadata.state_dict_metadata[key], [chunk]
+            )
         return LoadPlan(items)
 
     def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
@@ -196,17 +218,23 @@ class DistCheckpointReader:
         try:
             backend = json.loads(config.read_text()).get("sharded_backend")
         except (OSError, json.JSONDecodeError):
-            raise CheckpointError(f"{config} is missing or unreadable: {self.dir} is not a Megatron "
-                                  "dist checkpoint (or its save did not finish)") from None
+            raise CheckpointError(
+                f"{config} is missing or unreadable: {self.dir} is not a Megatron "
+                "dist checkpoint (or its save did not finish)"
+            ) from None
         if backend != "torch_dist":
-            raise CheckpointError(f"{self.dir} uses sharded backend {backend!r}; only torch_dist "
-                                  "checkpoints are supported")
+            raise CheckpointError(
+                f"{self.dir} uses sharded backend {backend!r}; only torch_dist "
+                "checkpoints are supported"
+            )
         self.reader = CachedMetadataFileSystemReader(str(self.dir))
         try:
             self.metadata = self.reader.read_metadata()
         except Exception as e:  # a missing or truncated .metadata pickle
-            raise CheckpointError(f"cannot read {self.dir / '.metadata'} ({type(e).__name__}); the "
-                                  "checkpoint is incomplete or corrupt") from None
+            raise CheckpointError(
+                f"cannot read {self.dir / '.metadata'} ({type(e).__name__}); the "
+                "checkpoint is incomplete or corrupt"
+            ) from None
         self._check_files()
 
     def _check_files(self) -> None:
@@ -220,15 +248,22 @@ class DistCheckpointReader:
             path = self.dir / name
             size = path.stat().st_size if path.exists() else None
             if size is None:
-                raise CheckpointError(f"{path} is missing (it holds {key}); copy the whole checkpoint")
+                raise CheckpointError(
+                    f"{path} is missing (it holds {key}); copy the whole checkpoint"
+                )
             if size < end:
-                raise CheckpointError(f"{path} is truncated: {size} bytes, but {key} ends at byte {end}; "
-                                      "the checkpoint is incomplete")
+                raise CheckpointError(
+                    f"{path} is truncated: {size} bytes, but {key} ends at byte {end}; "
+                    "the checkpoint is incomplete"
+                )
 
     def tensor_keys(self) -> list[str]:
         """Stored model tensor keys (no `_extra_state` byte objects, no optimizer state)."""
-        return [k for k, md in self.metadata.state_dict_metadata.items()
-                if not isinstance(md, BytesStorageMetadata) and not k.startswith("optimizer.")]
+        return [
+            k
+            for k, md in self.metadata.state_dict_metadata.items()
+            if not isinstance(md, BytesStorageMetadata) and not k.startswith("optimizer.")
+        ]
 
     def parts(self, name: str) -> list[str]:
         return stored_parts(self.metadata.state_dict_metadata, name)
@@ -239,9 +274,11 @@ class DistCheckpointReader:
         for key in self.parts(name):
             md = self.metadata.state_dict_metadata.get(key)
             if md is None or isinstance(md, BytesStorageMetadata):
-                raise CheckpointError(f"{self.dir} has no tensor {key} (needed for {name}); the "
-                                      "checkpoint does not match the model config in its "
-                                      "navil_checkpoint.json")
+                raise CheckpointError(
+                    f"{self.dir} has no tensor {key} (needed for {name}); the "
+                    "checkpoint does not match the model config in its "
+                    "navil_checkpoint.json"
+                )
             shapes.append(tuple(md.size))
             dtype = md.properties.dtype
         if len(shapes) == 1:
@@ -257,16 +294,20 @@ class DistCheckpointReader:
             row = 0
             for key in self.parts(name):
                 size = tuple(self.metadata.state_dict_metadata[key].size)
-                regions[(key, torch.Size((0,) * len(size)))] = out[name][row:row + size[0]]
+                regions[(key, torch.Size((0,) * len(size)))] = out[name][row : row + size[0]]
                 row += size[0]
         try:
             with _quiet():
-                dcp.load({}, storage_reader=self.reader, planner=_RegionLoadPlanner(regions),
-                         no_dist=True)
+                dcp.load(
+                    {},
+                    storage_reader=self.reader,
+                    planner=_RegionLoadPlanner(regions),
+                    no_dist=True,
+                )
         except CheckpointError:
             raise
         except Exception as e:  # torch.load on a corrupt item, short reads
-            raise CheckpointError(f"reading {', '.join(names[:3])} from {self.dir} failed: "
-                                  f"{type(e).__name__}: {e}") from None
+            raise CheckpointError(
+                f"reading {', '.join(names[:3])} from {self.dir} failed: {type(e).__name__}: {e}"
+            ) from None
         return out
-

@@ -35,10 +35,16 @@ from megatron_navil.utils.logging import get_logger
 log = get_logger(__name__)
 
 
-def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaViLModelConfig,
-         extra_metadata: Optional[dict] = None, async_queue=None,
-         on_complete: Optional[Callable[[Path], None]] = None,
-         tokenizer: Optional[Union[str, Path]] = None) -> Path:
+def save(
+    root: Union[str, Path],
+    step: int,
+    sharded_state: dict,
+    model_cfg: NaViLModelConfig,
+    extra_metadata: Optional[dict] = None,
+    async_queue=None,
+    on_complete: Optional[Callable[[Path], None]] = None,
+    tokenizer: Optional[Union[str, Path]] = None,
+) -> Path:
     """Write `sharded_state` (from model_sharded_state_dict, plus optimizer etc.) as step `step`.
 
     The metadata file and the `latest` pointer are written only once every rank has finished
@@ -55,8 +61,12 @@ def save(root: Union[str, Path], step: int, sharded_state: dict, model_cfg: NaVi
         if stale.exists():  # overwriting a step: it is incomplete until the metadata returns
             stale.unlink()
     barrier()
-    meta = {"format_version": FORMAT_VERSION, "step": step, "model": model_cfg.to_dict(),
-            **(extra_metadata or {})}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "model": model_cfg.to_dict(),
+        **(extra_metadata or {}),
+    }
     if tokenizer is not None:
         meta["tokenizer_sha256"] = tokenizer_digest(tokenizer)
 
@@ -87,9 +97,11 @@ def _missing_keys_error(d: Path, keys: list[str]) -> CheckpointError:
     more = f"\n  ... and {len(keys) - 5} more" if len(keys) > 5 else ""
     return CheckpointError(
         f"cannot load {d}: {len(keys)} tensors this run needs are not in the checkpoint:\n  "
-        f"{shown}{more}\nit was saved by a model of another structure (flavor, experts, overrides), "
+        f"{shown}{more}\nit was saved by a model of another structure (flavor, experts, "
+        "overrides), "
         "or by a training stage that froze parts this one trains (start a new stage with "
-        "--finetune); use the matching config, or convert it with navil-convert")
+        "--finetune); use the matching config, or convert it with navil-convert"
+    )
 
 
 def _agree_on_failure(local_bad: int) -> int:
@@ -117,7 +129,9 @@ def _absent_keys(d: Path, sharded_state: dict) -> set[str]:
     return {x.key for x in nested_values(requested) if isinstance(x, ShardedBase)} - stored
 
 
-def load(path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLModelConfig] = None) -> tuple[dict, dict]:
+def load(
+    path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLModelConfig] = None
+) -> tuple[dict, dict]:
     """Load a checkpoint into the structure `sharded_state` describes (any parallel layout).
 
     Returns (loaded state dict, metadata). Requested tensors the checkpoint lacks are refused
@@ -148,19 +162,26 @@ def load(path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLM
     extra = absent - set(missing)
     if extra:
         _, sharded_state = extract_matching_values(
-            sharded_state, lambda x: isinstance(x, ShardedObject) and x.key in extra)
-        log.info("%s has no Transformer Engine metadata (_extra_state) for %d modules (a "
-                 "local-backend or converted checkpoint): their FP8 scaling state starts fresh",
-                 d, len(extra))
+            sharded_state, lambda x: isinstance(x, ShardedObject) and x.key in extra
+        )
+        log.info(
+            "%s has no Transformer Engine metadata (_extra_state) for %d modules (a "
+            "local-backend or converted checkpoint): their FP8 scaling state starts fresh",
+            d,
+            len(extra),
+        )
     try:
-        state = dist_checkpointing.load(sharded_state, str(d),
-                                        strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+        state = dist_checkpointing.load(
+            sharded_state, str(d), strict=StrictHandling.ASSUME_OK_UNEXPECTED
+        )
     except Exception as e:  # dist_checkpointing raises several types; name the checkpoint
         raise CheckpointError(f"cannot load {d}: {e}") from e
     return state, meta
 
 
-def load_model(path: Union[str, Path], chunks: list, model_cfg: Optional[NaViLModelConfig] = None) -> dict:
+def load_model(
+    path: Union[str, Path], chunks: list, model_cfg: Optional[NaViLModelConfig] = None
+) -> dict:
     """Load model weights (only) into `chunks`; returns the checkpoint metadata."""
     state, meta = load(path, model_sharded_state_dict(chunks), model_cfg)
     load_model_state(state, chunks)

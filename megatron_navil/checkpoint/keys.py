@@ -42,7 +42,9 @@ def model_chunks(chunks: list) -> list[tuple[str, torch.nn.Module]]:
 
 
 def model_sharded_state_dict(chunks: list) -> dict:
-    return {k: c.sharded_state_dict(metadata=dict(SHARDING_METADATA)) for k, c in model_chunks(chunks)}
+    return {
+        k: c.sharded_state_dict(metadata=dict(SHARDING_METADATA)) for k, c in model_chunks(chunks)
+    }
 
 
 def load_model_state(loaded: dict, chunks: list) -> None:

@@ -12,10 +12,18 @@ import shutil
 from pathlib import Path
 from typing import Union
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt",
-                   "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "navil_tokenizer.json", "tokenization_internlm2.py",
-                   "tokenization_internlm2_fast.py")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "navil_tokenizer.json",
+    "tokenization_internlm2.py",
+    "tokenization_internlm2_fast.py",
+)
 
 
 def tokenizer_source(path: Union[str, Path]) -> Path:

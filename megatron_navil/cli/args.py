@@ -21,7 +21,10 @@ from megatron_navil.data.tokenizer import configured_vocabulary
 MEGATRON_FLAGS: dict[str, tuple[str, Any]] = {
     "--tensor-model-parallel-size": ("parallel.tensor_model_parallel_size", int),
     "--pipeline-model-parallel-size": ("parallel.pipeline_model_parallel_size", int),
-    "--virtual-pipeline-model-parallel-size": ("parallel.virtual_pipeline_model_parallel_size", int),
+    "--virtual-pipeline-model-parallel-size": (
+        "parallel.virtual_pipeline_model_parallel_size",
+        int,
+    ),
     "--decoder-first-pipeline-num-layers": ("parallel.num_layers_in_first_pipeline_stage", int),
     "--expert-model-parallel-size": ("parallel.expert_model_parallel_size", int),
     "--sequence-parallel": ("parallel.sequence_parallel", "flag"),
@@ -83,9 +86,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="navil-pretrain",
-        description="Pretrain a NaViL model on Megatron-Core (torchrun --no-python navil-pretrain ...).",
-        epilog="Any config field can also be set as section.field=value (e.g. training.train_iters=10, "
-               "model.llm.num_layers=8).",
+        description="Pretrain a NaViL model on Megatron-Core "
+        "(torchrun --no-python navil-pretrain ...).",
+        epilog="Any config field can also be set as section.field=value "
+        "(e.g. training.train_iters=10, "
+        "model.llm.num_layers=8).",
     )
     p.add_argument("--config", help="YAML run config (see examples/configs/)")
     for flag, (dotted, kind) in MEGATRON_FLAGS.items():
@@ -93,11 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, action="store_true", default=None, help=_help_for(dotted))
         else:
             p.add_argument(flag, type=kind, default=None, help=_help_for(dotted))
-    p.add_argument("--bf16", action="store_true", help="bfloat16 parameters [precision.params_dtype]")
-    p.add_argument("--data-path", nargs="+", default=None,
-                   help="datasets (navil-preprocess output dirs), optionally weighted like "
-                        "Megatron-LM: '0.7 dirA 0.3 dirB' [data.train_paths, data.train_weights]")
-    p.add_argument("--valid-data-path", nargs="+", default=None, help="held-out datasets [data.valid_paths]")
+    p.add_argument(
+        "--bf16", action="store_true", help="bfloat16 parameters [precision.params_dtype]"
+    )
+    p.add_argument(
+        "--data-path",
+        nargs="+",
+        default=None,
+        help="datasets (navil-preprocess output dirs), optionally weighted like "
+        "Megatron-LM: '0.7 dirA 0.3 dirB' [data.train_paths, data.train_weights]",
+    )
+    p.add_argument(
+        "--valid-data-path", nargs="+", default=None, help="held-out datasets [data.valid_paths]"
+    )
     p.add_argument("--model", dest="flavor", default=None, help="model flavor [model.flavor]")
     p.add_argument("overrides", nargs="*", help="section.field=value overrides")
     return p

@@ -55,9 +55,14 @@ def _main(argv) -> int:
         except (OSError, ValueError) as e:  # unreadable, corrupt or too small an image
             raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
         prompt = ([] if args.no_bos else [tok.bos_id]) + image_ids + tok.encode(args.prompt)
-        out = greedy_generate(model, prompt, pixel_values=pixels.to(device),
-                              grid_thw=grid.to(device), max_new_tokens=args.max_new_tokens,
-                              stop_ids=[tok.eos_id])
+        out = greedy_generate(
+            model,
+            prompt,
+            pixel_values=pixels.to(device),
+            grid_thw=grid.to(device),
+            max_new_tokens=args.max_new_tokens,
+            stop_ids=[tok.eos_id],
+        )
         text = tok.decode([i for i in out if i != tok.eos_id])
         # stdout carries only the results (JSON lines, for pipes); logs go to stderr.
         sys.stdout.write(json.dumps({"image": path, "step": meta["step"], "caption": text}) + "\n")

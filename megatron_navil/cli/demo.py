@@ -19,8 +19,14 @@ log = get_logger(__name__)
 
 def _main(argv) -> int:
     p = argparse.ArgumentParser(prog="navil-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--flavor", default="debug-internlm2", help="model flavor (see megatron_navil.config.FLAVORS)")
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps on the same synthetic pack")
+    p.add_argument(
+        "--flavor",
+        default="debug-internlm2",
+        help="model flavor (see megatron_navil.config.FLAVORS)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=5, help="optimizer steps on the same synthetic pack"
+    )
     p.add_argument("--seq-length", type=int, default=256, help="tokens per packed micro-batch")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=1234, help="random seed")
@@ -41,9 +47,17 @@ def _main(argv) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     total, active = cfg.num_parameters()
-    log.info("%s: %.2fM parameters (%.2fM activated per token), backend %s on %s",
-             args.flavor, total / 1e6, active / 1e6, model.backend.name, device)
-    batch = synthetic_batch(cfg, args.seq_length, torch.Generator().manual_seed(args.seed)).to(device)
+    log.info(
+        "%s: %.2fM parameters (%.2fM activated per token), backend %s on %s",
+        args.flavor,
+        total / 1e6,
+        active / 1e6,
+        model.backend.name,
+        device,
+    )
+    batch = synthetic_batch(cfg, args.seq_length, torch.Generator().manual_seed(args.seed)).to(
+        device
+    )
     counted = counted_positions(batch, cfg.img_context_id).sum()
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     losses = []

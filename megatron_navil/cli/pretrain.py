@@ -1,4 +1,7 @@
-"""navil-pretrain: the main training job (torchrun --nproc_per_node N --no-python navil-pretrain ...)."""
+"""navil-pretrain: the main training job.
+
+torchrun --nproc_per_node N --no-python navil-pretrain ...
+"""
 
 from __future__ import annotations
 

@@ -23,8 +23,24 @@ from megatron_navil.config.model import (
 from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
 
 __all__ = [
-    "ConfigBase", "ConfigError", "field_docs", "FLAVORS", "get_flavor", "propose_vision_config",
-    "propose_vision_size", "IMG_CONTEXT", "IMG_END", "IMG_FRAME_BREAK", "IMG_LINE_BREAK",
-    "IMG_START", "SPECIAL_TOKENS", "ConnectorConfig", "ExpertConfig", "LLMConfig",
-    "NaViLModelConfig", "VisionConfig", "ParallelConfig", "PrecisionConfig",
+    "ConfigBase",
+    "ConfigError",
+    "field_docs",
+    "FLAVORS",
+    "get_flavor",
+    "propose_vision_config",
+    "propose_vision_size",
+    "IMG_CONTEXT",
+    "IMG_END",
+    "IMG_FRAME_BREAK",
+    "IMG_LINE_BREAK",
+    "IMG_START",
+    "SPECIAL_TOKENS",
+    "ConnectorConfig",
+    "ExpertConfig",
+    "LLMConfig",
+    "NaViLModelConfig",
+    "VisionConfig",
+    "ParallelConfig",
+    "PrecisionConfig",
 ]

@@ -53,7 +53,9 @@ class ConfigBase:
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, path: str = "") -> "ConfigBase":
         if not isinstance(data, dict):
-            raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}")
+            raise ConfigError(
+                f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}"
+            )
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
@@ -104,9 +106,11 @@ def yaml_loader():
         k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
         for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
-    Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
-                                 re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                 list("tTfF"))
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool",
+        re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+        list("tTfF"),
+    )
     return Loader
 
 

@@ -83,16 +83,23 @@ class DataConfig(ConfigBase):
         if self.seq_length % self.pad_multiple:
             raise ConfigError(
                 f"data.seq_length ({self.seq_length}) must be a multiple of data.pad_multiple "
-                f"({self.pad_multiple}: FP8 needs 16, sequence parallel the TP size)")
+                f"({self.pad_multiple}: FP8 needs 16, sequence parallel the TP size)"
+            )
         if self.train_weights and len(self.train_weights) != len(self.train_paths):
             raise ConfigError(
                 f"data.train_weights has {len(self.train_weights)} entries for "
-                f"{len(self.train_paths)} data.train_paths; give one weight per path or none")
-        if any(w < 0 for w in self.train_weights) or (self.train_weights
-                                                        and sum(self.train_weights) <= 0):
+                f"{len(self.train_paths)} data.train_paths; give one weight per path or none"
+            )
+        if any(w < 0 for w in self.train_weights) or (
+            self.train_weights and sum(self.train_weights) <= 0
+        ):
             raise ConfigError("data.train_weights must be >= 0 with a positive sum")
-        for name in ("max_images_per_pack", "pack_window", "plan_chunk_samples",
-                     "num_decode_threads"):
+        for name in (
+            "max_images_per_pack",
+            "pack_window",
+            "plan_chunk_samples",
+            "num_decode_threads",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1")
         if self.prefetch_depth < 0:
@@ -104,7 +111,8 @@ class DataConfig(ConfigBase):
         """The model config with this data config's min/max dynamic patch applied."""
         return model_cfg.replace(
             min_dynamic_patch=self.min_dynamic_patch or model_cfg.min_dynamic_patch,
-            max_dynamic_patch=self.max_dynamic_patch or model_cfg.max_dynamic_patch)
+            max_dynamic_patch=self.max_dynamic_patch or model_cfg.max_dynamic_patch,
+        )
 
     def resolved_chat_style(self, model_cfg: NaViLModelConfig) -> str:
         if self.chat_style is not None:
@@ -117,8 +125,9 @@ class DataConfig(ConfigBase):
         return self.resolved_chat_style(model_cfg) == "internlm2"
 
 
-def pad_multiple_for(tensor_model_parallel_size: int = 1, sequence_parallel: bool = False,
-                     fp8_row_multiple: int = 1) -> int:
+def pad_multiple_for(
+    tensor_model_parallel_size: int = 1, sequence_parallel: bool = False, fp8_row_multiple: int = 1
+) -> int:
     """Smallest multiple seq_length must honour: the FP8 recipe's row multiple (16, or 32 for
     MXFP8; 1 without FP8), and the TP size under SP."""
     m = fp8_row_multiple

@@ -31,7 +31,9 @@ SCALING_LAW_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.3), (1.8, 0.6), (
 def _debug(backbone: str) -> NaViLModelConfig:
     qwen = backbone == "qwen3"
     return NaViLModelConfig(
-        vision=VisionConfig(hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64),
+        vision=VisionConfig(
+            hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64
+        ),
         connector=ConnectorConfig(),
         llm=LLMConfig(
             backbone=backbone,
@@ -60,11 +62,21 @@ def _debug(backbone: str) -> NaViLModelConfig:
 def _navil_2b() -> NaViLModelConfig:
     return NaViLModelConfig(
         # 21 x 28.3M + patch embed = 0.595B parameters.
-        vision=VisionConfig(hidden_size=1536, num_layers=21, num_attention_heads=12, ffn_hidden_size=6144),
+        vision=VisionConfig(
+            hidden_size=1536, num_layers=21, num_attention_heads=12, ffn_hidden_size=6144
+        ),
         llm=LLMConfig(
-            backbone="internlm2", num_layers=24, hidden_size=2048, ffn_hidden_size=8192,
-            num_attention_heads=16, num_query_groups=8, kv_channels=128, qk_layernorm=False,
-            vocab_size=92544 + 12, first_special_token_id=92544, norm_eps=1e-5,
+            backbone="internlm2",
+            num_layers=24,
+            hidden_size=2048,
+            ffn_hidden_size=8192,
+            num_attention_heads=16,
+            num_query_groups=8,
+            kv_channels=128,
+            qk_layernorm=False,
+            vocab_size=92544 + 12,
+            first_special_token_id=92544,
+            norm_eps=1e-5,
         ),
         experts=ExpertConfig(output_proj_mode="composed"),
         template="internlm2-chat",
@@ -74,13 +86,23 @@ def _navil_2b() -> NaViLModelConfig:
 def _navil_9b() -> NaViLModelConfig:
     return NaViLModelConfig(
         # 24 x 50.3M + patch embed = 1.21B parameters.
-        vision=VisionConfig(hidden_size=2048, num_layers=24, num_attention_heads=16, ffn_hidden_size=8192),
+        vision=VisionConfig(
+            hidden_size=2048, num_layers=24, num_attention_heads=16, ffn_hidden_size=8192
+        ),
         llm=LLMConfig(
-            backbone="qwen3", num_layers=36, hidden_size=4096, ffn_hidden_size=12288,
-            num_attention_heads=32, num_query_groups=8, kv_channels=128, qk_layernorm=True,
+            backbone="qwen3",
+            num_layers=36,
+            hidden_size=4096,
+            ffn_hidden_size=12288,
+            num_attention_heads=32,
+            num_query_groups=8,
+            kv_channels=128,
+            qk_layernorm=True,
             # Qwen3's embedding has 151936 rows (tokenizer 151669 + padding); the special
             # tokens are appended after the tokenizer's own tokens, inside those rows.
-            vocab_size=151936, first_special_token_id=151669, norm_eps=1e-6,
+            vocab_size=151936,
+            first_special_token_id=151669,
+            norm_eps=1e-6,
         ),
         experts=ExpertConfig(output_proj_mode="separate"),
         template="qwen3-chat",
@@ -105,7 +127,7 @@ def get_flavor(name: str) -> NaViLModelConfig:
 
 
 def _fit() -> tuple[float, float]:
-    xs = [math.log(l) for l, _ in SCALING_LAW_POINTS]
+    xs = [math.log(llm) for llm, _ in SCALING_LAW_POINTS]
     ys = [math.log(v) for _, v in SCALING_LAW_POINTS]
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
     b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
@@ -129,12 +151,20 @@ def propose_vision_config(llm_params_billion: float, head_dim: int = 128) -> Vis
     target = propose_vision_size(llm_params_billion) * 1e9
     best = None
     for width in range(2 * head_dim, 8192 + 1, head_dim):
-        per_layer = VisionConfig(hidden_size=width, num_layers=1, num_attention_heads=width // head_dim,
-                                 ffn_hidden_size=4 * width).num_parameters()
+        per_layer = VisionConfig(
+            hidden_size=width,
+            num_layers=1,
+            num_attention_heads=width // head_dim,
+            ffn_hidden_size=4 * width,
+        ).num_parameters()
         depth = max(1, round(target / per_layer))
         score = abs(math.log(depth / 24)) + abs(math.log(depth * per_layer / target))
         if best is None or score < best[0]:
             best = (score, width, depth)
     _, width, depth = best
-    return VisionConfig(hidden_size=width, num_layers=depth, num_attention_heads=width // head_dim,
-                        ffn_hidden_size=4 * width)
+    return VisionConfig(
+        hidden_size=width,
+        num_layers=depth,
+        num_attention_heads=width // head_dim,
+        ffn_hidden_size=4 * width,
+    )

@@ -97,17 +97,24 @@ class VisionConfig(ConfigBase):
             )
         bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.num_layers]
         if bad:
-            raise ConfigError(f"vision.fullatt_block_indexes {bad} outside 0..{self.num_layers - 1}")
+            raise ConfigError(
+                f"vision.fullatt_block_indexes {bad} outside 0..{self.num_layers - 1}"
+            )
 
     def num_parameters(self) -> int:
         c, f = self.hidden_size, self.ffn_hidden_size
         per_layer = (
             2 * c  # norm1, norm2
-            + 3 * c * c + (3 * c if self.qkv_bias else 0)  # qkv
+            + 3 * c * c
+            + (3 * c if self.qkv_bias else 0)  # qkv
             + (2 * c if self.qk_normalization else 0)
-            + c * c + c  # proj
+            + c * c
+            + c  # proj
             + 2 * c  # ls1, ls2
-            + c * f + f + f * c + c  # fc1, fc2
+            + c * f
+            + f
+            + f * c
+            + c  # fc1, fc2
         )
         patch = self.num_channels * self.patch_size**2 * c + c
         return patch + self.num_layers * per_layer

@@ -45,8 +45,11 @@ class ParallelConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "expert_model_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "expert_model_parallel_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1")
         if self.expert_model_parallel_size not in (1, 2):
@@ -56,8 +59,11 @@ class ParallelConfig(ConfigBase):
             )
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("parallel.sequence_parallel needs tensor_model_parallel_size > 1")
-        if (self.expert_model_parallel_size > 1 and self.tensor_model_parallel_size > 1
-                and not self.sequence_parallel):
+        if (
+            self.expert_model_parallel_size > 1
+            and self.tensor_model_parallel_size > 1
+            and not self.sequence_parallel
+        ):
             raise ConfigError(
                 "EP > 1 with TP > 1 needs --sequence-parallel (Megatron's MoE token dispatchers "
                 "expect sequence-parallel inputs)"
@@ -93,7 +99,8 @@ class PrecisionConfig(ConfigBase):
                 raise ConfigError(
                     f"precision.fp8_padding_multiple {self.fp8_padding_multiple} does not suit "
                     f"fp8 recipe {self.fp8!r}: it needs a positive multiple of {need} (leave it "
-                    "unset to use the recipe's own)")
+                    "unset to use the recipe's own)"
+                )
 
     def row_multiple(self) -> int:
         """Rows every modality-split GEMM and the packed sequence are padded to (1 without FP8)."""

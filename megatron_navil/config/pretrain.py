@@ -71,8 +71,10 @@ class PretrainConfig(ConfigBase):
         configured_vocabulary reads it (config stays free of file formats). Required when
         `tokenizer` is set, so no caller gets the flavor's vocabulary by mistake."""
         if self.tokenizer is not None and vocabulary is None:
-            raise TypeError("resolved_model: this config names a tokenizer; pass "
-                            "vocabulary=configured_vocabulary(cfg.tokenizer)")
+            raise TypeError(
+                "resolved_model: this config names a tokenizer; pass "
+                "vocabulary=configured_vocabulary(cfg.tokenizer)"
+            )
         cfg = self._flavor_model()
         if vocabulary is not None:
             cfg = self._follow_tokenizer(cfg, *vocabulary)
@@ -91,28 +93,42 @@ class PretrainConfig(ConfigBase):
         """llm.first_special_token_id = the tokenizer's; llm.vocab_size = the tokenizer's size,
         unless the model has more rows for the same special-token position (Qwen3's padded
         embedding) or an explicit override asks for more. Contradictions are an error."""
-        explicit = {k: v for k, v in self.model.overrides.items()
-                    if k in ("llm.vocab_size", "llm.first_special_token_id")}
+        explicit = {
+            k: v
+            for k, v in self.model.overrides.items()
+            if k in ("llm.vocab_size", "llm.first_special_token_id")
+        }
         llm = cfg.llm
         if "llm.first_special_token_id" in explicit and llm.first_special_token_id != first:
             raise ConfigError(
                 f"model.llm.first_special_token_id={llm.first_special_token_id} contradicts "
                 f"--tokenizer-model {self.tokenizer}, whose special tokens start at {first}: drop "
-                "the override (the model follows its tokenizer) or use the model's own tokenizer")
+                "the override (the model follows its tokenizer) or use the model's own tokenizer"
+            )
         if "llm.vocab_size" in explicit and llm.vocab_size < size:
             raise ConfigError(
                 f"model.llm.vocab_size={llm.vocab_size} is smaller than --tokenizer-model "
-                f"{self.tokenizer} ({size} ids): drop the override or use the model's tokenizer")
-        keep_rows = "llm.vocab_size" in explicit or (llm.first_special_token_id == first
-                                                     and llm.vocab_size >= size)
-        return cfg.apply_overrides({"llm.first_special_token_id": first,
-                                    "llm.vocab_size": llm.vocab_size if keep_rows else size})
+                f"{self.tokenizer} ({size} ids): drop the override or use the model's tokenizer"
+            )
+        keep_rows = "llm.vocab_size" in explicit or (
+            llm.first_special_token_id == first and llm.vocab_size >= size
+        )
+        return cfg.apply_overrides(
+            {
+                "llm.first_special_token_id": first,
+                "llm.vocab_size": llm.vocab_size if keep_rows else size,
+            }
+        )
 
     def resolved_data(self) -> DataConfig:
-        pad = pad_multiple_for(self.parallel.tensor_model_parallel_size,
-                               self.parallel.sequence_parallel, self.precision.row_multiple())
-        return self.data.replace(seq_length=self.training.seq_length, seed=self.training.seed,
-                                 pad_multiple=pad)
+        pad = pad_multiple_for(
+            self.parallel.tensor_model_parallel_size,
+            self.parallel.sequence_parallel,
+            self.precision.row_multiple(),
+        )
+        return self.data.replace(
+            seq_length=self.training.seq_length, seed=self.training.seed, pad_multiple=pad
+        )
 
     def validate(self) -> None:
         super().validate()
@@ -131,16 +147,20 @@ class PretrainConfig(ConfigBase):
         decay = self.optimizer.lr_decay_iters or t.train_iters
         if self.optimizer.lr_warmup_iters >= decay:
             raise ConfigError(
-                f"--lr-warmup-iters {self.optimizer.lr_warmup_iters} must be smaller than the decay "
-                f"length {decay} (--lr-decay-iters, default --train-iters)"
+                f"--lr-warmup-iters {self.optimizer.lr_warmup_iters} must be smaller than the "
+                f"decay length {decay} (--lr-decay-iters, default --train-iters)"
             )
         if not self.mock_data:
             if not self.data.train_paths:
-                raise ConfigError("no training data: pass --data-path (navil-preprocess output "
-                                  "directories) or --mock-data")
+                raise ConfigError(
+                    "no training data: pass --data-path (navil-preprocess output "
+                    "directories) or --mock-data"
+                )
             if self.tokenizer is None:
-                raise ConfigError("--tokenizer-model is required with real data (the loader "
-                                  "tokenizes text and chat turns)")
+                raise ConfigError(
+                    "--tokenizer-model is required with real data (the loader "
+                    "tokenizes text and chat turns)"
+                )
         if t.eval_interval and not (self.data.valid_paths or self.mock_data):
             raise ConfigError("--eval-interval needs --valid-data-path")
         c = self.checkpoint

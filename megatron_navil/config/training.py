@@ -40,8 +40,10 @@ class TrainingConfig(ConfigBase):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1")
         if self.seq_length % 16:
-            raise ConfigError(f"training.seq_length ({self.seq_length}) must be a multiple of 16 "
-                              "(FP8 GEMMs and the sequence-parallel split need it)")
+            raise ConfigError(
+                f"training.seq_length ({self.seq_length}) must be a multiple of 16 "
+                "(FP8 GEMMs and the sequence-parallel split need it)"
+            )
 
     def num_microbatches(self, dp_size: int) -> int:
         per_step = self.micro_batch_size * dp_size

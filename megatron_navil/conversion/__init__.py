@@ -20,6 +20,17 @@ from megatron_navil.conversion.to_megatron import (
     write_megatron_checkpoint,
 )
 
-__all__ = ["hf_to_megatron", "ParamMapping", "expand", "mappings",
-           "ConversionError", "from_hf_config", "to_hf_config", "export_hf", "import_hf",
-           "load_hf_config", "write_megatron_checkpoint", "ConversionReport"]
+__all__ = [
+    "hf_to_megatron",
+    "ParamMapping",
+    "expand",
+    "mappings",
+    "ConversionError",
+    "from_hf_config",
+    "to_hf_config",
+    "export_hf",
+    "import_hf",
+    "load_hf_config",
+    "write_megatron_checkpoint",
+    "ConversionReport",
+]

@@ -23,12 +23,15 @@ def _check_consumed(source: dict, used: set, side: str) -> None:
     extra = sorted(set(source) - used)
     if extra:
         shown = ", ".join(extra[:8]) + (" ..." if len(extra) > 8 else "")
-        raise KeyError(f"{len(extra)} {side} key(s) not mapped by the NaViL registry: {shown}; "
-                       "the checkpoint does not match the model config")
+        raise KeyError(
+            f"{len(extra)} {side} key(s) not mapped by the NaViL registry: {shown}; "
+            "the checkpoint does not match the model config"
+        )
 
 
-def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: NaViLModelConfig,
-                   padded_vocab: int) -> dict[str, torch.Tensor]:
+def hf_to_megatron(
+    hf: dict[str, torch.Tensor], cfg: NaViLModelConfig, padded_vocab: int
+) -> dict[str, torch.Tensor]:
     out, used = {}, set()
     for transform, meg, names in _pairs(cfg, padded_vocab):
         missing = [n for n in names if n not in hf]
@@ -38,4 +41,3 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: NaViLModelConfig,
         used.update(names)
     _check_consumed(hf, used, "HF")
     return out
-

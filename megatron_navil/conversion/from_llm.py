@@ -34,7 +34,9 @@ from megatron_navil.conversion.hf_llm import EMBED, HEAD, HFLLM, IGNORED_SUFFIXE
 from megatron_navil.conversion.plan import hf_shapes
 
 _VE = re.compile(r"_ve(?=\.|$)")
-_SCALED = re.compile(r"(attn\.proj|mlp\.fc2|attention\.wo_ve|o_proj_ve|feed_forward_ve\.w2|mlp_ve\.down_proj)\.weight$")
+_SCALED = re.compile(
+    r"(attn\.proj|mlp\.fc2|attention\.wo_ve|o_proj_ve|feed_forward_ve\.w2|mlp_ve\.down_proj)\.weight$"
+)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -62,17 +64,30 @@ def fresh_tensor(name: str, shape: tuple, cfg: NaViLModelConfig, seed: int) -> t
 class LLMAsNaViLSource:
     """The HF NaViL tensors of a model initialised from `llm` (see the module docstring)."""
 
-    def __init__(self, llm: HFLLM, cfg: NaViLModelConfig, visual_experts: str = "copy",
-                 seed: int = 0, dtype: Optional[torch.dtype] = None):
+    def __init__(
+        self,
+        llm: HFLLM,
+        cfg: NaViLModelConfig,
+        visual_experts: str = "copy",
+        seed: int = 0,
+        dtype: Optional[torch.dtype] = None,
+    ):
         if visual_experts not in ("copy", "random"):
-            raise ConversionError(f"--visual-experts must be copy or random, got {visual_experts!r}")
+            raise ConversionError(
+                f"--visual-experts must be copy or random, got {visual_experts!r}"
+            )
         self.llm, self.cfg, self.visual, self.seed = llm, cfg, visual_experts, seed
         self.shapes = hf_shapes(cfg)
         self.dtype = dtype or llm.weights.info(EMBED[llm.backbone])[1]
         self._mean: Optional[torch.Tensor] = None
-        embed, head = "language_model." + EMBED[llm.backbone], "language_model." + HEAD[llm.backbone]
-        self.rows_from = {embed: EMBED[llm.backbone],
-                          head: EMBED[llm.backbone] if llm.tied else HEAD[llm.backbone]}
+        embed, head = (
+            "language_model." + EMBED[llm.backbone],
+            "language_model." + HEAD[llm.backbone],
+        )
+        self.rows_from = {
+            embed: EMBED[llm.backbone],
+            head: EMBED[llm.backbone] if llm.tied else HEAD[llm.backbone],
+        }
         used = {self._text_name(n) for n in self.shapes if n.startswith("language_model.")}
         used.discard(None)
         have = {n for n in llm.weights.names() if not n.endswith(IGNORED_SUFFIXES)}
@@ -83,22 +98,29 @@ class LLMAsNaViLSource:
     def _check(self, used: set, have: set) -> None:
         missing, extra = sorted(used - have), sorted(have - used)
         if missing:
-            raise ConversionError(f"{self.llm.dir} lacks {', '.join(missing[:6])} (needed by a "
-                                  f"{self.cfg.llm.num_layers}-layer {self.llm.backbone} LLM)")
+            raise ConversionError(
+                f"{self.llm.dir} lacks {', '.join(missing[:6])} (needed by a "
+                f"{self.cfg.llm.num_layers}-layer {self.llm.backbone} LLM)"
+            )
         if extra:
-            raise ConversionError(f"{self.llm.dir} holds {', '.join(extra[:6])}, which llm-to-navil "
-                                  "does not map; is config.json consistent with the weights?")
+            raise ConversionError(
+                f"{self.llm.dir} holds {', '.join(extra[:6])}, which llm-to-navil "
+                "does not map; is config.json consistent with the weights?"
+            )
         for navil_name in self.shapes:
             name = self._text_name(navil_name) if navil_name.startswith("language_model.") else None
             if name is None:
                 continue
             want, got = self.shapes[navil_name], tuple(self.llm.weights.info(name)[0])
             # Embedding and LM head may gain rows (special tokens); everything else is exact.
-            ok = got == want or (navil_name in self.rows_from and got[1:] == want[1:]
-                                 and got[0] <= want[0])
+            ok = got == want or (
+                navil_name in self.rows_from and got[1:] == want[1:] and got[0] <= want[0]
+            )
             if not ok:
-                raise ConversionError(f"{self.llm.dir}: {name} has shape {list(got)}, config.json "
-                                      f"implies {list(want)}")
+                raise ConversionError(
+                    f"{self.llm.dir}: {name} has shape {list(got)}, config.json "
+                    f"implies {list(want)}"
+                )
 
     def _text_name(self, name: str) -> Optional[str]:
         """LLM tensor behind a `language_model.*` NaViL name (None: not from the LLM)."""
@@ -106,7 +128,7 @@ class LLMAsNaViLSource:
             return self.rows_from[name]
         if _VE.search(name) and self.visual == "random":
             return None
-        return _VE.sub("", name[len("language_model."):])
+        return _VE.sub("", name[len("language_model.") :])
 
     # ---------------------------------------------------------------- Source protocol
     def names(self) -> list[str]:
@@ -127,8 +149,11 @@ class LLMAsNaViLSource:
             return fresh_tensor(name, shape, self.cfg, self.seed).to(self.dtype)
         t = self.llm.weights.load(self._text_name(name)).to(self.dtype)
         if name in self.rows_from and t.shape[0] < shape[0]:
-            mean = self._mean_row() if self.rows_from[name] == EMBED[self.llm.backbone] \
+            mean = (
+                self._mean_row()
+                if self.rows_from[name] == EMBED[self.llm.backbone]
                 else _row_mean(t)
+            )
             t = torch.cat([t, mean.to(self.dtype).expand(shape[0] - t.shape[0], -1)])
         return t
 
@@ -142,14 +167,23 @@ def _row_mean(t: torch.Tensor, block: int = 8192) -> torch.Tensor:
     """Mean row in float32, in blocks (no float32 copy of a large table)."""
     acc = torch.zeros(t.shape[1], dtype=torch.float64)
     for i in range(0, t.shape[0], block):
-        acc += t[i:i + block].to(torch.float64).sum(0)
+        acc += t[i : i + block].to(torch.float64).sum(0)
     return (acc / t.shape[0]).to(torch.float32)
 
 
-def llm_to_navil(llm_dir: Path, flavor: NaViLModelConfig, output: Path, *,
-                 first_special_token_id: Optional[int] = None, visual_experts: Optional[str] = None,
-                 seed: int = 0, dtype: Optional[torch.dtype] = None, parallel=None,
-                 overwrite: bool = False, progress: bool = False):
+def llm_to_navil(
+    llm_dir: Path,
+    flavor: NaViLModelConfig,
+    output: Path,
+    *,
+    first_special_token_id: Optional[int] = None,
+    visual_experts: Optional[str] = None,
+    seed: int = 0,
+    dtype: Optional[torch.dtype] = None,
+    parallel=None,
+    overwrite: bool = False,
+    progress: bool = False,
+):
     """Write the first NaViL Megatron checkpoint at `output`; returns (config, report)."""
     import dataclasses
 
@@ -160,14 +194,23 @@ def llm_to_navil(llm_dir: Path, flavor: NaViLModelConfig, output: Path, *,
     llm = read_hf_llm(llm_dir)
     cfg = navil_config_for(llm, flavor, first_special_token_id)
     if visual_experts is not None:
-        cfg = dataclasses.replace(cfg, experts=dataclasses.replace(cfg.experts, visual_init=visual_experts))
+        cfg = dataclasses.replace(
+            cfg, experts=dataclasses.replace(cfg.experts, visual_init=visual_experts)
+        )
     try:
         cfg.validate()
     except ConfigError as e:
         raise ConversionError(f"the LLM in {llm_dir} does not fit the flavor: {e}") from None
     source = LLMAsNaViLSource(llm, cfg, cfg.experts.visual_init, seed, dtype)
     report = write_megatron_checkpoint(
-        source, cfg, output, dtype=source.dtype, parallel=parallel, tokenizer_dir=Path(llm_dir),
+        source,
+        cfg,
+        output,
+        dtype=source.dtype,
+        parallel=parallel,
+        tokenizer_dir=Path(llm_dir),
         extra_metadata={"initialised_from_llm": str(llm_dir), "seed": seed},
-        overwrite=overwrite, progress=progress)
+        overwrite=overwrite,
+        progress=progress,
+    )
     return cfg, report

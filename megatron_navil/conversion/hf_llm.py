@@ -62,19 +62,26 @@ def read_hf_llm(directory: Path) -> HFLLM:
     backbone = backbone_of(c)
     weights = SafetensorsDir(directory)
     if EMBED[backbone] not in weights:
-        raise ConversionError(f"{directory} has no {EMBED[backbone]}: not an {backbone} checkpoint "
-                              "in the HF layout")
+        raise ConversionError(
+            f"{directory} has no {EMBED[backbone]}: not an {backbone} checkpoint in the HF layout"
+        )
     tied = bool(c.get("tie_word_embeddings", False))
     if not tied and HEAD[backbone] not in weights:
-        raise ConversionError(f"{directory} has no {HEAD[backbone]} and config.json does not tie "
-                              "the embeddings")
+        raise ConversionError(
+            f"{directory} has no {HEAD[backbone]} and config.json does not tie the embeddings"
+        )
     rows = weights.info(EMBED[backbone])[0][0]
     if c.get("vocab_size", rows) != rows:
-        raise ConversionError(f"{directory}/config.json says vocab_size {c['vocab_size']}, but "
-                              f"{EMBED[backbone]} has {rows} rows")
+        raise ConversionError(
+            f"{directory}/config.json says vocab_size {c['vocab_size']}, but "
+            f"{EMBED[backbone]} has {rows} rows"
+        )
     if c.get("rope_scaling"):
-        log.warning("%s: rope_scaling %s is not modelled by NaViL (RoPE uses rope_theta only)",
-                    directory, c["rope_scaling"])
+        log.warning(
+            "%s: rope_scaling %s is not modelled by NaViL (RoPE uses rope_theta only)",
+            directory,
+            c["rope_scaling"],
+        )
     return HFLLM(directory, backbone, c, weights, tied)
 
 
@@ -85,7 +92,9 @@ def tokenizer_vocab_end(directory: Path) -> Optional[int]:
         import sentencepiece as spm
 
         try:
-            ends.append(spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).get_piece_size())
+            ends.append(
+                spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")).get_piece_size()
+            )
         except (OSError, RuntimeError):
             raise ConversionError(f"{d / 'tokenizer.model'} is not a sentencepiece model") from None
     for name in ("tokenizer.json", "vocab.json", "added_tokens.json", "tokenizer_config.json"):
@@ -109,12 +118,15 @@ def tokenizer_vocab_end(directory: Path) -> Optional[int]:
     return max(ends) if ends else None
 
 
-def navil_config_for(llm: HFLLM, flavor: NaViLModelConfig,
-                     first_special_token_id: Optional[int] = None) -> NaViLModelConfig:
+def navil_config_for(
+    llm: HFLLM, flavor: NaViLModelConfig, first_special_token_id: Optional[int] = None
+) -> NaViLModelConfig:
     """The flavor's config with its `llm` section taken from the HF LLM."""
     if flavor.llm.backbone != llm.backbone:
-        raise ConversionError(f"the flavor expects an {flavor.llm.backbone} backbone, but {llm.dir} "
-                              f"is {llm.backbone}; pick a {llm.backbone} flavor")
+        raise ConversionError(
+            f"the flavor expects an {flavor.llm.backbone} backbone, but {llm.dir} "
+            f"is {llm.backbone}; pick a {llm.backbone} flavor"
+        )
     c, rows = llm.config, llm.embedding_rows
     first = first_special_token_id
     if first is None:
@@ -123,25 +135,37 @@ def navil_config_for(llm: HFLLM, flavor: NaViLModelConfig,
         end = tokenizer_vocab_end(llm.dir)
         first = end if end is not None else rows
     if first > rows:
-        raise ConversionError(f"special tokens would start at id {first}, past the {rows} embedding "
-                              "rows of the LLM; pass --first-special-token-id <= rows")
+        raise ConversionError(
+            f"special tokens would start at id {first}, past the {rows} embedding "
+            "rows of the LLM; pass --first-special-token-id <= rows"
+        )
     heads = c.get("num_attention_heads")
     hidden = c.get("hidden_size")
     if not heads or not hidden or "num_hidden_layers" not in c or "intermediate_size" not in c:
-        raise ConversionError(f"{llm.dir}/config.json lacks hidden_size / num_attention_heads / "
-                              "num_hidden_layers / intermediate_size")
+        raise ConversionError(
+            f"{llm.dir}/config.json lacks hidden_size / num_attention_heads / "
+            "num_hidden_layers / intermediate_size"
+        )
     new_llm = dataclasses.replace(
-        flavor.llm, num_layers=c["num_hidden_layers"], hidden_size=hidden,
-        ffn_hidden_size=c["intermediate_size"], num_attention_heads=heads,
+        flavor.llm,
+        num_layers=c["num_hidden_layers"],
+        hidden_size=hidden,
+        ffn_hidden_size=c["intermediate_size"],
+        num_attention_heads=heads,
         num_query_groups=c.get("num_key_value_heads") or heads,
-        kv_channels=c.get("head_dim") or hidden // heads, qk_layernorm=llm.backbone == "qwen3",
-        vocab_size=max(rows, first + len(SPECIAL_TOKENS)), first_special_token_id=first,
+        kv_channels=c.get("head_dim") or hidden // heads,
+        qk_layernorm=llm.backbone == "qwen3",
+        vocab_size=max(rows, first + len(SPECIAL_TOKENS)),
+        first_special_token_id=first,
         rope_theta=float(hf_llm_value(c, "rope_theta")),
         norm_eps=float(hf_llm_value(c, "rms_norm_eps")),
         init_method_std=float(hf_llm_value(c, "initializer_range")),
     )
-    changed = [f"{f.name} {getattr(flavor.llm, f.name)} -> {getattr(new_llm, f.name)}"
-               for f in dataclasses.fields(new_llm) if getattr(flavor.llm, f.name) != getattr(new_llm, f.name)]
+    changed = [
+        f"{f.name} {getattr(flavor.llm, f.name)} -> {getattr(new_llm, f.name)}"
+        for f in dataclasses.fields(new_llm)
+        if getattr(flavor.llm, f.name) != getattr(new_llm, f.name)
+    ]
     if changed:
         log.info("llm section from %s (differs from the flavor): %s", llm.dir, "; ".join(changed))
     return dataclasses.replace(flavor, llm=new_llm)

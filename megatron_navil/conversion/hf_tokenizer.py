@@ -50,9 +50,14 @@ from typing import Any, Optional
 from megatron_navil.config.model import SPECIAL_TOKENS
 
 TOKENIZER_CLASS = "GemmaTokenizer"
-"""The transformers class named in our tokenizer_config.json (slow, sentencepiece, no remote code)."""
-STYLES = {"internlm2": "internlm2", "qwen3": "qwen3", "internlm2-chat": "internlm2",
-          "qwen3-chat": "qwen3"}
+"""The transformers class named in our tokenizer_config.json (slow, sentencepiece, no remote
+code)."""
+STYLES = {
+    "internlm2": "internlm2",
+    "qwen3": "qwen3",
+    "internlm2-chat": "internlm2",
+    "qwen3-chat": "qwen3",
+}
 """Chat styles (megatron_navil.data.chat_template) by style or NaViL template name."""
 SPECIAL_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
 """Template markers registered as special (skip_special_tokens drops them, as Qwen's and
@@ -78,7 +83,7 @@ def chat_template_jinja(style: str) -> str:
     """
     if style not in ("internlm2", "qwen3"):
         raise ValueError(f"unknown chat style {style!r}")
-    role_of = ("(m['role'] if m['role'] is defined else m['from']) | string | lower")
+    role_of = "(m['role'] if m['role'] is defined else m['from']) | string | lower"
     parts = [
         "{%- set roles = {'system': 'system', 'user': 'user', 'human': 'user', "
         "'assistant': 'assistant', 'gpt': 'assistant'} -%}",
@@ -101,9 +106,11 @@ def chat_template_jinja(style: str) -> str:
         "{{- '<|im_start|>' + role + '\\n' -}}",
     ]
     if style == "qwen3":
-        parts.append("{%- if role == 'assistant' and loop.last and loop.index0 > ns.last_user "
-                     "and (empty_think is not defined or empty_think) -%}"
-                     "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}")
+        parts.append(
+            "{%- if role == 'assistant' and loop.last and loop.index0 > ns.last_user "
+            "and (empty_think is not defined or empty_think) -%}"
+            "{{- '<think>\\n\\n</think>\\n\\n' -}}{%- endif -%}"
+        )
     parts += [
         "{{- content + '<|im_end|>\\n' -}}",
         "{%- endfor -%}",
@@ -113,13 +120,23 @@ def chat_template_jinja(style: str) -> str:
 
 
 def _added(content: str, special: bool = True) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
-            "single_word": False, "special": special}
+    return {
+        "content": content,
+        "lstrip": False,
+        "normalized": False,
+        "rstrip": False,
+        "single_word": False,
+        "special": special,
+    }
 
 
 def _control(tok) -> dict[str, int]:
-    return {"unk_token": tok.unk_id, "bos_token": tok.bos_id, "eos_token": tok.eos_id,
-            "pad_token": tok.pad_id}
+    return {
+        "unk_token": tok.unk_id,
+        "bos_token": tok.bos_id,
+        "eos_token": tok.eos_id,
+        "pad_token": tok.pad_id,
+    }
 
 
 def _added_tokens(tok) -> dict[str, tuple[int, bool]]:
@@ -131,9 +148,12 @@ def _added_tokens(tok) -> dict[str, tuple[int, bool]]:
     return out
 
 
-def sentencepiece_hf_files(directory: Path, style: Optional[str] = None,
-                           model_max_length: Optional[int] = None,
-                           previous: Optional[dict] = None) -> dict[str, dict]:
+def sentencepiece_hf_files(
+    directory: Path,
+    style: Optional[str] = None,
+    model_max_length: Optional[int] = None,
+    previous: Optional[dict] = None,
+) -> dict[str, dict]:
     """File name -> content of the HF files for the NaViLTokenizer in `directory`:
     tokenizer_config.json, special_tokens_map.json and, when `tokenizer_json` can express the
     model, tokenizer.json.
@@ -150,7 +170,10 @@ def sentencepiece_hf_files(directory: Path, style: Optional[str] = None,
     if style is not None:
         add_bos, template = style == "internlm2", chat_template_jinja(style)
     else:
-        add_bos, template = bool(previous.get("add_bos_token", False)), previous.get("chat_template")
+        add_bos, template = (
+            bool(previous.get("add_bos_token", False)),
+            previous.get("chat_template"),
+        )
     max_len = model_max_length if model_max_length is not None else previous.get("model_max_length")
     config = {
         "tokenizer_class": TOKENIZER_CLASS,
@@ -195,47 +218,90 @@ def tokenizer_json(tok) -> Optional[dict[str, Any]]:
     m = pb.ModelProto()
     m.ParseFromString(tok.sp.serialized_model_proto())
     ns, ts = m.normalizer_spec, m.trainer_spec
-    normal = {p.piece: i for i, p in enumerate(m.pieces) if p.type == pb.ModelProto.SentencePiece.NORMAL}
+    normal = {
+        p.piece: i for i, p in enumerate(m.pieces) if p.type == pb.ModelProto.SentencePiece.NORMAL
+    }
     user = {p.piece for p in m.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED}
-    if (ns.precompiled_charsmap or m.denormalizer_spec.precompiled_charsmap
-            or ns.remove_extra_whitespaces or not ns.escape_whitespaces
-            or ts.treat_whitespace_as_suffix or ts.model_type not in (ts.UNIGRAM, ts.BPE)
-            or (ns.add_dummy_prefix and user - set(tok.template_tokens))):
+    if (
+        ns.precompiled_charsmap
+        or m.denormalizer_spec.precompiled_charsmap
+        or ns.remove_extra_whitespaces
+        or not ns.escape_whitespaces
+        or ts.treat_whitespace_as_suffix
+        or ts.model_type not in (ts.UNIGRAM, ts.BPE)
+        or (ns.add_dummy_prefix and user - set(tok.template_tokens))
+    ):
         # NOTE: other user-defined pieces must be split off first in `tokenizers`, which adds a
         # dummy prefix after them; sentencepiece (and NaViLTokenizer) do not.
         return None
     added = _added_tokens(tok)
-    added.update({m.pieces[i].piece: (i, False) for i in range(len(m.pieces))
-                  if m.pieces[i].piece in user and m.pieces[i].piece not in added})
+    added.update(
+        {
+            m.pieces[i].piece: (i, False)
+            for i in range(len(m.pieces))
+            if m.pieces[i].piece in user and m.pieces[i].piece not in added
+        }
+    )
     vocab = {p.piece: i for i, p in enumerate(m.pieces)}
     if ts.model_type == ts.BPE:
         # Every split of a normal piece into two normal pieces is a merge, ranked by the merged
         # piece's score (sentencepiece merges the adjacent pair whose result scores highest).
         merges = []
         for piece, i in normal.items():
-            local = sorted(((piece[:k], piece[k:]) for k in range(1, len(piece))
-                            if piece[:k] in normal and piece[k:] in normal),
-                           key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+            local = sorted(
+                (
+                    (piece[:k], piece[k:])
+                    for k in range(1, len(piece))
+                    if piece[:k] in normal and piece[k:] in normal
+                ),
+                key=lambda lr: (vocab[lr[0]], vocab[lr[1]]),
+            )
             merges += [(m.pieces[i].score, left, right) for left, right in local]
         merges.sort(key=lambda x: (-x[0], len(x[1]), len(x[2])))
-        model = {"type": "BPE", "dropout": None, "unk_token": m.pieces[ts.unk_id].piece,
-                 "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-                 "byte_fallback": bool(ts.byte_fallback), "ignore_merges": False,
-                 "vocab": vocab, "merges": [[left, right] for _, left, right in merges]}
+        model = {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": m.pieces[ts.unk_id].piece,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": bool(ts.byte_fallback),
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[left, right] for _, left, right in merges],
+        }
     else:
-        model = {"type": "Unigram", "unk_id": ts.unk_id, "byte_fallback": bool(ts.byte_fallback),
-                 "vocab": [[p.piece, p.score] for p in m.pieces]}
+        model = {
+            "type": "Unigram",
+            "unk_id": ts.unk_id,
+            "byte_fallback": bool(ts.byte_fallback),
+            "vocab": [[p.piece, p.score] for p in m.pieces],
+        }
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
     prepend = [{"type": "Prepend", "prepend": "\u2581"}] if ns.add_dummy_prefix else []
-    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    decoders = [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
     if ns.add_dummy_prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     return {
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": i, "content": t, "single_word": False, "lstrip": False,
-                          "rstrip": False, "normalized": False, "special": special}
-                         for t, (i, special) in sorted(added.items(), key=lambda kv: kv[1][0])],
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": special,
+            }
+            for t, (i, special) in sorted(added.items(), key=lambda kv: kv[1][0])
+        ],
         "normalizer": {"type": "Sequence", "normalizers": prepend + [replace]},
         "pre_tokenizer": None,
         "post_processor": None,  # transformers sets BOS/EOS from add_bos_token / add_eos_token

@@ -32,8 +32,11 @@ class _AllOnMeta(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs:
             kwargs["device"] = "meta"
-        if func in (torch.Tensor.cuda, torch.Tensor.to) and isinstance(args[0], torch.Tensor) \
-                and args[0].device.type == "meta":
+        if (
+            func in (torch.Tensor.cuda, torch.Tensor.to)
+            and isinstance(args[0], torch.Tensor)
+            and args[0].device.type == "meta"
+        ):
             return args[0]
         return func(*args, **kwargs)
 
@@ -50,12 +53,17 @@ def ensure_single_process_world() -> None:
     from megatron_navil.utils.distributed import initialize_model_parallel
 
     if torch.distributed.is_initialized():
-        if torch.distributed.get_world_size() != 1 or not parallel_state.model_parallel_is_initialized() \
-                or parallel_state.get_tensor_model_parallel_world_size() != 1 \
-                or parallel_state.get_pipeline_model_parallel_world_size() != 1 \
-                or parallel_state.get_expert_model_parallel_world_size() != 1:
-            raise ConversionError("writing a Megatron checkpoint from HF weights runs in one process "
-                                  "(navil-convert); it cannot run inside a multi-process job")
+        if (
+            torch.distributed.get_world_size() != 1
+            or not parallel_state.model_parallel_is_initialized()
+            or parallel_state.get_tensor_model_parallel_world_size() != 1
+            or parallel_state.get_pipeline_model_parallel_world_size() != 1
+            or parallel_state.get_expert_model_parallel_world_size() != 1
+        ):
+            raise ConversionError(
+                "writing a Megatron checkpoint from HF weights runs in one process "
+                "(navil-convert); it cannot run inside a multi-process job"
+            )
         return
     if "MASTER_PORT" not in os.environ:
         import socket
@@ -93,8 +101,12 @@ def canonical_sharded_layout(cfg: NaViLModelConfig, dtype: torch.dtype) -> Canon
     ensure_single_process_world()
     name = dtype_name(dtype)
     with torch.device("meta"), _AllOnMeta():
-        model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=name))
-    params = {k: p for k, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)}
+        model = NaViLModel(
+            cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=name)
+        )
+    params = {
+        k: p for k, p in model.state_dict(keep_vars=True).items() if isinstance(p, torch.Tensor)
+    }
     by_storage = {p.untyped_storage()._cdata: k for k, p in params.items()}
     sharded = {"model": model.sharded_state_dict(metadata=dict(SHARDING_METADATA))}
     apply_factories(sharded)
@@ -104,8 +116,14 @@ def canonical_sharded_layout(cfg: NaViLModelConfig, dtype: torch.dtype) -> Canon
             if not is_main_replica(item.replica_id):
                 continue  # Megatron saves one copy of replicated tensors
             data = item.data
-            views.append(SlotView(by_storage[data.untyped_storage()._cdata], tuple(data.size()),
-                                  tuple(data.stride()), data.storage_offset()))
+            views.append(
+                SlotView(
+                    by_storage[data.untyped_storage()._cdata],
+                    tuple(data.size()),
+                    tuple(data.stride()),
+                    data.storage_offset(),
+                )
+            )
             tensors.append(item)
         elif isinstance(item, ShardedObject):
             if not is_main_replica(item.replica_id):
@@ -113,5 +131,7 @@ def canonical_sharded_layout(cfg: NaViLModelConfig, dtype: torch.dtype) -> Canon
             objects.setdefault(item.unique_key, []).append(item)
         else:
             raise TypeError(f"unexpected item in the model's sharded state dict: {type(item)}")
-    shapes = {k: (tuple(p.shape), p.dtype) for k, p in params.items() if not k.endswith("_extra_state")}
+    shapes = {
+        k: (tuple(p.shape), p.dtype) for k, p in params.items() if not k.endswith("_extra_state")
+    }
     return CanonicalLayout(tensors, views, objects, shapes)

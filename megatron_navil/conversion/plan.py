@@ -46,8 +46,11 @@ def padded_vocab(cfg: NaViLModelConfig) -> int:
 
 
 def pairs(cfg: NaViLModelConfig) -> list[Pair]:
-    return [Pair(meg, hf, m.transform, m.tp)
-            for m in mappings(cfg, padded_vocab(cfg)) for meg, hf in expand(m, cfg)]
+    return [
+        Pair(meg, hf, m.transform, m.tp)
+        for m in mappings(cfg, padded_vocab(cfg))
+        for meg, hf in expand(m, cfg)
+    ]
 
 
 def hf_shapes(cfg: NaViLModelConfig) -> dict[str, tuple[int, ...]]:
@@ -61,7 +64,9 @@ def hf_shapes(cfg: NaViLModelConfig) -> dict[str, tuple[int, ...]]:
 
 def megatron_shapes(cfg: NaViLModelConfig) -> dict[str, tuple[int, ...]]:
     shapes = hf_shapes(cfg)
-    return {p.megatron: tuple(p.transform.megatron_shape([shapes[n] for n in p.hf])) for p in pairs(cfg)}
+    return {
+        p.megatron: tuple(p.transform.megatron_shape([shapes[n] for n in p.hf])) for p in pairs(cfg)
+    }
 
 
 def _listing(names: list[str]) -> str:
@@ -74,18 +79,24 @@ def check_source(source: Source, cfg: NaViLModelConfig) -> torch.dtype:
     have = set(source.names())
     missing = sorted(set(want) - have)
     if missing:
-        raise ConversionError(f"{source.describe()} lacks {_listing(missing)}; the weights do not "
-                              "match the model config (config.json)")
+        raise ConversionError(
+            f"{source.describe()} lacks {_listing(missing)}; the weights do not "
+            "match the model config (config.json)"
+        )
     extra = sorted(have - set(want))
     if extra:
-        raise ConversionError(f"{source.describe()} holds {_listing(extra)}, which the NaViL "
-                              "registry does not map; the weights do not match the model config")
+        raise ConversionError(
+            f"{source.describe()} holds {_listing(extra)}, which the NaViL "
+            "registry does not map; the weights do not match the model config"
+        )
     dtypes = {}
     for name, shape in want.items():
         got, dtype = source.info(name)
         if tuple(got) != shape:
-            raise ConversionError(f"{source.describe()}: {name} has shape {list(got)}, the model "
-                                  f"config needs {list(shape)}")
+            raise ConversionError(
+                f"{source.describe()}: {name} has shape {list(got)}, the model "
+                f"config needs {list(shape)}"
+            )
         if not dtype.is_floating_point:
             raise ConversionError(f"{source.describe()}: {name} is {dtype}, not a float tensor")
         dtypes[dtype] = dtypes.get(dtype, 0) + 1
@@ -100,10 +111,14 @@ def check_layout(cfg: NaViLModelConfig, parallel: ParallelConfig) -> None:
         raise ConversionError(str(e)) from None
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if parallel.expert_model_parallel_size > 1 and not cfg.experts.ffn_experts:
-        raise ConversionError("--expert-model-parallel-size 2 needs FFN experts (experts.ffn_experts)")
+        raise ConversionError(
+            "--expert-model-parallel-size 2 needs FFN experts (experts.ffn_experts)"
+        )
     if cfg.llm.num_layers < pp:
-        raise ConversionError(f"{cfg.llm.num_layers} LLM layers cannot fill "
-                              f"--pipeline-model-parallel-size {pp} stages")
+        raise ConversionError(
+            f"{cfg.llm.num_layers} LLM layers cannot fill "
+            f"--pipeline-model-parallel-size {pp} stages"
+        )
     shapes = megatron_shapes(cfg)
     for p in pairs(cfg):
         p.tp.check(p.megatron, shapes[p.megatron], tp)

@@ -19,8 +19,14 @@ log = get_logger(__name__)
 class ByteProgress:
     """Counts bytes written; `enabled=False` makes it silent (library calls, tests)."""
 
-    def __init__(self, desc: str, total_bytes: int, enabled: bool = True,
-                 interactive: Optional[bool] = None, log_every_s: float = 30.0):
+    def __init__(
+        self,
+        desc: str,
+        total_bytes: int,
+        enabled: bool = True,
+        interactive: Optional[bool] = None,
+        log_every_s: float = 30.0,
+    ):
         self.desc, self.total, self.done = desc, total_bytes, 0
         self.enabled, self.log_every_s = enabled, log_every_s
         self.start = self._last = time.perf_counter()
@@ -28,8 +34,15 @@ class ByteProgress:
         if enabled and (sys.stderr.isatty() if interactive is None else interactive):
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total_bytes, desc=desc, unit="B", unit_scale=True,
-                             unit_divisor=1024, file=sys.stderr, dynamic_ncols=True)
+            self._bar = tqdm(
+                total=total_bytes,
+                desc=desc,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                file=sys.stderr,
+                dynamic_ncols=True,
+            )
 
     def update(self, nbytes: int) -> None:
         self.done += nbytes
@@ -39,9 +52,14 @@ class ByteProgress:
         now = time.perf_counter()
         if self.enabled and now - self._last >= self.log_every_s:
             self._last = now
-            log.info("%s: %.2f / %.2f GB (%.0f%%), %.2f GB/s", self.desc, self.done / 1e9,
-                     self.total / 1e9, 100.0 * self.done / max(self.total, 1),
-                     self.done / 1e9 / max(now - self.start, 1e-9))
+            log.info(
+                "%s: %.2f / %.2f GB (%.0f%%), %.2f GB/s",
+                self.desc,
+                self.done / 1e9,
+                self.total / 1e9,
+                100.0 * self.done / max(self.total, 1),
+                self.done / 1e9 / max(now - self.start, 1e-9),
+            )
 
     def close(self) -> float:
         """Finish; returns the elapsed seconds."""

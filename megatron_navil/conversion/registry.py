@@ -40,7 +40,9 @@ class ParamMapping:
     """How the Megatron tensor is split over tensor-parallel ranks."""
 
 
-def _m(megatron: str, *hf: str, transform: Transform = IDENTITY, tp: TPSplit = REPLICATED) -> ParamMapping:
+def _m(
+    megatron: str, *hf: str, transform: Transform = IDENTITY, tp: TPSplit = REPLICATED
+) -> ParamMapping:
     return ParamMapping(megatron, tuple(hf), transform, tp)
 
 
@@ -54,13 +56,25 @@ def vision_mappings(cfg: NaViLModelConfig) -> list[ParamMapping]:
     qkv = HeadInterleave(heads=v.num_attention_heads)
     per_head = TPSplit(axis=0, unit=3 * v.head_dim)  # a head's [q_h, k_h, v_h] rows stay together
     out = [
-        _m("vision_model.patch_embed.weight", "vision_model.embeddings.patch_embedding.weight",
-           transform=PatchEmbed(channels=v.num_channels, patch=v.patch_size)),
+        _m(
+            "vision_model.patch_embed.weight",
+            "vision_model.embeddings.patch_embedding.weight",
+            transform=PatchEmbed(channels=v.num_channels, patch=v.patch_size),
+        ),
         _m("vision_model.patch_embed.bias", "vision_model.embeddings.patch_embedding.bias"),
         _m(ml + "input_layernorm.weight", hl + "norm1.weight"),
         _m(ml + "pre_mlp_layernorm.weight", hl + "norm2.weight"),
-        _m(ml + "self_attention.linear_qkv.weight", hl + "attn.qkv.weight", transform=qkv, tp=per_head),
-        _m(ml + "self_attention.linear_proj.weight", hl + "attn.proj.weight", tp=TPSplit(1, unit=v.head_dim)),
+        _m(
+            ml + "self_attention.linear_qkv.weight",
+            hl + "attn.qkv.weight",
+            transform=qkv,
+            tp=per_head,
+        ),
+        _m(
+            ml + "self_attention.linear_proj.weight",
+            hl + "attn.proj.weight",
+            tp=TPSplit(1, unit=v.head_dim),
+        ),
         _m(ml + "self_attention.linear_proj.bias", hl + "attn.proj.bias"),
         _m(ml + "attn_layerscale.weight", hl + "ls1"),
         _m(ml + "mlp_layerscale.weight", hl + "ls2"),
@@ -70,12 +84,20 @@ def vision_mappings(cfg: NaViLModelConfig) -> list[ParamMapping]:
         _m(ml + "mlp.linear_fc2.bias", hl + "mlp.fc2.bias"),
     ]
     if v.qkv_bias:
-        out.append(_m(ml + "self_attention.linear_qkv.bias", hl + "attn.qkv.bias", transform=qkv,
-                      tp=per_head))
+        out.append(
+            _m(
+                ml + "self_attention.linear_qkv.bias",
+                hl + "attn.qkv.bias",
+                transform=qkv,
+                tp=per_head,
+            )
+        )
     if v.qk_normalization:  # full-width norms, sharded like q and k (TPRMSNorm)
         head = TPSplit(axis=0, unit=v.head_dim)
-        out += [_m(ml + "self_attention.q_norm.weight", hl + "attn.q_norm.weight", tp=head),
-                _m(ml + "self_attention.k_norm.weight", hl + "attn.k_norm.weight", tp=head)]
+        out += [
+            _m(ml + "self_attention.q_norm.weight", hl + "attn.q_norm.weight", tp=head),
+            _m(ml + "self_attention.k_norm.weight", hl + "attn.k_norm.weight", tp=head),
+        ]
     return out
 
 
@@ -94,24 +116,33 @@ def _hf_llm_names(cfg: NaViLModelConfig) -> dict[str, object]:
     """The backbone's HF names for each role (text weights; `_ve` suffixes added below)."""
     if cfg.llm.backbone == "internlm2":
         p = "language_model.model.layers.*."
-        return dict(embed="language_model.model.tok_embeddings.weight",
-                    head="language_model.output.weight", norm="language_model.model.norm.weight",
-                    attn_norm=p + "attention_norm.weight", ffn_norm=p + "ffn_norm.weight",
-                    qkv=lambda ve: (f"{p}attention.wqkv{ve}.weight",),
-                    proj=lambda ve: f"{p}attention.wo{ve}.weight",
-                    qnorm=None, knorm=None,
-                    gate_up=lambda ve: (f"{p}feed_forward{ve}.w1.weight", f"{p}feed_forward{ve}.w3.weight"),
-                    down=lambda ve: f"{p}feed_forward{ve}.w2.weight")
+        return dict(
+            embed="language_model.model.tok_embeddings.weight",
+            head="language_model.output.weight",
+            norm="language_model.model.norm.weight",
+            attn_norm=p + "attention_norm.weight",
+            ffn_norm=p + "ffn_norm.weight",
+            qkv=lambda ve: (f"{p}attention.wqkv{ve}.weight",),
+            proj=lambda ve: f"{p}attention.wo{ve}.weight",
+            qnorm=None,
+            knorm=None,
+            gate_up=lambda ve: (f"{p}feed_forward{ve}.w1.weight", f"{p}feed_forward{ve}.w3.weight"),
+            down=lambda ve: f"{p}feed_forward{ve}.w2.weight",
+        )
     p = "language_model.model.layers.*."
-    return dict(embed="language_model.model.embed_tokens.weight",
-                head="language_model.lm_head.weight", norm="language_model.model.norm.weight",
-                attn_norm=p + "input_layernorm.weight", ffn_norm=p + "post_attention_layernorm.weight",
-                qkv=lambda ve: tuple(f"{p}self_attn.{x}_proj{ve}.weight" for x in "qkv"),
-                proj=lambda ve: f"{p}self_attn.o_proj{ve}.weight",
-                qnorm=lambda ve: f"{p}self_attn.q_norm{ve}.weight",
-                knorm=lambda ve: f"{p}self_attn.k_norm{ve}.weight",
-                gate_up=lambda ve: (f"{p}mlp{ve}.gate_proj.weight", f"{p}mlp{ve}.up_proj.weight"),
-                down=lambda ve: f"{p}mlp{ve}.down_proj.weight")
+    return dict(
+        embed="language_model.model.embed_tokens.weight",
+        head="language_model.lm_head.weight",
+        norm="language_model.model.norm.weight",
+        attn_norm=p + "input_layernorm.weight",
+        ffn_norm=p + "post_attention_layernorm.weight",
+        qkv=lambda ve: tuple(f"{p}self_attn.{x}_proj{ve}.weight" for x in "qkv"),
+        proj=lambda ve: f"{p}self_attn.o_proj{ve}.weight",
+        qnorm=lambda ve: f"{p}self_attn.q_norm{ve}.weight",
+        knorm=lambda ve: f"{p}self_attn.k_norm{ve}.weight",
+        gate_up=lambda ve: (f"{p}mlp{ve}.gate_proj.weight", f"{p}mlp{ve}.up_proj.weight"),
+        down=lambda ve: f"{p}mlp{ve}.down_proj.weight",
+    )
 
 
 def llm_mappings(cfg: NaViLModelConfig, padded_vocab: int) -> list[ParamMapping]:
@@ -119,8 +150,11 @@ def llm_mappings(cfg: NaViLModelConfig, padded_vocab: int) -> list[ParamMapping]
     n = _hf_llm_names(cfg)
     vocab = PadVocab(vocab=llm.vocab_size, padded=padded_vocab)
     # InternLM2's fused wqkv already has Megatron's grouped row layout.
-    qkv = IDENTITY if llm.backbone == "internlm2" else GroupedQKV(groups=llm.num_query_groups,
-                                                                   head_dim=llm.kv_channels)
+    qkv = (
+        IDENTITY
+        if llm.backbone == "internlm2"
+        else GroupedQKV(groups=llm.num_query_groups, head_dim=llm.kv_channels)
+    )
     group_rows = (llm.num_attention_heads // llm.num_query_groups + 2) * llm.kv_channels
     qkv_tp, proj_tp = TPSplit(axis=0, unit=group_rows), TPSplit(axis=1, unit=llm.kv_channels)
     ml = "language_model.decoder.layers.*."
@@ -135,17 +169,27 @@ def llm_mappings(cfg: NaViLModelConfig, padded_vocab: int) -> list[ParamMapping]
     modalities = [("text", ""), ("visual", "_ve")] if experts.attention_experts else [(None, "")]
     for name, ve in modalities:
         sub = f".{name}" if name else ""
-        out.append(_m(f"{ml}self_attention.linear_qkv{sub}.weight", *n["qkv"](ve), transform=qkv,
-                      tp=qkv_tp))
+        out.append(
+            _m(
+                f"{ml}self_attention.linear_qkv{sub}.weight",
+                *n["qkv"](ve),
+                transform=qkv,
+                tp=qkv_tp,
+            )
+        )
         out.append(_m(f"{ml}self_attention.linear_proj{sub}.weight", n["proj"](ve), tp=proj_tp))
         if llm.qk_layernorm:
             out.append(_m(f"{ml}self_attention.q_layernorm{sub}.weight", n["qnorm"](ve)))
             out.append(_m(f"{ml}self_attention.k_layernorm{sub}.weight", n["knorm"](ve)))
-    ffn = [(f"{ml}mlp.experts.local_experts.{i}.", ve) for i, ve in enumerate(["", "_ve"])] \
-        if experts.ffn_experts else [(f"{ml}mlp.", "")]
+    ffn = (
+        [(f"{ml}mlp.experts.local_experts.{i}.", ve) for i, ve in enumerate(["", "_ve"])]
+        if experts.ffn_experts
+        else [(f"{ml}mlp.", "")]
+    )
     for prefix, ve in ffn:
-        out.append(_m(prefix + "linear_fc1.weight", *n["gate_up"](ve), transform=GatedMLP(),
-                      tp=SWIGLU))
+        out.append(
+            _m(prefix + "linear_fc1.weight", *n["gate_up"](ve), transform=GatedMLP(), tp=SWIGLU)
+        )
         out.append(_m(prefix + "linear_fc2.weight", n["down"](ve), tp=ROW))
     return out
 
@@ -159,6 +203,10 @@ def expand(mapping: ParamMapping, cfg: NaViLModelConfig) -> list[tuple[str, tupl
     """Concrete (megatron, hf names) pairs of one mapping (one per layer for `*`)."""
     if "*" not in mapping.megatron:
         return [(mapping.megatron, mapping.hf)]
-    layers = cfg.vision.num_layers if mapping.megatron.startswith("vision_model") else cfg.llm.num_layers
-    return [(mapping.megatron.replace("*", str(i)), tuple(h.replace("*", str(i)) for h in mapping.hf))
-            for i in range(layers)]
+    layers = (
+        cfg.vision.num_layers if mapping.megatron.startswith("vision_model") else cfg.llm.num_layers
+    )
+    return [
+        (mapping.megatron.replace("*", str(i)), tuple(h.replace("*", str(i)) for h in mapping.hf))
+        for i in range(layers)
+    ]

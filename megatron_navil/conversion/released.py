@@ -30,29 +30,70 @@ from megatron_navil.config.model import NaViLModelConfig
 
 RELEASED_REPOS = {"internlm2": "OpenGVLab/NaViL-2B", "qwen3": "OpenGVLab/NaViL-9B"}
 """Hub repositories whose remote code loads an export of each LLM family."""
-AUTO_MAP = {"AutoConfig": "configuration_navil_chat.NaViLChatConfig",
-            "AutoModel": "modeling_navil_chat.NaViL",
-            "AutoModelForCausalLM": "modeling_navil_chat.NaViL"}
+AUTO_MAP = {
+    "AutoConfig": "configuration_navil_chat.NaViLChatConfig",
+    "AutoModel": "modeling_navil_chat.NaViL",
+    "AutoModelForCausalLM": "modeling_navil_chat.NaViL",
+}
 """The released config.json's auto_map (module.Class, relative to the code's repository)."""
 CODE_FILES = ("configuration_navil_chat.py", "modeling_navil_chat.py")
 """Files a local copy of the released code (`--modeling-code`) must have at least."""
-RELEASED_TEMPLATES = ("internvl_zh", "Hermes-2", "Hermes-2-imgen", "internlm2-chat",
-                      "internlm2-chat-imgen", "phi3-chat", "qwen3-chat")
+RELEASED_TEMPLATES = (
+    "internvl_zh",
+    "Hermes-2",
+    "Hermes-2-imgen",
+    "internlm2-chat",
+    "internlm2-chat-imgen",
+    "phi3-chat",
+    "qwen3-chat",
+)
 """Conversation templates the released conversation.py registers."""
 LLM_ARCHITECTURES = {"internlm2": "InternLM2VEForCausalLM", "qwen3": "Qwen3VEForCausalLM"}
 """llm_config.architectures of each LLM family in the release."""
 MAX_ASPECT_RATIO = 200
 GENERATION_CONFIG = {"_from_model_config": True, "transformers_version": "4.51.0"}
 """generation_config.json as the release writes it (generation settings come from the chat code)."""
-REQUIRED_TOP = ("architectures", "model_type", "vision_config", "llm_config", "template",
-                "downsample_ratio", "select_layer", "ps_version", "min_dynamic_patch",
-                "max_dynamic_patch", "scale_downsample_ratio", "force_image_size", "auto_map")
-REQUIRED_VISION = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                   "patch_size", "qkv_bias", "qk_normalization", "norm_type", "layer_norm_eps",
-                   "initializer_factor", "window_size", "image_size")
-REQUIRED_LLM = ("architectures", "hidden_size", "intermediate_size", "num_attention_heads",
-                "num_key_value_heads", "num_hidden_layers", "rms_norm_eps", "rope_theta",
-                "vocab_size", "max_position_embeddings")
+REQUIRED_TOP = (
+    "architectures",
+    "model_type",
+    "vision_config",
+    "llm_config",
+    "template",
+    "downsample_ratio",
+    "select_layer",
+    "ps_version",
+    "min_dynamic_patch",
+    "max_dynamic_patch",
+    "scale_downsample_ratio",
+    "force_image_size",
+    "auto_map",
+)
+REQUIRED_VISION = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "patch_size",
+    "qkv_bias",
+    "qk_normalization",
+    "norm_type",
+    "layer_norm_eps",
+    "initializer_factor",
+    "window_size",
+    "image_size",
+)
+REQUIRED_LLM = (
+    "architectures",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "rms_norm_eps",
+    "rope_theta",
+    "vocab_size",
+    "max_position_embeddings",
+)
 
 
 def auto_map(backbone: str, local: bool = False) -> dict[str, str]:

@@ -29,9 +29,18 @@ import torch
 from megatron_navil.conversion.errors import ConversionError
 
 INDEX_FILE = "model.safetensors.index.json"
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-          "U8": torch.uint8, "BOOL": torch.bool}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 DEFAULT_SHARD_BYTES = 5 * 1024**3  # Hugging Face's default max_shard_size ("5GB")
 
@@ -64,13 +73,16 @@ def read_header(path: Union[str, Path]) -> dict[str, TensorInfo]:
     except OSError as e:
         raise ConversionError(f"cannot read {path}: {e.strerror}") from None
     if raw is None:
-        raise ConversionError(f"{path} is truncated or not a safetensors file ({size} bytes, header "
-                              "incomplete); re-download or re-export it")
+        raise ConversionError(
+            f"{path} is truncated or not a safetensors file ({size} bytes, header "
+            "incomplete); re-download or re-export it"
+        )
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ConversionError(f"{path}: corrupt safetensors header (not JSON); re-download or "
-                              "re-export it") from None
+        raise ConversionError(
+            f"{path}: corrupt safetensors header (not JSON); re-download or re-export it"
+        ) from None
     base, out = 8 + n, {}
     for name, meta in header.items():
         if name == "__metadata__":
@@ -85,19 +97,25 @@ def read_header(path: Union[str, Path]) -> dict[str, TensorInfo]:
             raise ConversionError(f"{path}: tensor {name!r} has an invalid header entry {meta!r}")
         expected = math.prod(shape) * dtype.itemsize
         if end - begin != expected:
-            raise ConversionError(f"{path}: tensor {name!r} has {end - begin} bytes but its shape "
-                                  f"{list(shape)} x {dtype} needs {expected}; the file is corrupt")
+            raise ConversionError(
+                f"{path}: tensor {name!r} has {end - begin} bytes but its shape "
+                f"{list(shape)} x {dtype} needs {expected}; the file is corrupt"
+            )
         out[name] = TensorInfo(name, path, dtype, shape, base + begin, base + end)
     pos = base
     for info in sorted(out.values(), key=lambda i: i.start):
         if info.start != pos:
-            raise ConversionError(f"{path}: tensor {info.name!r} does not start where the previous "
-                                  "one ends; the file is corrupt")
+            raise ConversionError(
+                f"{path}: tensor {info.name!r} does not start where the previous "
+                "one ends; the file is corrupt"
+            )
         pos = info.end
     if pos > size:
         last = max(out.values(), key=lambda i: i.end)
-        raise ConversionError(f"{path} is truncated: {size} bytes, but tensor {last.name!r} ends "
-                              f"at byte {last.end}; re-download or re-export it")
+        raise ConversionError(
+            f"{path} is truncated: {size} bytes, but tensor {last.name!r} ends "
+            f"at byte {last.end}; re-download or re-export it"
+        )
     return out
 
 
@@ -126,17 +144,23 @@ class SafetensorsDir:
                 raise ConversionError(f"{index} lists {name}, which is missing from {self.dir}")
             for key, info in read_header(path).items():
                 if key in self.tensors:
-                    raise ConversionError(f"tensor {key!r} is in both {self.tensors[key].file} and "
-                                          f"{path}; remove the duplicate shard")
+                    raise ConversionError(
+                        f"tensor {key!r} is in both {self.tensors[key].file} and "
+                        f"{path}; remove the duplicate shard"
+                    )
                 self.tensors[key] = info
         if weight_map is not None:
             for key, name in weight_map.items():
                 if key not in self.tensors or Path(self.tensors[key].file).name != name:
-                    raise ConversionError(f"{index} says {key!r} is in {name}, which does not hold it")
+                    raise ConversionError(
+                        f"{index} says {key!r} is in {name}, which does not hold it"
+                    )
             unindexed = sorted(set(self.tensors) - set(weight_map))
             if unindexed:
-                raise ConversionError(f"{self.tensors[unindexed[0]].file} holds {unindexed[0]!r} "
-                                      f"(and {len(unindexed) - 1} more) not listed in {index}")
+                raise ConversionError(
+                    f"{self.tensors[unindexed[0]].file} holds {unindexed[0]!r} "
+                    f"(and {len(unindexed) - 1} more) not listed in {index}"
+                )
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -158,21 +182,32 @@ class SafetensorsDir:
         # Read straight into the tensor's memory. Not via .numpy(): that marks the storage as
         # shared with numpy (not resizable), and the checkpoint writer frees written tensors by
         # resizing their storage.
-        target = (ctypes.c_char * info.nbytes).from_address(buf.data_ptr()) if info.nbytes else bytearray()
+        target = (
+            (ctypes.c_char * info.nbytes).from_address(buf.data_ptr())
+            if info.nbytes
+            else bytearray()
+        )
         with open(info.file, "rb") as f:
             f.seek(info.start)
             got = f.readinto(memoryview(target).cast("B"))
         if got != info.nbytes:
-            raise ConversionError(f"{info.file} is truncated: tensor {name!r} needs {info.nbytes} "
-                                  f"bytes at offset {info.start}, read {got}")
+            raise ConversionError(
+                f"{info.file} is truncated: tensor {name!r} needs {info.nbytes} "
+                f"bytes at offset {info.start}, read {got}"
+            )
         return buf.view(info.dtype).reshape(info.shape)
 
 
 class ShardedSafetensorsWriter:
     """Writes tensors, in a fixed plan order, into `model-0000i-of-0000n.safetensors` + index."""
 
-    def __init__(self, out_dir: Union[str, Path], plan: Iterable[tuple[str, torch.dtype, tuple]],
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, prefix: str = "model"):
+    def __init__(
+        self,
+        out_dir: Union[str, Path],
+        plan: Iterable[tuple[str, torch.dtype, tuple]],
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        prefix: str = "model",
+    ):
         self.out_dir = Path(out_dir)
         self.plan = [(n, d, tuple(s)) for n, d, s in plan]
         shards: list[list[tuple[str, torch.dtype, tuple]]] = [[]]
@@ -200,8 +235,11 @@ class ShardedSafetensorsWriter:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, dtype, shape in entries:
             nbytes = math.prod(shape) * dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format pads the header so data starts 8-aligned
@@ -223,8 +261,10 @@ class ShardedSafetensorsWriter:
             raise RuntimeError(f"tensor {name} is not in the write plan")
         want, dtype, shape = self.plan[self._pos]
         if name != want or tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise RuntimeError(f"write order broken: expected {want} {dtype} {list(shape)}, got "
-                               f"{name} {tensor.dtype} {list(tensor.shape)}")
+            raise RuntimeError(
+                f"write order broken: expected {want} {dtype} {list(shape)}, got "
+                f"{name} {tensor.dtype} {list(tensor.shape)}"
+            )
         if self._left_in_shard == 0:
             self._open_next()
         data = tensor.detach().contiguous().cpu()
@@ -246,4 +286,3 @@ class ShardedSafetensorsWriter:
 
     def abort(self) -> None:
         self._close_file()
-

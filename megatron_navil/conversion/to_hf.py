@@ -67,11 +67,18 @@ def _from_checkpoint(path: Path, model_cfg: Optional[NaViLModelConfig]):
     except CheckpointError as e:
         raise ConversionError(str(e)) from None
     except (KeyError, ValueError) as e:
-        raise ConversionError(f"{it}/navil_checkpoint.json has no usable model config ({e})") from None
+        raise ConversionError(
+            f"{it}/navil_checkpoint.json has no usable model config ({e})"
+        ) from None
     cfg = model_cfg or saved
     reader = DistCheckpointReader(it)
     _check_stored_keys(reader, cfg)
-    return cfg, (lambda n: reader.load([n])[n]), (lambda n: reader.info(n)[1]), checkpoint_tokenizer(it)
+    return (
+        cfg,
+        (lambda n: reader.load([n])[n]),
+        (lambda n: reader.info(n)[1]),
+        checkpoint_tokenizer(it),
+    )
 
 
 def checkpoint_tokenizer(iteration: Path) -> Path:
@@ -89,13 +96,17 @@ def _check_stored_keys(reader, cfg: NaViLModelConfig) -> None:
     for name, shape in want.items():
         got, _ = reader.info(name)
         if tuple(got) != shape:
-            raise ConversionError(f"{reader.dir}: {name} is stored as {list(got)}, the model config "
-                                  f"in navil_checkpoint.json needs {list(shape)}")
+            raise ConversionError(
+                f"{reader.dir}: {name} is stored as {list(got)}, the model config "
+                f"in navil_checkpoint.json needs {list(shape)}"
+            )
         used.update(reader.parts(name))
     extra = sorted(set(reader.tensor_keys()) - used)
     if extra:
-        raise ConversionError(f"{reader.dir} holds {', '.join(extra[:6])}, which the NaViL registry "
-                              "does not map; the checkpoint does not match its model config")
+        raise ConversionError(
+            f"{reader.dir} holds {', '.join(extra[:6])}, which the NaViL registry "
+            "does not map; the checkpoint does not match its model config"
+        )
 
 
 def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: NaViLModelConfig):
@@ -107,7 +118,9 @@ def _from_state_dict(state: Mapping[str, torch.Tensor], cfg: NaViLModelConfig):
         raise ConversionError(f"the Megatron state dict {what} {odd[0]} ({len(odd)} key(s) differ)")
     for name, shape in want.items():
         if tuple(state[name].shape) != shape:
-            raise ConversionError(f"{name} has shape {list(state[name].shape)}, the model needs {list(shape)}")
+            raise ConversionError(
+                f"{name} has shape {list(state[name].shape)}, the model needs {list(shape)}"
+            )
     return (lambda n: state[n].detach().cpu()), (lambda n: state[n].dtype)
 
 
@@ -118,17 +131,25 @@ def _modeling_files(code_dir: Optional[Union[str, Path]]) -> list[Path]:
     code_dir = Path(code_dir)
     missing = [n for n in CODE_FILES if not (code_dir / n).is_file()]
     if missing:
-        raise ConversionError(f"--modeling-code {code_dir} lacks {', '.join(missing)}; point it at a "
-                              "copy of the released NaViL-2B (InternLM2) or NaViL-9B (Qwen3) code")
+        raise ConversionError(
+            f"--modeling-code {code_dir} lacks {', '.join(missing)}; point it at a "
+            "copy of the released NaViL-2B (InternLM2) or NaViL-9B (Qwen3) code"
+        )
     return sorted(code_dir.glob("*.py"))
 
 
-def export_hf(weights: Weights, out_dir: Union[str, Path],
-              model_cfg: Optional[NaViLModelConfig] = None,
-              tokenizer_dir: Optional[Union[str, Path]] = None, *,
-              dtype: Optional[torch.dtype] = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              overwrite: bool = False, progress: bool = False,
-              modeling_code: Optional[Union[str, Path]] = None) -> ConversionReport:
+def export_hf(
+    weights: Weights,
+    out_dir: Union[str, Path],
+    model_cfg: Optional[NaViLModelConfig] = None,
+    tokenizer_dir: Optional[Union[str, Path]] = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    overwrite: bool = False,
+    progress: bool = False,
+    modeling_code: Optional[Union[str, Path]] = None,
+) -> ConversionReport:
     """Write an HF NaViL directory at `out_dir`.
 
     `weights`: a checkpoint root or `iter_*` directory (any TP/PP/EP; `model_cfg` optional, taken
@@ -190,8 +211,13 @@ def export_hf(weights: Weights, out_dir: Union[str, Path],
             write_tokenizer_files(tok, tmp, cfg.llm.first_special_token_id)
         problems = tuple(check_release(tmp))
     seconds = time.perf_counter() - start
-    log.info("exported %s: %d tensors, %.2f GB in %.1f s", out_dir, len(plan), writer.total_bytes / 1e9,
-             seconds)
+    log.info(
+        "exported %s: %d tensors, %.2f GB in %.1f s",
+        out_dir,
+        len(plan),
+        writer.total_bytes / 1e9,
+        seconds,
+    )
     for line in problems:
         log.warning("release check: %s", line)
     return ConversionReport(out_dir, len(plan), writer.total_bytes, seconds, problems)
@@ -203,10 +229,12 @@ def _unsharded_state_dict(chunks: list) -> dict[str, torch.Tensor]:
     sharded = parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() > 1
         or parallel_state.get_pipeline_model_parallel_world_size() > 1
-        or parallel_state.get_expert_model_parallel_world_size() > 1)
+        or parallel_state.get_expert_model_parallel_world_size() > 1
+    )
     if sharded or len(chunks) != 1:
-        raise ConversionError("export_hf from model chunks needs an unsharded model (TP=PP=EP=1, "
-                              "no virtual pipeline); pass the saved checkpoint directory instead")
+        raise ConversionError(
+            "export_hf from model chunks needs an unsharded model (TP=PP=EP=1, "
+            "no virtual pipeline); pass the saved checkpoint directory instead"
+        )
     m = chunks[0]
     return (m.module if hasattr(m, "module") else m).state_dict()
-

@@ -58,12 +58,19 @@ class ConversionReport:
         return self.bytes / 1e9 / max(self.seconds, 1e-9)
 
 
-def write_megatron_checkpoint(source: Source, cfg: NaViLModelConfig, root: Path, *, step: int = 0,
-                              dtype: Optional[torch.dtype] = None,
-                              parallel: Optional[ParallelConfig] = None,
-                              tokenizer_dir: Optional[Path] = None,
-                              extra_metadata: Optional[dict] = None, overwrite: bool = False,
-                              progress: bool = False) -> ConversionReport:
+def write_megatron_checkpoint(
+    source: Source,
+    cfg: NaViLModelConfig,
+    root: Path,
+    *,
+    step: int = 0,
+    dtype: Optional[torch.dtype] = None,
+    parallel: Optional[ParallelConfig] = None,
+    tokenizer_dir: Optional[Path] = None,
+    extra_metadata: Optional[dict] = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ConversionReport:
     """Stream `source` (HF names, HF layout) into a Megatron checkpoint root at `root`."""
     start = time.perf_counter()
     check_free(Path(root), overwrite)
@@ -91,21 +98,33 @@ def write_megatron_checkpoint(source: Source, cfg: NaViLModelConfig, root: Path,
         bar = ByteProgress(f"writing {Path(root).name}", total, enabled=progress)
         write_dist_checkpoint(it, layout, produce, bar.update)
         bar.close()
-        meta = {"format_version": FORMAT_VERSION, "step": step, "model": cfg.to_dict(),
-                "converted": {"source": source.describe(), "dtype": dtype_name(dtype),
-                              "model_only": True,
-                              "requested_layout": {
-                                  "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
-                                  "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
-                                  "expert_model_parallel_size": parallel.expert_model_parallel_size},
-                              **(extra_metadata or {})}}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "model": cfg.to_dict(),
+            "converted": {
+                "source": source.describe(),
+                "dtype": dtype_name(dtype),
+                "model_only": True,
+                "requested_layout": {
+                    "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+                    "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+                    "expert_model_parallel_size": parallel.expert_model_parallel_size,
+                },
+                **(extra_metadata or {}),
+            },
+        }
         write_json(it / METADATA, meta)
         (tmp / LATEST).write_text(str(step))
         if tokenizer_dir is not None:
             (tmp / TOKENIZER_DIR).mkdir()
-            write_tokenizer_files(tokenizer_dir, tmp / TOKENIZER_DIR, cfg.llm.first_special_token_id)
+            write_tokenizer_files(
+                tokenizer_dir, tmp / TOKENIZER_DIR, cfg.llm.first_special_token_id
+            )
     seconds = time.perf_counter() - start
-    log.info("wrote %s: %d tensors, %.2f GB in %.1f s", root, len(layout.params), total / 1e9, seconds)
+    log.info(
+        "wrote %s: %d tensors, %.2f GB in %.1f s", root, len(layout.params), total / 1e9, seconds
+    )
     return ConversionReport(Path(root), len(layout.params), total, seconds)
 
 
@@ -123,21 +142,38 @@ def load_hf_config(hf_dir: Path, first_special_token_id: Optional[int] = None) -
     cfg = from_hf_config(d, first)
     ext = d.get("megatron_navil") or {}
     if first_special_token_id is not None and ext.get("first_special_token_id", first) != first:
-        raise ConversionError(f"--first-special-token-id {first} contradicts {hf_dir / 'config.json'} "
-                              f"({ext['first_special_token_id']})")
+        raise ConversionError(
+            f"--first-special-token-id {first} contradicts {hf_dir / 'config.json'} "
+            f"({ext['first_special_token_id']})"
+        )
     return cfg
 
 
-def import_hf(hf_dir: Path, root: Path, *, step: int = 0, dtype: Optional[torch.dtype] = None,
-              parallel: Optional[ParallelConfig] = None,
-              first_special_token_id: Optional[int] = None, overwrite: bool = False,
-              progress: bool = False) -> tuple[NaViLModelConfig, ConversionReport]:
+def import_hf(
+    hf_dir: Path,
+    root: Path,
+    *,
+    step: int = 0,
+    dtype: Optional[torch.dtype] = None,
+    parallel: Optional[ParallelConfig] = None,
+    first_special_token_id: Optional[int] = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> tuple[NaViLModelConfig, ConversionReport]:
     """An HF NaViL directory (config.json + safetensors) -> Megatron checkpoint root."""
     from megatron_navil.conversion.safetensors_io import SafetensorsDir
 
     cfg = load_hf_config(hf_dir, first_special_token_id)
     source = SafetensorsDir(hf_dir)
-    report = write_megatron_checkpoint(source, cfg, root, step=step, dtype=dtype, parallel=parallel,
-                                       tokenizer_dir=Path(hf_dir), overwrite=overwrite,
-                                       progress=progress)
+    report = write_megatron_checkpoint(
+        source,
+        cfg,
+        root,
+        step=step,
+        dtype=dtype,
+        parallel=parallel,
+        tokenizer_dir=Path(hf_dir),
+        overwrite=overwrite,
+        progress=progress,
+    )
     return cfg, report

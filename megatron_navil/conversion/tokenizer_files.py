@@ -68,7 +68,9 @@ def special_token_claims(directory: Path) -> dict[str, list[tuple[int, str]]]:
         note(t, i, "navil_tokenizer.json")
     for t, i in (_load(d / "added_tokens.json") or {}).items():
         note(t, i, "added_tokens.json")
-    for i, entry in ((_load(d / "tokenizer_config.json") or {}).get("added_tokens_decoder") or {}).items():
+    for i, entry in (
+        (_load(d / "tokenizer_config.json") or {}).get("added_tokens_decoder") or {}
+    ).items():
         note(entry.get("content"), i, "tokenizer_config.json")
     for entry in (_load(d / "tokenizer.json") or {}).get("added_tokens") or []:
         note(entry.get("content"), entry.get("id"), "tokenizer.json")
@@ -90,13 +92,17 @@ def first_special_token_id(directory: Path) -> Optional[int]:
     for row, token in enumerate(SPECIAL_TOKENS):
         if token in found and found[token][0] != first + row:
             i, name = found[token]
-            raise ConversionError(f"{Path(directory) / name} gives {token} id {i}, but NaViL needs "
-                                  f"{first + row} (special tokens are consecutive from </box> = {first})")
+            raise ConversionError(
+                f"{Path(directory) / name} gives {token} id {i}, but NaViL needs "
+                f"{first + row} (special tokens are consecutive from </box> = {first})"
+            )
     return first
 
 
 def has_tokenizer(directory: Path) -> bool:
-    return any((Path(directory) / n).exists() for n in ("tokenizer.model", "tokenizer.json", "vocab.json"))
+    return any(
+        (Path(directory) / n).exists() for n in ("tokenizer.model", "tokenizer.json", "vocab.json")
+    )
 
 
 def check_tokenizer(src: Path, first_id: int) -> None:
@@ -104,16 +110,25 @@ def check_tokenizer(src: Path, first_id: int) -> None:
     conversion starts, so a mismatch fails fast)."""
     src = Path(src)
     if not has_tokenizer(src):
-        raise ConversionError(f"{src} holds no tokenizer (tokenizer.model, tokenizer.json or vocab.json)")
+        raise ConversionError(
+            f"{src} holds no tokenizer (tokenizer.model, tokenizer.json or vocab.json)"
+        )
     existing = first_special_token_id(src)
     if existing is not None and existing != first_id:
-        raise ConversionError(f"the tokenizer in {src} places </box> at id {existing}, the model at "
-                              f"{first_id} (llm.first_special_token_id); use the model's tokenizer")
+        raise ConversionError(
+            f"the tokenizer in {src} places </box> at id {existing}, the model at "
+            f"{first_id} (llm.first_special_token_id); use the model's tokenizer"
+        )
 
 
-def write_tokenizer_files(src: Path, out: Path, first_id: int, *,
-                          chat_template: Optional[str] = None,
-                          model_max_length: Optional[int] = None) -> list[str]:
+def write_tokenizer_files(
+    src: Path,
+    out: Path,
+    first_id: int,
+    *,
+    chat_template: Optional[str] = None,
+    model_max_length: Optional[int] = None,
+) -> list[str]:
     """Copy `src`'s tokenizer files into `out` and register the special tokens; returns the
     names of the files written.
 
@@ -138,8 +153,14 @@ def write_tokenizer_files(src: Path, out: Path, first_id: int, *,
     config = _load(out / "tokenizer_config.json") or {}
     decoder = config.setdefault("added_tokens_decoder", {})
     for t, i in ids.items():
-        decoder[str(i)] = {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                           "single_word": False, "special": True}
+        decoder[str(i)] = {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
     extra = config.setdefault("additional_special_tokens", [])
     config["additional_special_tokens"] = extra + [t for t in SPECIAL_TOKENS if t not in extra]
     _dump(out / "tokenizer_config.json", config)
@@ -153,8 +174,19 @@ def write_tokenizer_files(src: Path, out: Path, first_id: int, *,
     if fast is not None:
         entries = fast.setdefault("added_tokens", [])
         have = {e.get("content") for e in entries}
-        entries += [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
-                     "normalized": False, "special": True} for t, i in ids.items() if t not in have]
+        entries += [
+            {
+                "id": i,
+                "content": t,
+                "single_word": False,
+                "lstrip": False,
+                "rstrip": False,
+                "normalized": False,
+                "special": True,
+            }
+            for t, i in ids.items()
+            if t not in have
+        ]
         _dump(out / "tokenizer.json", fast)
     ours = (out / "tokenizer.model").exists() and (out / "navil_tokenizer.json").exists()
     if ours and is_ours(src_config):
@@ -170,7 +202,9 @@ def write_tokenizer_files(src: Path, out: Path, first_id: int, *,
         for name, content in files.items():
             _dump(out / name, content)
             written.append(name)
-    return sorted(set(written) | {"added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"})
+    return sorted(
+        set(written) | {"added_tokens.json", "tokenizer_config.json", "special_tokens_map.json"}
+    )
 
 
 def _navil_config(out: Path) -> dict:
@@ -188,8 +222,11 @@ def _style(chat_template: Optional[str], out: Path) -> Optional[str]:
     name = chat_template if chat_template is not None else _navil_config(out).get("template")
     style = chat_style(name)
     if name is not None and style is None:
-        log.info("chat template %r has no Jinja rendering here; tokenizer_config.json keeps the "
-                 "source's chat_template", name)
+        log.info(
+            "chat template %r has no Jinja rendering here; tokenizer_config.json keeps the "
+            "source's chat_template",
+            name,
+        )
     return style
 
 
@@ -202,8 +239,9 @@ def _wrap_sentencepiece(out: Path, first_id: int) -> list[str]:
     model's vocabulary ends exactly where the special tokens start (InternLM2: 92544)."""
     from megatron_navil.data.tokenizer import META_FILE, NaViLTokenizer
 
-    tok = NaViLTokenizer((out / "tokenizer.model").read_bytes(), origin="wrapped",
-                         source="tokenizer.model")
+    tok = NaViLTokenizer(
+        (out / "tokenizer.model").read_bytes(), origin="wrapped", source="tokenizer.model"
+    )
     if tok.first_special_token_id != first_id:
         return []  # e.g. a sentencepiece model with extra added tokens: HF files only
     tok.save(str(out))

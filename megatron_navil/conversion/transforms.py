@@ -135,8 +135,11 @@ class GroupedQKV(Transform):
     def to_hf(self, t):
         d, g, hd = t.shape[1], self.groups, self.head_dim
         blocks = t.reshape(g, -1, hd, d)  # [G, H/G + 2, hd, D]
-        return [blocks[:, :-2].reshape(-1, d), blocks[:, -2].reshape(-1, d),
-                blocks[:, -1].reshape(-1, d)]
+        return [
+            blocks[:, :-2].reshape(-1, d),
+            blocks[:, -2].reshape(-1, d),
+            blocks[:, -1].reshape(-1, d),
+        ]
 
     def megatron_shape(self, hf_shapes):
         q, k, v = hf_shapes
@@ -174,7 +177,9 @@ class PadVocab(Transform):
     def to_megatron(self, hf):
         (w,) = hf
         if w.shape[0] != self.vocab:
-            raise ValueError(f"embedding has {w.shape[0]} rows, the config says vocab_size = {self.vocab}")
+            raise ValueError(
+                f"embedding has {w.shape[0]} rows, the config says vocab_size = {self.vocab}"
+            )
         return torch.cat([w, w.new_zeros(self.padded - w.shape[0], w.shape[1])])
 
     def to_hf(self, t):

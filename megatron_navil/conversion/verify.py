@@ -48,8 +48,9 @@ def make_inputs(cfg: NaViLModelConfig, seq_length: int, seed: int) -> dict:
 
     need = sum(len(_tokens_of(cfg, s)) for s in GENERATED_SAMPLES)
     if seq_length < need:
-        raise ConversionError(f"--seq-length {seq_length} is too short for the generated inputs "
-                              f"(need >= {need})")
+        raise ConversionError(
+            f"--seq-length {seq_length} is too short for the generated inputs (need >= {need})"
+        )
     b = synthetic_batch(cfg, seq_length, torch.Generator().manual_seed(seed), GENERATED_SAMPLES)
     return {k: getattr(b, k) for k in INPUT_KEYS}
 
@@ -74,11 +75,17 @@ def read_inputs(path: Path) -> dict:
         raise ConversionError(f"--inputs {path} must hold a dict with at least 'tokens'")
     unknown = sorted(set(d) - set(INPUT_KEYS))
     if unknown:
-        raise ConversionError(f"--inputs {path}: unknown keys {unknown}; allowed: {list(INPUT_KEYS)}")
+        raise ConversionError(
+            f"--inputs {path}: unknown keys {unknown}; allowed: {list(INPUT_KEYS)}"
+        )
     t = d["tokens"].reshape(-1).long()
-    return {"tokens": t, "position_ids": d.get("position_ids", torch.arange(t.numel())).long(),
-            "cu_seqlens": d.get("cu_seqlens", torch.tensor([0, t.numel()])).to(torch.int32),
-            "pixel_values": d.get("pixel_values"), "grid_thw": d.get("grid_thw")}
+    return {
+        "tokens": t,
+        "position_ids": d.get("position_ids", torch.arange(t.numel())).long(),
+        "cu_seqlens": d.get("cu_seqlens", torch.tensor([0, t.numel()])).to(torch.int32),
+        "pixel_values": d.get("pixel_values"),
+        "grid_thw": d.get("grid_thw"),
+    }
 
 
 def megatron_logits(checkpoint: Path, cfg: NaViLModelConfig, inputs: dict, dtype: torch.dtype):
@@ -90,8 +97,9 @@ def megatron_logits(checkpoint: Path, cfg: NaViLModelConfig, inputs: dict, dtype
     from megatron_navil.utils.dtypes import dtype_name
 
     ensure_single_process_world()
-    model = NaViLModel(cfg, ParallelConfig(),
-                       PrecisionConfig(backend="local", params_dtype=dtype_name(dtype)))
+    model = NaViLModel(
+        cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype=dtype_name(dtype))
+    )
     try:
         load_model(checkpoint, [model], cfg)
     except CheckpointError as e:
@@ -99,15 +107,21 @@ def megatron_logits(checkpoint: Path, cfg: NaViLModelConfig, inputs: dict, dtype
     model.eval()
     with torch.no_grad():
         pv = inputs["pixel_values"]
-        logits, rows = model(inputs["tokens"], inputs["position_ids"], inputs["cu_seqlens"],
-                             pixel_values=None if pv is None else pv.to(dtype), grid_thw=inputs["grid_thw"])
+        logits, rows = model(
+            inputs["tokens"],
+            inputs["position_ids"],
+            inputs["cu_seqlens"],
+            pixel_values=None if pv is None else pv.to(dtype),
+            grid_thw=inputs["grid_thw"],
+        )
     del model
     gc.collect()
     return logits[:, : cfg.llm.vocab_size].double(), rows
 
 
-def reference_logits(hf_dir: Path, cfg: NaViLModelConfig, inputs: dict, rows: torch.Tensor,
-                     dtype: torch.dtype) -> torch.Tensor:
+def reference_logits(
+    hf_dir: Path, cfg: NaViLModelConfig, inputs: dict, rows: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     from megatron_navil.conversion.plan import check_source
     from megatron_navil.conversion.safetensors_io import SafetensorsDir
     from megatron_navil.reference import NaViLReference
@@ -121,8 +135,13 @@ def reference_logits(hf_dir: Path, cfg: NaViLModelConfig, inputs: dict, rows: to
         for name, p in ref.state_dict(keep_vars=True).items():
             p.copy_(source.load(name))
         pv = inputs["pixel_values"]
-        logits = ref(inputs["tokens"], inputs["position_ids"], inputs["cu_seqlens"],
-                     None if pv is None else pv.to(dtype), inputs["grid_thw"])
+        logits = ref(
+            inputs["tokens"],
+            inputs["position_ids"],
+            inputs["cu_seqlens"],
+            None if pv is None else pv.to(dtype),
+            inputs["grid_thw"],
+        )
     return logits[rows].double()
 
 
@@ -137,9 +156,17 @@ def compare(a: torch.Tensor, b: torch.Tensor, atol: float, max_kl: float) -> Ver
     return VerifyResult(a.shape[0], diff, mean_kl, worst, ok)
 
 
-def verify(checkpoint: Path, hf_dir: Path, inputs_path: Optional[Path] = None, *,
-           seq_length: int = 128, seed: int = 0, atol: float = 1e-3, max_kl: float = 1e-5,
-           dtype: torch.dtype = torch.float32) -> VerifyResult:
+def verify(
+    checkpoint: Path,
+    hf_dir: Path,
+    inputs_path: Optional[Path] = None,
+    *,
+    seq_length: int = 128,
+    seed: int = 0,
+    atol: float = 1e-3,
+    max_kl: float = 1e-5,
+    dtype: torch.dtype = torch.float32,
+) -> VerifyResult:
     from megatron_navil.checkpoint import CheckpointError, model_config_diffs, read_metadata
     from megatron_navil.conversion.to_megatron import load_hf_config
 
@@ -150,9 +177,11 @@ def verify(checkpoint: Path, hf_dir: Path, inputs_path: Optional[Path] = None, *
         raise ConversionError(str(e)) from None
     diffs = model_config_diffs(saved, hf_cfg)
     if diffs:
-        raise ConversionError(f"config mismatch: {checkpoint} and {hf_dir}/config.json describe "
-                              f"different models ({'; '.join(diffs)}); compare a checkpoint with its "
-                              "own conversion")
+        raise ConversionError(
+            f"config mismatch: {checkpoint} and {hf_dir}/config.json describe "
+            f"different models ({'; '.join(diffs)}); compare a checkpoint with its "
+            "own conversion"
+        )
     cfg = NaViLModelConfig.from_dict(saved)
     inputs = read_inputs(inputs_path) if inputs_path else make_inputs(cfg, seq_length, seed)
     meg, rows = megatron_logits(checkpoint, cfg, inputs, dtype)

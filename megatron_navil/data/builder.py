@@ -25,7 +25,10 @@ import torch
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.data.decode import (
-    DaliImageDecoder, DecodeFailure, ImageJob, normalize_pixels,
+    DaliImageDecoder,
+    DecodeFailure,
+    ImageJob,
+    normalize_pixels,
 )
 from megatron_navil.data.index import DatasetIndex, ShardReader
 from megatron_navil.data.layout import image_token_ids
@@ -65,9 +68,19 @@ class Datasets:
 
 
 class PackBuilder:
-    def __init__(self, datasets: Datasets, planned_length: np.ndarray, sizer: ImageSizer,
-                 decoder: DaliImageDecoder, cfg: NaViLModelConfig, tokenizer, chat_style: str,
-                 add_bos: bool, seq_length: int, pixel_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        datasets: Datasets,
+        planned_length: np.ndarray,
+        sizer: ImageSizer,
+        decoder: DaliImageDecoder,
+        cfg: NaViLModelConfig,
+        tokenizer,
+        chat_style: str,
+        add_bos: bool,
+        seq_length: int,
+        pixel_dtype: torch.dtype = torch.float32,
+    ):
         self.data, self.planned_length, self.sizer = datasets, planned_length, sizer
         self.decoder, self.cfg, self.tok = decoder, cfg, tokenizer
         self.chat_style, self.add_bos, self.seq_length = chat_style, add_bos, seq_length
@@ -93,14 +106,16 @@ class PackBuilder:
                 raise ValueError(f"the JSON at the index's offset is not sample {key}'s")
             tokens = build_sample_tokens(doc, img_ids, self.tok, self.chat_style, self.add_bos)
         except (ValueError, KeyError, TypeError, AttributeError) as e:
-            self._warn_once(key, "sample %s (%s): unreadable JSON, skipped: %s", key,
-                            ds.tars[shard], e)
+            self._warn_once(
+                key, "sample %s (%s): unreadable JSON, skipped: %s", key, ds.tars[shard], e
+            )
             return None
         if len(tokens.ids) != int(self.planned_length[gid]):
             raise RuntimeError(
                 f"sample {key} of {ds.root} has {len(tokens.ids)} tokens but its index implies "
                 f"{int(self.planned_length[gid])}: the index's text_tokens were counted with "
-                "another tokenizer or template. Re-run navil-preprocess with this tokenizer")
+                "another tokenizer or template. Re-run navil-preprocess with this tokenizer"
+            )
         kept = tokens.truncate(self.seq_length) if truncate else len(rows)
         s = _Sample(key, tokens)
         for r, sc in list(zip(rows, scales))[:kept]:
@@ -110,8 +125,12 @@ class PackBuilder:
         return s
 
     def build(self, pack: PlannedPack) -> NaViLBatch:
-        stats = {"skipped_samples": len(pack.skipped), "truncated_samples": len(pack.truncated),
-                 "skipped_images": 0, "corrupt_samples": 0}
+        stats = {
+            "skipped_samples": len(pack.skipped),
+            "truncated_samples": len(pack.truncated),
+            "skipped_images": 0,
+            "corrupt_samples": 0,
+        }
         truncated = set(pack.truncated)
         samples = []
         for gid in pack.samples:
@@ -129,8 +148,12 @@ class PackBuilder:
                 if isinstance(res, DecodeFailure):
                     ok = False
                     stats["skipped_images"] += 1
-                    self._warn_once(name, "image %s failed to decode at training time; its "
-                                    "sample is skipped (%s)", name, res.reason)
+                    self._warn_once(
+                        name,
+                        "image %s failed to decode at training time; its sample is skipped (%s)",
+                        name,
+                        res.reason,
+                    )
                 else:
                     s.pixels.extend(res)  # its scales, smallest first
             if ok:
@@ -162,15 +185,21 @@ class PackBuilder:
         t = torch.tensor(tokens, dtype=torch.long)
         pixels = [p for s in samples for p in s.pixels]
         grids = [(1, h, w) for s in samples for h, w in s.grids]
-        stats.update(samples=len(samples), tokens=used, padding_tokens=pad,
-                     loss_tokens=int(sum(loss)), images=sum(len(s.jobs) for s in samples),
-                     keys=[s.key for s in samples])
+        stats.update(
+            samples=len(samples),
+            tokens=used,
+            padding_tokens=pad,
+            loss_tokens=int(sum(loss)),
+            images=sum(len(s.jobs) for s in samples),
+            keys=[s.key for s in samples],
+        )
         # one uint8 concat + one float pass for the whole pack; on the GPU path these run on
         # the caller's current stream (the loader's private one, cuda_handoff.py), like the
         # decoder's allocations, so the whole pack is ordered on one stream
         pixel_values = normalize_pixels(torch.cat(pixels), self.pixel_dtype) if pixels else None
         return NaViLBatch(
-            tokens=t, labels=torch.tensor(labels, dtype=torch.long),
+            tokens=t,
+            labels=torch.tensor(labels, dtype=torch.long),
             loss_mask=torch.tensor(loss, dtype=torch.float32),
             position_ids=torch.tensor(pos, dtype=torch.long),
             cu_seqlens=torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32),

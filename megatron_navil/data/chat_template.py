@@ -22,8 +22,13 @@ CHAT_ENCODING_VERSION = 2
 loader recounts conversations counted under another version. 1: role header and content
 encoded apart; 2: whole-string tokenization between special tokens (see _Builder)."""
 STYLES = ("internlm2", "qwen3")
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-          "system": "system"}
+_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
 
 
 @dataclass
@@ -52,8 +57,10 @@ def normalize_conversation(conversation: Sequence[Any]) -> list[dict[str, str]]:
         role = _ROLES.get(str(t.get("role", t.get("from", ""))).lower())
         content = t.get("content", t.get("value"))
         if role is None or not isinstance(content, str):
-            raise ValueError(f"turn {i}: need role (system|user|assistant or human|gpt) and "
-                             f"string content, got {t!r:.80}")
+            raise ValueError(
+                f"turn {i}: need role (system|user|assistant or human|gpt) and "
+                f"string content, got {t!r:.80}"
+            )
         out.append({"role": role, "content": content})
     return out
 
@@ -106,8 +113,10 @@ class _Builder:
             for i, (s, e) in zip(ids, spans):
                 self.enc._add([i], any(ls < e and s < le for ls, le in self._loss))
         else:  # one loss value, anchors only at the ends: no offsets needed
-            self.enc._add(self.tok.encode(text, allow_special=self.allow_special) if text
-                          else [], bool(self._loss))
+            self.enc._add(
+                self.tok.encode(text, allow_special=self.allow_special) if text else [],
+                bool(self._loss),
+            )
             spans = None
         for target, slot, char, is_end in self._anchors:
             if spans is None:
@@ -120,10 +129,15 @@ class _Builder:
         self._text, self._loss, self._len, self._anchors = [], [], 0, []
 
 
-def apply_chat_template(tok, conversation: Sequence[Any], style: str = "internlm2",
-                        image_tokens: Optional[Sequence[Sequence[int]]] = None,
-                        add_generation_prompt: bool = False, empty_think: bool = True,
-                        allow_special: bool = False) -> ChatEncoding:
+def apply_chat_template(
+    tok,
+    conversation: Sequence[Any],
+    style: str = "internlm2",
+    image_tokens: Optional[Sequence[Sequence[int]]] = None,
+    add_generation_prompt: bool = False,
+    empty_think: bool = True,
+    allow_special: bool = False,
+) -> ChatEncoding:
     """Template and encode `conversation` with tokenizer `tok` (a NaViLTokenizer).
 
     The ids are those of the whole rendered string (see _Builder), as transformers'
@@ -152,8 +166,10 @@ def apply_chat_template(tok, conversation: Sequence[Any], style: str = "internlm
                 s = len(enc.ids)
                 if image_tokens is not None:
                     if images_used >= len(image_tokens):
-                        raise ValueError(f"conversation has more {IMAGE_PLACEHOLDER} placeholders "
-                                         f"than the {len(image_tokens)} image_tokens given")
+                        raise ValueError(
+                            f"conversation has more {IMAGE_PLACEHOLDER} placeholders "
+                            f"than the {len(image_tokens)} image_tokens given"
+                        )
                     enc._add(list(image_tokens[images_used]), False)
                 enc.image_spans.append((s, len(enc.ids)))
                 images_used += 1
@@ -183,8 +199,10 @@ def apply_chat_template(tok, conversation: Sequence[Any], style: str = "internlm
     b.flush()
     enc.assistant_spans = [tuple(s) for s in enc.assistant_spans]
     if image_tokens is not None and images_used != len(image_tokens):
-        raise ValueError(f"{images_used} {IMAGE_PLACEHOLDER} placeholders but "
-                         f"{len(image_tokens)} image_tokens given")
+        raise ValueError(
+            f"{images_used} {IMAGE_PLACEHOLDER} placeholders but "
+            f"{len(image_tokens)} image_tokens given"
+        )
     return enc
 
 
@@ -194,5 +212,8 @@ def count_sample_tokens(tok, content: dict, style: str) -> int:
     segments between images (no BOS/EOS)."""
     if content.get("conversations") is not None:
         return len(apply_chat_template(tok, content["conversations"], style=style).ids)
-    return sum(len(tok.encode(p, allow_special=False))
-               for p in content["text"].split(IMAGE_PLACEHOLDER) if p)
+    return sum(
+        len(tok.encode(p, allow_special=False))
+        for p in content["text"].split(IMAGE_PLACEHOLDER)
+        if p
+    )

@@ -47,8 +47,11 @@ _NULL_CONTEXT = contextlib.nullcontext()
 
 
 def _tensors(batch: NaViLBatch) -> list[torch.Tensor]:
-    return [v for v in (getattr(batch, f.name) for f in dataclasses.fields(batch))
-            if isinstance(v, torch.Tensor)]
+    return [
+        v
+        for v in (getattr(batch, f.name) for f in dataclasses.fields(batch))
+        if isinstance(v, torch.Tensor)
+    ]
 
 
 class CudaHandoff:

@@ -109,9 +109,16 @@ def cuda_available() -> bool:
 class DaliImageDecoder:
     """Decodes, resizes, pads and patchifies batches of `ImageJob`s into uint8 patches."""
 
-    def __init__(self, max_batch: int, num_scales: int, num_threads: int = 4,
-                 device: str = "cpu", patch_size: int = 16, merge_size: int = 2,
-                 device_id: Optional[int] = None):
+    def __init__(
+        self,
+        max_batch: int,
+        num_scales: int,
+        num_threads: int = 4,
+        device: str = "cpu",
+        patch_size: int = 16,
+        merge_size: int = 2,
+        device_id: Optional[int] = None,
+    ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"decode device must be cpu or gpu, got {device!r}")
         if device == "gpu" and not cuda_available():
@@ -119,8 +126,11 @@ class DaliImageDecoder:
         self.max_batch, self.num_scales = max_batch, max(1, num_scales)
         self.num_threads, self.device = num_threads, device
         self.patch, self.merge = patch_size, merge_size
-        self.device_id = (torch.cuda.current_device() if device_id is None else device_id) \
-            if device == "gpu" else None
+        self.device_id = (
+            (torch.cuda.current_device() if device_id is None else device_id)
+            if device == "gpu"
+            else None
+        )
         self._pipe = None
 
     # ------------------------------------------------------------------ pipeline
@@ -130,9 +140,15 @@ class DaliImageDecoder:
         decoder_device = "mixed" if self.device == "gpu" else "cpu"
         width = 3 * self.patch * self.patch
 
-        @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
-                      device_id=self.device_id, exec_pipelined=False, exec_async=False,
-                      prefetch_queue_depth=1, enable_conditionals=True)
+        @pipeline_def(
+            batch_size=self.max_batch,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            exec_pipelined=False,
+            exec_async=False,
+            prefetch_queue_depth=1,
+            enable_conditionals=True,
+        )
         def pipe():
             data = fn.external_source(name="bytes", dtype=types.UINT8, ndim=1)
             img = fn.decoders.image(data, device=decoder_device, output_type=types.RGB)
@@ -147,8 +163,14 @@ class DaliImageDecoder:
                 blocks = fn.external_source(name=f"blocks{s}", dtype=types.INT32, ndim=1)
                 x = img
                 if resize:  # per sample: identity scales skip the resampler
-                    x = fn.resize(x, size=size, roi_start=[0.0, 0.0], roi_end=roi,
-                                  interp_type=types.INTERP_CUBIC, antialias=True)
+                    x = fn.resize(
+                        x,
+                        size=size,
+                        roi_start=[0.0, 0.0],
+                        roi_end=roi,
+                        interp_type=types.INTERP_CUBIC,
+                        antialias=True,
+                    )
                 x = fn.pad(x, axes=(0, 1), shape=padded, fill_value=0)
                 # [bh, mh, ph, bw, mw, pw, c] -> [bh, bw, mh, mw, c, ph, pw] -> [gh*gw, c*P*P]
                 x = fn.transpose(fn.reshape(x, shape=blocks), perm=[0, 3, 1, 4, 6, 2, 5])
@@ -170,7 +192,7 @@ class DaliImageDecoder:
         """Per job: its scales' patches (or a DecodeFailure), in job order."""
         out: list[DecodeResult] = []
         for i in range(0, len(jobs), self.max_batch):
-            chunk = jobs[i:i + self.max_batch]
+            chunk = jobs[i : i + self.max_batch]
             try:
                 out.extend(self._run(chunk))
             except RuntimeError:
@@ -191,9 +213,10 @@ class DaliImageDecoder:
             self._run([_canary()])
         except RuntimeError as e:
             self._reset()
-            raise RuntimeError(f"DALI fails on a known-good image, so the failure is not the "
-                               f"data's: {_dali_reason(e)} (first error: {_dali_reason(error)})"
-                               ) from error
+            raise RuntimeError(
+                f"DALI fails on a known-good image, so the failure is not the "
+                f"data's: {_dali_reason(e)} (first error: {_dali_reason(error)})"
+            ) from error
 
     def _run(self, jobs: Sequence[ImageJob]) -> list[DecodeResult]:
         if self._pipe is None:
@@ -206,17 +229,23 @@ class DaliImageDecoder:
             sc = [j.scales[s] if s < len(j.scales) else _SPARE_SCALE for j in jobs]
             real = [s < len(j.scales) for j in jobs]
             feeds = {
-                "resize": [not r or c.resized != (j.height, j.width)
-                           for j, c, r in zip(jobs, sc, real)],
+                "resize": [
+                    not r or c.resized != (j.height, j.width) for j, c, r in zip(jobs, sc, real)
+                ],
                 "size": [c.resized for c in sc],
-                "roi": [(j.height, j.width) if r else _SPARE_SCALE.resized
-                        for j, r in zip(jobs, real)],
+                "roi": [
+                    (j.height, j.width) if r else _SPARE_SCALE.resized for j, r in zip(jobs, real)
+                ],
                 "padded": [c.padded for c in sc],
-                "blocks": [(c.padded[0] // u, m, self.patch, c.padded[1] // u, m, self.patch, 3)
-                           for c in sc]}
+                "blocks": [
+                    (c.padded[0] // u, m, self.patch, c.padded[1] // u, m, self.patch, 3)
+                    for c in sc
+                ],
+            }
             for name, values in feeds.items():
                 dtype = {"resize": np.bool_, "size": np.float32, "roi": np.float32}.get(
-                    name, np.int32)
+                    name, np.int32
+                )
                 p.feed_input(f"{name}{s}", [np.asarray(v, dtype=dtype) for v in values])
         outs = p.run()
         shapes = outs[0].as_cpu() if self.device == "gpu" else outs[0]
@@ -227,11 +256,18 @@ class DaliImageDecoder:
         for i, job in enumerate(jobs):
             h, w = (int(v) for v in np.asarray(shapes[i])[:2])
             if (h, w) != (job.height, job.width):
-                results.append(DecodeFailure(
-                    f"decoded size {h}x{w} differs from the index's {job.height}x{job.width}"))
+                results.append(
+                    DecodeFailure(
+                        f"decoded size {h}x{w} differs from the index's {job.height}x{job.width}"
+                    )
+                )
                 continue
-            results.append([slots[s][int(starts[s][i]):int(starts[s][i + 1])]
-                            for s in range(len(job.scales))])
+            results.append(
+                [
+                    slots[s][int(starts[s][i]) : int(starts[s][i + 1])]
+                    for s in range(len(job.scales))
+                ]
+            )
         return results
 
     def _copy_out(self, tensor_list) -> torch.Tensor:
@@ -247,11 +283,15 @@ class DaliImageDecoder:
         rows = sum(int(sh[0]) for sh in tensor_list.shape())
         width = 3 * self.patch * self.patch
         if self.device == "gpu":
-            out = torch.empty((rows, width), dtype=torch.uint8,
-                              device=torch.device("cuda", self.device_id))
+            out = torch.empty(
+                (rows, width), dtype=torch.uint8, device=torch.device("cuda", self.device_id)
+            )
             stream = torch.cuda.current_stream(self.device_id).cuda_stream
-            tensor_list.copy_to_external(ctypes.c_void_p(out.data_ptr()),
-                                         cuda_stream=ctypes.c_void_p(stream), non_blocking=False)
+            tensor_list.copy_to_external(
+                ctypes.c_void_p(out.data_ptr()),
+                cuda_stream=ctypes.c_void_p(stream),
+                non_blocking=False,
+            )
         else:
             out = torch.empty((rows, width), dtype=torch.uint8)
             tensor_list.copy_to_external(ctypes.c_void_p(out.data_ptr()))

@@ -71,23 +71,42 @@ def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) ->
     root = os.path.abspath(root)
     path = os.path.join(root, "manifest.json")
     if not os.path.isfile(path):
-        raise DataError(f"{root}: no manifest.json. Not a finished navil-preprocess output "
-                        "(the manifest is written when the last partition completes); point "
-                        "data paths at the preprocess --output directory")
+        raise DataError(
+            f"{root}: no manifest.json. Not a finished navil-preprocess output "
+            "(the manifest is written when the last partition completes); point "
+            "data paths at the preprocess --output directory"
+        )
     with open(path, encoding="utf-8") as f:
         manifest = json.load(f)
     if manifest.get("format_version") != 1:
-        raise DataError(f"{path}: format_version {manifest.get('format_version')!r}, this "
-                        "loader reads version 1")
+        raise DataError(
+            f"{path}: format_version {manifest.get('format_version')!r}, this "
+            "loader reads version 1"
+        )
     tok_meta = manifest.get("tokenizer") or {}
-    same_tok = tok_meta.get("model_sha256") is not None and \
-        tok_meta.get("model_sha256") == getattr(tokenizer, "sha256", None)
+    same_tok = tok_meta.get("model_sha256") is not None and tok_meta.get("model_sha256") == getattr(
+        tokenizer, "sha256", None
+    )
     settings = manifest.get("settings", {})
-    same_style = settings.get("chat_template") == chat_style and \
-        settings.get("chat_encoding", 1) == CHAT_ENCODING_VERSION
-    cols: dict[str, list] = {k: [] for k in ("kind", "shard", "json_offset", "json_size",
-                                             "text_tokens", "num_images", "image_offset",
-                                             "image_size", "image_height", "image_width")}
+    same_style = (
+        settings.get("chat_template") == chat_style
+        and settings.get("chat_encoding", 1) == CHAT_ENCODING_VERSION
+    )
+    cols: dict[str, list] = {
+        k: []
+        for k in (
+            "kind",
+            "shard",
+            "json_offset",
+            "json_size",
+            "text_tokens",
+            "num_images",
+            "image_offset",
+            "image_size",
+            "image_height",
+            "image_width",
+        )
+    }
     keys, members, tars = [], [], []
     ident = hashlib.sha256()
     for s, entry in enumerate(manifest["shards"]):
@@ -114,7 +133,9 @@ def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) ->
                 members.append(im["member"])
     n_img = np.asarray(cols["num_images"], dtype=np.int64)
     ds = DatasetIndex(
-        root=root, tars=tars, keys=keys,
+        root=root,
+        tars=tars,
+        keys=keys,
         kind=np.asarray(cols["kind"], dtype=np.int8),
         shard=np.asarray(cols["shard"], dtype=np.int32),
         json_offset=np.asarray(cols["json_offset"], dtype=np.int64),
@@ -125,7 +146,8 @@ def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) ->
         image_size=np.asarray(cols["image_size"], dtype=np.int64),
         image_height=np.asarray(cols["image_height"], dtype=np.int32),
         image_width=np.asarray(cols["image_width"], dtype=np.int32),
-        image_member=members, fingerprint=ident.hexdigest()[:16],
+        image_member=members,
+        fingerprint=ident.hexdigest()[:16],
     )
     if len(ds) == 0:
         raise DataError(f"{root}: the dataset has no samples")
@@ -134,17 +156,27 @@ def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) ->
         stale |= ds.kind == KINDS.index("conversation")
     if stale.any():
         theirs = settings.get("chat_template")
-        why = ("its index was made with another tokenizer (manifest tokenizer hash differs or "
-               "is missing)" if not same_tok else f"its conversations were counted with chat "
-               f"template {theirs!r}, not {chat_style!r}" if theirs != chat_style else
-               f"its conversations were counted with chat encoding version "
-               f"{settings.get('chat_encoding', 1)}, this loader uses {CHAT_ENCODING_VERSION} "
-               "(whole-string tokenization)")
+        why = (
+            "its index was made with another tokenizer (manifest tokenizer hash differs or "
+            "is missing)"
+            if not same_tok
+            else f"its conversations were counted with chat template {theirs!r}, not {chat_style!r}"
+            if theirs != chat_style
+            else f"its conversations were counted with chat encoding version "
+            f"{settings.get('chat_encoding', 1)}, this loader uses {CHAT_ENCODING_VERSION} "
+            "(whole-string tokenization)"
+        )
         if not recount:
-            raise DataError(f"{root}: {why}; re-run navil-preprocess with this tokenizer/"
-                            "template or set data.recount_tokens: true")
-        log.warning("%s: %s; recounting %d samples' text tokens from their JSON", root, why,
-                    int(stale.sum()))
+            raise DataError(
+                f"{root}: {why}; re-run navil-preprocess with this tokenizer/"
+                "template or set data.recount_tokens: true"
+            )
+        log.warning(
+            "%s: %s; recounting %d samples' text tokens from their JSON",
+            root,
+            why,
+            int(stale.sum()),
+        )
         _recount(ds, np.nonzero(stale)[0], tokenizer, chat_style)
     return ds
 
@@ -152,8 +184,9 @@ def load_dataset(root: str, tokenizer, chat_style: str, recount: bool = True) ->
 def _recount(ds: DatasetIndex, rows: np.ndarray, tokenizer, chat_style: str) -> None:
     with ShardReader(ds.tars) as reader:
         for i in rows:
-            doc = json.loads(reader.read(int(ds.shard[i]), int(ds.json_offset[i]),
-                                         int(ds.json_size[i])))
+            doc = json.loads(
+                reader.read(int(ds.shard[i]), int(ds.json_offset[i]), int(ds.json_size[i]))
+            )
             ds.text_tokens[i] = count_sample_tokens(tokenizer, doc, chat_style)
 
 
@@ -175,8 +208,10 @@ class ShardReader:
             self._fds.move_to_end(shard)
         data = os.pread(fd, size, offset)
         if len(data) != size:
-            raise OSError(f"{self.tars[shard]}: short read at {offset} ({len(data)} of {size} "
-                          "bytes); the shard is truncated")
+            raise OSError(
+                f"{self.tars[shard]}: short read at {offset} ({len(data)} of {size} "
+                "bytes); the shard is truncated"
+            )
         return data
 
     def close(self) -> None:

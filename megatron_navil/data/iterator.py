@@ -52,9 +52,17 @@ class _Stop(Exception):
 class NaViLDataLoader:
     """Iterator of NaViLBatch; see the module docstring for the API."""
 
-    def __init__(self, builder: PackBuilder, costs: GlobalCosts, params: PlanParams,
-                 schedule: Schedule, prefetch_depth: int, fingerprint: str,
-                 restart_on_iter: bool = False, handoff: Optional[CudaHandoff] = None):
+    def __init__(
+        self,
+        builder: PackBuilder,
+        costs: GlobalCosts,
+        params: PlanParams,
+        schedule: Schedule,
+        prefetch_depth: int,
+        fingerprint: str,
+        restart_on_iter: bool = False,
+        handoff: Optional[CudaHandoff] = None,
+    ):
         if not 0 <= schedule.dp_rank < schedule.dp_size:
             raise ValueError(f"dp_rank {schedule.dp_rank} outside 0..{schedule.dp_size - 1}")
         self.builder, self.costs, self.params, self.schedule = builder, costs, params, schedule
@@ -93,8 +101,9 @@ class NaViLDataLoader:
         # here, in the trainer's thread: its current stream waits for the batch's GPU work
         batch = self.handoff.accept(batch, ready)
         for k in COUNTER_NAMES:
-            state.counters[k] = self._state.counters[k] + (1 if k == "batches"
-                                                           else batch.metadata.get(k, 0))
+            state.counters[k] = self._state.counters[k] + (
+                1 if k == "batches" else batch.metadata.get(k, 0)
+            )
         self._state = state
         return batch
 
@@ -114,11 +123,17 @@ class NaViLDataLoader:
                 f"(fingerprint {s.fingerprint}, this loader {self._state.fingerprint}): the "
                 "datasets, weights, seq_length, seed, multiscale, image cap, overlong policy or "
                 "planner settings changed. Restore the original data config, or start the "
-                "loader fresh (do not load its state)")
+                "loader fresh (do not load its state)"
+            )
         if s.dp_size != self.schedule.dp_size:
-            log.warning("data loader state saved at dp_size %d, restoring at %d: dealing "
-                        "resumes at global pack %d of epoch %d", s.dp_size, self.schedule.dp_size,
-                        s.start + s.position * s.dp_size, s.epoch)
+            log.warning(
+                "data loader state saved at dp_size %d, restoring at %d: dealing "
+                "resumes at global pack %d of epoch %d",
+                s.dp_size,
+                self.schedule.dp_size,
+                s.start + s.position * s.dp_size,
+                s.epoch,
+            )
         self._shutdown()
         self._state = s.remapped(self.schedule.dp_size)
 
@@ -134,8 +149,9 @@ class NaViLDataLoader:
             pass
 
     # ------------------------------------------------------------------ production
-    def _produce(self, state: LoaderState) -> Iterator[tuple[LoaderState, NaViLBatch,
-                                                             Optional[torch.cuda.Event]]]:
+    def _produce(
+        self, state: LoaderState
+    ) -> Iterator[tuple[LoaderState, NaViLBatch, Optional[torch.cuda.Event]]]:
         """(state after the batch, batch, its ready event or None) from `state` on; pure
         function of its input."""
         sch = self.schedule
@@ -143,8 +159,9 @@ class NaViLDataLoader:
         hint = (state.chunk, state.chunk_first_pack)
         unit = sch.dp_size * sch.micro_batches_per_step
         while True:
-            order = epoch_order(sch.sizes, sch.weights, sch.samples_per_epoch, sch.seed, epoch,
-                                sch.shuffle)
+            order = epoch_order(
+                sch.sizes, sch.weights, sch.samples_per_epoch, sch.seed, epoch, sch.shuffle
+            )
             plan = EpochPlan(order, self.costs, self.params, start, unit, *hint)
             while True:
                 g = start + k * sch.dp_size + sch.dp_rank
@@ -159,13 +176,17 @@ class NaViLDataLoader:
                 ready = self.handoff.seal(batch)
                 batch.metadata.update(epoch=epoch, position=k, global_pack=g)
                 k += 1
-                yield LoaderState(epoch, k, start, sch.dp_size, chunk, first,
-                                  state.fingerprint, {}), batch, ready
+                yield (
+                    LoaderState(epoch, k, start, sch.dp_size, chunk, first, state.fingerprint, {}),
+                    batch,
+                    ready,
+                )
             if k == 0 and start == 0:
                 raise DataError(
                     f"epoch {epoch} gives no micro-batch: {plan.known} packs for "
                     f"dp_size {sch.dp_size} x micro_batches_per_step "
-                    f"{sch.micro_batches_per_step}; use more data or a smaller seq_length")
+                    f"{sch.micro_batches_per_step}; use more data or a smaller seq_length"
+                )
             epoch, start, k, hint = epoch + 1, 0, 0, (0, 0)
 
     def _start_thread(self) -> None:

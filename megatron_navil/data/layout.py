@@ -29,7 +29,12 @@ from typing import Iterable, Union
 import torch
 
 from megatron_navil.config.model import (
-    IMG_CONTEXT, IMG_END, IMG_FRAME_BREAK, IMG_LINE_BREAK, IMG_START, NaViLModelConfig,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_FRAME_BREAK,
+    IMG_LINE_BREAK,
+    IMG_START,
+    NaViLModelConfig,
 )
 
 Number = Union[int, float, torch.Tensor]
@@ -96,7 +101,7 @@ def multiscale_plan(height: int, width: int, cfg: NaViLModelConfig) -> list[Imag
     while True:
         gh, gw = scales[0].grid
         # float32 budget, exactly as the release computes it from the int64 grid tensor
-        budget = torch.tensor(gh * gw * p * p, dtype=torch.int64) * (cfg.scale_downsample_ratio ** 2)
+        budget = torch.tensor(gh * gw * p * p, dtype=torch.int64) * (cfg.scale_downsample_ratio**2)
         if budget < min_pixels:
             break
         nxt = resize_for_scale(height, width, min_pixels, budget, p, m)

@@ -52,41 +52,75 @@ log = get_logger(__name__)
 __all__ = ["build_train_loader", "build_valid_loader", "NaViLDataLoader", "DataConfig"]
 
 
-def build_train_loader(data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer,
-                       dp_rank: int = 0, dp_size: int = 1,
-                       micro_batches_per_step: int = 1) -> NaViLDataLoader:
+def build_train_loader(
+    data_cfg: DataConfig,
+    model_cfg: NaViLModelConfig,
+    tokenizer,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    micro_batches_per_step: int = 1,
+) -> NaViLDataLoader:
     """Shuffled, blended, infinite training loader for this data-parallel rank."""
     if not data_cfg.train_paths:
-        raise ConfigError("data.train_paths is empty: give the navil-preprocess output "
-                          "directories to train on")
-    return _build(data_cfg, model_cfg, tokenizer, data_cfg.train_paths, data_cfg.train_weights,
-                  data_cfg.samples_per_epoch, data_cfg.shuffle, dp_rank, dp_size,
-                  micro_batches_per_step, restart_on_iter=False)
+        raise ConfigError(
+            "data.train_paths is empty: give the navil-preprocess output directories to train on"
+        )
+    return _build(
+        data_cfg,
+        model_cfg,
+        tokenizer,
+        data_cfg.train_paths,
+        data_cfg.train_weights,
+        data_cfg.samples_per_epoch,
+        data_cfg.shuffle,
+        dp_rank,
+        dp_size,
+        micro_batches_per_step,
+        restart_on_iter=False,
+    )
 
 
-def build_valid_loader(data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer,
-                       dp_rank: int = 0, dp_size: int = 1) -> NaViLDataLoader:
+def build_valid_loader(
+    data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer, dp_rank: int = 0, dp_size: int = 1
+) -> NaViLDataLoader:
     """Held-out loader in file order (no shuffle, no blend weights); every `iter()` restarts
     it from the first batch, and it cycles, so an evaluation of n micro-batches always sees the
     same n batches."""
     if not data_cfg.valid_paths:
         raise ConfigError("data.valid_paths is empty: give held-out navil-preprocess outputs")
-    return _build(data_cfg, model_cfg, tokenizer, data_cfg.valid_paths, (), None, False,
-                  dp_rank, dp_size, 1, restart_on_iter=True)
+    return _build(
+        data_cfg,
+        model_cfg,
+        tokenizer,
+        data_cfg.valid_paths,
+        (),
+        None,
+        False,
+        dp_rank,
+        dp_size,
+        1,
+        restart_on_iter=True,
+    )
 
 
 def check_tokenizer(tokenizer, cfg: NaViLModelConfig) -> None:
     """The tokenizer's special-token ids must be the model's (image tokens are routed by id)."""
-    bad = [(t, tokenizer.special_token_id(t), cfg.special_token_id(t)) for t in SPECIAL_TOKENS
-           if tokenizer.special_token_id(t) != cfg.special_token_id(t)]
+    bad = [
+        (t, tokenizer.special_token_id(t), cfg.special_token_id(t))
+        for t in SPECIAL_TOKENS
+        if tokenizer.special_token_id(t) != cfg.special_token_id(t)
+    ]
     if bad:
         t, got, want = bad[0]
-        raise ConfigError(f"tokenizer gives {t} id {got}, the model config {want} "
-                          f"(llm.first_special_token_id = {cfg.llm.first_special_token_id}); "
-                          "use the tokenizer the model was configured for")
+        raise ConfigError(
+            f"tokenizer gives {t} id {got}, the model config {want} "
+            f"(llm.first_special_token_id = {cfg.llm.first_special_token_id}); "
+            "use the tokenizer the model was configured for"
+        )
     if tokenizer.vocab_size > cfg.llm.vocab_size:
-        raise ConfigError(f"tokenizer vocab {tokenizer.vocab_size} > llm.vocab_size "
-                          f"{cfg.llm.vocab_size}")
+        raise ConfigError(
+            f"tokenizer vocab {tokenizer.vocab_size} > llm.vocab_size {cfg.llm.vocab_size}"
+        )
 
 
 def resolve_decode_device(setting: str) -> str:
@@ -95,16 +129,27 @@ def resolve_decode_device(setting: str) -> str:
     return setting
 
 
-def _build(data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer, paths: Sequence[str],
-           weights: Sequence[float], samples_per_epoch: Optional[int], shuffle: bool,
-           dp_rank: int, dp_size: int, micro_batches_per_step: int,
-           restart_on_iter: bool) -> NaViLDataLoader:
+def _build(
+    data_cfg: DataConfig,
+    model_cfg: NaViLModelConfig,
+    tokenizer,
+    paths: Sequence[str],
+    weights: Sequence[float],
+    samples_per_epoch: Optional[int],
+    shuffle: bool,
+    dp_rank: int,
+    dp_size: int,
+    micro_batches_per_step: int,
+    restart_on_iter: bool,
+) -> NaViLDataLoader:
     data_cfg.validate()
     cfg = data_cfg.resolved_model_config(model_cfg)
     cfg.validate()
     if data_cfg.seq_length > cfg.llm.max_sequence_length:
-        raise ConfigError(f"data.seq_length {data_cfg.seq_length} > llm.max_sequence_length "
-                          f"{cfg.llm.max_sequence_length}")
+        raise ConfigError(
+            f"data.seq_length {data_cfg.seq_length} > llm.max_sequence_length "
+            f"{cfg.llm.max_sequence_length}"
+        )
     if micro_batches_per_step < 1 or dp_size < 1:
         raise ValueError("dp_size and micro_batches_per_step must be >= 1")
     check_tokenizer(tokenizer, cfg)
@@ -112,33 +157,88 @@ def _build(data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer, paths: 
     datasets = [load_dataset(p, tokenizer, style, data_cfg.recount_tokens) for p in paths]
     sizer = ImageSizer(cfg, data_cfg.multiscale)
     per = [sample_costs(ds, sizer, add_bos) for ds in datasets]
-    costs = GlobalCosts(*(np.concatenate([getattr(c, f) for c in per])
-                          for f in ("length", "num_images", "max_image_tokens")))
-    params = PlanParams(data_cfg.seq_length, data_cfg.max_images_per_pack, data_cfg.pack_window,
-                        data_cfg.plan_chunk_samples, data_cfg.overlong_policy)
+    costs = GlobalCosts(
+        *(
+            np.concatenate([getattr(c, f) for c in per])
+            for f in ("length", "num_images", "max_image_tokens")
+        )
+    )
+    params = PlanParams(
+        data_cfg.seq_length,
+        data_cfg.max_images_per_pack,
+        data_cfg.pack_window,
+        data_cfg.plan_chunk_samples,
+        data_cfg.overlong_policy,
+    )
     device = resolve_decode_device(data_cfg.decode_device)
     decoder = DaliImageDecoder(
-        max_batch=data_cfg.max_images_per_pack, num_scales=max(c.max_scales for c in per),
-        num_threads=data_cfg.num_decode_threads, device=device,
-        patch_size=cfg.vision.patch_size, merge_size=cfg.connector.merge_size)
+        max_batch=data_cfg.max_images_per_pack,
+        num_scales=max(c.max_scales for c in per),
+        num_threads=data_cfg.num_decode_threads,
+        device=device,
+        patch_size=cfg.vision.patch_size,
+        merge_size=cfg.connector.merge_size,
+    )
     data = Datasets(datasets)
-    builder = PackBuilder(data, costs.length, sizer, decoder, cfg, tokenizer, style, add_bos,
-                          data_cfg.seq_length, torch_dtype(data_cfg.pixel_dtype))
-    schedule = Schedule(tuple(len(d) for d in datasets), tuple(weights), samples_per_epoch,
-                        data_cfg.seed, shuffle, dp_rank, dp_size, micro_batches_per_step)
-    fingerprint = blended_fingerprint(datasets, dict(
-        weights=list(weights), samples_per_epoch=samples_per_epoch, shuffle=shuffle,
-        seed=data_cfg.seed, plan=list(dataclasses.astuple(params)), multiscale=data_cfg.multiscale,
-        min_patch=cfg.min_dynamic_patch, max_patch=cfg.max_dynamic_patch, style=style,
-        add_bos=add_bos))
-    log.info("data: %d dataset(s), %d samples, %d images, seq_length %d, decode on %s, "
-             "rank %d/%d", len(datasets), len(costs.length), int(costs.num_images.sum()),
-             data_cfg.seq_length, device, dp_rank, dp_size)
+    builder = PackBuilder(
+        data,
+        costs.length,
+        sizer,
+        decoder,
+        cfg,
+        tokenizer,
+        style,
+        add_bos,
+        data_cfg.seq_length,
+        torch_dtype(data_cfg.pixel_dtype),
+    )
+    schedule = Schedule(
+        tuple(len(d) for d in datasets),
+        tuple(weights),
+        samples_per_epoch,
+        data_cfg.seed,
+        shuffle,
+        dp_rank,
+        dp_size,
+        micro_batches_per_step,
+    )
+    fingerprint = blended_fingerprint(
+        datasets,
+        dict(
+            weights=list(weights),
+            samples_per_epoch=samples_per_epoch,
+            shuffle=shuffle,
+            seed=data_cfg.seed,
+            plan=list(dataclasses.astuple(params)),
+            multiscale=data_cfg.multiscale,
+            min_patch=cfg.min_dynamic_patch,
+            max_patch=cfg.max_dynamic_patch,
+            style=style,
+            add_bos=add_bos,
+        ),
+    )
+    log.info(
+        "data: %d dataset(s), %d samples, %d images, seq_length %d, decode on %s, rank %d/%d",
+        len(datasets),
+        len(costs.length),
+        int(costs.num_images.sum()),
+        data_cfg.seq_length,
+        device,
+        dp_rank,
+        dp_size,
+    )
     # GPU decode: batches are built on a private stream of the decoder's device and handed to
     # the trainer's stream by event (device_id None on the CPU path: no stream, no event)
-    return NaViLDataLoader(builder, costs, params, schedule, data_cfg.prefetch_depth,
-                           fingerprint, restart_on_iter=restart_on_iter,
-                           handoff=CudaHandoff(decoder.device_id))
+    return NaViLDataLoader(
+        builder,
+        costs,
+        params,
+        schedule,
+        data_cfg.prefetch_depth,
+        fingerprint,
+        restart_on_iter=restart_on_iter,
+        handoff=CudaHandoff(decoder.device_id),
+    )
 
 
 __all__ += ["check_tokenizer", "resolve_decode_device", "DataError"]

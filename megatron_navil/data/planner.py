@@ -72,16 +72,24 @@ def _quotas(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[
     return q.tolist()
 
 
-def epoch_order(sizes: Sequence[int], weights: Sequence[float], total: Optional[int], seed: int,
-                epoch: int, shuffle: bool) -> np.ndarray:
+def epoch_order(
+    sizes: Sequence[int],
+    weights: Sequence[float],
+    total: Optional[int],
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+) -> np.ndarray:
     """Global sample ids of one blended epoch, in training order (int64)."""
     total = int(sum(sizes)) if total is None else total
     offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     parts = []
     for d, (n, q) in enumerate(zip(sizes, _quotas(sizes, weights, total))):
         if shuffle:
-            reps = [np.random.default_rng([seed, epoch, d, r]).permutation(n)
-                    for r in range(math.ceil(q / n))]
+            reps = [
+                np.random.default_rng([seed, epoch, d, r]).permutation(n)
+                for r in range(math.ceil(q / n))
+            ]
             local = np.concatenate(reps)[:q] if reps else np.zeros(0, np.int64)
         else:
             local = np.arange(q, dtype=np.int64) % n
@@ -116,8 +124,11 @@ def pack_chunk(ids: np.ndarray, costs: GlobalCosts, p: PlanParams) -> list[Plann
         else:
             best = None
             for b in bins:  # best fit: the fullest open pack that still has room
-                if (b[0] + length <= p.seq_length and b[1] + n_img <= p.max_images
-                        and (best is None or b[0] > best[0])):
+                if (
+                    b[0] + length <= p.seq_length
+                    and b[1] + n_img <= p.max_images
+                    and (best is None or b[0] > best[0])
+                ):
                     best = b
             if best is None:
                 best = [0, 0, []]
@@ -142,8 +153,16 @@ def pack_chunk(ids: np.ndarray, costs: GlobalCosts, p: PlanParams) -> list[Plann
 class EpochPlan:
     """Lazily planned packs of one epoch, dealt round-robin from global pack `start` on."""
 
-    def __init__(self, order: np.ndarray, costs: GlobalCosts, params: PlanParams, start: int,
-                 unit: int, first_chunk: int = 0, first_pack: int = 0):
+    def __init__(
+        self,
+        order: np.ndarray,
+        costs: GlobalCosts,
+        params: PlanParams,
+        start: int,
+        unit: int,
+        first_chunk: int = 0,
+        first_pack: int = 0,
+    ):
         self.order, self.costs, self.p = order, costs, params
         self.start, self.unit = start, unit
         self.num_chunks = math.ceil(len(order) / params.chunk)
@@ -160,7 +179,7 @@ class EpochPlan:
 
     def _plan_next(self) -> None:
         c, k = self.next_chunk, self.p.chunk
-        packs = pack_chunk(self.order[c * k:(c + 1) * k], self.costs, self.p)
+        packs = pack_chunk(self.order[c * k : (c + 1) * k], self.costs, self.p)
         self.buffer.append((c, self.known, packs))
         self.known += len(packs)
         self.next_chunk += 1

@@ -44,15 +44,17 @@ class SampleTokens:
         return kept
 
 
-def build_sample_tokens(doc: dict, image_tokens: Sequence[Sequence[int]], tokenizer,
-                        chat_style: str, add_bos: bool) -> SampleTokens:
+def build_sample_tokens(
+    doc: dict, image_tokens: Sequence[Sequence[int]], tokenizer, chat_style: str, add_bos: bool
+) -> SampleTokens:
     """Token layout of one sample (see the module docstring). `image_tokens[i]` are the ids of
     image i (from layout.image_token_ids with the grids the pixels will have)."""
     kind = doc.get("kind")
     out = SampleTokens()
     if kind == "conversation":
-        enc = apply_chat_template(tokenizer, doc["conversations"], style=chat_style,
-                                  image_tokens=list(image_tokens))
+        enc = apply_chat_template(
+            tokenizer, doc["conversations"], style=chat_style, image_tokens=list(image_tokens)
+        )
         out.ids, out.target, out.image_spans = enc.ids, enc.loss_mask, enc.image_spans
         return out
     if kind not in ("caption", "text", "interleaved"):
@@ -67,8 +69,10 @@ def build_sample_tokens(doc: dict, image_tokens: Sequence[Sequence[int]], tokeni
             raise ValueError(f"{kind} sample {doc.get('key')!r} has {len(image_tokens)} images")
         slots = [list(image_tokens)] + [[] for _ in pieces[1:]]
     elif len(pieces) - 1 != len(image_tokens):
-        raise ValueError(f"sample {doc.get('key')!r}: {len(pieces) - 1} {IMAGE_PLACEHOLDER} "
-                         f"placeholders for {len(image_tokens)} images")
+        raise ValueError(
+            f"sample {doc.get('key')!r}: {len(pieces) - 1} {IMAGE_PLACEHOLDER} "
+            f"placeholders for {len(image_tokens)} images"
+        )
     else:
         slots = [[]] + [[img] for img in image_tokens]
     for images, piece in zip(slots, pieces):

@@ -34,14 +34,23 @@ class ImageSizer:
         if self.multiscale:
             return tuple(multiscale_plan(height, width, self.cfg))
         p = self.patch
-        return (resize_for_scale(height, width, self.cfg.min_dynamic_patch * p * p,
-                                 self.cfg.max_dynamic_patch * p * p, p, self.merge),)
+        return (
+            resize_for_scale(
+                height,
+                width,
+                self.cfg.min_dynamic_patch * p * p,
+                self.cfg.max_dynamic_patch * p * p,
+                p,
+                self.merge,
+            ),
+        )
 
     def tokens(self, height: int, width: int) -> int:
         """len(layout.image_token_ids(cfg, grids)) without building the list."""
         m = self.merge
-        return 2 + sum((g[0] // m) * (g[1] // m + 1) + 1
-                       for g in (s.grid for s in self.scales(height, width)))
+        return 2 + sum(
+            (g[0] // m) * (g[1] // m + 1) + 1 for g in (s.grid for s in self.scales(height, width))
+        )
 
 
 @dataclass
@@ -76,5 +85,9 @@ def sample_costs(ds: DatasetIndex, sizer: ImageSizer, add_bos: bool) -> SampleCo
     np.maximum.at(max_img, owner, img_tokens)
     plain = ds.kind != KINDS.index("conversation")
     extra = plain.astype(np.int64) * (1 + int(add_bos))  # EOS (+ BOS) on non-chat samples
-    return SampleCosts(length=ds.text_tokens + image_sum + extra, num_images=num_images,
-                       max_image_tokens=max_img, max_scales=max_scales)
+    return SampleCosts(
+        length=ds.text_tokens + image_sum + extra,
+        num_images=num_images,
+        max_image_tokens=max_img,
+        max_scales=max_scales,
+    )

@@ -19,8 +19,18 @@ from megatron_navil.errors import UserError
 
 STATE_VERSION = 1
 
-COUNTER_NAMES = ("batches", "samples", "tokens", "loss_tokens", "padding_tokens", "images",
-                 "skipped_images", "corrupt_samples", "truncated_samples", "skipped_samples")
+COUNTER_NAMES = (
+    "batches",
+    "samples",
+    "tokens",
+    "loss_tokens",
+    "padding_tokens",
+    "images",
+    "skipped_images",
+    "corrupt_samples",
+    "truncated_samples",
+    "skipped_samples",
+)
 """Counters the loader accumulates over the batches it hands out (rank-local)."""
 
 
@@ -54,17 +64,24 @@ class LoaderState:
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderState":
         if not isinstance(d, dict) or d.get("version") != STATE_VERSION:
-            raise LoaderStateError(f"not a data loader state of version {STATE_VERSION}: "
-                                   f"{str(d)[:120]}")
+            raise LoaderStateError(
+                f"not a data loader state of version {STATE_VERSION}: {str(d)[:120]}"
+            )
         fields = {f.name for f in dataclasses.fields(cls)}
         counters = {k: 0 for k in COUNTER_NAMES}
         counters.update(d.get("counters", {}))
-        return cls(**{k: v for k, v in d.items() if k in fields and k != "counters"},
-                   counters=counters)
+        return cls(
+            **{k: v for k, v in d.items() if k in fields and k != "counters"}, counters=counters
+        )
 
     def remapped(self, dp_size: int) -> "LoaderState":
         """This state for a world of `dp_size` data-parallel ranks (see the module docstring)."""
         if dp_size == self.dp_size:
             return dataclasses.replace(self, counters=dict(self.counters))
-        return dataclasses.replace(self, start=self.start + self.position * self.dp_size,
-                                   position=0, dp_size=dp_size, counters=dict(self.counters))
+        return dataclasses.replace(
+            self,
+            start=self.start + self.position * self.dp_size,
+            position=0,
+            dp_size=dp_size,
+            counters=dict(self.counters),
+        )

@@ -16,9 +16,13 @@ from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.data.layout import image_token_ids
 
 
-def synthetic_batch(cfg: NaViLModelConfig, seq_length: int, generator: torch.Generator,
-                    samples: Optional[Sequence[Sequence[object]]] = None,
-                    text_vocab: Optional[int] = None) -> NaViLBatch:
+def synthetic_batch(
+    cfg: NaViLModelConfig,
+    seq_length: int,
+    generator: torch.Generator,
+    samples: Optional[Sequence[Sequence[object]]] = None,
+    text_vocab: Optional[int] = None,
+) -> NaViLBatch:
     """One pack of `seq_length` tokens.
 
     `samples`: a list of samples, each a list of parts: an int n (n random text tokens) or a
@@ -64,8 +68,12 @@ def synthetic_batch(cfg: NaViLModelConfig, seq_length: int, generator: torch.Gen
     n_patches = int(grid_thw.prod(dim=1).sum()) if grids else 0
     pixel_values = torch.rand(n_patches, n_patch, generator=generator) * 2 - 1 if grids else None
     return NaViLBatch(
-        tokens=t, labels=labels, loss_mask=loss_mask, position_ids=torch.tensor(positions),
+        tokens=t,
+        labels=labels,
+        loss_mask=loss_mask,
+        position_ids=torch.tensor(positions),
         cu_seqlens=torch.tensor([0] + seqlens).cumsum(0).to(torch.int32),
-        pixel_values=pixel_values, grid_thw=grid_thw if grids else None,
+        pixel_values=pixel_values,
+        grid_thw=grid_thw if grids else None,
         metadata={"samples": len(samples), "tokens": len(tokens) - pad},
     )

@@ -47,10 +47,15 @@ class NaViLTokenizer:
         self.base_vocab_size = self.sp.get_piece_size()
         self.first_special_token_id = self.base_vocab_size
         self.vocab_size = self.base_vocab_size + len(SPECIAL_TOKENS)
-        self.special_tokens = {t: self.first_special_token_id + i for i, t in enumerate(SPECIAL_TOKENS)}
+        self.special_tokens = {
+            t: self.first_special_token_id + i for i, t in enumerate(SPECIAL_TOKENS)
+        }
         # Template markers the model owns as real pieces (not unknown) are matched atomically.
-        self.template_tokens = {t: self.sp.piece_to_id(t) for t in TEMPLATE_TOKENS
-                                if self.sp.piece_to_id(t) != self.sp.unk_id()}
+        self.template_tokens = {
+            t: self.sp.piece_to_id(t)
+            for t in TEMPLATE_TOKENS
+            if self.sp.piece_to_id(t) != self.sp.unk_id()
+        }
         self._atomic = {**self.template_tokens, **self.special_tokens}
         self._id_to_atomic = {v: k for k, v in self._atomic.items()}
         self._split_all = _splitter(self._atomic)
@@ -80,8 +85,10 @@ class NaViLTokenizer:
         try:
             return self._atomic[name]
         except KeyError:
-            raise KeyError(f"{name!r} is not a special token of this tokenizer; known: "
-                           f"{', '.join(self._atomic)}") from None
+            raise KeyError(
+                f"{name!r} is not a special token of this tokenizer; known: "
+                f"{', '.join(self._atomic)}"
+            ) from None
 
     def token_to_id(self, piece: str) -> int:
         return self._atomic[piece] if piece in self._atomic else self.sp.piece_to_id(piece)
@@ -114,8 +121,11 @@ class NaViLTokenizer:
                 ids.extend(self.sp.encode(part))
         return ids
 
-    def encode_with_offsets(self, text: str, allow_special: bool = True,
-                            ) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(
+        self,
+        text: str,
+        allow_special: bool = True,
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """`encode(text, allow_special)` and, per id, the half-open character range of `text`
         it stands for. Byte-fallback ids of one character: all but the last have an empty range
         at the character's start (sentencepiece gives the surface to the last byte)."""
@@ -131,7 +141,7 @@ class NaViLTokenizer:
             b = 0
             for c, ch in enumerate(part):
                 n = len(ch.encode("utf-8"))
-                char_at[b:b + n] = [c] * n
+                char_at[b : b + n] = [c] * n
                 b += n
             for piece in self.sp.encode(part, out_type="proto").pieces:
                 ids.append(piece.id)
@@ -179,12 +189,19 @@ class NaViLTokenizer:
     # ------------------------------------------------------------------ files
     def metadata(self) -> dict:
         return {
-            "format_version": 1, "origin": self.origin, "source": self.source,
-            "model_file": MODEL_FILE, "model_sha256": self.sha256,
-            "base_vocab_size": self.base_vocab_size, "vocab_size": self.vocab_size,
+            "format_version": 1,
+            "origin": self.origin,
+            "source": self.source,
+            "model_file": MODEL_FILE,
+            "model_sha256": self.sha256,
+            "base_vocab_size": self.base_vocab_size,
+            "vocab_size": self.vocab_size,
             "first_special_token_id": self.first_special_token_id,
-            "special_tokens": self.special_tokens, "template_tokens": self.template_tokens,
-            "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id,
+            "special_tokens": self.special_tokens,
+            "template_tokens": self.template_tokens,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
             "unk_id": self.unk_id,
         }
 
@@ -203,15 +220,19 @@ class NaViLTokenizer:
         if os.path.isdir(path):
             meta_path = os.path.join(path, META_FILE)
             if not os.path.isfile(meta_path):
-                raise TokenizerError(f"{path} has no {META_FILE}; make it with navil-tokenizer "
-                                     "or pass the .model file")
+                raise TokenizerError(
+                    f"{path} has no {META_FILE}; make it with navil-tokenizer "
+                    "or pass the .model file"
+                )
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
             proto = _read(os.path.join(path, meta.get("model_file", MODEL_FILE)))
             tok = cls(proto, origin=meta.get("origin", "wrapped"), source=meta.get("source", ""))
             if tok.sha256 != meta.get("model_sha256"):
-                raise TokenizerError(f"{path}: {MODEL_FILE} does not match {META_FILE} "
-                                     "(sha256 differs); re-create the tokenizer directory")
+                raise TokenizerError(
+                    f"{path}: {MODEL_FILE} does not match {META_FILE} "
+                    "(sha256 differs); re-create the tokenizer directory"
+                )
             return tok
         return cls(_read(path), origin="wrapped", source=os.path.abspath(path))
 
@@ -226,8 +247,9 @@ def tokenizer_vocabulary(path: str) -> tuple[int, int]:
                 meta = json.load(f)
             return int(meta["vocab_size"]), int(meta["first_special_token_id"])
         except (OSError, ValueError, KeyError) as e:
-            raise TokenizerError(f"{meta_path} is unreadable ({e}); re-create it with "
-                                 "navil-tokenizer") from None
+            raise TokenizerError(
+                f"{meta_path} is unreadable ({e}); re-create it with navil-tokenizer"
+            ) from None
     tok = NaViLTokenizer.load(path)
     return tok.vocab_size, tok.first_special_token_id
 
@@ -263,10 +285,15 @@ def _splitter(tokens: dict[str, int]) -> Optional[re.Pattern]:
     return re.compile("(" + "|".join(re.escape(t) for t in alts) + ")")
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str = "bpe",
-                        max_texts: int = 2_000_000, byte_fallback: bool = True,
-                        character_coverage: float = 0.9995, seed_text_limit: int = 65536,
-                        ) -> NaViLTokenizer:
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    model_type: str = "bpe",
+    max_texts: int = 2_000_000,
+    byte_fallback: bool = True,
+    character_coverage: float = 0.9995,
+    seed_text_limit: int = 65536,
+) -> NaViLTokenizer:
     """Train a fresh model whose final vocab (specials included) is at most `vocab_size`.
 
     The sentencepiece model gets `vocab_size - 12` pieces (fewer when the corpus is too small
@@ -278,17 +305,33 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_type: str =
     base = vocab_size - len(SPECIAL_TOKENS)
     reserved = 4 + len(TEMPLATE_TOKENS) + (256 if byte_fallback else 0)
     if base <= reserved:
-        raise TokenizerError(f"vocab size {vocab_size} leaves no room for learned pieces "
-                             f"(need > {reserved + len(SPECIAL_TOKENS)} with byte fallback)")
+        raise TokenizerError(
+            f"vocab size {vocab_size} leaves no room for learned pieces "
+            f"(need > {reserved + len(SPECIAL_TOKENS)} with byte fallback)"
+        )
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_writer=model, vocab_size=base,
-        model_type=model_type, character_coverage=character_coverage,
-        byte_fallback=byte_fallback, hard_vocab_limit=False, split_digits=True,
-        normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        user_defined_symbols=list(TEMPLATE_TOKENS), unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        input_sentence_size=max_texts, shuffle_input_sentence=True,
-        max_sentence_length=seed_text_limit, minloglevel=2, num_threads=os.cpu_count() or 1,
+        sentence_iterator=iter(texts),
+        model_writer=model,
+        vocab_size=base,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        byte_fallback=byte_fallback,
+        hard_vocab_limit=False,
+        split_digits=True,
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        user_defined_symbols=list(TEMPLATE_TOKENS),
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        input_sentence_size=max_texts,
+        shuffle_input_sentence=True,
+        max_sentence_length=seed_text_limit,
+        minloglevel=2,
+        num_threads=os.cpu_count() or 1,
     )
     return NaViLTokenizer(model.getvalue(), origin="trained")

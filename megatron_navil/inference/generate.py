@@ -15,10 +15,15 @@ from megatron_navil.models.navil import NaViLModel
 
 
 @torch.no_grad()
-def greedy_generate(model: NaViLModel, prompt_ids: Sequence[int], *,
-                    pixel_values: Optional[torch.Tensor] = None,
-                    grid_thw: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
-                    stop_ids: Sequence[int] = ()) -> list[int]:
+def greedy_generate(
+    model: NaViLModel,
+    prompt_ids: Sequence[int],
+    *,
+    pixel_values: Optional[torch.Tensor] = None,
+    grid_thw: Optional[torch.Tensor] = None,
+    max_new_tokens: int = 32,
+    stop_ids: Sequence[int] = (),
+) -> list[int]:
     """Token ids generated after `prompt_ids` (stops at any of `stop_ids`, which is included)."""
     if not (model.pre_process and model.post_process):
         raise ValueError("greedy_generate needs the whole model in one process (PP=1)")
@@ -35,7 +40,9 @@ def greedy_generate(model: NaViLModel, prompt_ids: Sequence[int], *,
             tokens = torch.tensor(ids, device=device)
             positions = torch.arange(len(ids), device=device)
             cu = torch.tensor([0, len(ids)], dtype=torch.int32, device=device)
-            logits, rows = model(tokens, positions, cu, pixel_values=pixel_values, grid_thw=grid_thw)
+            logits, rows = model(
+                tokens, positions, cu, pixel_values=pixel_values, grid_thw=grid_thw
+            )
             assert int(rows[-1]) == len(ids) - 1, "the last position must get logits"
             nxt = int(logits[-1, : model.cfg.llm.vocab_size].argmax())
             out.append(nxt)

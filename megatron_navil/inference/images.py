@@ -15,16 +15,23 @@ from megatron_navil.data.layout import image_token_ids
 from megatron_navil.data.sizing import ImageSizer
 
 
-def prepare_image(path: str, cfg: NaViLModelConfig, multiscale: bool = False,
-                  device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def prepare_image(
+    path: str, cfg: NaViLModelConfig, multiscale: bool = False, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """(pixel_values [N, 3*P*P] float32, grid_thw [n_scales, 3], the image's token ids)."""
     with open(path, "rb") as f:
         data = f.read()
     with Image.open(path) as img:
         width, height = ImageOps.exif_transpose(img).size  # the decoder applies EXIF too
     scales = ImageSizer(cfg, multiscale).scales(height, width)
-    decoder = DaliImageDecoder(max_batch=1, num_scales=len(scales), num_threads=1, device=device,
-                               patch_size=cfg.vision.patch_size, merge_size=cfg.connector.merge_size)
+    decoder = DaliImageDecoder(
+        max_batch=1,
+        num_scales=len(scales),
+        num_threads=1,
+        device=device,
+        patch_size=cfg.vision.patch_size,
+        merge_size=cfg.connector.merge_size,
+    )
     try:
         (result,) = decoder.decode([ImageJob(data, height, width, scales)])
     finally:

@@ -50,10 +50,17 @@ class NaViLAttentionSubmodules:
 
 
 class NaViLSelfAttention(MegatronModule):
-    def __init__(self, config, submodules: NaViLAttentionSubmodules, layer_number: int,
-                 attn_mask_type: AttnMaskType = AttnMaskType.causal, qkv_bias: bool = False,
-                 full_width_qk_norm: bool = False,
-                 pg_collection: Optional[ProcessGroupCollection] = None, **unused):
+    def __init__(
+        self,
+        config,
+        submodules: NaViLAttentionSubmodules,
+        layer_number: int,
+        attn_mask_type: AttnMaskType = AttnMaskType.causal,
+        qkv_bias: bool = False,
+        full_width_qk_norm: bool = False,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        **unused,
+    ):
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
@@ -73,9 +80,17 @@ class NaViLSelfAttention(MegatronModule):
         qkv_size = q_size + 2 * config.num_query_groups * self.hn
 
         self.linear_qkv = build_module(
-            submodules.linear_qkv, config.hidden_size, qkv_size, config=config,
-            init_method=config.init_method, bias=qkv_bias, gather_output=False,
-            skip_bias_add=False, is_expert=False, tp_comm_buffer_name="qkv", tp_group=self.tp_group,
+            submodules.linear_qkv,
+            config.hidden_size,
+            qkv_size,
+            config=config,
+            init_method=config.init_method,
+            bias=qkv_bias,
+            gather_output=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="qkv",
+            tp_group=self.tp_group,
         )
         self.full_width_qk_norm = full_width_qk_norm
         norm_size = q_size if full_width_qk_norm else self.hn
@@ -92,14 +107,25 @@ class NaViLSelfAttention(MegatronModule):
             self.q_layernorm, self.k_layernorm = q_norm, k_norm
             self.q_norm = self.k_norm = None
         self.core_attention = build_module(
-            submodules.core_attention, config=config, layer_number=layer_number,
-            attn_mask_type=attn_mask_type, attention_type="self", pg_collection=pg_collection,
+            submodules.core_attention,
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+            attention_type="self",
+            pg_collection=pg_collection,
         )
         self.linear_proj = build_module(
-            submodules.linear_proj, q_size, config.hidden_size, config=config,
-            init_method=config.output_layer_init_method, bias=config.add_bias_linear,
-            input_is_parallel=True, skip_bias_add=False, is_expert=False,
-            tp_comm_buffer_name="proj", tp_group=self.tp_group,
+            submodules.linear_proj,
+            q_size,
+            config.hidden_size,
+            config=config,
+            init_method=config.output_layer_init_method,
+            bias=config.add_bias_linear,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_comm_buffer_name="proj",
+            tp_group=self.tp_group,
         )
         self.recompute_core_attention = (
             config.recompute_granularity == "selective" and "core_attn" in config.recompute_modules
@@ -122,9 +148,14 @@ class NaViLSelfAttention(MegatronModule):
             return norm(x.reshape(s, b, -1)).view_as(x)  # over all (local) heads at once
         return norm(x)
 
-    def forward(self, hidden_states: torch.Tensor, *, rotary_freqs: torch.Tensor,
-                packed_seq_params: PackedSeqParams,
-                routing: Optional[ModalityRouting] = None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        rotary_freqs: torch.Tensor,
+        packed_seq_params: PackedSeqParams,
+        routing: Optional[ModalityRouting] = None,
+    ):
         if isinstance(self.linear_qkv, ModalityColumnParallelLinear):
             mixed, _ = self.linear_qkv(hidden_states, routing)
         else:

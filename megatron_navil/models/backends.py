@@ -47,7 +47,9 @@ def te_available() -> bool:
     return torch.cuda.is_available() and te_import_error() is None
 
 
-def choose_backend(requested: str, cuda: bool, te_error: Optional[str]) -> tuple[str, Optional[str]]:
+def choose_backend(
+    requested: str, cuda: bool, te_error: Optional[str]
+) -> tuple[str, Optional[str]]:
     """(backend, warning or None) for `precision.backend` = `requested` on a machine with/without
     CUDA and with Transformer Engine importing (te_error None) or not (why)."""
     if requested == "auto":
@@ -57,13 +59,19 @@ def choose_backend(requested: str, cuda: bool, te_error: Optional[str]) -> tuple
             return "local", (
                 f"a CUDA GPU is present but Transformer Engine does not import ({te_error}): "
                 f"training uses the slow local backend. Install it: {TE_INSTALL_HINT}; or set "
-                "precision.backend=local to keep the local backend without this warning")
+                "precision.backend=local to keep the local backend without this warning"
+            )
         return "local", None
     if requested == "transformer_engine" and not (cuda and te_error is None):
-        why = "no CUDA GPU is visible" if not cuda else f"Transformer Engine does not import ({te_error})"
+        why = (
+            "no CUDA GPU is visible"
+            if not cuda
+            else f"Transformer Engine does not import ({te_error})"
+        )
         raise ConfigError(
             f"precision.backend=transformer_engine needs a CUDA GPU and Transformer Engine, but "
-            f"{why}. Install it: {TE_INSTALL_HINT}; or use precision.backend=local or auto")
+            f"{why}. Install it: {TE_INSTALL_HINT}; or use precision.backend=local or auto"
+        )
     if requested not in ("local", "transformer_engine"):
         raise ConfigError(f"unknown precision.backend {requested!r}")
     return requested, None

@@ -25,15 +25,26 @@ class VarlenDotProductAttention(MegatronModule):
     [t, heads * d].
     """
 
-    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
-                 softmax_scale: Optional[float] = None, **unused):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        softmax_scale: Optional[float] = None,
+        **unused,
+    ):
         super().__init__(config=config)
         self.causal = attn_mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         self.dropout_p = config.attention_dropout
         self.softmax_scale = softmax_scale
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                packed_seq_params: PackedSeqParams) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        packed_seq_params: PackedSeqParams,
+    ) -> torch.Tensor:
         t, heads, d = query.shape
         groups = key.shape[1]
         if heads != groups:
@@ -51,7 +62,8 @@ class VarlenDotProductAttention(MegatronModule):
                 continue
             # [len, heads, d] -> [heads, len, d]
             q, k, v = (x[start:end].transpose(0, 1) for x in (query, key, value))
-            o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal,
-                                               scale=scale)
+            o = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=self.causal, scale=scale
+            )
             outs.append(o.transpose(0, 1))
         return torch.cat(outs, dim=0).reshape(t, heads * d)

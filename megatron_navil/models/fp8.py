@@ -44,8 +44,9 @@ def _supported(recipe: str, capability: tuple[int, int], cuda: tuple[int, int]) 
     raise ConfigError(f"unknown fp8 recipe {recipe!r}; choose one of {', '.join(_NEEDS)}")
 
 
-def check_fp8_recipe(recipe: Optional[str], capability: tuple[int, int],
-                     cuda_version: Optional[str]) -> None:
+def check_fp8_recipe(
+    recipe: Optional[str], capability: tuple[int, int], cuda_version: Optional[str]
+) -> None:
     """Raise ConfigError when `recipe` cannot run on a device of `capability` (major, minor)
     with CUDA `cuda_version` (torch.version.cuda, e.g. "13.0"); None (no FP8) always passes."""
     if recipe is None:
@@ -53,8 +54,11 @@ def check_fp8_recipe(recipe: Optional[str], capability: tuple[int, int],
     cuda = tuple(int(x) for x in (cuda_version or "0.0").split(".")[:2])
     if not _supported(recipe, tuple(capability), cuda):  # type: ignore[arg-type]
         others = [r for r in _NEEDS if _supported(r, tuple(capability), cuda)]  # type: ignore[arg-type]
-        hint = (f"recipes this device runs: {', '.join(others)}" if others
-                else "this device runs no FP8 recipe: train in bf16 (drop --fp8-recipe)")
+        hint = (
+            f"recipes this device runs: {', '.join(others)}"
+            if others
+            else "this device runs no FP8 recipe: train in bf16 (drop --fp8-recipe)"
+        )
         raise ConfigError(
             f"fp8 recipe {recipe!r} needs {_NEEDS[recipe]}; this GPU has compute capability "
             f"{capability[0]}.{capability[1]} and CUDA {cuda_version}. {hint}"

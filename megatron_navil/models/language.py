@@ -1,14 +1,14 @@
 """The modality-expert LLM: embeddings (+ special tokens, + vision features), decoder, LM head.
 
-    input_ids [T]
-      -> VocabParallelEmbedding                              [T, 1, D]  (all-reduced over TP)
-      -> rows of special-token ids <- special_token_embedding (12 rows, NaViL's override)
-      -> rows of <IMG_CONTEXT> <- connector outputs, in order (count mismatch: ValueError)
-      -> scatter to sequence-parallel chunks (SP)            [T/tp, 1, D]
-      -> decoder: L x (shared RMSNorm, MHA-MMoE, shared RMSNorm, FFN-MMoE), final RMSNorm
-      -> gather (SP); keep only rows that need logits (never <IMG_CONTEXT> inputs)
-      -> LM head (column-parallel over the padded vocab; padded columns masked to -inf)
-      -> vocab-parallel cross entropy (training) or gathered logits (inference)
+input_ids [T]
+  -> VocabParallelEmbedding                              [T, 1, D]  (all-reduced over TP)
+  -> rows of special-token ids <- special_token_embedding (12 rows, NaViL's override)
+  -> rows of <IMG_CONTEXT> <- connector outputs, in order (count mismatch: ValueError)
+  -> scatter to sequence-parallel chunks (SP)            [T/tp, 1, D]
+  -> decoder: L x (shared RMSNorm, MHA-MMoE, shared RMSNorm, FFN-MMoE), final RMSNorm
+  -> gather (SP); keep only rows that need logits (never <IMG_CONTEXT> inputs)
+  -> LM head (column-parallel over the padded vocab; padded columns masked to -inf)
+  -> vocab-parallel cross entropy (training) or gathered logits (inference)
 """
 
 from __future__ import annotations
@@ -38,32 +38,50 @@ from megatron_navil.models.specs import block_submodules, llm_layer_spec
 
 
 class NaViLLanguageModel(MegatronModule):
-    def __init__(self, cfg: NaViLModelConfig, config, backend: Backend, pre_process: bool,
-                 post_process: bool, pg_collection, vp_stage: Optional[int] = None):
+    def __init__(
+        self,
+        cfg: NaViLModelConfig,
+        config,
+        backend: Backend,
+        pre_process: bool,
+        post_process: bool,
+        pg_collection,
+        vp_stage: Optional[int] = None,
+    ):
         super().__init__(config=config)
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = pg_collection.tp
         tp = self.tp_group.size()
         self.vocab_size = cfg.llm.vocab_size
-        self.padded_vocab_size = padded_vocab_size(cfg.llm.vocab_size,
-                                                   cfg.llm.make_vocab_size_divisible_by, tp)
+        self.padded_vocab_size = padded_vocab_size(
+            cfg.llm.vocab_size, cfg.llm.make_vocab_size_divisible_by, tp
+        )
         d = cfg.llm.hidden_size
         if pre_process:
             self.embedding = VocabParallelEmbedding(
-                self.padded_vocab_size, d, init_method=config.init_method, config=config,
-                reduce_scatter_embeddings=False, tp_group=self.tp_group,
+                self.padded_vocab_size,
+                d,
+                init_method=config.init_method,
+                config=config,
+                reduce_scatter_embeddings=False,
+                tp_group=self.tp_group,
             )
             self.special_token_embedding = torch.nn.Embedding(
-                len(SPECIAL_TOKENS), d, dtype=config.params_dtype,
+                len(SPECIAL_TOKENS),
+                d,
+                dtype=config.params_dtype,
                 device=None if config.use_cpu_initialization else torch.cuda.current_device(),
             )
             with torch.no_grad():
                 config.init_method(self.special_token_embedding.weight)
         num_layers = get_num_layers_to_build(config, vp_stage, get_pg_rank(pg_collection.pp))
         self.decoder = NaViLTransformerBlock(
-            config, block_submodules(llm_layer_spec(cfg, backend), num_layers, backend.rms_norm),
-            pre_process=pre_process, post_process=post_process, pg_collection=pg_collection,
+            config,
+            block_submodules(llm_layer_spec(cfg, backend), num_layers, backend.rms_norm),
+            pre_process=pre_process,
+            post_process=post_process,
+            pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
         if post_process:
@@ -72,9 +90,15 @@ class NaViLLanguageModel(MegatronModule):
             # backward already reduces the input gradient, hence disable_grad_reduce.
             head_config = _without_sequence_parallel(config)
             self.output_layer = ColumnParallelLinear(
-                d, self.padded_vocab_size, config=head_config, init_method=config.init_method,
-                bias=False, gather_output=False, skip_bias_add=False,
-                disable_grad_reduce=config.sequence_parallel, tp_group=self.tp_group,
+                d,
+                self.padded_vocab_size,
+                config=head_config,
+                init_method=config.init_method,
+                bias=False,
+                gather_output=False,
+                skip_bias_add=False,
+                disable_grad_reduce=config.sequence_parallel,
+                tp_group=self.tp_group,
             )
 
     # ------------------------------------------------------------------ first stage
@@ -102,13 +126,21 @@ class NaViLLanguageModel(MegatronModule):
         return x
 
     # ------------------------------------------------------------------ all stages
-    def forward(self, hidden: Optional[torch.Tensor], *, input_ids: torch.Tensor,
-                position_ids: torch.Tensor, packed_seq_params: PackedSeqParams,
-                routing: ModalityRouting, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        hidden: Optional[torch.Tensor],
+        *,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        packed_seq_params: PackedSeqParams,
+        routing: ModalityRouting,
+        labels: Optional[torch.Tensor] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+    ):
         freqs = rope_1d(position_ids, self.cfg.llm.kv_channels, self.cfg.llm.rope_theta)
-        h = self.decoder(hidden, rotary_freqs=freqs, packed_seq_params=packed_seq_params,
-                         routing=routing)
+        h = self.decoder(
+            hidden, rotary_freqs=freqs, packed_seq_params=packed_seq_params, routing=routing
+        )
         if not self.post_process:
             return h
         if self.config.sequence_parallel:
@@ -118,12 +150,18 @@ class NaViLLanguageModel(MegatronModule):
             rows = not_image.nonzero().squeeze(1)
             logits = self._logits(h.index_select(0, rows))
             return gather_from_tensor_model_parallel_region(logits, group=self.tp_group)[:, 0], rows
-        weights = torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        weights = (
+            torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
+        )
         rows = ((weights != 0) & not_image).nonzero().squeeze(1)
         logits = self._logits(h.index_select(0, rows)).float()  # [n, 1, V/tp]
-        ce = tensor_parallel.vocab_parallel_cross_entropy(logits, labels.index_select(0, rows)[:, None])
+        ce = tensor_parallel.vocab_parallel_cross_entropy(
+            logits, labels.index_select(0, rows)[:, None]
+        )
         # Per-position weighted loss over the whole pack (0 where no loss is taken).
-        return torch.zeros_like(weights).index_copy(0, rows, ce[:, 0] * weights.index_select(0, rows))
+        return torch.zeros_like(weights).index_copy(
+            0, rows, ce[:, 0] * weights.index_select(0, rows)
+        )
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         logits, _ = self.output_layer(h)  # [n, 1, V_padded / tp]
@@ -142,4 +180,3 @@ def _without_sequence_parallel(config):
     out = copy.copy(config)
     out.sequence_parallel = False
     return out
-

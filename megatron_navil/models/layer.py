@@ -66,10 +66,16 @@ class NaViLLayerSubmodules:
 
 
 class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
-    def __init__(self, config, submodules: NaViLLayerSubmodules, layer_number: int = 1,
-                 pg_collection: Optional[ProcessGroupCollection] = None,
-                 vp_stage: Optional[int] = None,
-                 full_attention_layers: Optional[tuple[int, ...]] = None, **unused):
+    def __init__(
+        self,
+        config,
+        submodules: NaViLLayerSubmodules,
+        layer_number: int = 1,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        vp_stage: Optional[int] = None,
+        full_attention_layers: Optional[tuple[int, ...]] = None,
+        **unused,
+    ):
         super().__init__(config=config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
@@ -79,25 +85,32 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
         norm_kw = dict(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
         self.input_layernorm = build_module(submodules.input_layernorm, **norm_kw)
         self.self_attention = build_module(
-            submodules.self_attention, config=config, layer_number=self.layer_number,
+            submodules.self_attention,
+            config=config,
+            layer_number=self.layer_number,
             pg_collection=pg_collection,
         )
-        self.attn_layerscale = build_module(submodules.attn_layerscale, config=config,
-                                            hidden_size=config.hidden_size)
+        self.attn_layerscale = build_module(
+            submodules.attn_layerscale, config=config, hidden_size=config.hidden_size
+        )
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, **norm_kw)
-        mlp_module = submodules.mlp.module if isinstance(submodules.mlp, ModuleSpec) else submodules.mlp
+        mlp_module = (
+            submodules.mlp.module if isinstance(submodules.mlp, ModuleSpec) else submodules.mlp
+        )
         if issubclass(mlp_module, MoELayer):
             self.mlp = build_module(submodules.mlp, config=config, pg_collection=pg_collection)
             self.mlp.set_layer_number(self.layer_number)
         else:
             self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
         self.mlp_takes_routing = isinstance(self.mlp, MoELayer)
-        self.mlp_layerscale = build_module(submodules.mlp_layerscale, config=config,
-                                           hidden_size=config.hidden_size)
+        self.mlp_layerscale = build_module(
+            submodules.mlp_layerscale, config=config, hidden_size=config.hidden_size
+        )
         self.bias_dropout_add = get_bias_dropout_add
         # Vision window attention: layers not listed attend within windows (see models/window.py).
-        self.windowed = (full_attention_layers is not None
-                         and self.layer_number - 1 not in full_attention_layers)
+        self.windowed = (
+            full_attention_layers is not None and self.layer_number - 1 not in full_attention_layers
+        )
 
     def _residual(self, out_with_bias, residual):
         # Megatron's bias-dropout-add; biases are already added inside the linears.
@@ -105,14 +118,22 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
             out_with_bias, residual, self.config.hidden_dropout
         )
 
-    def forward(self, hidden_states: torch.Tensor, *, rotary_freqs: torch.Tensor,
-                packed_seq_params: PackedSeqParams, routing: Optional[ModalityRouting] = None,
-                window_packed_seq_params: Optional[PackedSeqParams] = None):
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        rotary_freqs: torch.Tensor,
+        packed_seq_params: PackedSeqParams,
+        routing: Optional[ModalityRouting] = None,
+        window_packed_seq_params: Optional[PackedSeqParams] = None,
+    ):
         if self.windowed and window_packed_seq_params is not None:
             packed_seq_params = window_packed_seq_params
         attn_out, attn_bias = self.self_attention(
-            self.input_layernorm(hidden_states), rotary_freqs=rotary_freqs,
-            packed_seq_params=packed_seq_params, routing=routing,
+            self.input_layernorm(hidden_states),
+            rotary_freqs=rotary_freqs,
+            packed_seq_params=packed_seq_params,
+            routing=routing,
         )
         assert attn_bias is None, "linears must add their own bias"
         hidden_states = self._residual((self.attn_layerscale(attn_out), None), hidden_states)
@@ -125,23 +146,33 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
         if mlp_bias is not None:
             mlp_out = mlp_out + mlp_bias
         hidden_states = self._residual((self.mlp_layerscale(mlp_out), None), hidden_states)
-        return make_viewless_tensor(hidden_states, requires_grad=hidden_states.requires_grad,
-                                    keep_graph=True)
+        return make_viewless_tensor(
+            hidden_states, requires_grad=hidden_states.requires_grad, keep_graph=True
+        )
 
 
 class NaViLTransformerBlock(TransformerBlock):
     """Megatron's TransformerBlock with a forward that passes RoPE frequencies, packed-sequence
     params and the modality routing to every layer (with and without activation recompute)."""
 
-    def forward(self, hidden_states: Optional[torch.Tensor], *, rotary_freqs: torch.Tensor,
-                packed_seq_params: PackedSeqParams, routing: Optional[ModalityRouting] = None,
-                window_packed_seq_params: Optional[PackedSeqParams] = None):
+    def forward(
+        self,
+        hidden_states: Optional[torch.Tensor],
+        *,
+        rotary_freqs: torch.Tensor,
+        packed_seq_params: PackedSeqParams,
+        routing: Optional[ModalityRouting] = None,
+        window_packed_seq_params: Optional[PackedSeqParams] = None,
+    ):
         if not self.pre_process:
             hidden_states = self.input_tensor  # set by the pipeline schedule
         hidden_states = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
         cfg = self.config
-        rng_context = (tensor_parallel.get_cuda_rng_tracker().fork() if cfg.sequence_parallel
-                       else nullcontext())
+        rng_context = (
+            tensor_parallel.get_cuda_rng_tracker().fork()
+            if cfg.sequence_parallel
+            else nullcontext()
+        )
         delayed_fp8 = bool(cfg.fp8) and cfg.fp8_recipe == Fp8Recipe.delayed
         outer = get_fp8_context(cfg) if delayed_fp8 else nullcontext()
 
@@ -154,10 +185,15 @@ class NaViLTransformerBlock(TransformerBlock):
             def run_layers(h, freqs):
                 for layer in self.layers[start:end]:
                     with layer_context(layer):
-                        h = layer(h, rotary_freqs=freqs, packed_seq_params=packed_seq_params,
-                                  routing=routing,
-                                  window_packed_seq_params=window_packed_seq_params)
+                        h = layer(
+                            h,
+                            rotary_freqs=freqs,
+                            packed_seq_params=packed_seq_params,
+                            routing=routing,
+                            window_packed_seq_params=window_packed_seq_params,
+                        )
                 return h
+
             return run_layers
 
         with rng_context, outer:
@@ -176,8 +212,11 @@ class NaViLTransformerBlock(TransformerBlock):
 
     def _recompute(self, run, hidden_states, rotary_freqs):
         cfg = self.config
-        if (torch.is_grad_enabled() and not hidden_states.requires_grad
-                and any(p.requires_grad for p in self.parameters())):
+        if (
+            torch.is_grad_enabled()
+            and not hidden_states.requires_grad
+            and any(p.requires_grad for p in self.parameters())
+        ):
             # Megatron's and TE's checkpoints are reentrant autograd Functions: when no INPUT
             # requires grad their output does not either, and the layers' trainable weights get
             # no gradient (e.g. a stage training only the visual experts: the embeddings and
@@ -188,16 +227,22 @@ class NaViLTransformerBlock(TransformerBlock):
             if cfg.fp8:
                 from megatron.core.extensions.transformer_engine import te_checkpoint
 
-                return te_checkpoint(fn, cfg.distribute_saved_activations,
-                                     tensor_parallel.random.get_cuda_rng_tracker, self.tp_group,
-                                     h, rotary_freqs)
+                return te_checkpoint(
+                    fn,
+                    cfg.distribute_saved_activations,
+                    tensor_parallel.random.get_cuda_rng_tracker,
+                    self.tp_group,
+                    h,
+                    rotary_freqs,
+                )
             return tensor_parallel.checkpoint(fn, cfg.distribute_saved_activations, h, rotary_freqs)
 
         n = len(self.layers)
         if cfg.recompute_method == "uniform":
             for start in range(0, n, cfg.recompute_num_layers):
-                hidden_states = checkpointed(run(start, min(n, start + cfg.recompute_num_layers)),
-                                             hidden_states)
+                hidden_states = checkpointed(
+                    run(start, min(n, start + cfg.recompute_num_layers)), hidden_states
+                )
         elif cfg.recompute_method == "block":
             for i in range(n):
                 if i < cfg.recompute_num_layers:

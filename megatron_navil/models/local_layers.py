@@ -70,7 +70,9 @@ class ShardLinear(torch.nn.Module):
     ):
         super().__init__()
         if partition_dim == 1 and bias:
-            raise ValueError("a row-sharded ShardLinear cannot own a bias (it is added after the reduce)")
+            raise ValueError(
+                "a row-sharded ShardLinear cannot own a bias (it is added after the reduce)"
+            )
         self.tp_group = _tp_group(tp_group)
         self.partition_dim = partition_dim
         tp, rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
@@ -83,14 +85,22 @@ class ShardLinear(torch.nn.Module):
         if config.perform_initialization:
             if config.use_cpu_initialization:
                 _initialize_affine_weight_cpu(
-                    self.weight, output_size, input_size,
-                    out_local if partition_dim == 0 else in_local, partition_dim, init_method,
-                    params_dtype=config.params_dtype, rank=rank, world_size=tp,
+                    self.weight,
+                    output_size,
+                    input_size,
+                    out_local if partition_dim == 0 else in_local,
+                    partition_dim,
+                    init_method,
+                    params_dtype=config.params_dtype,
+                    rank=rank,
+                    world_size=tp,
                 )
             else:
                 _initialize_affine_weight_gpu(self.weight, init_method, partition_dim=partition_dim)
         if bias:
-            self.bias = torch.nn.Parameter(torch.zeros(out_local, dtype=config.params_dtype, device=device))
+            self.bias = torch.nn.Parameter(
+                torch.zeros(out_local, dtype=config.params_dtype, device=device)
+            )
         else:
             self.register_parameter("bias", None)
         finish_shard_params(self, partition_dim)  # the init helpers set some flags already
@@ -128,14 +138,21 @@ class TPRMSNorm(torch.nn.Module):
     holds and scales by its own slice of the weight, so the weight is TP-sharded like the input.
     """
 
-    def __init__(self, config, hidden_size: int, eps: float,
-                 tp_group: Optional[torch.distributed.ProcessGroup] = None):
+    def __init__(
+        self,
+        config,
+        hidden_size: int,
+        eps: float,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ):
         super().__init__()
         self.tp_group = _tp_group(tp_group)
         self.full_size = hidden_size
         local = divide(hidden_size, get_pg_size(self.tp_group))
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
-        self.weight = torch.nn.Parameter(torch.ones(local, dtype=config.params_dtype, device=device))
+        self.weight = torch.nn.Parameter(
+            torch.ones(local, dtype=config.params_dtype, device=device)
+        )
         mark_tp_sharded(self.weight, 0)
         self.eps = eps
 
@@ -149,7 +166,9 @@ class TPRMSNorm(torch.nn.Module):
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state_dict = self.state_dict(prefix="", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state_dict, prefix, {"weight": 0}, sharded_offsets)
+        return make_sharded_tensors_for_checkpoint(
+            state_dict, prefix, {"weight": 0}, sharded_offsets
+        )
 
 
 class RMSNorm(torch.nn.Module):
@@ -158,7 +177,9 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         device = None if config.use_cpu_initialization else torch.cuda.current_device()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=device))
+        self.weight = torch.nn.Parameter(
+            torch.ones(hidden_size, dtype=config.params_dtype, device=device)
+        )
         self.eps = eps
         # Under SP each TP rank normalises only its chunk of the sequence: Megatron's
         # finalize_model_grads sums the weight gradient over TP for flagged parameters.

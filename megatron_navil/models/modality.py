@@ -70,8 +70,9 @@ class ModalityRouting:
     """bool [N / sp]: this rank's sequence-parallel chunk of `mask` (== mask without SP)."""
 
     @classmethod
-    def build(cls, mask: torch.Tensor, row_multiple: int = 1, sp_size: int = 1,
-              sp_rank: int = 0) -> "ModalityRouting":
+    def build(
+        cls, mask: torch.Tensor, row_multiple: int = 1, sp_size: int = 1, sp_rank: int = 0
+    ) -> "ModalityRouting":
         mask = mask.reshape(-1).bool()
         n = mask.numel()
         n_vis = int(mask.sum())  # one host sync per micro-batch, shared by every layer
@@ -86,13 +87,17 @@ class ModalityRouting:
             order = torch.empty_like(dest)
             order[dest] = torch.arange(n, device=mask.device)
         if n % sp_size:
-            raise ValueError(f"sequence length {n} is not divisible by the sequence-parallel size {sp_size}")
+            raise ValueError(
+                f"sequence length {n} is not divisible by the sequence-parallel size {sp_size}"
+            )
         chunk = n // sp_size
-        local = mask[sp_rank * chunk:(sp_rank + 1) * chunk]
+        local = mask[sp_rank * chunk : (sp_rank + 1) * chunk]
         return cls(mask, dest, order, (n_txt, n_vis), padded, local)
 
     @classmethod
-    def from_tokens(cls, tokens: torch.Tensor, visual_ids: tuple[int, ...], **kw) -> "ModalityRouting":
+    def from_tokens(
+        cls, tokens: torch.Tensor, visual_ids: tuple[int, ...], **kw
+    ) -> "ModalityRouting":
         mask = torch.zeros_like(tokens, dtype=torch.bool)
         for i in visual_ids:
             mask |= tokens == i
@@ -124,14 +129,29 @@ class ModalityColumnParallelLinear(MegatronModule):
     modalities), then each token uses its modality's local weight shard.
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool,
-                 shard_linear: type, tp_group=None, **unused):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config,
+        init_method,
+        bias: bool,
+        shard_linear: type,
+        tp_group=None,
+        **unused,
+    ):
         # `unused`: Megatron linear kwargs (gather_output, tp_comm_buffer_name, ...) the
         # attention passes to whichever linear the spec chose.
         super().__init__(config=config)
         self.tp_group = _tp_group(tp_group)
-        kw = dict(config=config, init_method=init_method, bias=bias, partition_dim=0,
-                  tp_group=self.tp_group)
+        kw = dict(
+            config=config,
+            init_method=init_method,
+            bias=bias,
+            partition_dim=0,
+            tp_group=self.tp_group,
+        )
         self.text = shard_linear(input_size, output_size, **kw)
         self.visual = shard_linear(input_size, output_size, **kw)
         self.sequence_parallel = config.sequence_parallel and get_pg_size(self.tp_group) > 1
@@ -155,15 +175,31 @@ class ModalityRowParallelLinear(MegatronModule):
     `visual` as a second row-parallel GEMM (one extra all-reduce over the visual rows).
     """
 
-    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool,
-                 shard_linear: type, composed: bool = False, tp_group=None, **unused):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config,
+        init_method,
+        bias: bool,
+        shard_linear: type,
+        composed: bool = False,
+        tp_group=None,
+        **unused,
+    ):
         super().__init__(config=config)
         if bias:
             raise ValueError("modality output projections have no bias (InternLM2/Qwen3 have none)")
         self.tp_group = _tp_group(tp_group)
         self.composed = composed
-        kw = dict(config=config, init_method=init_method, bias=False, partition_dim=1,
-                  tp_group=self.tp_group)
+        kw = dict(
+            config=config,
+            init_method=init_method,
+            bias=False,
+            partition_dim=1,
+            tp_group=self.tp_group,
+        )
         self.text = shard_linear(input_size, output_size, **kw)
         self.visual = shard_linear(output_size if composed else input_size, output_size, **kw)
         self.sequence_parallel = config.sequence_parallel and get_pg_size(self.tp_group) > 1
@@ -174,7 +210,9 @@ class ModalityRowParallelLinear(MegatronModule):
         if not self.composed:
             partial = routing.apply(flat, self.text, self.visual).view(s, b, -1)
             if self.sequence_parallel:
-                return reduce_scatter_to_sequence_parallel_region(partial, group=self.tp_group), None
+                return reduce_scatter_to_sequence_parallel_region(
+                    partial, group=self.tp_group
+                ), None
             return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group), None
 
         full = reduce_from_tensor_model_parallel_region(self.text(flat), group=self.tp_group)

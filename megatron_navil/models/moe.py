@@ -40,7 +40,9 @@ class ModalityRouter(MegatronModule):
     def __init__(self, config, pg_collection=None):
         super().__init__(config=config)
         if config.num_moe_experts != 2:
-            raise ValueError(f"modality routing needs exactly 2 experts, got {config.num_moe_experts}")
+            raise ValueError(
+                f"modality routing needs exactly 2 experts, got {config.num_moe_experts}"
+            )
         self.layer_number = None
 
     def set_layer_number(self, layer_number: int) -> None:
@@ -52,8 +54,13 @@ class ModalityRouter(MegatronModule):
         return routing_map.to(torch.float32), routing_map
 
 
-def run_experts_nonempty(experts, x: torch.Tensor, tokens_per_expert: torch.Tensor,
-                         probs: torch.Tensor, row_multiple: int = 1):
+def run_experts_nonempty(
+    experts,
+    x: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    probs: torch.Tensor,
+    row_multiple: int = 1,
+):
     """experts(x, tokens_per_expert, probs) with every expert given at least one block of rows:
     an expert with 0 tokens gets `row_multiple` zero rows (prob 0), removed from the output."""
     counts = [int(c) for c in tokens_per_expert.tolist()]
@@ -76,8 +83,9 @@ class ModalityMoELayer(MoELayer):
 
     `row_multiple`: the FP8 recipe's row multiple (1 without FP8), for the zero-row blocks."""
 
-    def __init__(self, config, submodules, layer_number=None, pg_collection=None,
-                 row_multiple: int = 1):
+    def __init__(
+        self, config, submodules, layer_number=None, pg_collection=None, row_multiple: int = 1
+    ):
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
         self.row_multiple = row_multiple
 
@@ -122,9 +130,11 @@ class ModalityMoELayer(MoELayer):
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         """Megatron's, with experts that received no token run on a zero block (see above)."""
         x, tokens_per_expert, permuted_probs = self.token_dispatcher.dispatch_postprocess(
-            hidden_states, probs)
-        out, bias = run_experts_nonempty(self.experts, x, tokens_per_expert, permuted_probs,
-                                         self.row_multiple)
+            hidden_states, probs
+        )
+        out, bias = run_experts_nonempty(
+            self.experts, x, tokens_per_expert, permuted_probs, self.row_multiple
+        )
         if bias is not None:
             raise ValueError("modality experts have no bias")
         return self.token_dispatcher.combine_preprocess(out), None

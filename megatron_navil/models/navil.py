@@ -49,12 +49,18 @@ class NaViLModel(MegatronModule):
     micro-batch, as Megatron DDP's overlapped grad reduce requires.
     """
 
-    def __init__(self, cfg: NaViLModelConfig, parallel: ParallelConfig,
-                 precision: PrecisionConfig, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None,
-                 pg_collection: Optional[ProcessGroupCollection] = None,
-                 experts_trainable: tuple[bool, bool] = (True, True),
-                 vision_every_micro_batch: bool = False):
+    def __init__(
+        self,
+        cfg: NaViLModelConfig,
+        parallel: ParallelConfig,
+        precision: PrecisionConfig,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: Optional[int] = None,
+        pg_collection: Optional[ProcessGroupCollection] = None,
+        experts_trainable: tuple[bool, bool] = (True, True),
+        vision_every_micro_batch: bool = False,
+    ):
         cfg.validate()
         parallel.validate()
         precision.validate()
@@ -62,14 +68,20 @@ class NaViLModel(MegatronModule):
         if backend_name == "transformer_engine":
             check_device_fp8(precision.fp8)
         elif precision.fp8 is not None:
-            raise ConfigError(f"precision.fp8={precision.fp8} needs the Transformer Engine backend "
-                              "on a GPU, but this run resolved to the local backend (see the "
-                              "warning above, if any); drop --fp8-recipe or install TE")
+            raise ConfigError(
+                f"precision.fp8={precision.fp8} needs the Transformer Engine backend "
+                "on a GPU, but this run resolved to the local backend (see the "
+                "warning above, if any); drop --fp8-recipe or install TE"
+            )
         grouped = use_grouped_experts(backend_name, experts_trainable)
-        backend = get_backend(backend_name, row_multiple=precision.row_multiple(),
-                              grouped_experts=grouped)
-        super().__init__(config=llm_transformer_config(cfg, parallel, precision, backend_name,
-                                                       grouped_experts=grouped))
+        backend = get_backend(
+            backend_name, row_multiple=precision.row_multiple(), grouped_experts=grouped
+        )
+        super().__init__(
+            config=llm_transformer_config(
+                cfg, parallel, precision, backend_name, grouped_experts=grouped
+            )
+        )
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups()
         self.cfg, self.backend = cfg, backend
@@ -79,8 +91,9 @@ class NaViLModel(MegatronModule):
             vit_config = vision_transformer_config(cfg, parallel, precision, backend_name)
             self.vision_model = VisionEncoder(cfg, vit_config, backend, pg_collection)
             self.connector = Connector(cfg, vit_config)
-        self.language_model = NaViLLanguageModel(cfg, self.config, backend, pre_process,
-                                                 post_process, pg_collection, vp_stage)
+        self.language_model = NaViLLanguageModel(
+            cfg, self.config, backend, pre_process, post_process, pg_collection, vp_stage
+        )
         self.vision_every_micro_batch = vision_every_micro_batch
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # NaViL's LM head is untied
@@ -91,19 +104,30 @@ class NaViLModel(MegatronModule):
             input_tensor = input_tensor[0]
         self.language_model.decoder.set_input_tensor(input_tensor)
 
-    def routing(self, tokens: torch.Tensor, modality_mask: Optional[torch.Tensor] = None) -> ModalityRouting:
+    def routing(
+        self, tokens: torch.Tensor, modality_mask: Optional[torch.Tensor] = None
+    ) -> ModalityRouting:
         if modality_mask is None:
             modality_mask = self.cfg.visual_token_mask(tokens)
         sp = self.config.sequence_parallel and self.tp_group.size() > 1
         return ModalityRouting.build(
-            modality_mask, row_multiple=self.backend.fp8_row_multiple,
-            sp_size=self.tp_group.size() if sp else 1, sp_rank=self.tp_group.rank() if sp else 0,
+            modality_mask,
+            row_multiple=self.backend.fp8_row_multiple,
+            sp_size=self.tp_group.size() if sp else 1,
+            sp_rank=self.tp_group.rank() if sp else 0,
         )
 
-    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                labels: Optional[torch.Tensor] = None, loss_mask: Optional[torch.Tensor] = None,
-                pixel_values: Optional[torch.Tensor] = None, grid_thw: Optional[torch.Tensor] = None,
-                modality_mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        position_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        loss_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        grid_thw: Optional[torch.Tensor] = None,
+        modality_mask: Optional[torch.Tensor] = None,
+    ):
         """One packed micro-batch (see megatron_navil/batch.py for the field contract).
 
         Returns, on the last stage: the per-position weighted loss [T] when `labels` are given,
@@ -127,23 +151,35 @@ class NaViLModel(MegatronModule):
                 # exactly 0 added; the encoder's parameters get (zero) gradients like on any pack
                 hidden = hidden + 0.0 * blank.sum()
         return self.language_model(
-            hidden, input_ids=tokens, position_ids=position_ids, packed_seq_params=packed,
-            routing=routing, labels=None if labels is None else labels.reshape(-1),
+            hidden,
+            input_ids=tokens,
+            position_ids=position_ids,
+            packed_seq_params=packed,
+            routing=routing,
+            labels=None if labels is None else labels.reshape(-1),
             loss_mask=None if loss_mask is None else loss_mask.reshape(-1),
         )
 
     def _blank_image_features(self, device) -> torch.Tensor:
         """Connector output for one blank merge block (the smallest image the encoder takes)."""
         m, p = self.cfg.connector.merge_size, self.cfg.vision.patch_size
-        pixels = torch.zeros(m * m, self.cfg.vision.num_channels * p * p, device=device,
-                             dtype=self.config.params_dtype)
+        pixels = torch.zeros(
+            m * m,
+            self.cfg.vision.num_channels * p * p,
+            device=device,
+            dtype=self.config.params_dtype,
+        )
         grid = torch.tensor([[1, m, m]], device=device)
         return self.connector(self.vision_model(pixels, grid))
 
 
-def build_model(cfg: NaViLModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                pg_collection: Optional[ProcessGroupCollection] = None,
-                **model_kwargs) -> list[NaViLModel]:
+def build_model(
+    cfg: NaViLModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    pg_collection: Optional[ProcessGroupCollection] = None,
+    **model_kwargs,
+) -> list[NaViLModel]:
     """This rank's model chunks (one per virtual pipeline stage), like Megatron-LM's get_model.
     `model_kwargs` go to every NaViLModel (experts_trainable, vision_every_micro_batch)."""
     from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
@@ -156,6 +192,16 @@ def build_model(cfg: NaViLModelConfig, parallel: ParallelConfig, precision: Prec
         vp_stage = stage if vp is not None else None
         first = pp_rank == 0 and (vp is None or is_vp_first_stage(vp_stage, vp))
         last = pp_rank == pp_size - 1 and (vp is None or is_vp_last_stage(vp_stage, vp))
-        chunks.append(NaViLModel(cfg, parallel, precision, pre_process=first, post_process=last,
-                                 vp_stage=vp_stage, pg_collection=pg_collection, **model_kwargs))
+        chunks.append(
+            NaViLModel(
+                cfg,
+                parallel,
+                precision,
+                pre_process=first,
+                post_process=last,
+                vp_stage=vp_stage,
+                pg_collection=pg_collection,
+                **model_kwargs,
+            )
+        )
     return chunks

@@ -14,5 +14,10 @@ def packed_params(seqlens: list[int], device) -> PackedSeqParams:
     """THD parameters of consecutive segments of `seqlens` tokens (cumulative int32 offsets)."""
     cu = torch.tensor([0] + seqlens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
     longest = max(seqlens) if seqlens else 0
-    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                           max_seqlen_q=longest, max_seqlen_kv=longest)
+    return PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=longest,
+        max_seqlen_kv=longest,
+    )

@@ -17,7 +17,9 @@ def inverse_frequencies(dim: int, theta: float, device=None) -> torch.Tensor:
 
 def rope_1d(position_ids: torch.Tensor, head_dim: int, theta: float) -> torch.Tensor:
     """position_ids [s] -> angles [s, 1, 1, head_dim] = cat(f, f) with f = pos * inv_freq."""
-    f = position_ids.to(torch.float32)[:, None] * inverse_frequencies(head_dim, theta, position_ids.device)
+    f = position_ids.to(torch.float32)[:, None] * inverse_frequencies(
+        head_dim, theta, position_ids.device
+    )
     return torch.cat([f, f], dim=-1)[:, None, None, :]
 
 

@@ -48,8 +48,11 @@ def vision_layer_spec(cfg: NaViLModelConfig, backend: Backend) -> ModuleSpec:
             input_layernorm=backend.rms_norm,
             self_attention=ModuleSpec(
                 module=NaViLSelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask, "qkv_bias": v.qkv_bias,
-                        "full_width_qk_norm": True},
+                params={
+                    "attn_mask_type": AttnMaskType.no_mask,
+                    "qkv_bias": v.qkv_bias,
+                    "full_width_qk_norm": True,
+                },
                 submodules=NaViLAttentionSubmodules(
                     linear_qkv=backend.column_parallel_linear,
                     core_attention=backend.core_attention,
@@ -71,14 +74,23 @@ def llm_layer_spec(cfg: NaViLModelConfig, backend: Backend) -> ModuleSpec:
     FFN-MMoE (per-modality SwiGLU experts behind the modality router). Shared norms."""
     experts = cfg.experts
     if experts.attention_experts:
-        qkv = ModuleSpec(module=ModalityColumnParallelLinear,
-                         params={"shard_linear": backend.shard_linear})
-        proj = ModuleSpec(module=ModalityRowParallelLinear,
-                          params={"shard_linear": backend.shard_linear,
-                                  "composed": experts.output_proj_mode == "composed"})
+        qkv = ModuleSpec(
+            module=ModalityColumnParallelLinear, params={"shard_linear": backend.shard_linear}
+        )
+        proj = ModuleSpec(
+            module=ModalityRowParallelLinear,
+            params={
+                "shard_linear": backend.shard_linear,
+                "composed": experts.output_proj_mode == "composed",
+            },
+        )
         qk_norm = ModuleSpec(module=ModalityNorm, params={"norm_cls": backend.rms_norm})
     else:
-        qkv, proj, qk_norm = backend.column_parallel_linear, backend.row_parallel_linear, backend.rms_norm
+        qkv, proj, qk_norm = (
+            backend.column_parallel_linear,
+            backend.row_parallel_linear,
+            backend.rms_norm,
+        )
     if experts.ffn_experts:
         mlp = ModuleSpec(
             module=ModalityMoELayer,
@@ -111,6 +123,8 @@ def llm_layer_spec(cfg: NaViLModelConfig, backend: Backend) -> ModuleSpec:
     )
 
 
-def block_submodules(layer_spec: ModuleSpec, num_layers: int, final_norm) -> TransformerBlockSubmodules:
+def block_submodules(
+    layer_spec: ModuleSpec, num_layers: int, final_norm
+) -> TransformerBlockSubmodules:
     """A block of `num_layers` identical layers (this pipeline stage's share)."""
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * num_layers, layer_norm=final_norm)

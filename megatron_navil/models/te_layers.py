@@ -31,9 +31,17 @@ from megatron_navil.models.local_layers import _tp_group, finish_shard_params
 
 
 class TEShardLinear(te.pytorch.Linear):
-    def __init__(self, input_size: int, output_size: int, *, config, init_method: Callable,
-                 bias: bool, partition_dim: int,
-                 tp_group: Optional[torch.distributed.ProcessGroup] = None):
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        *,
+        config,
+        init_method: Callable,
+        bias: bool,
+        partition_dim: int,
+        tp_group: Optional[torch.distributed.ProcessGroup] = None,
+    ):
         tp = get_pg_size(_tp_group(tp_group))
         out_local = divide(output_size, tp) if partition_dim == 0 else output_size
         in_local = divide(input_size, tp) if partition_dim == 1 else input_size
@@ -41,11 +49,18 @@ class TEShardLinear(te.pytorch.Linear):
             raise ValueError("a row-sharded TEShardLinear cannot own a bias")
         tracker = get_cuda_rng_tracker()
         super().__init__(
-            in_features=in_local, out_features=out_local, sequence_parallel=False,
-            fuse_wgrad_accumulation=config.gradient_accumulation_fusion, tp_group=None, tp_size=1,
+            in_features=in_local,
+            out_features=out_local,
+            sequence_parallel=False,
+            fuse_wgrad_accumulation=config.gradient_accumulation_fusion,
+            tp_group=None,
+            tp_size=1,
             get_rng_state_tracker=get_cuda_rng_tracker if tracker.is_initialized() else None,
-            init_method=condition_init_method(config, init_method), bias=bias, return_bias=False,
-            parallel_mode=None, **_get_extra_te_kwargs(config),
+            init_method=condition_init_method(config, init_method),
+            bias=bias,
+            return_bias=False,
+            parallel_mode=None,
+            **_get_extra_te_kwargs(config),
         )
         self.partition_dim = partition_dim
         # TE's reset_parameters flagged the weight as split along dim 0: overwrite (row shards
@@ -66,14 +81,37 @@ class TEShardLinear(te.pytorch.Linear):
 
 
 class TEVarlenAttention(TEDotProductAttention):
-    def __init__(self, config, layer_number: int, attn_mask_type, attention_type: str = "self",
-                 pg_collection=None, **unused):
-        super().__init__(config=config, layer_number=layer_number, attn_mask_type=attn_mask_type,
-                         attention_type=attention_type, pg_collection=pg_collection)
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str = "self",
+        pg_collection=None,
+        **unused,
+    ):
+        super().__init__(
+            config=config,
+            layer_number=layer_number,
+            attn_mask_type=attn_mask_type,
+            attention_type=attention_type,
+            pg_collection=pg_collection,
+        )
         self.navil_mask_type = attn_mask_type
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                packed_seq_params: PackedSeqParams) -> torch.Tensor:
-        out = super().forward(query, key, value, None, attn_mask_type=self.navil_mask_type,
-                              packed_seq_params=packed_seq_params)
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        packed_seq_params: PackedSeqParams,
+    ) -> torch.Tensor:
+        out = super().forward(
+            query,
+            key,
+            value,
+            None,
+            attn_mask_type=self.navil_mask_type,
+            packed_seq_params=packed_seq_params,
+        )
         return out.reshape(query.shape[0], -1)  # [t, heads * hn]

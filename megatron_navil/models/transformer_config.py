@@ -17,7 +17,6 @@ from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
 from megatron_navil.utils.dtypes import torch_dtype
 
 
-
 def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) -> dict:
     dtype = torch_dtype(precision.params_dtype)
     on_gpu = backend == "transformer_engine"
@@ -40,8 +39,12 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) 
         persist_layer_norm=False,
         calculate_per_token_loss=True,
         recompute_granularity=parallel.recompute_granularity,
-        recompute_method=parallel.recompute_method if parallel.recompute_granularity == "full" else None,
-        recompute_num_layers=parallel.recompute_num_layers if parallel.recompute_granularity == "full" else None,
+        recompute_method=parallel.recompute_method
+        if parallel.recompute_granularity == "full"
+        else None,
+        recompute_num_layers=parallel.recompute_num_layers
+        if parallel.recompute_granularity == "full"
+        else None,
         transformer_impl="transformer_engine" if on_gpu else "local",
         # gloo matches point-to-point messages between two ranks in posting order; Megatron's
         # batched p2p posts send_prev before send_next on every rank, which swaps activations
@@ -56,9 +59,13 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) 
     return common
 
 
-def llm_transformer_config(cfg: NaViLModelConfig, parallel: ParallelConfig,
-                           precision: PrecisionConfig, backend: str,
-                           grouped_experts: bool = False) -> TransformerConfig:
+def llm_transformer_config(
+    cfg: NaViLModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig,
+    backend: str,
+    grouped_experts: bool = False,
+) -> TransformerConfig:
     """`grouped_experts`: the FFN experts run as one TE GroupedLinear (backends.py decides)."""
     llm = cfg.llm
     kw = _common(parallel, precision, backend)
@@ -93,13 +100,15 @@ def llm_transformer_config(cfg: NaViLModelConfig, parallel: ParallelConfig,
             moe_grouped_gemm=grouped_experts,
             moe_permute_fusion=False,
             moe_router_dtype="fp32",
-            moe_router_pre_softmax=True,  # Megatron requires it for top-1; our router has no softmax
+            # Megatron requires it for top-1; our router has no softmax
+            moe_router_pre_softmax=True,
         )
     return TransformerConfig(**kw)
 
 
-def vision_transformer_config(cfg: NaViLModelConfig, parallel: ParallelConfig,
-                              precision: PrecisionConfig, backend: str) -> TransformerConfig:
+def vision_transformer_config(
+    cfg: NaViLModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, backend: str
+) -> TransformerConfig:
     v = cfg.vision
     kw = _common(parallel, precision, backend)
     kw.update(

@@ -1,13 +1,13 @@
 """Native-resolution vision encoder and the connector.
 
-    pixel_values [N, 3*P*P] (patches of all images/scales, merge-block order), grid_thw [n, 3]
-      -> patch_embed (Linear == Conv2d(3, C, P, stride P) on each patch tile)      [N, C]
-      -> pad N for SP / FP8 (an extra, self-attending padding segment)
-      -> L x NaViLTransformerLayer (2D RoPE, bidirectional attention within each image/scale)
-      -> drop padding                                                               [N, C]
-    connector:
-      -> pixel shuffle 2x2: 4 consecutive patches -> one token, channels (0,0),(0,1),(1,0),(1,1)
-      -> LayerNorm(4C) -> Linear(4C, D) -> GELU -> Linear(D, D)                     [N/4, D]
+pixel_values [N, 3*P*P] (patches of all images/scales, merge-block order), grid_thw [n, 3]
+  -> patch_embed (Linear == Conv2d(3, C, P, stride P) on each patch tile)      [N, C]
+  -> pad N for SP / FP8 (an extra, self-attending padding segment)
+  -> L x NaViLTransformerLayer (2D RoPE, bidirectional attention within each image/scale)
+  -> drop padding                                                               [N, C]
+connector:
+  -> pixel shuffle 2x2: 4 consecutive patches -> one token, channels (0,0),(0,1),(1,0),(1,1)
+  -> LayerNorm(4C) -> Linear(4C, D) -> GELU -> Linear(D, D)                     [N/4, D]
 """
 
 from __future__ import annotations
@@ -38,19 +38,26 @@ def check_grid(cfg: NaViLModelConfig, pixel_values: torch.Tensor, grid_thw: torc
     """Clear errors for inputs the encoder cannot take."""
     v, m = cfg.vision, cfg.connector.merge_size
     if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
-        raise ValueError(f"grid_thw must be [num_images, 3] (t, h, w in patches), got {tuple(grid_thw.shape)}")
+        raise ValueError(
+            f"grid_thw must be [num_images, 3] (t, h, w in patches), got {tuple(grid_thw.shape)}"
+        )
     patch_dim = v.num_channels * v.patch_size**2
     if pixel_values.ndim != 2 or pixel_values.shape[1] != patch_dim:
-        raise ValueError(f"pixel_values must be [num_patches, {patch_dim}], got {tuple(pixel_values.shape)}")
+        raise ValueError(
+            f"pixel_values must be [num_patches, {patch_dim}], got {tuple(pixel_values.shape)}"
+        )
     for i, (t, h, w) in enumerate(grid_thw.tolist()):
         if h < m or w < m:
             raise ValueError(
                 f"image {i} is {h}x{w} patches ({h * v.patch_size}x{w * v.patch_size} px), smaller "
                 f"than one merged {m}x{m} block of {v.patch_size}px patches; resize it to at least "
-                f"{m * v.patch_size}x{m * v.patch_size} px (the loader's min_dynamic_patch does this)"
+                f"{m * v.patch_size}x{m * v.patch_size} px (the loader's min_dynamic_patch does "
+                "this)"
             )
         if h % m or w % m:
-            raise ValueError(f"image {i}: grid {h}x{w} is not a multiple of the {m}x{m} merge block")
+            raise ValueError(
+                f"image {i}: grid {h}x{w} is not a multiple of the {m}x{m} merge block"
+            )
     expected = int(grid_thw.prod(dim=1).sum())
     if pixel_values.shape[0] != expected:
         raise ValueError(
@@ -63,14 +70,22 @@ class VisionEncoder(MegatronModule):
         super().__init__(config=config)
         v = cfg.vision
         self.cfg = cfg
-        self.patch_embed = torch.nn.Linear(v.num_channels * v.patch_size**2, v.hidden_size,
-                                           device=_device(config), dtype=config.params_dtype)
+        self.patch_embed = torch.nn.Linear(
+            v.num_channels * v.patch_size**2,
+            v.hidden_size,
+            device=_device(config),
+            dtype=config.params_dtype,
+        )
         with torch.no_grad():
             config.init_method(self.patch_embed.weight)
             self.patch_embed.bias.zero_()
         self.decoder = NaViLTransformerBlock(
-            config, block_submodules(vision_layer_spec(cfg, backend), v.num_layers, None),
-            post_layer_norm=False, pre_process=True, post_process=True, pg_collection=pg_collection,
+            config,
+            block_submodules(vision_layer_spec(cfg, backend), v.num_layers, None),
+            post_layer_norm=False,
+            pre_process=True,
+            post_process=True,
+            pg_collection=pg_collection,
         )
         self.row_multiple = backend.fp8_row_multiple
         self.window = WindowPlan.from_config(cfg) if v.window_size else None
@@ -80,7 +95,9 @@ class VisionEncoder(MegatronModule):
         v = self.cfg.vision
         device = pixel_values.device
         x = self.patch_embed(pixel_values.to(self.config.params_dtype))  # [N, C]
-        freqs = rope_2d(grid_thw, v.head_dim, v.rope_theta, self.cfg.connector.merge_size).to(device)
+        freqs = rope_2d(grid_thw, v.head_dim, v.rope_theta, self.cfg.connector.merge_size).to(
+            device
+        )
         seqlens = grid_thw.prod(dim=1).tolist()
         n = x.shape[0]
 
@@ -99,14 +116,18 @@ class VisionEncoder(MegatronModule):
 
         h = x[:, None, :]  # [N, 1, C]
         if sp:
-            h = scatter_to_sequence_parallel_region(h, group=parallel_state.get_tensor_model_parallel_group())
-        h = self.decoder(h, rotary_freqs=freqs, packed_seq_params=packed,
-                         window_packed_seq_params=window_packed)
+            h = scatter_to_sequence_parallel_region(
+                h, group=parallel_state.get_tensor_model_parallel_group()
+            )
+        h = self.decoder(
+            h, rotary_freqs=freqs, packed_seq_params=packed, window_packed_seq_params=window_packed
+        )
         if sp:
             # Everything downstream is replicated over TP, so gradients arriving here are
             # identical on all ranks: backward splits rather than reduce-scatters.
             h = gather_from_sequence_parallel_region(
-                h, tensor_parallel_output_grad=False,
+                h,
+                tensor_parallel_output_grad=False,
                 group=parallel_state.get_tensor_model_parallel_group(),
             )
         h = h[:, 0, :]

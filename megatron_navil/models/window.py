@@ -48,7 +48,9 @@ class WindowPlan:
     @classmethod
     def from_config(cls, cfg: NaViLModelConfig) -> "WindowPlan":
         m = cfg.connector.merge_size
-        return cls(cfg.vision.window_size // (m * cfg.vision.patch_size), m, cfg.vision.keep_window_order)
+        return cls(
+            cfg.vision.window_size // (m * cfg.vision.patch_size), m, cfg.vision.keep_window_order
+        )
 
     def plan(self, grid_thw: torch.Tensor, pad: int) -> tuple[torch.Tensor, list[int]]:
         """Patch permutation (including trailing padding rows) and window segment lengths."""

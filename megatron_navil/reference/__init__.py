@@ -24,8 +24,19 @@ from megatron_navil.reference.model import NaViLReference, pixel_shuffle
 from megatron_navil.reference.vision import window_order
 
 __all__ = [
-    "NaViLReference", "pixel_shuffle", "next_token_loss", "loss_sums", "IGNORE_INDEX",
-    "pack_internlm2_wqkv", "unpack_internlm2_wqkv", "window_order", "ImageScale",
-    "image_token_ids", "multiscale_grids", "multiscale_plan", "num_image_tokens",
-    "resize_for_scale", "smart_resize",
+    "NaViLReference",
+    "pixel_shuffle",
+    "next_token_loss",
+    "loss_sums",
+    "IGNORE_INDEX",
+    "pack_internlm2_wqkv",
+    "unpack_internlm2_wqkv",
+    "window_order",
+    "ImageScale",
+    "image_token_ids",
+    "multiscale_grids",
+    "multiscale_plan",
+    "num_image_tokens",
+    "resize_for_scale",
+    "smart_resize",
 ]

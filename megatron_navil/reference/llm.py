@@ -67,7 +67,11 @@ class _Attention(nn.Module):
         self.composed = experts.output_proj_mode == "composed"
 
     def forward(
-        self, x: torch.Tensor, visual: torch.Tensor, position_ids: torch.Tensor, segments: torch.Tensor
+        self,
+        x: torch.Tensor,
+        visual: torch.Tensor,
+        position_ids: torch.Tensor,
+        segments: torch.Tensor,
     ) -> torch.Tensor:
         """x [T, D] (normed), visual [T] bool, position_ids [T], segments [T] -> [T, D]."""
         t = x.shape[0]
@@ -96,7 +100,12 @@ class InternLM2Attention(_Attention):
 
     def __init__(self, cfg: LLMConfig, experts: ExpertConfig):
         super().__init__(cfg, experts)
-        d, hd, h, g = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
+        d, hd, h, g = (
+            cfg.hidden_size,
+            cfg.kv_channels,
+            cfg.num_attention_heads,
+            cfg.num_query_groups,
+        )
         self.wqkv = nn.Linear(d, (h + 2 * g) * hd, bias=False)
         self.wo = nn.Linear(h * hd, d, bias=False)
         if self.experts:
@@ -124,7 +133,12 @@ class Qwen3Attention(_Attention):
 
     def __init__(self, cfg: LLMConfig, experts: ExpertConfig):
         super().__init__(cfg, experts)
-        d, hd, h, g = cfg.hidden_size, cfg.kv_channels, cfg.num_attention_heads, cfg.num_query_groups
+        d, hd, h, g = (
+            cfg.hidden_size,
+            cfg.kv_channels,
+            cfg.num_attention_heads,
+            cfg.num_query_groups,
+        )
         self.qk_layernorm = cfg.qk_layernorm
         for suffix in ("", "_ve") if self.experts else ("",):
             setattr(self, "q_proj" + suffix, nn.Linear(d, h * hd, bias=False))

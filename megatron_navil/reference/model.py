@@ -142,7 +142,9 @@ class NaViLReference(nn.Module):
         input_ids: torch.Tensor,
     ) -> torch.Tensor:
         """sum(w * ce) / sum(w) over text positions; see megatron_navil.reference.loss."""
-        return next_token_loss(logits, labels, input_ids, self.cfg.img_context_id, loss_mask, weights)
+        return next_token_loss(
+            logits, labels, input_ids, self.cfg.img_context_id, loss_mask, weights
+        )
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
@@ -159,6 +161,7 @@ class NaViLReference(nn.Module):
         1 + noise * N(0, 1); LayerScale layerscale_init * (1 + noise * N(0, 1)). Non-trivial
         norms and biases make bugs in them visible; noise = 0 gives the plain init.
         """
+
         def randn(shape):
             return torch.randn(shape, generator=generator, dtype=torch.float32)
 

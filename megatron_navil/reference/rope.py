@@ -31,7 +31,9 @@ def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     stay float64 so parity tests can run in double), returned in x's dtype.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
-    emb = torch.cat((angles, angles), dim=-1).to(device=x.device, dtype=dtype)[:, None, :]  # [T, 1, hd]
+    emb = torch.cat((angles, angles), dim=-1).to(device=x.device, dtype=dtype)[
+        :, None, :
+    ]  # [T, 1, hd]
     xf = x.to(dtype)
     out = xf * emb.cos() + rotate_half(xf) * emb.sin()
     return out.to(x.dtype)

@@ -43,7 +43,9 @@ class VisionAttention(nn.Module):
             self.k_norm = RMSNorm(c, cfg.norm_eps)
         self.proj = nn.Linear(c, c)
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, angles: torch.Tensor, segments: torch.Tensor
+    ) -> torch.Tensor:
         n, c = x.shape
         # Output rows of qkv are [q (all heads); k; v], each head-major: [N, 3C] -> 3 x [N, C]
         q, k, v = self.qkv(x).split(c, dim=-1)
@@ -78,7 +80,9 @@ class VisionLayer(nn.Module):
         self.mlp = VisionMLP(cfg)
         self.ls2 = nn.Parameter(torch.full((cfg.hidden_size,), cfg.layerscale_init))
 
-    def forward(self, x: torch.Tensor, angles: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, angles: torch.Tensor, segments: torch.Tensor
+    ) -> torch.Tensor:
         x = x + self.ls1 * self.attn(self.norm1(x), angles, segments)
         return x + self.ls2 * self.mlp(self.norm2(x))
 
@@ -123,7 +127,9 @@ class VisionModel(nn.Module):
                 f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes {n}"
             )
         x = self.embeddings(pixel_values)  # [N, C]
-        angles = vision_rope_angles(vision_patch_positions(grid_thw, m), cfg.head_dim, cfg.rope_theta)
+        angles = vision_rope_angles(
+            vision_patch_positions(grid_thw, m), cfg.head_dim, cfg.rope_theta
+        )
         image_segments = segment_ids(torch.tensor([0] + sizes).cumsum(0), n)
         window_segments = image_segments
         order = None
@@ -157,7 +163,9 @@ def check_grid_thw(grid_thw: torch.Tensor, merge_size: int) -> torch.Tensor:
     return g
 
 
-def window_order(grid_thw: torch.Tensor, merge_size: int, window: int) -> tuple[torch.Tensor, list[int]]:
+def window_order(
+    grid_thw: torch.Tensor, merge_size: int, window: int
+) -> tuple[torch.Tensor, list[int]]:
     """Patch permutation into window order and the window lengths (in patches).
 
     For each image (h x w patches, hm x wm merged tokens), windows of `window` x `window` merged

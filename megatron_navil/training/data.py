@@ -27,8 +27,9 @@ class MockPackLoader:
     so resuming is exact by construction. Layouts scale with seq_length (images of 64-128
     patches in 2-3 samples per pack)."""
 
-    def __init__(self, cfg: NaViLModelConfig, seq_length: int, seed: int, dp_rank: int,
-                 dp_size: int):
+    def __init__(
+        self, cfg: NaViLModelConfig, seq_length: int, seed: int, dp_rank: int, dp_size: int
+    ):
         self.cfg, self.seq_length, self.seed = cfg, seq_length, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.position = 0
@@ -73,23 +74,31 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
     if len(packs) == 1:
         return packs[0]
     offsets = torch.tensor([0] + [p.num_tokens for p in packs[:-1]]).cumsum(0)
-    cu = torch.cat([packs[0].cu_seqlens] + [p.cu_seqlens[1:] + int(o)
-                                            for p, o in zip(packs[1:], offsets[1:])])
+    cu = torch.cat(
+        [packs[0].cu_seqlens] + [p.cu_seqlens[1:] + int(o) for p, o in zip(packs[1:], offsets[1:])]
+    )
     images = [p for p in packs if p.pixel_values is not None]
     cat = lambda name: torch.cat([getattr(p, name) for p in packs])  # noqa: E731
-    meta = {"samples": sum(int(p.metadata.get("samples", 0)) for p in packs),
-            "skipped_images": sum(int(p.metadata.get("skipped_images", 0)) for p in packs)}
+    meta = {
+        "samples": sum(int(p.metadata.get("samples", 0)) for p in packs),
+        "skipped_images": sum(int(p.metadata.get("skipped_images", 0)) for p in packs),
+    }
     return NaViLBatch(
-        tokens=cat("tokens"), labels=cat("labels"), loss_mask=cat("loss_mask"),
-        position_ids=cat("position_ids"), cu_seqlens=cu.to(torch.int32),
+        tokens=cat("tokens"),
+        labels=cat("labels"),
+        loss_mask=cat("loss_mask"),
+        position_ids=cat("position_ids"),
+        cu_seqlens=cu.to(torch.int32),
         pixel_values=torch.cat([p.pixel_values for p in images]) if images else None,
         grid_thw=torch.cat([p.grid_thw for p in images]) if images else None,
-        modality_mask=None, metadata=meta,
+        modality_mask=None,
+        metadata=meta,
     )
 
 
-def build_loaders(cfg, model_cfg: NaViLModelConfig, dp_rank: int, dp_size: int,
-                  packs_per_step: int) -> tuple[object, Optional[Callable[[], Iterable]]]:
+def build_loaders(
+    cfg, model_cfg: NaViLModelConfig, dp_rank: int, dp_size: int, packs_per_step: int
+) -> tuple[object, Optional[Callable[[], Iterable]]]:
     """(train loader, `valid()` returning an iterator over the SAME validation batches at every
     call, or None without validation data)."""
     t = cfg.training
@@ -105,8 +114,14 @@ def build_loaders(cfg, model_cfg: NaViLModelConfig, dp_rank: int, dp_size: int,
     except (TokenizerError, OSError) as e:
         raise ConfigError(f"--tokenizer-model {cfg.tokenizer}: {e}") from None
     data_cfg = cfg.resolved_data()
-    train = build_train_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size,
-                               micro_batches_per_step=packs_per_step)
+    train = build_train_loader(
+        data_cfg,
+        model_cfg,
+        tokenizer,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        micro_batches_per_step=packs_per_step,
+    )
     if not data_cfg.valid_paths:
         return train, None
     valid = build_valid_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size)

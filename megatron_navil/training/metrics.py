@@ -71,7 +71,12 @@ class MetricsWriter:
             self.file.flush()
         if self.tb:
             for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+                if (
+                    k != "step"
+                    and isinstance(v, (int, float))
+                    and v is not None
+                    and math.isfinite(v)
+                ):
                     self.tb.add_scalar(f"train/{k}" if k != "valid_loss" else "valid/loss", v, step)
         line = _format(record)
         if self.bar is not None:
@@ -102,9 +107,12 @@ def _format(r: dict) -> str:
     parts = [f"loss {r['loss']:.4f}" if r.get("loss") is not None else "loss -"]
     if r.get("valid_loss") is not None:
         parts.append(f"valid {r['valid_loss']:.4f}")
-    parts += [f"gnorm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "gnorm -",
-              f"lr {r['lr']:.2e}", f"{r['tokens_per_s']:.0f} tok/s",
-              f"{r['tflops_per_gpu']:.2f} TFLOP/s"]
+    parts += [
+        f"gnorm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "gnorm -",
+        f"lr {r['lr']:.2e}",
+        f"{r['tokens_per_s']:.0f} tok/s",
+        f"{r['tflops_per_gpu']:.2f} TFLOP/s",
+    ]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
     if r.get("skipped_images"):

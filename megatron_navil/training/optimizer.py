@@ -14,9 +14,9 @@ from megatron_navil.training.stages import lr_overrides
 from megatron_navil.utils.dtypes import torch_dtype
 
 
-
-def build_optimizer(chunks: list, opt: OptimizerSettings, stage: StageConfig,
-                    precision: PrecisionConfig):
+def build_optimizer(
+    chunks: list, opt: OptimizerSettings, stage: StageConfig, precision: PrecisionConfig
+):
     dtype = torch_dtype(precision.params_dtype)
     config = OptimizerConfig(
         optimizer="adam",
@@ -50,7 +50,10 @@ def _patch_torch_adam_step_restore(optimizer) -> None:
     if HAVE_APEX_OR_TE:
         return
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if not isinstance(sub, DistributedOptimizer) or sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+        if (
+            not isinstance(sub, DistributedOptimizer)
+            or sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
+        ):
             continue
 
         def set_states(model_param, tensors, sub=sub):
@@ -63,7 +66,9 @@ def _patch_torch_adam_step_restore(optimizer) -> None:
         sub._set_main_param_and_optimizer_states = set_states
 
 
-def build_scheduler(optimizer, opt: OptimizerSettings, training: TrainingConfig) -> OptimizerParamScheduler:
+def build_scheduler(
+    optimizer, opt: OptimizerSettings, training: TrainingConfig
+) -> OptimizerParamScheduler:
     """Warmup + cosine/linear/constant/WSD decay, stepped once per optimizer step."""
     decay = opt.lr_decay_iters or training.train_iters
     return OptimizerParamScheduler(
@@ -101,7 +106,9 @@ def guarded_step(optimizer, loss_is_finite: bool) -> tuple[bool, float]:
         params = sub.get_parameters()
         if params and sub.config.clip_grad > 0.0:
             clip_grad_by_total_norm_fp32(
-                params, max_norm=sub.config.clip_grad, total_norm=grad_norm,
+                params,
+                max_norm=sub.config.clip_grad,
+                total_norm=grad_norm,
                 use_decoupled_grad=sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
             )
     return bool(optimizer.step_with_ready_grads()), grad_norm
@@ -123,8 +130,12 @@ def prime_optimizer_state(optimizer) -> None:
                 state = inner.state[p]
                 if "step" not in state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
-                    state.setdefault("exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format))
-                    state.setdefault("exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format))
+                    state.setdefault(
+                        "exp_avg", torch.zeros_like(p, memory_format=torch.preserve_format)
+                    )
+                    state.setdefault(
+                        "exp_avg_sq", torch.zeros_like(p, memory_format=torch.preserve_format)
+                    )
 
 
 def unshare_adam_steps(optimizer) -> None:

@@ -26,8 +26,10 @@ class ExitSignalHandler:
 
     def _handle(self, signum, frame):
         if self.received is None:
-            log.warning("received %s: saving a checkpoint after this step, then exiting",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: saving a checkpoint after this step, then exiting",
+                signal.Signals(signum).name,
+            )
         self.received = signum
 
     def should_exit(self) -> bool:

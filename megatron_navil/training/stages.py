@@ -72,14 +72,18 @@ def check_grouped_experts(chunks: list) -> None:
     stage that freezes one expert gets separate expert linears instead."""
     for chunk in chunks:
         for name, module in chunk.named_modules():
-            flags = {n: p.requires_grad for n, p in module.named_parameters(recurse=False)
-                     if n.startswith("weight") and n[len("weight"):].isdigit()}
+            flags = {
+                n: p.requires_grad
+                for n, p in module.named_parameters(recurse=False)
+                if n.startswith("weight") and n[len("weight") :].isdigit()
+            }
             if len(set(flags.values())) > 1:
                 raise ValueError(
                     f"{name} holds grouped expert weights of which only some train "
                     f"({', '.join(f'{n}={v}' for n, v in sorted(flags.items()))}); Transformer "
-                    "Engine's GroupedLinear would skip the trained ones' gradients. Build the model "
-                    "with experts_trainable=experts_trainable(stage)")
+                    "Engine's GroupedLinear would skip the trained ones' gradients. Build the "
+                    "model with experts_trainable=experts_trainable(stage)"
+                )
 
 
 def apply_stage(chunks: list, stage: StageConfig) -> Counter:
@@ -104,14 +108,18 @@ def lr_overrides(stage: StageConfig, opt: OptimizerSettings) -> dict:
     """Megatron optimizer `config_overrides`: per-part max/min LR, plus the standard rule of no
     weight decay on norms and biases (which passing overrides would otherwise drop)."""
     overrides = {
-        ParamKey(name="*.bias", predicate=ParamPredicate(name="param_len_1",
-                                                        fn=lambda p: len(p.shape) == 1)):
-            ParamGroupOverride(wd_mult=0.0),
+        ParamKey(
+            name="*.bias",
+            predicate=ParamPredicate(name="param_len_1", fn=lambda p: len(p.shape) == 1),
+        ): ParamGroupOverride(wd_mult=0.0),
     }
     for part in PARTS:
         mult = stage.lr_mult(part)
         if mult != 1.0:
-            key = ParamKey(predicate=ParamPredicate(
-                name=f"part_{part}", fn=lambda p, part=part: getattr(p, PART_ATTR, None) == part))
+            key = ParamKey(
+                predicate=ParamPredicate(
+                    name=f"part_{part}", fn=lambda p, part=part: getattr(p, PART_ATTR, None) == part
+                )
+            )
             overrides[key] = ParamGroupOverride(max_lr=opt.lr * mult, min_lr=opt.min_lr * mult)
     return overrides

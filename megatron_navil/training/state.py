@@ -1,13 +1,13 @@
 """The full training state as one sharded state dict (dist_checkpointing), and its restore.
 
-    model / model{i}   model chunks (layout-free: loads at any TP/PP/EP)
-    optimizer          Megatron optimizer state, "fully_reshardable" for the distributed
-                       optimizer so it also loads at another TP/PP/DP layout
-    scheduler          LR/WD scheduler (common)
-    train              step, consumed samples/tokens, skipped counters (common)
-    data               the data loader's resume state (common: the loader plans globally)
-    rng_state          per-rank RNG states (python, numpy, torch, Megatron's tracker); restored
-                       only when the layout (world size) is unchanged, else re-seeded
+model / model{i}   model chunks (layout-free: loads at any TP/PP/EP)
+optimizer          Megatron optimizer state, "fully_reshardable" for the distributed
+                   optimizer so it also loads at another TP/PP/DP layout
+scheduler          LR/WD scheduler (common)
+train              step, consumed samples/tokens, skipped counters (common)
+data               the data loader's resume state (common: the loader plans globally)
+rng_state          per-rank RNG states (python, numpy, torch, Megatron's tracker); restored
+                   only when the layout (world size) is unchanged, else re-seeded
 """
 
 from __future__ import annotations
@@ -54,9 +54,16 @@ def _world() -> tuple[int, int]:
     return 1, 0
 
 
-def train_sharded_state(chunks: list, optimizer, scheduler, *, train: Optional[dict] = None,
-                        data: Any = None, is_loading: bool = False,
-                        include_rng: bool = True) -> dict:
+def train_sharded_state(
+    chunks: list,
+    optimizer,
+    scheduler,
+    *,
+    train: Optional[dict] = None,
+    data: Any = None,
+    is_loading: bool = False,
+    include_rng: bool = True,
+) -> dict:
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(
@@ -70,7 +77,9 @@ def train_sharded_state(chunks: list, optimizer, scheduler, *, train: Optional[d
         state["data"] = data
     if include_rng:
         world, rank = _world()
-        state["rng_state"] = ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0)
+        state["rng_state"] = ShardedObject(
+            "rng_state", rng_state(), (world,), (rank,), replica_id=0
+        )
     return state
 
 

@@ -14,8 +14,11 @@ from functools import partial
 from typing import Iterator, Optional
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_navil.batch import NaViLBatch
@@ -42,9 +45,14 @@ def forward_step(data_iterator: Iterator[NaViLBatch], model):
     return output, partial(loss_func, counted_positions(batch, unwrapped.cfg.img_context_id))
 
 
-def wrap_ddp(chunks: list, *, overlap_grad_reduce: bool = False,
-             use_distributed_optimizer: bool = False, bucket_size: Optional[int] = None,
-             grad_reduce_in_fp32: bool = True) -> list[DistributedDataParallel]:
+def wrap_ddp(
+    chunks: list,
+    *,
+    overlap_grad_reduce: bool = False,
+    use_distributed_optimizer: bool = False,
+    bucket_size: Optional[int] = None,
+    grad_reduce_in_fp32: bool = True,
+) -> list[DistributedDataParallel]:
     """Wrap model chunks in Megatron DDP (contiguous grad buffers, bucketed reduction)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
@@ -54,11 +62,15 @@ def wrap_ddp(chunks: list, *, overlap_grad_reduce: bool = False,
     )
     wrapped = []
     for i, chunk in enumerate(chunks):
-        wrapped.append(DistributedDataParallel(
-            config=chunk.config, ddp_config=ddp_config, module=chunk,
-            # Only the first chunk starts its grad reduce while later chunks still compute.
-            disable_bucketing=i > 0,
-        ))
+        wrapped.append(
+            DistributedDataParallel(
+                config=chunk.config,
+                ddp_config=ddp_config,
+                module=chunk,
+                # Only the first chunk starts its grad reduce while later chunks still compute.
+                disable_bucketing=i > 0,
+            )
+        )
     config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
     if overlap_grad_reduce:
@@ -71,8 +83,9 @@ def wrap_ddp(chunks: list, *, overlap_grad_reduce: bool = False,
     return wrapped
 
 
-def forward_backward(chunks: list, batches: list[NaViLBatch], seq_length: int,
-                     forward_only: bool = False) -> list[dict]:
+def forward_backward(
+    chunks: list, batches: list[NaViLBatch], seq_length: int, forward_only: bool = False
+) -> list[dict]:
     """Run the pipeline schedule over `batches` (the micro-batches of one step on this DP rank).
 
     Returns the per-micro-batch loss reports (non-empty on the last pipeline stage only).

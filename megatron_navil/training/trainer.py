@@ -1,11 +1,11 @@
 """The training loop: Megatron-Core schedules, DDP, (distributed) optimizer, checkpoints, metrics.
 
-    set-up:  process groups -> model chunks (this rank's pipeline stage) -> stage freezing
-             -> Megatron DDP -> optimizer + LR schedule -> data loaders -> resume (if any)
-    step:    num_microbatches packs -> get_forward_backward_func (1F1B / interleaved / none)
-             -> DDP grad reduce + finalize (per-token loss normalisation over DP)
-             -> grad norm (+clip) -> skip the update if loss or norm is not finite
-             -> optimizer step -> LR step -> metrics -> eval / checkpoint / pre-emption
+set-up:  process groups -> model chunks (this rank's pipeline stage) -> stage freezing
+         -> Megatron DDP -> optimizer + LR schedule -> data loaders -> resume (if any)
+step:    num_microbatches packs -> get_forward_backward_func (1F1B / interleaved / none)
+         -> DDP grad reduce + finalize (per-token loss normalisation over DP)
+         -> grad norm (+clip) -> skip the update if loss or norm is not finite
+         -> optimizer step -> LR step -> metrics -> eval / checkpoint / pre-emption
 """
 
 from __future__ import annotations
@@ -64,23 +64,31 @@ class Trainer:
         # gradient on every micro-batch, so text-only packs then run the encoder on a blank image.
         vision_trains = cfg.stage.trains("vision") or cfg.stage.trains("connector")
         chunks = build_model(
-            self.model_cfg, cfg.parallel, cfg.precision,
+            self.model_cfg,
+            cfg.parallel,
+            cfg.precision,
             experts_trainable=experts_trainable(cfg.stage),
-            vision_every_micro_batch=cfg.optimizer.overlap_grad_reduce and vision_trains)
+            vision_every_micro_batch=cfg.optimizer.overlap_grad_reduce and vision_trains,
+        )
         if torch.cuda.is_available():
             chunks = [c.cuda() for c in chunks]
         trainable = apply_stage(chunks, cfg.stage)
         log.info("trainable parameters on this rank by part: %s", dict(trainable))
         self.chunks = wrap_ddp(
-            chunks, overlap_grad_reduce=cfg.optimizer.overlap_grad_reduce,
+            chunks,
+            overlap_grad_reduce=cfg.optimizer.overlap_grad_reduce,
             use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
             bucket_size=cfg.optimizer.bucket_size,
         )
         self.optimizer = build_optimizer(self.chunks, cfg.optimizer, cfg.stage, cfg.precision)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.training)
         self.train_loader, self.valid_batches = build_loaders(
-            cfg, self.model_cfg, self.dp_rank, self.dp_size,
-            packs_per_step=self.num_microbatches * cfg.training.micro_batch_size)
+            cfg,
+            self.model_cfg,
+            self.dp_rank,
+            self.dp_size,
+            packs_per_step=self.num_microbatches * cfg.training.micro_batch_size,
+        )
         self.step = 0
         self.counters = {"consumed_samples": 0, "consumed_tokens": 0, "skipped_steps": 0}
         self.async_queue = None
@@ -112,8 +120,12 @@ class Trainer:
         # --finetune takes the model weights only: fresh optimizer, scheduler, step and data.
         opt, sched = (None, None) if finetune else (self.optimizer, self.scheduler)
         request = train_sharded_state(
-            self.chunks, opt, sched, is_loading=True,
-            train=None if finetune else {}, data=None if finetune else {},
+            self.chunks,
+            opt,
+            sched,
+            is_loading=True,
+            train=None if finetune else {},
+            data=None if finetune else {},
             include_rng=same_layout and not finetune,
         )
         loaded, meta = ckpt.load(path, request, self.model_cfg)
@@ -124,8 +136,12 @@ class Trainer:
         self.step = int(loaded["train"]["step"])
         self.counters.update({k: v for k, v in loaded["train"].items() if k != "step"})
         self.train_loader.load_state_dict(loaded["data"])
-        log.info("resumed from %s at step %d%s", path, self.step,
-                 "" if same_layout else " (new parallel layout: RNG re-seeded)")
+        log.info(
+            "resumed from %s at step %d%s",
+            path,
+            self.step,
+            "" if same_layout else " (new parallel layout: RNG re-seeded)",
+        )
 
     def _check_tokenizer(self, path: str, meta: dict) -> None:
         """A resumed run must tokenize as the run it continues (the checkpoint's digest)."""
@@ -138,26 +154,41 @@ class Trainer:
                 f"{path} was trained with another tokenizer than --tokenizer-model "
                 f"{self.cfg.tokenizer} (sha256 {saved[:12]} vs {now[:12]}; the checkpoint's copy "
                 f"is in {ckpt.resolve(path) / ckpt.TOKENIZER_DIR}): resume with that tokenizer, or "
-                "start a new stage from it with --finetune")
+                "start a new stage from it with --finetune"
+            )
 
     def save(self) -> None:
         c = self.cfg.checkpoint
         if not c.save:
             return
         state = train_sharded_state(
-            self.chunks, self.optimizer, self.scheduler,
-            train={"step": self.step, **self.counters}, data=self.train_loader.state_dict(),
+            self.chunks,
+            self.optimizer,
+            self.scheduler,
+            train={"step": self.step, **self.counters},
+            data=self.train_loader.state_dict(),
         )
-        meta = {"world_size": torch.distributed.get_world_size(),
-                "parallel": self.cfg.parallel.to_dict(), "config": self.cfg.to_dict()}
+        meta = {
+            "world_size": torch.distributed.get_world_size(),
+            "parallel": self.cfg.parallel.to_dict(),
+            "config": self.cfg.to_dict(),
+        }
 
         def on_complete(path):
             if c.save_hf:
                 self._export_hf(path)
             ckpt.prune(c.save, c.keep_last)
 
-        ckpt.save(c.save, self.step, state, self.model_cfg, meta, self.async_queue, on_complete,
-                  tokenizer=self.cfg.tokenizer)
+        ckpt.save(
+            c.save,
+            self.step,
+            state,
+            self.model_cfg,
+            meta,
+            self.async_queue,
+            on_complete,
+            tokenizer=self.cfg.tokenizer,
+        )
 
     def _export_hf(self, path: Path) -> None:
         """Rank 0, once the checkpoint is complete: write its HF copy to `<save>/hf_<iter dir>`
@@ -170,15 +201,20 @@ class Trainer:
         except (ConversionError, ckpt.CheckpointError) as e:  # the checkpoint is saved: go on
             log.error("HF export of %s failed: %s", path, e)
             return
-        log.info("wrote HF copy %s (%.1f s)%s", out, report.seconds,
-                 "" if not report.problems else
-                 f"; the released code would reject it ({len(report.problems)} problem(s) above)")
+        log.info(
+            "wrote HF copy %s (%.1f s)%s",
+            out,
+            report.seconds,
+            ""
+            if not report.problems
+            else f"; the released code would reject it ({len(report.problems)} problem(s) above)",
+        )
 
     # ------------------------------------------------------------------ steps
     def _next_batches(self) -> list[NaViLBatch]:
         mbs = self.cfg.training.micro_batch_size
         packs = [next(self.train_loader) for _ in range(self.num_microbatches * mbs)]
-        return [concat_packs(packs[i:i + mbs]) for i in range(0, len(packs), mbs)]
+        return [concat_packs(packs[i : i + mbs]) for i in range(0, len(packs), mbs)]
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -191,7 +227,8 @@ class Trainer:
         tokens = sum(b.num_tokens for b in batches)
         skipped = int(self.train_loader.counters.get("skipped_images", 0))
         loss_sum, counted, flops_all, samples_all, tokens_all, skipped_all = reduce_step_sums(
-            reports, [flops, samples, tokens, skipped])
+            reports, [flops, samples, tokens, skipped]
+        )
         loss = loss_sum / max(counted, 1.0)
 
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
@@ -202,8 +239,12 @@ class Trainer:
         else:
             self.counters["skipped_steps"] += 1
             self.counters["skipped_in_a_row"] = self.counters.get("skipped_in_a_row", 0) + 1
-            log.warning("step %d: non-finite loss %s or grad norm %s: update skipped",
-                        self.step + 1, loss, grad_norm)
+            log.warning(
+                "step %d: non-finite loss %s or grad norm %s: update skipped",
+                self.step + 1,
+                loss,
+                grad_norm,
+            )
         self.step += 1
         self.counters["consumed_samples"] += int(samples_all)
         self.counters["consumed_tokens"] += int(tokens_all)
@@ -211,14 +252,20 @@ class Trainer:
         world = torch.distributed.get_world_size()
         tflops = flops_all / dt / world / 1e12
         return {
-            "step": self.step, "loss": loss if math.isfinite(loss) else None,
+            "step": self.step,
+            "loss": loss if math.isfinite(loss) else None,
             "grad_norm": grad_norm if math.isfinite(grad_norm) else None,
-            "lr": lr, "tokens_per_s": tokens_all / dt,
-            "samples_per_s": samples_all / dt, "tflops_per_gpu": tflops,
-            "mfu": tflops / self.peak if self.peak else None, "step_time_s": dt,
-            "num_tokens": int(tokens_all), "num_samples": int(samples_all),
+            "lr": lr,
+            "tokens_per_s": tokens_all / dt,
+            "samples_per_s": samples_all / dt,
+            "tflops_per_gpu": tflops,
+            "mfu": tflops / self.peak if self.peak else None,
+            "step_time_s": dt,
+            "num_tokens": int(tokens_all),
+            "num_samples": int(samples_all),
             "skipped_images": int(skipped_all),
-            "skipped_steps": self.counters["skipped_steps"], "mem_gb": memory_gb(),
+            "skipped_steps": self.counters["skipped_steps"],
+            "mem_gb": memory_gb(),
         }
 
     @torch.no_grad()
@@ -228,8 +275,9 @@ class Trainer:
         for c in self.chunks:
             c.eval()
         batches = list(itertools.islice(self.valid_batches(), self.cfg.training.eval_iters))
-        reports = forward_backward(self.chunks, batches, self.cfg.training.seq_length,
-                                   forward_only=True)
+        reports = forward_backward(
+            self.chunks, batches, self.cfg.training.seq_length, forward_only=True
+        )
         for c in self.chunks:
             c.train()
         loss_sum, counted = reduce_step_sums(reports, [])
@@ -258,10 +306,16 @@ class Trainer:
                     self.async_queue.maybe_finalize_async_calls(blocking=False)
                 if signals is not None and signals.should_exit():
                     self.save()
-                    log.info("stopping at step %d on signal; re-run the same command to resume",
-                             self.step)
+                    log.info(
+                        "stopping at step %d on signal; re-run the same command to resume",
+                        self.step,
+                    )
                     return 0
-                if c.save_interval and self.step % c.save_interval == 0 and self.step < t.train_iters:
+                if (
+                    c.save_interval
+                    and self.step % c.save_interval == 0
+                    and self.step < t.train_iters
+                ):
                     self.save()
             self.save()
             return 0

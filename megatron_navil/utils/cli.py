@@ -38,9 +38,13 @@ def report(e: BaseException) -> None:
     sys.stderr.flush()
 
 
-def run_cli(body: Callable[[Argv], int], argv: Argv = None, *,
-            interrupted: str = "interrupted; re-run the same command to resume",
-            cleanup: Optional[Callable[[], None]] = None) -> int:
+def run_cli(
+    body: Callable[[Argv], int],
+    argv: Argv = None,
+    *,
+    interrupted: str = "interrupted; re-run the same command to resume",
+    cleanup: Optional[Callable[[], None]] = None,
+) -> int:
     """Run a console script's body and return its exit status (see the module docstring).
     `cleanup` runs whatever happened (e.g. tearing down a process group)."""
     try:

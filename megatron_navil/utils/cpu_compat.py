@@ -66,7 +66,11 @@ class _CudaToCpuMode(TorchFunctionMode):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
-            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+            return (
+                name.replace("torch.", "torch.cuda.", 1)
+                if not name.startswith("torch.cuda.")
+                else name
+            )
         if func in (torch.Tensor.to, torch.Tensor.cuda):
             if func is torch.Tensor.cuda:
                 return args[0]
@@ -147,8 +151,12 @@ def activate() -> bool:
     # torch.manual_seed itself calls cuda.manual_seed_all (a lazy no-op without CUDA): seed the
     # CPU generator directly to avoid recursing through it.
     _patch(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
-    for fn in ("memory_allocated", "max_memory_allocated", "memory_reserved",
-               "max_memory_reserved"):
+    for fn in (
+        "memory_allocated",
+        "max_memory_allocated",
+        "memory_reserved",
+        "max_memory_reserved",
+    ):
         _patch(cuda, fn, lambda *a, **k: 0)
     _patch(cuda, "reset_peak_memory_stats", lambda *a, **k: None)
     _patch(cuda, "empty_cache", lambda *a, **k: None)
@@ -168,8 +176,9 @@ def activate() -> bool:
     @functools.wraps(original_a2a)
     def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, **kw):
         to_list = lambda s: None if s is None else [int(x) for x in s]  # noqa: E731
-        return original_a2a(output, input, to_list(output_split_sizes),
-                            to_list(input_split_sizes), **kw)
+        return original_a2a(
+            output, input, to_list(output_split_sizes), to_list(input_split_sizes), **kw
+        )
 
     _patch(torch.distributed, "all_to_all_single", all_to_all_single)
 
@@ -191,15 +200,18 @@ def activate() -> bool:
         return None
 
     @functools.wraps(original_reduce_scatter)
-    def reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None,
-                       async_op=False):
+    def reduce_scatter(
+        output, input_list, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False
+    ):
         if len({tuple(t.shape) for t in input_list}) == 1 or async_op:
-            return original_reduce_scatter(output, input_list, op=op, group=group, async_op=async_op)
+            return original_reduce_scatter(
+                output, input_list, op=op, group=group, async_op=async_op
+            )
         full = torch.cat([t.flatten() for t in input_list])
         torch.distributed.all_reduce(full, op=op, group=group)
         rank = torch.distributed.get_rank(group)
         start = sum(t.numel() for t in input_list[:rank])
-        output.copy_(full[start:start + output.numel()].view(output.shape))
+        output.copy_(full[start : start + output.numel()].view(output.shape))
         return None
 
     _patch(torch.distributed, "all_gather", all_gather)

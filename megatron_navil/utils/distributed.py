@@ -92,8 +92,11 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> Non
     torch.manual_seed(seed)
     log.info(
         "model parallel: TP=%d PP=%d EP=%d DP=%d (world %d, %s)",
-        parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
-        parallel.expert_model_parallel_size, dp, world,
+        parallel.tensor_model_parallel_size,
+        parallel.pipeline_model_parallel_size,
+        parallel.expert_model_parallel_size,
+        dp,
+        world,
         "gloo/CPU" if not torch.cuda.is_available() else "nccl/GPU",
     )
 

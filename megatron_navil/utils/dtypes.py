@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
 }
 """Name -> dtype of the floating dtypes this stack stores and trains in."""
 _NAMES = {v: k for k, v in DTYPES.items()}

@@ -41,7 +41,9 @@ def _configure() -> None:
     root = logging.getLogger("navil")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter("%(asctime)s %(rank_prefix)s%(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        logging.Formatter(
+            "%(asctime)s %(rank_prefix)s%(levelname)s %(name)s: %(message)s", "%H:%M:%S"
+        )
     )
     handler.addFilter(_RankFilter())
     root.addHandler(handler)

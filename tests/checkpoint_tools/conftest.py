@@ -13,8 +13,14 @@ from megatron_navil.config import get_flavor
 from megatron_navil.reference import NaViLReference
 
 
-def make_navil_hf(path: Path, flavor: str = "debug-qwen3", overrides: dict | None = None,
-                  seed: int = 0, max_shard_bytes: int = 400_000, dtype=None):
+def make_navil_hf(
+    path: Path,
+    flavor: str = "debug-qwen3",
+    overrides: dict | None = None,
+    seed: int = 0,
+    max_shard_bytes: int = 400_000,
+    dtype=None,
+):
     """A random NaViL model in the HF layout, written by the library export; returns
     (config, reference model)."""
     from megatron_navil.conversion import export_hf, hf_to_megatron
@@ -22,8 +28,13 @@ def make_navil_hf(path: Path, flavor: str = "debug-qwen3", overrides: dict | Non
 
     cfg = get_flavor(flavor).apply_overrides(overrides or {})
     ref = NaViLReference(cfg).init_weights_(torch.Generator().manual_seed(seed))
-    export_hf(hf_to_megatron(ref.state_dict(), cfg, padded_vocab(cfg)), path, cfg,
-              max_shard_bytes=max_shard_bytes, dtype=dtype)
+    export_hf(
+        hf_to_megatron(ref.state_dict(), cfg, padded_vocab(cfg)),
+        path,
+        cfg,
+        max_shard_bytes=max_shard_bytes,
+        dtype=dtype,
+    )
     return cfg, ref
 
 
@@ -50,8 +61,13 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 def same_files(a: Path, b: Path) -> list[str]:
     """Names of files that differ (or exist on one side only) between two directories."""
     names = sorted({p.name for p in a.iterdir()} | {p.name for p in b.iterdir()})
-    return [n for n in names if not ((a / n).exists() and (b / n).exists()
-                                     and (a / n).read_bytes() == (b / n).read_bytes())]
+    return [
+        n
+        for n in names
+        if not (
+            (a / n).exists() and (b / n).exists() and (a / n).read_bytes() == (b / n).read_bytes()
+        )
+    ]
 
 
 @pytest.fixture

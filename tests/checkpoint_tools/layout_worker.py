@@ -60,8 +60,14 @@ def check_splits(model, cfg, load_dir) -> list[str]:
     bad = []
     for local, param in model.named_parameters():
         name, expert = canonical_name(local, model)
-        tp = ps.get_expert_tensor_parallel_world_size() if expert else ps.get_tensor_model_parallel_world_size()
-        rank = ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+        tp = (
+            ps.get_expert_tensor_parallel_world_size()
+            if expert
+            else ps.get_tensor_model_parallel_world_size()
+        )
+        rank = (
+            ps.get_expert_tensor_parallel_rank() if expert else ps.get_tensor_model_parallel_rank()
+        )
         want = by_name[name].tp.shard(reader.load([name])[name], rank, tp)
         if want.shape != param.shape or not torch.equal(want, param.detach()):
             bad.append(f"{local} -> {name}")
@@ -78,8 +84,12 @@ def main():
     from megatron_navil.models.navil import build_model
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
 
-    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                         expert_model_parallel_size=a.ep, sequence_parallel=a.tp > 1)
+    par = ParallelConfig(
+        tensor_model_parallel_size=a.tp,
+        pipeline_model_parallel_size=a.pp,
+        expert_model_parallel_size=a.ep,
+        sequence_parallel=a.tp > 1,
+    )
     initialize_model_parallel(par, seed=7)
     cfg = NaViLModelConfig.from_dict(checkpoint.read_metadata(a.load)["model"])
     chunks = build_model(cfg, par, PrecisionConfig())
@@ -92,8 +102,13 @@ def main():
 
     def forward_step(data_iterator, m):
         b = next(data_iterator)
-        out = m(b["tokens"], b["position_ids"], b["cu_seqlens"], pixel_values=b["pixel_values"],
-                grid_thw=b["grid_thw"])
+        out = m(
+            b["tokens"],
+            b["position_ids"],
+            b["cu_seqlens"],
+            pixel_values=b["pixel_values"],
+            grid_thw=b["grid_thw"],
+        )
 
         def loss_func(output):
             logits, rows = output
@@ -104,10 +119,15 @@ def main():
         return out, loss_func
 
     with torch.no_grad():
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]),
-                                    model=model, num_microbatches=1,
-                                    seq_length=batch["tokens"].numel(), micro_batch_size=1,
-                                    forward_only=True)
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([batch]),
+            model=model,
+            num_microbatches=1,
+            seq_length=batch["tokens"].numel(),
+            micro_batch_size=1,
+            forward_only=True,
+        )
     if parallel_state.is_pipeline_last_stage() and collected:
         result["logits"], result["rows"] = collected[0]
     checkpoint.save(a.resave, 3, checkpoint.model_sharded_state_dict(chunks), cfg)

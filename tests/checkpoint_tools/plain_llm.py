@@ -22,15 +22,29 @@ from safetensors.torch import save_file
 
 
 def llm_config(backbone: str, vocab: int = 224) -> dict:
-    c = {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "num_hidden_layers": 3, "rms_norm_eps": 1e-6,
-         "rope_theta": 10000.0, "vocab_size": vocab, "max_position_embeddings": 2048,
-         "hidden_act": "silu", "initializer_range": 0.02, "tie_word_embeddings": False}
+    c = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 3,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "tie_word_embeddings": False,
+    }
     if backbone == "internlm2":
         c.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False)
     else:
-        c.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", head_dim=16,
-                 attention_bias=False)
+        c.update(
+            architectures=["Qwen3ForCausalLM"],
+            model_type="qwen3",
+            head_dim=16,
+            attention_bias=False,
+        )
     return c
 
 
@@ -86,18 +100,35 @@ def sentencepiece_model(vocab: int) -> bytes:
 
     g = torch.Generator().manual_seed(0)
     letters = "abcdefghijklmnopqrstuvwxyz"
-    words = ["".join(letters[i] for i in torch.randint(0, 26, (int(n),), generator=g))
-             for n in torch.randint(2, 7, (300,), generator=g)]
-    texts = [" ".join(words[int(i)] for i in torch.randint(0, 300, (12,), generator=g)) for _ in range(400)]
+    words = [
+        "".join(letters[i] for i in torch.randint(0, 26, (int(n),), generator=g))
+        for n in torch.randint(2, 7, (300,), generator=g)
+    ]
+    texts = [
+        " ".join(words[int(i)] for i in torch.randint(0, 300, (12,), generator=g))
+        for _ in range(400)
+    ]
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab,
-                                   model_type="bpe", hard_vocab_limit=True, minloglevel=2,
-                                   byte_fallback=False, num_threads=1)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_writer=buf,
+        vocab_size=vocab,
+        model_type="bpe",
+        hard_vocab_limit=True,
+        minloglevel=2,
+        byte_fallback=False,
+        num_threads=1,
+    )
     return buf.getvalue()
 
 
-def make_llm_dir(path: Path, backbone: str, seed: int = 0, tokenizer: bool = True,
-                 dtype: torch.dtype = torch.float32) -> tuple[dict, dict]:
+def make_llm_dir(
+    path: Path,
+    backbone: str,
+    seed: int = 0,
+    tokenizer: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict, dict]:
     """Write a plain HF LLM directory; returns (config, weights). InternLM2: 224 embedding
     rows = the sentencepiece vocabulary (specials get appended). Qwen3: 256 rows, the BPE
     tokenizer ends at 230 (specials go inside the padding rows)."""
@@ -113,9 +144,11 @@ def make_llm_dir(path: Path, backbone: str, seed: int = 0, tokenizer: bool = Tru
     elif tokenizer:
         vocab = {f"t{i}": i for i in range(220)}
         added = [{"id": 220 + i, "content": f"<|extra_{i}|>", "special": True} for i in range(10)]
-        (path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab,
-                                                                    "merges": []},
-                                                          "added_tokens": added}))
+        (path / "tokenizer.json").write_text(
+            json.dumps(
+                {"model": {"type": "BPE", "vocab": vocab, "merges": []}, "added_tokens": added}
+            )
+        )
     return c, weights
 
 
@@ -128,7 +161,7 @@ def _rope(x, pos, theta):
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
     ang = pos.float()[:, None] * inv[None, :]
     emb = torch.cat((ang, ang), -1)[:, None, :]
-    rot = torch.cat((-x[..., hd // 2:], x[..., : hd // 2]), -1)
+    rot = torch.cat((-x[..., hd // 2 :], x[..., : hd // 2]), -1)
     return x * emb.cos() + rot * emb.sin()
 
 
@@ -138,23 +171,47 @@ def llm_logits(backbone: str, c: dict, w: dict, ids: torch.Tensor) -> torch.Tens
     d, h, kv = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
     hd, eps, t = c.get("head_dim", d // h), c["rms_norm_eps"], ids.numel()
     pos = torch.arange(t)
-    x = w["model.tok_embeddings.weight" if backbone == "internlm2" else "model.embed_tokens.weight"][ids]
+    x = w[
+        "model.tok_embeddings.weight" if backbone == "internlm2" else "model.embed_tokens.weight"
+    ][ids]
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}."
         if backbone == "internlm2":
             a = _rms(x, w[p + "attention_norm.weight"], eps)
             qkv = (a @ w[p + "attention.wqkv.weight"].T).view(t, kv, h // kv + 2, hd)
             q, k, v = qkv[:, :, :-2].reshape(t, h, hd), qkv[:, :, -2], qkv[:, :, -1]
-            wo, gate, up, down = (w[p + n] for n in ("attention.wo.weight", "feed_forward.w1.weight",
-                                                     "feed_forward.w3.weight", "feed_forward.w2.weight"))
+            wo, gate, up, down = (
+                w[p + n]
+                for n in (
+                    "attention.wo.weight",
+                    "feed_forward.w1.weight",
+                    "feed_forward.w3.weight",
+                    "feed_forward.w2.weight",
+                )
+            )
             ffn_norm = w[p + "ffn_norm.weight"]
         else:
             a = _rms(x, w[p + "input_layernorm.weight"], eps)
-            q = _rms((a @ w[p + "self_attn.q_proj.weight"].T).view(t, h, hd), w[p + "self_attn.q_norm.weight"], eps)
-            k = _rms((a @ w[p + "self_attn.k_proj.weight"].T).view(t, kv, hd), w[p + "self_attn.k_norm.weight"], eps)
+            q = _rms(
+                (a @ w[p + "self_attn.q_proj.weight"].T).view(t, h, hd),
+                w[p + "self_attn.q_norm.weight"],
+                eps,
+            )
+            k = _rms(
+                (a @ w[p + "self_attn.k_proj.weight"].T).view(t, kv, hd),
+                w[p + "self_attn.k_norm.weight"],
+                eps,
+            )
             v = (a @ w[p + "self_attn.v_proj.weight"].T).view(t, kv, hd)
-            wo, gate, up, down = (w[p + n] for n in ("self_attn.o_proj.weight", "mlp.gate_proj.weight",
-                                                     "mlp.up_proj.weight", "mlp.down_proj.weight"))
+            wo, gate, up, down = (
+                w[p + n]
+                for n in (
+                    "self_attn.o_proj.weight",
+                    "mlp.gate_proj.weight",
+                    "mlp.up_proj.weight",
+                    "mlp.down_proj.weight",
+                )
+            )
             ffn_norm = w[p + "post_attention_layernorm.weight"]
         q, k = _rope(q, pos, c["rope_theta"]), _rope(k, pos, c["rope_theta"])
         k, v = k.repeat_interleave(h // kv, 1), v.repeat_interleave(h // kv, 1)  # repeat_kv

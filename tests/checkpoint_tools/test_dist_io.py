@@ -44,7 +44,9 @@ def _write(root, cfg, weights, dtype=torch.float32, calls=None):
         return weights[name].to(dtype, copy=True)  # the writer owns (and frees) what it gets
 
     write_dist_checkpoint(it, canonical_sharded_layout(cfg, dtype), produce)
-    (it / checkpoint.METADATA).write_text(json.dumps({"format_version": 1, "step": 0, "model": cfg.to_dict()}))
+    (it / checkpoint.METADATA).write_text(
+        json.dumps({"format_version": 1, "step": 0, "model": cfg.to_dict()})
+    )
     (root / checkpoint.LATEST).write_text("0")
     return it
 
@@ -63,7 +65,11 @@ def test_streamed_checkpoint_equals_megatron_save(tmp_path, megatron_single_proc
 
     checkpoint.save(tmp_path / "megatron", 0, checkpoint.model_sharded_state_dict([model]), cfg)
     ours = FileSystemReader(str(it)).read_metadata().state_dict_metadata
-    theirs = FileSystemReader(str(tmp_path / "megatron/iter_0000000")).read_metadata().state_dict_metadata
+    theirs = (
+        FileSystemReader(str(tmp_path / "megatron/iter_0000000"))
+        .read_metadata()
+        .state_dict_metadata
+    )
     assert ours == theirs
 
     reader = DistCheckpointReader(it)
@@ -77,8 +83,10 @@ def test_bf16_checkpoint_loads_into_float32_model(tmp_path, megatron_single_proc
     model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(params_dtype="float32"))
     checkpoint.load_model(tmp_path, [model], cfg)
     state = model.state_dict()
-    assert all(state[k].dtype == torch.float32 and torch.equal(state[k], v.to(torch.bfloat16).float())
-               for k, v in weights.items())
+    assert all(
+        state[k].dtype == torch.float32 and torch.equal(state[k], v.to(torch.bfloat16).float())
+        for k, v in weights.items()
+    )
 
 
 def test_damaged_checkpoints_are_named(tmp_path, megatron_single_process):
@@ -87,7 +95,9 @@ def test_damaged_checkpoints_are_named(tmp_path, megatron_single_process):
     shard = it / "__0_0.distcp"
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"__0_0.distcp is truncated: \d+ bytes, but .* ends at byte"):
+    with pytest.raises(
+        CheckpointError, match=r"__0_0.distcp is truncated: \d+ bytes, but .* ends at byte"
+    ):
         DistCheckpointReader(it)
     shard.unlink()
     with pytest.raises(CheckpointError, match="__0_0.distcp is missing"):

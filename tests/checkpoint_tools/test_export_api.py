@@ -53,12 +53,27 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path, cli):
     from megatron_navil.data.tokenizer import NaViLTokenizer
 
     make_llm_dir(tmp_path / "llm", "internlm2")
-    assert cli(["llm-to-navil", "--hf-llm", tmp_path / "llm", "--flavor", "debug-internlm2",
-                "--output", tmp_path / "ck", "--no-progress"])[0] == 0
+    assert (
+        cli(
+            [
+                "llm-to-navil",
+                "--hf-llm",
+                tmp_path / "llm",
+                "--flavor",
+                "debug-internlm2",
+                "--output",
+                tmp_path / "ck",
+                "--no-progress",
+            ]
+        )[0]
+        == 0
+    )
     export_hf(tmp_path / "ck", tmp_path / "hf")
     added = json.loads((tmp_path / "hf/added_tokens.json").read_text())
     assert added["</box>"] == 224 and added["<IMG_FRAME_BREAK>"] == 235
-    decoder = json.loads((tmp_path / "hf/tokenizer_config.json").read_text())["added_tokens_decoder"]
+    decoder = json.loads((tmp_path / "hf/tokenizer_config.json").read_text())[
+        "added_tokens_decoder"
+    ]
     assert decoder["226"]["content"] == "<IMG_CONTEXT>" and decoder["226"]["special"]
     tok = NaViLTokenizer.load(str(tmp_path / "hf"))
     assert tok.encode("a<img>b")[1] == 228
@@ -67,5 +82,10 @@ def test_tokenizer_travels_with_the_checkpoint(tmp_path, cli):
     config = json.loads((tmp_path / "hf/config.json").read_text())
     del config["megatron_navil"]
     (tmp_path / "hf/config.json").write_text(json.dumps(config))
-    assert cli(["hf-to-navil", "--hf", tmp_path / "hf", "--output", tmp_path / "ck2", "--no-progress"])[0] == 0
+    assert (
+        cli(
+            ["hf-to-navil", "--hf", tmp_path / "hf", "--output", tmp_path / "ck2", "--no-progress"]
+        )[0]
+        == 0
+    )
     assert read_metadata(tmp_path / "ck2")["model"]["llm"]["first_special_token_id"] == 224

@@ -26,8 +26,14 @@ from megatron_navil.conversion.plan import check_layout, hf_shapes, megatron_sha
 CASES = {
     "navil-2b": ("navil-2b", {}),
     "navil-9b": ("navil-9b", {}),
-    "no_experts": ("debug-qwen3", {"experts.attention_experts": False, "experts.ffn_experts": False}),
-    "vit_qk_norm_bias": ("debug-internlm2", {"vision.qk_normalization": True, "vision.qkv_bias": True}),
+    "no_experts": (
+        "debug-qwen3",
+        {"experts.attention_experts": False, "experts.ffn_experts": False},
+    ),
+    "vit_qk_norm_bias": (
+        "debug-internlm2",
+        {"vision.qk_normalization": True, "vision.qkv_bias": True},
+    ),
 }
 
 
@@ -47,7 +53,11 @@ def test_registry_covers_both_layouts_exactly(case, megatron_single_process):
     assert {k: s for k, (s, _) in layout.params.items()} == meg
     assert all(d == torch.bfloat16 for _, d in layout.params.values())
     if name.startswith("navil"):  # the parameter count the flavor promises
-        padding = 2 * (meg["language_model.embedding.weight"][0] - cfg.llm.vocab_size) * cfg.llm.hidden_size
+        padding = (
+            2
+            * (meg["language_model.embedding.weight"][0] - cfg.llm.vocab_size)
+            * cfg.llm.hidden_size
+        )
         assert sum(math.prod(s) for s in meg.values()) == cfg.num_parameters()[0] + padding
 
 
@@ -69,14 +79,25 @@ def test_reader_locations_match_megatron_sharded_state_dict(case, megatron_singl
 
 
 def _layout(tp):
-    return ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=tp > 1,
-                          pipeline_model_parallel_size=2, expert_model_parallel_size=2)
+    return ParallelConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=tp > 1,
+        pipeline_model_parallel_size=2,
+        expert_model_parallel_size=2,
+    )
 
 
-@pytest.mark.parametrize("flavor,tps,refused", [
-    ("navil-2b", (1, 2, 4), {3: "language_model.embedding", 8: "vision_model.*linear_qkv"}),
-    ("navil-9b", (1, 2, 4, 8), {3: "vision_model.*linear_qkv", 16: "language_model.*linear_qkv"}),
-])
+@pytest.mark.parametrize(
+    "flavor,tps,refused",
+    [
+        ("navil-2b", (1, 2, 4), {3: "language_model.embedding", 8: "vision_model.*linear_qkv"}),
+        (
+            "navil-9b",
+            (1, 2, 4, 8),
+            {3: "vision_model.*linear_qkv", 16: "language_model.*linear_qkv"},
+        ),
+    ],
+)
 def test_flavors_fit_tp_splits(flavor, tps, refused):
     cfg = get_flavor(flavor)
     for tp in tps:

@@ -25,14 +25,38 @@ from megatron_navil.conversion.hf_config import EXTENSION, from_hf_config, to_hf
 from megatron_navil.conversion.to_megatron import load_hf_config
 
 VARIANTS = [
-    ("navil-2b", {}), ("navil-9b", {}), ("debug-internlm2", {}), ("debug-qwen3", {}),
-    ("debug-internlm2", {"vision.window_size": 64, "vision.fullatt_block_indexes": [1],
-                         "vision.keep_window_order": True}),
+    ("navil-2b", {}),
+    ("navil-9b", {}),
+    ("debug-internlm2", {}),
+    ("debug-qwen3", {}),
+    (
+        "debug-internlm2",
+        {
+            "vision.window_size": 64,
+            "vision.fullatt_block_indexes": [1],
+            "vision.keep_window_order": True,
+        },
+    ),
     ("debug-qwen3", {"experts.attention_experts": False, "experts.output_proj_mode": "composed"}),
-    ("debug-internlm2", {"experts.ffn_experts": False, "experts.visual_init": "random",
-                         "vision.qk_normalization": True, "vision.qkv_bias": True}),
-    ("debug-qwen3", {"llm.qk_layernorm": False, "llm.rope_theta": 5e5, "vision.rope_theta": 1e3,
-                     "connector.layernorm_eps": 1e-6, "llm.make_vocab_size_divisible_by": 64}),
+    (
+        "debug-internlm2",
+        {
+            "experts.ffn_experts": False,
+            "experts.visual_init": "random",
+            "vision.qk_normalization": True,
+            "vision.qkv_bias": True,
+        },
+    ),
+    (
+        "debug-qwen3",
+        {
+            "llm.qk_layernorm": False,
+            "llm.rope_theta": 5e5,
+            "vision.rope_theta": 1e3,
+            "connector.layernorm_eps": 1e-6,
+            "llm.make_vocab_size_divisible_by": 64,
+        },
+    ),
 ]
 
 
@@ -44,14 +68,21 @@ def test_round_trip_is_exact(flavor, overrides):
 
 
 def test_release_fields():
-    d = to_hf_config(get_flavor("navil-9b").apply_overrides({"vision.window_size": 128}), "bfloat16")
+    d = to_hf_config(
+        get_flavor("navil-9b").apply_overrides({"vision.window_size": 128}), "bfloat16"
+    )
     assert d["architectures"] == ["NaViL"] and d["model_type"] == "navil_chat"
     assert d["vision_config"]["model_type"] == "navil_vit"
     assert d["vision_config"]["window_size"] == 8  # 128 px / 16 px patches
     assert d["llm_config"]["architectures"] == ["Qwen3VEForCausalLM"]
     assert d["llm_config"]["head_dim"] == 128 and d["llm_config"]["num_key_value_heads"] == 8
-    assert (d["downsample_ratio"], d["scale_downsample_ratio"], d["select_layer"], d["ps_version"],
-            d["anyres_image_size"]) == (0.5, 0.7071, -1, "v2", True)
+    assert (
+        d["downsample_ratio"],
+        d["scale_downsample_ratio"],
+        d["select_layer"],
+        d["ps_version"],
+        d["anyres_image_size"],
+    ) == (0.5, 0.7071, -1, "v2", True)
     d2 = to_hf_config(get_flavor("navil-2b"), "bfloat16")
     assert d2["llm_config"]["architectures"] == ["InternLM2VEForCausalLM"]
     assert d2["llm_config"]["vocab_size"] == 92556
@@ -73,20 +104,28 @@ def test_released_config_semantics(tmp_path):
     assert q.experts.output_proj_mode == "separate" and q.llm.qk_layernorm
     # Without the extension section the special-token start comes from the tokenizer files.
     (tmp_path / "config.json").write_text(json.dumps(_released("qwen3")))
-    (tmp_path / "added_tokens.json").write_text(json.dumps(
-        {"</box>": 151669, "<box>": 151670, "<IMG_CONTEXT>": 151671}))
+    (tmp_path / "added_tokens.json").write_text(
+        json.dumps({"</box>": 151669, "<box>": 151670, "<IMG_CONTEXT>": 151671})
+    )
     assert load_hf_config(tmp_path).llm.first_special_token_id == 151669
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d.update(model_type="qwen3"), "model_type 'qwen3', not 'navil_chat'"),
-    (lambda d: d["llm_config"].pop("hidden_size"), "llm_config.hidden_size is missing"),
-    (lambda d: d["llm_config"].update(architectures=["LlamaForCausalLM"], model_type="llama"),
-     "supported LLM backbones are InternLM2 and Qwen3"),
-    (lambda d: d.update(select_layer=-2), "select_layer = -2 is not supported"),
-    (lambda d: d[EXTENSION].pop("first_special_token_id"), "pass --first-special-token-id"),
-    (lambda d: d["llm_config"].update(num_key_value_heads=3), "num_query_groups"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.update(model_type="qwen3"), "model_type 'qwen3', not 'navil_chat'"),
+        (lambda d: d["llm_config"].pop("hidden_size"), "llm_config.hidden_size is missing"),
+        (
+            lambda d: d["llm_config"].update(
+                architectures=["LlamaForCausalLM"], model_type="llama"
+            ),
+            "supported LLM backbones are InternLM2 and Qwen3",
+        ),
+        (lambda d: d.update(select_layer=-2), "select_layer = -2 is not supported"),
+        (lambda d: d[EXTENSION].pop("first_special_token_id"), "pass --first-special-token-id"),
+        (lambda d: d["llm_config"].update(num_key_value_heads=3), "num_query_groups"),
+    ],
+)
 def test_bad_configs_name_the_field(edit, message):
     d = to_hf_config(get_flavor("debug-qwen3"), "float32")
     edit(d)
@@ -115,8 +154,18 @@ def test_absent_llm_fields_get_transformers_defaults(tmp_path, cli):
     for k in keys:
         c.pop(k)
     (tmp_path / "llm/config.json").write_text(json.dumps(c))
-    rc, _, err = cli(["llm-to-navil", "--hf-llm", tmp_path / "llm", "--flavor", "debug-internlm2",
-                      "--output", tmp_path / "ck", "--no-progress"])
+    rc, _, err = cli(
+        [
+            "llm-to-navil",
+            "--hf-llm",
+            tmp_path / "llm",
+            "--flavor",
+            "debug-internlm2",
+            "--output",
+            tmp_path / "ck",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, err
     got = NaViLModelConfig.from_dict(read_metadata(tmp_path / "ck")["model"]).llm
     assert (got.rope_theta, got.norm_eps, got.init_method_std) == want

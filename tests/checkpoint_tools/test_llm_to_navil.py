@@ -41,8 +41,19 @@ def _convert(tmp_path, cli, backbone, *extra, tied=False):
         w.pop("output.weight" if backbone == "internlm2" else "lm_head.weight")
         save_file(w, str(llm / "model.safetensors"))
         (llm / "config.json").write_text(json.dumps(c))
-    rc, out, err = cli(["llm-to-navil", "--hf-llm", llm, "--flavor", FLAVOR[backbone],
-                        "--output", tmp_path / "ck", "--no-progress", *extra])
+    rc, out, err = cli(
+        [
+            "llm-to-navil",
+            "--hf-llm",
+            llm,
+            "--flavor",
+            FLAVOR[backbone],
+            "--output",
+            tmp_path / "ck",
+            "--no-progress",
+            *extra,
+        ]
+    )
     assert rc == 0, err
     cfg = NaViLModelConfig.from_dict(read_metadata(tmp_path / "ck")["model"])
     model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig())
@@ -56,7 +67,9 @@ def test_text_logits_reproduce_the_llm(tmp_path, cli, megatron_single_process, b
     rows = c["vocab_size"]
     g = torch.Generator().manual_seed(0)
     # Text tokens: every id below the special tokens (those would be routed/replaced by NaViL).
-    samples = [torch.randint(0, cfg.llm.first_special_token_id, (n,), generator=g) for n in (29, 19)]
+    samples = [
+        torch.randint(0, cfg.llm.first_special_token_id, (n,), generator=g) for n in (29, 19)
+    ]
     tokens = torch.cat(samples)
     positions = torch.cat([torch.arange(s.numel()) for s in samples])
     cu = torch.tensor([0, 29, 48], dtype=torch.int32)
@@ -89,9 +102,13 @@ def test_text_logits_reproduce_the_llm(tmp_path, cli, megatron_single_process, b
         assert (first, cfg.llm.vocab_size) == (230, 256)
         assert torch.equal(emb[:256], w["model.embed_tokens.weight"].float())
         added = json.loads((tmp_path / "ck/tokenizer/tokenizer.json").read_text())["added_tokens"]
-        assert {"</box>": 230, "<IMG_FRAME_BREAK>": 241}.items() <= {a["content"]: a["id"] for a in added}.items()
+        assert {"</box>": 230, "<IMG_FRAME_BREAK>": 241}.items() <= {
+            a["content"]: a["id"] for a in added
+        }.items()
     special = sd["language_model.special_token_embedding.weight"]
-    assert special.shape == (12, cfg.llm.hidden_size) and torch.unique(special, dim=0).shape[0] == 12
+    assert (
+        special.shape == (12, cfg.llm.hidden_size) and torch.unique(special, dim=0).shape[0] == 12
+    )
 
 
 def test_fresh_weights_follow_megatron_init(tmp_path, cli, megatron_single_process):
@@ -111,12 +128,18 @@ def test_fresh_weights_follow_megatron_init(tmp_path, cli, megatron_single_proce
                 assert abs(v.float().std() / ref.std() - 1) < 0.15, (k, v.float().std(), ref.std())
             checked += 1
     assert checked > 30
-    assert not torch.equal(ours["language_model.decoder.layers.0.self_attention.linear_qkv.visual.weight"],
-                           ours["language_model.decoder.layers.0.self_attention.linear_qkv.text.weight"])
+    assert not torch.equal(
+        ours["language_model.decoder.layers.0.self_attention.linear_qkv.visual.weight"],
+        ours["language_model.decoder.layers.0.self_attention.linear_qkv.text.weight"],
+    )
 
 
 def test_tied_llm_and_explicit_special_start(tmp_path, cli, megatron_single_process):
-    c, w, cfg, model = _convert(tmp_path, cli, "qwen3", "--first-special-token-id", "240", tied=True)
+    c, w, cfg, model = _convert(
+        tmp_path, cli, "qwen3", "--first-special-token-id", "240", tied=True
+    )
     assert (cfg.llm.first_special_token_id, cfg.llm.vocab_size) == (240, 256)
     sd = model.state_dict()
-    assert torch.equal(sd["language_model.output_layer.weight"][:256], w["model.embed_tokens.weight"].float())
+    assert torch.equal(
+        sd["language_model.output_layer.weight"][:256], w["model.embed_tokens.weight"].float()
+    )

@@ -56,7 +56,7 @@ def released_window_order(h_m: int, w_m: int, window_patches: int, merge: int = 
     for wr in range(ph // side):
         for wc in range(pw // side):
             for r in range(wr * side, (wr + 1) * side):
-                order += [i for i in grid[r][wc * side:(wc + 1) * side] if i >= 0]
+                order += [i for i in grid[r][wc * side : (wc + 1) * side] if i >= 0]
     return order
 
 
@@ -83,7 +83,10 @@ def test_raster_order_export_window_is_identity_for_every_admissible_image(flavo
     assert cfg.vision.window_size == 0 and not cfg.vision.keep_window_order
     hf = to_hf_config(cfg, "bfloat16")
     window = hf["vision_config"]["window_size"]
-    assert window == raster_window_patches(cfg) and hf["vision_config"]["fullatt_block_indexes"] is None
+    assert (
+        window == raster_window_patches(cfg)
+        and hf["vision_config"]["fullatt_block_indexes"] is None
+    )
     m = cfg.connector.merge_size
     widest, tallest = _extreme_grids(cfg)
     assert widest[1] // m == widest_merged_tokens(cfg), "the bound must be reached (tight)"
@@ -107,8 +110,12 @@ def test_raster_order_export_window_is_identity_for_every_admissible_image(flavo
 
 def test_window_order_model_keeps_its_window():
     cfg = get_flavor("debug-qwen3").apply_overrides(
-        {"vision.window_size": 128, "vision.keep_window_order": True,
-         "vision.fullatt_block_indexes": [1]})
+        {
+            "vision.window_size": 128,
+            "vision.keep_window_order": True,
+            "vision.fullatt_block_indexes": [1],
+        }
+    )
     hf = to_hf_config(cfg, "float32")
     assert hf["vision_config"]["window_size"] == 128 // cfg.vision.patch_size
     assert hf["vision_config"]["fullatt_block_indexes"] == [1]
@@ -116,8 +123,9 @@ def test_window_order_model_keeps_its_window():
     assert check_config(hf) == []
 
 
-@pytest.mark.parametrize("flavor, repo", [("navil-2b", "OpenGVLab/NaViL-2B"),
-                                          ("navil-9b", "OpenGVLab/NaViL-9B")])
+@pytest.mark.parametrize(
+    "flavor, repo", [("navil-2b", "OpenGVLab/NaViL-2B"), ("navil-9b", "OpenGVLab/NaViL-9B")]
+)
 def test_released_style_configs_pass(flavor, repo):
     """As the release writes them: its window (8 patches), every layer full, no section of ours."""
     d = to_hf_config(get_flavor(flavor), "bfloat16")
@@ -127,7 +135,8 @@ def test_released_style_configs_pass(flavor, repo):
     assert d["auto_map"] == {
         "AutoConfig": f"{repo}--configuration_navil_chat.NaViLChatConfig",
         "AutoModel": f"{repo}--modeling_navil_chat.NaViL",
-        "AutoModelForCausalLM": f"{repo}--modeling_navil_chat.NaViL"}
+        "AutoModelForCausalLM": f"{repo}--modeling_navil_chat.NaViL",
+    }
     assert check_config(d) == []
 
 
@@ -137,25 +146,40 @@ def _released_2b():
 
 VIOLATIONS = {
     "missing_field": (lambda d: d.pop("template"), "template: missing"),
-    "missing_vision_field": (lambda d: d["vision_config"].pop("qk_normalization"),
-                             "vision_config.qk_normalization: missing"),
-    "llm_architecture": (lambda d: d["llm_config"].update(architectures=["LlamaForCausalLM"]),
-                         "llm_config.architectures: 'LlamaForCausalLM'"),
+    "missing_vision_field": (
+        lambda d: d["vision_config"].pop("qk_normalization"),
+        "vision_config.qk_normalization: missing",
+    ),
+    "llm_architecture": (
+        lambda d: d["llm_config"].update(architectures=["LlamaForCausalLM"]),
+        "llm_config.architectures: 'LlamaForCausalLM'",
+    ),
     "template": (lambda d: d.update(template="chatml"), "template: 'chatml' is not a released"),
-    "qk_norm_heads": (lambda d: d["vision_config"].update(qk_normalization=True),
-                      "vision_config.qk_normalization: true with 12 heads"),
-    "window_zero": (lambda d: d["vision_config"].update(window_size=0),
-                    "vision_config.window_size: 0 patches; the released encoder asserts"),
-    "narrow_window": (lambda d: d["vision_config"].update(window_size=8),
-                      "the released window order is the identity only from 2218 patches: set it to 2218"),
-    "row_order_windows": (lambda d: d[EXTENSION].update(window_size=512),
-                          "keep_window_order: false with window attention"),
-    "no_experts": (lambda d: d[EXTENSION].update(ffn_experts=False),
-                   "always has modality experts"),
-    "wrong_repo": (lambda d: d["auto_map"].update(AutoModel="OpenGVLab/NaViL-9B--modeling_navil_chat.NaViL"),
-                   "auto_map.AutoModel: OpenGVLab/NaViL-9B does not hold the internlm2 code"),
-    "wrong_class": (lambda d: d["auto_map"].update(AutoConfig="configuration_navil.Foo"),
-                    "auto_map.AutoConfig: 'configuration_navil.Foo' does not name"),
+    "qk_norm_heads": (
+        lambda d: d["vision_config"].update(qk_normalization=True),
+        "vision_config.qk_normalization: true with 12 heads",
+    ),
+    "window_zero": (
+        lambda d: d["vision_config"].update(window_size=0),
+        "vision_config.window_size: 0 patches; the released encoder asserts",
+    ),
+    "narrow_window": (
+        lambda d: d["vision_config"].update(window_size=8),
+        "the released window order is the identity only from 2218 patches: set it to 2218",
+    ),
+    "row_order_windows": (
+        lambda d: d[EXTENSION].update(window_size=512),
+        "keep_window_order: false with window attention",
+    ),
+    "no_experts": (lambda d: d[EXTENSION].update(ffn_experts=False), "always has modality experts"),
+    "wrong_repo": (
+        lambda d: d["auto_map"].update(AutoModel="OpenGVLab/NaViL-9B--modeling_navil_chat.NaViL"),
+        "auto_map.AutoModel: OpenGVLab/NaViL-9B does not hold the internlm2 code",
+    ),
+    "wrong_class": (
+        lambda d: d["auto_map"].update(AutoConfig="configuration_navil.Foo"),
+        "auto_map.AutoConfig: 'configuration_navil.Foo' does not name",
+    ),
 }
 
 
@@ -173,10 +197,24 @@ def test_each_config_violation_is_one_line_naming_the_field(name):
 def exported(tmp_path, cli):
     """A debug model converted from a plain InternLM2 LLM (its tokenizer travels), exported."""
     make_llm_dir(tmp_path / "llm", "internlm2")
-    assert cli(["llm-to-navil", "--hf-llm", tmp_path / "llm", "--flavor", "debug-internlm2",
-                "--output", tmp_path / "ck", "--no-progress"])[0] == 0
-    rc, out, _ = cli(["navil-to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf",
-                      "--no-progress"])
+    assert (
+        cli(
+            [
+                "llm-to-navil",
+                "--hf-llm",
+                tmp_path / "llm",
+                "--flavor",
+                "debug-internlm2",
+                "--output",
+                tmp_path / "ck",
+                "--no-progress",
+            ]
+        )[0]
+        == 0
+    )
+    rc, out, _ = cli(
+        ["navil-to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf", "--no-progress"]
+    )
     assert rc == 0 and "release check OK" in out, out
     return tmp_path / "hf"
 
@@ -197,20 +235,29 @@ def test_export_passes_and_each_file_problem_is_named(exported, cli, tmp_path):
         assert rc == 1 and expected in out
         return problems
 
-    broken("nogen", lambda d: (d / "generation_config.json").unlink(), "generation_config.json: missing")
-    broken("notok", lambda d: [(d / n).unlink() for n in ("tokenizer.model",) if (d / n).exists()],
-           "tokenizer: no tokenizer files")
+    broken(
+        "nogen",
+        lambda d: (d / "generation_config.json").unlink(),
+        "generation_config.json: missing",
+    )
+    broken(
+        "notok",
+        lambda d: [(d / n).unlink() for n in ("tokenizer.model",) if (d / n).exists()],
+        "tokenizer: no tokenizer files",
+    )
 
     def move_token(d):
         added = json.loads((d / "added_tokens.json").read_text())
         added["<img>"] = 3
         (d / "added_tokens.json").write_text(json.dumps(added))
+
     broken("badid", move_token, "gives <img> id 3, the model's embedding row is 228")
 
     def drop_weight(d):
         index = json.loads((d / "model.safetensors.index.json").read_text())
         index["weight_map"].pop("mlp1.1.weight")
         (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
     problems = broken("noweight", drop_weight, "weights:")
     assert any("mlp1.1.weight" in p for p in problems), problems
 
@@ -218,23 +265,57 @@ def test_export_passes_and_each_file_problem_is_named(exported, cli, tmp_path):
         c = json.loads((d / "config.json").read_text())
         c["auto_map"] = {k: v.split("--")[1] for k, v in c["auto_map"].items()}
         (d / "config.json").write_text(json.dumps(c))
+
     broken("localcode", local_code, "names local modeling_navil_chat.py, which is not in")
 
 
 def test_modeling_code_is_copied_and_auto_map_made_local(tmp_path, cli):
     make_llm_dir(tmp_path / "llm", "internlm2")
-    assert cli(["llm-to-navil", "--hf-llm", tmp_path / "llm", "--flavor", "debug-internlm2",
-                "--output", tmp_path / "ck", "--no-progress"])[0] == 0
+    assert (
+        cli(
+            [
+                "llm-to-navil",
+                "--hf-llm",
+                tmp_path / "llm",
+                "--flavor",
+                "debug-internlm2",
+                "--output",
+                tmp_path / "ck",
+                "--no-progress",
+            ]
+        )[0]
+        == 0
+    )
     code = tmp_path / "code"
     code.mkdir()
-    rc, _, err = cli(["navil-to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "x",
-                      "--modeling-code", code, "--no-progress"])
+    rc, _, err = cli(
+        [
+            "navil-to-hf",
+            "--load",
+            tmp_path / "ck",
+            "--output",
+            tmp_path / "x",
+            "--modeling-code",
+            code,
+            "--no-progress",
+        ]
+    )
     assert rc == 2 and "lacks configuration_navil_chat.py, modeling_navil_chat.py" in err
     assert not (tmp_path / "x").exists()
     for name in ("configuration_navil_chat.py", "modeling_navil_chat.py", "conversation.py"):
         (code / name).write_text(f"# stand-in for the released {name}\n")
-    rc, out, _ = cli(["navil-to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf",
-                      "--modeling-code", code, "--no-progress"])
+    rc, out, _ = cli(
+        [
+            "navil-to-hf",
+            "--load",
+            tmp_path / "ck",
+            "--output",
+            tmp_path / "hf",
+            "--modeling-code",
+            code,
+            "--no-progress",
+        ]
+    )
     assert rc == 0 and "release check OK" in out, out
     c = json.loads((tmp_path / "hf/config.json").read_text())
     assert c["auto_map"]["AutoModel"] == "modeling_navil_chat.NaViL"

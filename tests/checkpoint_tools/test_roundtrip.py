@@ -32,8 +32,13 @@ SAMPLES = [[3, [(2, 4), (4, 6)], 5], [7], [2, [(4, 2)], 3]]
 
 def _inputs(cfg, seq_length=96, seed=1):
     b = synthetic_batch(cfg, seq_length, torch.Generator().manual_seed(seed), SAMPLES)
-    return {"tokens": b.tokens, "position_ids": b.position_ids, "cu_seqlens": b.cu_seqlens,
-            "pixel_values": b.pixel_values, "grid_thw": b.grid_thw}
+    return {
+        "tokens": b.tokens,
+        "position_ids": b.position_ids,
+        "cu_seqlens": b.cu_seqlens,
+        "pixel_values": b.pixel_values,
+        "grid_thw": b.grid_thw,
+    }
 
 
 def _reference_logits(cfg, hf_dir, inp):
@@ -42,26 +47,63 @@ def _reference_logits(cfg, hf_dir, inp):
     ref = NaViLReference(cfg)
     ref.load_state_dict(load_hf_tensors(hf_dir))  # strict: every key, nothing else
     with torch.no_grad():
-        return ref(inp["tokens"], inp["position_ids"], inp["cu_seqlens"], inp["pixel_values"],
-                   inp["grid_thw"])
+        return ref(
+            inp["tokens"],
+            inp["position_ids"],
+            inp["cu_seqlens"],
+            inp["pixel_values"],
+            inp["grid_thw"],
+        )
 
 
 @pytest.mark.distributed
 def test_tp2_pp2_ep2_roundtrip_is_bit_identical(tmp_path, cli):
     hf = tmp_path / "hf"
-    cfg, _ = make_navil_hf(hf, "debug-qwen3", {"vision.qk_normalization": True, "vision.qkv_bias": True})
-    rc, out, err = cli(["hf-to-navil", "--hf", hf, "--output", tmp_path / "ck",
-                        "--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2,
-                        "--expert-model-parallel-size", 2, "--no-progress"])
+    cfg, _ = make_navil_hf(
+        hf, "debug-qwen3", {"vision.qk_normalization": True, "vision.qkv_bias": True}
+    )
+    rc, out, err = cli(
+        [
+            "hf-to-navil",
+            "--hf",
+            hf,
+            "--output",
+            tmp_path / "ck",
+            "--tensor-model-parallel-size",
+            2,
+            "--pipeline-model-parallel-size",
+            2,
+            "--expert-model-parallel-size",
+            2,
+            "--no-progress",
+        ]
+    )
     assert rc == 0, err
     meta = json.loads((tmp_path / "ck/iter_0000000/navil_checkpoint.json").read_text())
     assert meta["converted"]["requested_layout"]["expert_model_parallel_size"] == 2
 
     inp = _inputs(cfg)
     torch.save(inp, tmp_path / "inputs.pt")
-    launch("tests.checkpoint_tools.layout_worker", 8,
-           ["--load", tmp_path / "ck", "--inputs", tmp_path / "inputs.pt", "--out", tmp_path / "r",
-            "--resave", tmp_path / "resaved", "--tp", "2", "--pp", "2", "--ep", "2"])
+    launch(
+        "tests.checkpoint_tools.layout_worker",
+        8,
+        [
+            "--load",
+            tmp_path / "ck",
+            "--inputs",
+            tmp_path / "inputs.pt",
+            "--out",
+            tmp_path / "r",
+            "--resave",
+            tmp_path / "resaved",
+            "--tp",
+            "2",
+            "--pp",
+            "2",
+            "--ep",
+            "2",
+        ],
+    )
     results = [torch.load(tmp_path / f"r.rank{r}.pt", weights_only=False) for r in range(8)]
     assert all(not r["bad_splits"] for r in results), [r["bad_splits"] for r in results]
 
@@ -70,11 +112,22 @@ def test_tp2_pp2_ep2_roundtrip_is_bit_identical(tmp_path, cli):
     assert len(last) == 4  # TP 2 x DP 2 ranks of the last pipeline stage
     for r in last:
         assert torch.equal(r["rows"], (inp["tokens"] != cfg.img_context_id).nonzero().squeeze(1))
-        torch.testing.assert_close(r["logits"][:, : cfg.llm.vocab_size], ref[r["rows"]],
-                                   atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            r["logits"][:, : cfg.llm.vocab_size], ref[r["rows"]], atol=2e-5, rtol=1e-4
+        )
 
-    rc, out, err = cli(["navil-to-hf", "--load", tmp_path / "resaved", "--output", tmp_path / "hf2",
-                        "--max-shard-size", "400000", "--no-progress"])
+    rc, out, err = cli(
+        [
+            "navil-to-hf",
+            "--load",
+            tmp_path / "resaved",
+            "--output",
+            tmp_path / "hf2",
+            "--max-shard-size",
+            "400000",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, err
     assert same_files(hf, tmp_path / "hf2") == []
 
@@ -84,11 +137,28 @@ def test_internlm2_roundtrip_and_logits(tmp_path, cli, megatron_single_process):
     from megatron_navil.models.navil import NaViLModel
 
     hf = tmp_path / "hf"
-    cfg, ref = make_navil_hf(hf, "debug-internlm2", {"vision.window_size": 64,
-                                                     "vision.fullatt_block_indexes": [1]}, seed=3)
+    cfg, ref = make_navil_hf(
+        hf,
+        "debug-internlm2",
+        {"vision.window_size": 64, "vision.fullatt_block_indexes": [1]},
+        seed=3,
+    )
     assert cli(["hf-to-navil", "--hf", hf, "--output", tmp_path / "ck", "--no-progress"])[0] == 0
-    assert cli(["navil-to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf2",
-                "--max-shard-size", "400000", "--no-progress"])[0] == 0
+    assert (
+        cli(
+            [
+                "navil-to-hf",
+                "--load",
+                tmp_path / "ck",
+                "--output",
+                tmp_path / "hf2",
+                "--max-shard-size",
+                "400000",
+                "--no-progress",
+            ]
+        )[0]
+        == 0
+    )
     assert same_files(hf, tmp_path / "hf2") == []
     sd = ref.state_dict()
     got = load_hf_tensors(tmp_path / "hf2")
@@ -98,10 +168,16 @@ def test_internlm2_roundtrip_and_logits(tmp_path, cli, megatron_single_process):
     load_model(tmp_path / "ck", [model], cfg)
     inp = _inputs(cfg, 128, seed=2)
     with torch.no_grad():
-        logits, rows = model(inp["tokens"], inp["position_ids"], inp["cu_seqlens"],
-                             pixel_values=inp["pixel_values"], grid_thw=inp["grid_thw"])
-    torch.testing.assert_close(logits[:, : cfg.llm.vocab_size], _reference_logits(cfg, hf, inp)[rows],
-                               atol=2e-5, rtol=1e-4)
+        logits, rows = model(
+            inp["tokens"],
+            inp["position_ids"],
+            inp["cu_seqlens"],
+            pixel_values=inp["pixel_values"],
+            grid_thw=inp["grid_thw"],
+        )
+    torch.testing.assert_close(
+        logits[:, : cfg.llm.vocab_size], _reference_logits(cfg, hf, inp)[rows], atol=2e-5, rtol=1e-4
+    )
 
 
 def test_directory_from_the_safetensors_library(tmp_path, cli):
@@ -118,10 +194,23 @@ def test_directory_from_the_safetensors_library(tmp_path, cli):
     save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
     (hf / "config.json").write_text(json.dumps(to_hf_config(cfg, "bfloat16")))
     assert cli(["hf-to-navil", "--hf", hf, "--output", tmp_path / "ck", "--no-progress"])[0] == 0
-    assert cli(["navil-to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "back",
-                "--no-progress"])[0] == 0
+    assert (
+        cli(
+            [
+                "navil-to-hf",
+                "--load",
+                tmp_path / "ck",
+                "--output",
+                tmp_path / "back",
+                "--no-progress",
+            ]
+        )[0]
+        == 0
+    )
     back = load_hf_tensors(tmp_path / "back")
     assert set(back) == set(tensors)
-    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], tensors[k]) for k in tensors)
+    assert all(
+        back[k].dtype == torch.bfloat16 and torch.equal(back[k], tensors[k]) for k in tensors
+    )
     config = json.loads((tmp_path / "back/config.json").read_text())
     assert config["torch_dtype"] == "bfloat16" and config["model_type"] == "navil_chat"

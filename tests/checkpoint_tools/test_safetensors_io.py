@@ -29,13 +29,19 @@ from megatron_navil.conversion.safetensors_io import (
 
 def _tensors():
     g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(64, 32, generator=g), "b.bias": torch.randn(7, generator=g),
-            "c.weight": torch.randn(16, 16, generator=g).to(torch.bfloat16),
-            "d.scale": torch.randn(3, 5, 2, generator=g), "e.big": torch.randn(300, 40, generator=g)}
+    return {
+        "a.weight": torch.randn(64, 32, generator=g),
+        "b.bias": torch.randn(7, generator=g),
+        "c.weight": torch.randn(16, 16, generator=g).to(torch.bfloat16),
+        "d.scale": torch.randn(3, 5, 2, generator=g),
+        "e.big": torch.randn(300, 40, generator=g),
+    }
 
 
 def _write(path, tensors, max_bytes):
-    w = ShardedSafetensorsWriter(path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], max_bytes)
+    w = ShardedSafetensorsWriter(
+        path, [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], max_bytes
+    )
     for k, v in tensors.items():
         w.write(k, v)
     w.close()
@@ -47,7 +53,9 @@ def test_streamed_shards_read_back_with_the_library(tmp_path):
     w = _write(tmp_path, tensors, max_bytes=5_000)
     index = json.loads((tmp_path / INDEX_FILE).read_text())
     assert set(index["weight_map"]) == set(tensors)
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
     assert len(w.files) > 2
     for f in w.files:
         shard = [k for k, v in index["weight_map"].items() if v == f]
@@ -56,7 +64,10 @@ def test_streamed_shards_read_back_with_the_library(tmp_path):
         with safe_open(str(tmp_path / f), "pt") as sf:
             assert set(sf.keys()) == set(shard)
             for k in shard:
-                assert torch.equal(sf.get_tensor(k), tensors[k]) and sf.get_tensor(k).dtype == tensors[k].dtype
+                assert (
+                    torch.equal(sf.get_tensor(k), tensors[k])
+                    and sf.get_tensor(k).dtype == tensors[k].dtype
+                )
     ours = SafetensorsDir(tmp_path)
     assert all(torch.equal(ours.load(k), v) for k, v in tensors.items())
 
@@ -82,15 +93,21 @@ def test_truncated_file_names_file_and_tensor(tmp_path):
     save_file(_tensors(), str(tmp_path / "model.safetensors"))
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-100])
-    with pytest.raises(ConversionError, match=r"model.safetensors is truncated: \d+ bytes, but tensor '.+' ends"):
+    with pytest.raises(
+        ConversionError, match=r"model.safetensors is truncated: \d+ bytes, but tensor '.+' ends"
+    ):
         SafetensorsDir(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(data[:20])
-    with pytest.raises(ConversionError, match="model.safetensors is truncated or not a safetensors file"):
+    with pytest.raises(
+        ConversionError, match="model.safetensors is truncated or not a safetensors file"
+    ):
         read_header(tmp_path / "model.safetensors")
 
 
 def test_corrupt_header(tmp_path):
-    (tmp_path / "x.safetensors").write_bytes((16).to_bytes(8, "little") + b"{not json at all" + b"\0" * 8)
+    (tmp_path / "x.safetensors").write_bytes(
+        (16).to_bytes(8, "little") + b"{not json at all" + b"\0" * 8
+    )
     with pytest.raises(ConversionError, match="x.safetensors: corrupt safetensors header"):
         SafetensorsDir(tmp_path)
 

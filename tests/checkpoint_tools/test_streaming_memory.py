@@ -22,9 +22,16 @@ from tests.launcher import ROOT
 
 pytestmark = pytest.mark.processes  # every test here starts a process
 
-OVERRIDES = {"llm.hidden_size": 512, "llm.ffn_hidden_size": 1536, "llm.num_layers": 8,
-             "llm.num_attention_heads": 8, "llm.num_query_groups": 2, "llm.kv_channels": 64,
-             "llm.vocab_size": 4096, "llm.first_special_token_id": 4000}
+OVERRIDES = {
+    "llm.hidden_size": 512,
+    "llm.ffn_hidden_size": 1536,
+    "llm.num_layers": 8,
+    "llm.num_attention_heads": 8,
+    "llm.num_query_groups": 2,
+    "llm.kv_channels": 64,
+    "llm.vocab_size": 4096,
+    "llm.first_special_token_id": 4000,
+}
 
 CHILD = r"""
 import sys, json
@@ -63,8 +70,13 @@ def _generate(path, cfg):
 def _run(args):
     import json
 
-    p = subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], cwd=ROOT, capture_output=True,
-                       text=True, env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "2"})
+    p = subprocess.run(
+        [sys.executable, "-c", CHILD, *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "", "OMP_NUM_THREADS": "2"},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["rc"] == 0
@@ -74,8 +86,17 @@ def _run(args):
 def _growth(d, cfg):
     total, largest = _generate(d / "hf", cfg)
     grow_in = _run(["hf-to-navil", "--hf", d / "hf", "--output", d / "ck"])
-    grow_out = _run(["navil-to-hf", "--load", d / "ck", "--output", d / "hf2",
-                     "--max-shard-size", str(64 * 2**20)])
+    grow_out = _run(
+        [
+            "navil-to-hf",
+            "--load",
+            d / "ck",
+            "--output",
+            d / "hf2",
+            "--max-shard-size",
+            str(64 * 2**20),
+        ]
+    )
     return total, largest, grow_in, grow_out
 
 
@@ -85,8 +106,9 @@ def test_peak_memory_is_a_few_tensors(tmp_path):
     (tmp_path / "small").mkdir()
     (tmp_path / "big").mkdir()
     _, _, fixed_in, fixed_out = _growth(tmp_path / "small", get_flavor("debug-qwen3"))
-    total, largest, grow_in, grow_out = _growth(tmp_path / "big",
-                                                get_flavor("debug-qwen3").apply_overrides(OVERRIDES))
+    total, largest, grow_in, grow_out = _growth(
+        tmp_path / "big", get_flavor("debug-qwen3").apply_overrides(OVERRIDES)
+    )
     assert total > 200e6 and largest <= 8.4e6
     report = [round(x / 1e6, 1) for x in (fixed_in, grow_in, fixed_out, grow_out)]
     assert grow_in - fixed_in < 3 * largest, report

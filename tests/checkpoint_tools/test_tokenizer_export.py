@@ -61,36 +61,78 @@ from megatron_navil.data.tokenizer import NaViLTokenizer  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
-WORDS = ("the a cat dog sat on mat photo of image red blue green small large rocket camera "
-         "café naïve ünïcödé 日本語 数字 🚀 12 345 6789 def return x + 1 ( ) [ ] { } :: -> = , . ; ! ? "
-         "'s \"q\"").split(" ")
+WORDS = (
+    "the a cat dog sat on mat photo of image red blue green small large rocket camera "
+    "café naïve ünïcödé 日本語 数字 🚀 12 345 6789 def return x + 1 ( ) [ ] { } :: -> = , . ; ! ? "
+    '\'s "q"'
+).split(" ")
 SEPARATORS = ["", " ", " ", " ", "  ", "\n", "\n\n", "\t", ".", ",", ":", "\n."]
 CORPUS = [
-    "hello world", " leading", "  two leading", "trailing ", "trailing two  ", "a  b   c",
-    "tabs\tand\nnewlines\n\n", "\n\nstarts with newlines", "\n.", "\r\n windows", "数字 123 ünïcödé 🚀",
-    "1234567890", "3.14159, -2e10", "def f(x):\n    return x + 1\n", "▁literal ▁ underscore-ish",
-    "emoji 🚀🚀 and 👩‍👩‍👧", "", " ", "\n", "  \n  ", "a<img>b</img><IMG_CONTEXT><IMG_CONTEXT>c",
-    "<img><IMG_CONTEXT></img>", " <img> x </img> ", "<img>\n<IMG_CONTEXT>\n</img>\n",
-    "<|im_start|>user\nhi<|im_end|>\n", "x<|im_end|>.", "<think>\n\n</think>\n\nok",
-    "<ref>a cat</ref><box>[[1, 2, 3, 4]]</box>", "<quad>x</quad>", "<img_uncond><img>",
-    "<IMG_LINE_BREAK><IMG_FRAME_BREAK>", "<img", "img>", "<<img>>", "</img></img>",
+    "hello world",
+    " leading",
+    "  two leading",
+    "trailing ",
+    "trailing two  ",
+    "a  b   c",
+    "tabs\tand\nnewlines\n\n",
+    "\n\nstarts with newlines",
+    "\n.",
+    "\r\n windows",
+    "数字 123 ünïcödé 🚀",
+    "1234567890",
+    "3.14159, -2e10",
+    "def f(x):\n    return x + 1\n",
+    "▁literal ▁ underscore-ish",
+    "emoji 🚀🚀 and 👩‍👩‍👧",
+    "",
+    " ",
+    "\n",
+    "  \n  ",
+    "a<img>b</img><IMG_CONTEXT><IMG_CONTEXT>c",
+    "<img><IMG_CONTEXT></img>",
+    " <img> x </img> ",
+    "<img>\n<IMG_CONTEXT>\n</img>\n",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "x<|im_end|>.",
+    "<think>\n\n</think>\n\nok",
+    "<ref>a cat</ref><box>[[1, 2, 3, 4]]</box>",
+    "<quad>x</quad>",
+    "<img_uncond><img>",
+    "<IMG_LINE_BREAK><IMG_FRAME_BREAK>",
+    "<img",
+    "img>",
+    "<<img>>",
+    "</img></img>",
 ]
 CONTROL_STRINGS = ["<s>", "</s>", "<unk>", "<pad>"]
 CONVERSATIONS = [
     [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi! a cat."}],
-    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is\nthis?"},
-     {"role": "assistant", "content": "a dog"}, {"role": "user", "content": "ok  then"}],
-    [{"from": "human", "value": "describe 数字 🚀"}, {"from": "gpt", "value": "x = 1 + 2"},
-     {"from": "human", "value": "more"}, {"from": "gpt", "value": "done."}],
-    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
-     {"role": "assistant", "content": "again"}],
+    [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "what is\nthis?"},
+        {"role": "assistant", "content": "a dog"},
+        {"role": "user", "content": "ok  then"},
+    ],
+    [
+        {"from": "human", "value": "describe 数字 🚀"},
+        {"from": "gpt", "value": "x = 1 + 2"},
+        {"from": "human", "value": "more"},
+        {"from": "gpt", "value": "done."},
+    ],
+    [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
+        {"role": "assistant", "content": "again"},
+    ],
 ]
 
 
 def _texts(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return ["".join(rng.choice(SEPARATORS) + rng.choice(WORDS) for _ in range(rng.randint(3, 16)))
-            for _ in range(n)]
+    return [
+        "".join(rng.choice(SEPARATORS) + rng.choice(WORDS) for _ in range(rng.randint(3, 16)))
+        for _ in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +144,20 @@ def trained(tmp_path_factory) -> Path:
     with open(d / "corpus.jsonl", "w", encoding="utf-8") as f:
         for t in _texts(800, 0) + ["user\nhello\n", "Q: what?\nA: yes.\n\n"] * 20:
             f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
-    assert main(["train", "--input", str(d / "corpus.jsonl"), "--vocab-size", "512",
-                 "--output", str(d / "tok")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--input",
+                str(d / "corpus.jsonl"),
+                "--vocab-size",
+                "512",
+                "--output",
+                str(d / "tok"),
+            ]
+        )
+        == 0
+    )
     return d / "tok"
 
 
@@ -114,10 +168,20 @@ def _internlm2_like_model() -> bytes:
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_texts(600, 1)), model_writer=buf, vocab_size=420, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        add_dummy_prefix=True, hard_vocab_limit=False, pad_id=-1,
-        user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2, num_threads=1)
+        sentence_iterator=iter(_texts(600, 1)),
+        model_writer=buf,
+        vocab_size=420,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        hard_vocab_limit=False,
+        pad_id=-1,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        minloglevel=2,
+        num_threads=1,
+    )
     return buf.getvalue()
 
 
@@ -127,8 +191,22 @@ def unigram(tmp_path_factory, trained) -> Path:
     from data_tools.tokenizer_cli import main
 
     d = tmp_path_factory.mktemp("unigram")
-    assert main(["train", "--input", str(trained.parent / "corpus.jsonl"), "--vocab-size", "512",
-                 "--model-type", "unigram", "--output", str(d / "tok")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--input",
+                str(trained.parent / "corpus.jsonl"),
+                "--vocab-size",
+                "512",
+                "--model-type",
+                "unigram",
+                "--output",
+                str(d / "tok"),
+            ]
+        )
+        == 0
+    )
     return d / "tok"
 
 
@@ -146,8 +224,9 @@ def wrapped(tmp_path_factory) -> Path:
 def _export(src: Path, out: Path, style: str = "internlm2-chat", max_len: int = 2048):
     tok = NaViLTokenizer.load(str(src))
     out.mkdir(parents=True, exist_ok=True)
-    write_tokenizer_files(src, out, tok.first_special_token_id, chat_template=style,
-                          model_max_length=max_len)
+    write_tokenizer_files(
+        src, out, tok.first_special_token_id, chat_template=style, model_max_length=max_len
+    )
     return tok, AutoTokenizer.from_pretrained(str(out), use_fast=False)
 
 
@@ -161,8 +240,26 @@ def _strings(tok: NaViLTokenizer) -> list[str]:
 def _random_strings(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     alphabet = list("abcdefghij xyz  \n\t.,:;!?-_()[]{}<>/|0123456789") + [
-        "é", "ü", "日", "本", "🚀", "▁", "\r", "  ", "\n\n", "    ", "<img>", "</ref>", "<IMG_CONTEXT>",
-        "<|im_start|>", "<|im_end|>", "<think>", "<0x41>", "<im", "im_end|>"]
+        "é",
+        "ü",
+        "日",
+        "本",
+        "🚀",
+        "▁",
+        "\r",
+        "  ",
+        "\n\n",
+        "    ",
+        "<img>",
+        "</ref>",
+        "<IMG_CONTEXT>",
+        "<|im_start|>",
+        "<|im_end|>",
+        "<think>",
+        "<0x41>",
+        "<im",
+        "im_end|>",
+    ]
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(n)]
 
 
@@ -171,8 +268,12 @@ def test_text_and_special_tokens_give_our_ids(which, request, tmp_path):
     src = request.getfixturevalue(which)
     tok, hf = _export(src, tmp_path / "hf")
     assert type(hf).__name__ == "GemmaTokenizer"
-    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == \
-        (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id, hf.unk_token_id) == (
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+        tok.unk_id,
+    )
     assert len(hf) == tok.vocab_size and hf.model_max_length == 2048
     for row, t in enumerate(SPECIAL_TOKENS):
         assert hf.convert_tokens_to_ids(t) == tok.first_special_token_id + row
@@ -202,8 +303,12 @@ def test_fast_tokenizer_gives_our_ids(which, request, tmp_path):
     tok, slow = _export(src, tmp_path / "hf")
     fast = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))  # use_fast=True, the default
     assert type(fast).__name__ == "GemmaTokenizerFast"
-    assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id, fast.unk_token_id) == \
-        (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id)
+    assert (fast.bos_token_id, fast.eos_token_id, fast.pad_token_id, fast.unk_token_id) == (
+        tok.bos_id,
+        tok.eos_id,
+        tok.pad_id,
+        tok.unk_id,
+    )
     assert len(fast) == tok.vocab_size
     for row, t in enumerate(SPECIAL_TOKENS):
         assert fast.convert_tokens_to_ids(t) == tok.first_special_token_id + row
@@ -211,8 +316,10 @@ def test_fast_tokenizer_gives_our_ids(which, request, tmp_path):
     for s in _strings(tok) + _random_strings(2000, 1):
         ids, got = tok.encode(s), fast.encode(s, add_special_tokens=False)
         if which == "unigram" and got != ids and "<0x" not in s:  # documented: exact ties only
-            score = lambda seq: sum(tok.sp.get_score(i) for i in seq  # noqa: E731
-                                    if i < tok.base_vocab_size)
+
+            def score(seq):
+                return sum(tok.sp.get_score(i) for i in seq if i < tok.base_vocab_size)
+
             assert tok.decode(got) == tok.decode(ids) and score(got) == pytest.approx(score(ids))
             ties += 1
             continue
@@ -220,8 +327,9 @@ def test_fast_tokenizer_gives_our_ids(which, request, tmp_path):
             assert got == ids, repr(s)
             assert fast(s)["input_ids"] == [tok.bos_id] + ids, repr(s)
         if which == "wrapped":  # the prefix space is stripped once, not after each special token
-            assert fast.decode(ids, skip_special_tokens=True) == \
-                slow.decode(ids, skip_special_tokens=True), repr(s)
+            assert fast.decode(ids, skip_special_tokens=True) == slow.decode(
+                ids, skip_special_tokens=True
+            ), repr(s)
         else:
             assert fast.decode(ids) == tok.decode(ids), repr(s)
     assert ties < 20
@@ -264,8 +372,12 @@ def test_chat_template_renders_and_encodes_like_ours(trained, tmp_path, style):
     for conv in CONVERSATIONS:
         for gen in (False, True):
             for kwargs in ({}, {"empty_think": False}):
-                ours = apply_chat_template(tok, conv, style=style, add_generation_prompt=gen, **kwargs)
-                text = hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen, **kwargs)
+                ours = apply_chat_template(
+                    tok, conv, style=style, add_generation_prompt=gen, **kwargs
+                )
+                text = hf.apply_chat_template(
+                    conv, tokenize=False, add_generation_prompt=gen, **kwargs
+                )
                 assert text == _our_string(tok, hf, ours.ids), (conv, gen, kwargs)
                 assert hf.apply_chat_template(conv, add_generation_prompt=gen, **kwargs) == ours.ids
     if style == "qwen3":
@@ -277,9 +389,15 @@ def test_chat_template_renders_and_encodes_like_ours(trained, tmp_path, style):
 def test_image_tokens_in_chat(trained, tmp_path):
     tok, hf = _export(trained, tmp_path / "hf")
     image = tok.image_token_ids([(1, 2), (2, 3)])
-    conv = [{"role": "user", "content": "<image>\nwhat is it?"}, {"role": "assistant", "content": "a cat"}]
+    conv = [
+        {"role": "user", "content": "<image>\nwhat is it?"},
+        {"role": "assistant", "content": "a cat"},
+    ]
     ours = apply_chat_template(tok, conv, image_tokens=[image])
-    expanded = [dict(conv[0], content=conv[0]["content"].replace("<image>", tok.decode(image))), conv[1]]
+    expanded = [
+        dict(conv[0], content=conv[0]["content"].replace("<image>", tok.decode(image))),
+        conv[1],
+    ]
     assert hf.apply_chat_template(expanded) == ours.ids
     s, e = ours.image_spans[0]
     assert ours.ids[s:e] == image
@@ -295,13 +413,18 @@ def test_chat_content_merging_with_the_header(trained, tmp_path):
     """A content whose first character forms one piece with the header's newline ("\\n.") gets
     the whole-string ids, and that spanning piece is trained (it predicts content)."""
     tok, hf = _export(trained, tmp_path / "hf")
-    _require("\n." in [tok.sp.id_to_piece(i) for i in range(tok.base_vocab_size)], "no '\\n.' piece")
-    conv = [{"role": "user", "content": ".starts with a dot"}, {"role": "assistant", "content": ".ok"}]
+    _require(
+        "\n." in [tok.sp.id_to_piece(i) for i in range(tok.base_vocab_size)], "no '\\n.' piece"
+    )
+    conv = [
+        {"role": "user", "content": ".starts with a dot"},
+        {"role": "assistant", "content": ".ok"},
+    ]
     ours = apply_chat_template(tok, conv)
     assert hf.apply_chat_template(conv, tokenize=False) == _our_string(tok, hf, ours.ids)
     assert hf.apply_chat_template(conv) == ours.ids
     newline_dot = tok.sp.piece_to_id("\n.")
-    (s, e), = ours.assistant_spans
+    ((s, e),) = ours.assistant_spans
     assert ours.ids[s] == newline_dot and ours.loss_mask[s] == 1 and ours.loss_mask[s - 1] == 0
     assert ours.ids.count(newline_dot) == 2  # the user's one is not trained
     assert ours.loss_mask[ours.ids.index(newline_dot)] == 0
@@ -311,8 +434,10 @@ def test_chat_with_a_dummy_prefix_model(wrapped, tmp_path):
     """InternLM2-like model (dummy prefix): the content after the role header gets no '▁' of its
     own, as in whole-string tokenization, for every conversation and both styles."""
     tok, hf = _export(wrapped, tmp_path / "hf")
-    _require(tok.sp.encode("hello") != tok.sp.encode("x\nhello")[-len(tok.sp.encode("hello")):],
-             "the model adds no dummy prefix")
+    _require(
+        tok.sp.encode("hello") != tok.sp.encode("x\nhello")[-len(tok.sp.encode("hello")) :],
+        "the model adds no dummy prefix",
+    )
     for style in ("internlm2", "qwen3"):
         tok, hf = _export(wrapped, tmp_path / style, style=style)
         for conv in CONVERSATIONS:
@@ -325,8 +450,10 @@ def _loss_oracle(fast, text: str, trained_ranges: list[tuple[int, int]]) -> list
     """1 for each id of `text` (tokenized by the HF fast tokenizer, offsets from the `tokenizers`
     library, not from sentencepiece) whose characters overlap a trained range."""
     enc = fast(text, add_special_tokens=False, return_offsets_mapping=True)
-    return [int(any(a < max(e, b + 1) and b < z for a, z in trained_ranges))
-            for b, e in enc["offset_mapping"]]
+    return [
+        int(any(a < max(e, b + 1) and b < z for a, z in trained_ranges))
+        for b, e in enc["offset_mapping"]
+    ]
 
 
 def _assistant_ranges(text: str, conv, think: str) -> list[tuple[int, int]]:
@@ -354,12 +481,13 @@ def test_chat_loss_mask_matches_an_offsets_oracle(trained, tmp_path, style):
     tok, _ = _export(trained, tmp_path / "hf", style=style)
     fast = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), use_fast=True)
     think = "<think>\n\n</think>\n\n" if style == "qwen3" else ""
-    convs = CONVERSATIONS + [[{"role": "user", "content": "x"},
-                              {"role": "assistant", "content": ".\n. 🚀 数字\n\n"}]]
+    convs = CONVERSATIONS + [
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": ".\n. 🚀 数字\n\n"}]
+    ]
     for conv in convs:
         ours = apply_chat_template(tok, conv, style=style)
         text = fast.apply_chat_template(conv, tokenize=False)
-        body = text[len(fast.bos_token):] if style == "internlm2" else text
+        body = text[len(fast.bos_token) :] if style == "internlm2" else text
         oracle = _loss_oracle(fast, body, _assistant_ranges(body, conv, think))
         ids = ours.ids[1:] if style == "internlm2" else ours.ids
         mask = ours.loss_mask[1:] if style == "internlm2" else ours.loss_mask
@@ -380,16 +508,23 @@ def test_export_hf_writes_the_models_template_and_round_trips(trained, tmp_path,
 
     tok = NaViLTokenizer.load(str(trained))
     cfg = get_flavor("debug-internlm2").apply_overrides(
-        {"llm.first_special_token_id": tok.first_special_token_id})
+        {"llm.first_special_token_id": tok.first_special_token_id}
+    )
     ref = NaViLReference(cfg).init_weights_(torch.Generator().manual_seed(0))
-    export_hf(hf_to_megatron(ref.state_dict(), cfg, padded_vocab(cfg)), tmp_path / "hf", cfg,
-              tokenizer_dir=trained)
+    export_hf(
+        hf_to_megatron(ref.state_dict(), cfg, padded_vocab(cfg)),
+        tmp_path / "hf",
+        cfg,
+        tokenizer_dir=trained,
+    )
     config = json.loads((tmp_path / "hf/tokenizer_config.json").read_text())
     assert config["model_max_length"] == cfg.llm.max_sequence_length and config["add_bos_token"]
     hf = AutoTokenizer.from_pretrained(str(tmp_path / "hf"), use_fast=False)
     for conv in CONVERSATIONS:
         assert hf.apply_chat_template(conv) == apply_chat_template(tok, conv, style="internlm2").ids
-    rc = cli(["hf-to-navil", "--hf", tmp_path / "hf", "--output", tmp_path / "ck", "--no-progress"])[0]
+    rc = cli(
+        ["hf-to-navil", "--hf", tmp_path / "hf", "--output", tmp_path / "ck", "--no-progress"]
+    )[0]
     assert rc == 0
     export_hf(tmp_path / "ck", tmp_path / "hf2")
     names = [n for n in os.listdir(tmp_path / "hf") if "token" in n]
@@ -408,21 +543,42 @@ def _qwen3_tokenizer_dir(d: Path) -> int:
     d.mkdir(parents=True)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(_texts(400, 2), trainers.BpeTrainer(
-        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.train_from_iterator(
+        _texts(400, 2),
+        trainers.BpeTrainer(
+            vocab_size=320,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     bpe.model.save(str(d))
     v = bpe.get_vocab_size()
     added = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
     config = {
-        "tokenizer_class": "Qwen2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
-        "added_tokens_decoder": {str(v + k): {"content": t, "lstrip": False, "normalized": False,
-                                              "rstrip": False, "single_word": False,
-                                              "special": "think" not in t}
-                                 for k, t in enumerate(added)},
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
-        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
-        "errors": "replace", "model_max_length": 131072, "split_special_tokens": False,
-        "clean_up_tokenization_spaces": False}
+        "tokenizer_class": "Qwen2Tokenizer",
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(v + k): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": "think" not in t,
+            }
+            for k, t in enumerate(added)
+        },
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "split_special_tokens": False,
+        "clean_up_tokenization_spaces": False,
+    }
     (d / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     fast = AutoTokenizer.from_pretrained(str(d))  # transformers' own conversion -> tokenizer.json
     fast.save_pretrained(str(d.parent / "fast"))
@@ -454,11 +610,18 @@ def test_qwen3_family_keeps_its_tokenizer(tmp_path):
             assert ids == base.encode(s), repr(s)
         else:  # every special token is one id; the text between encodes as before
             parts = [p for p in _split(s) if p]
-            want = [first + SPECIAL_TOKENS.index(p) if p in SPECIAL_TOKENS else base.encode(p)
-                    for p in parts]
+            want = [
+                first + SPECIAL_TOKENS.index(p) if p in SPECIAL_TOKENS else base.encode(p)
+                for p in parts
+            ]
             assert ids == [i for w in want for i in (w if isinstance(w, list) else [w])], repr(s)
     assert slow.eos_token == "<|im_end|>" and slow.bos_token is None
-    names = ("added_tokens.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json")
+    names = (
+        "added_tokens.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "tokenizer.json",
+    )
     for n in names:  # a second copy (hf-to-navil, navil-to-hf again) changes nothing
         assert (tmp_path / "ck" / n).read_bytes() == (tmp_path / "hf" / n).read_bytes(), n
 
@@ -480,9 +643,19 @@ def test_internlm2_family_keeps_its_remote_code_files(tmp_path):
     (src / "tokenizer.model").write_bytes(_internlm2_like_model())
     pieces = NaViLTokenizer((src / "tokenizer.model").read_bytes()).base_vocab_size
     amap = {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer", None]}
-    (src / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "InternLM2Tokenizer", "auto_map": amap, "add_bos_token": True,
-         "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}))
+    (src / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "InternLM2Tokenizer",
+                "auto_map": amap,
+                "add_bos_token": True,
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "pad_token": "</s>",
+                "unk_token": "<unk>",
+            }
+        )
+    )
     code = "# stands for InternLM2's tokenizer code, which we never ship\n"
     (src / "tokenization_internlm2.py").write_text(code)
     out = tmp_path / "out"

@@ -37,8 +37,11 @@ def _transformers_qwen3(path) -> Qwen3ForCausalLM:
     tokenizer is not what is tested)."""
     make_llm_dir(path, "qwen3", seed=0, dtype=torch.float32)  # tokenizer files
     c = llm_config("qwen3", vocab=json.loads((path / "config.json").read_text())["vocab_size"])
-    cfg = Qwen3Config(**{k: v for k, v in c.items() if k not in ("architectures", "model_type")},
-                      torch_dtype="float32", attn_implementation="eager")
+    cfg = Qwen3Config(
+        **{k: v for k, v in c.items() if k not in ("architectures", "model_type")},
+        torch_dtype="float32",
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -57,10 +60,22 @@ def _text(cfg: NaViLModelConfig):
     return samples, torch.cat(samples), positions, cu
 
 
-def test_transformers_qwen3_logits_in_megatron_and_reference(tmp_path, cli, megatron_single_process):
+def test_transformers_qwen3_logits_in_megatron_and_reference(
+    tmp_path, cli, megatron_single_process
+):
     hf_llm = _transformers_qwen3(tmp_path / "llm")
-    rc, _, err = cli(["llm-to-navil", "--hf-llm", tmp_path / "llm", "--flavor", "debug-qwen3",
-                      "--output", tmp_path / "ck", "--no-progress"])
+    rc, _, err = cli(
+        [
+            "llm-to-navil",
+            "--hf-llm",
+            tmp_path / "llm",
+            "--flavor",
+            "debug-qwen3",
+            "--output",
+            tmp_path / "ck",
+            "--no-progress",
+        ]
+    )
     assert rc == 0, err
     cfg = NaViLModelConfig.from_dict(read_metadata(tmp_path / "ck")["model"])
     rows = hf_llm.config.vocab_size
@@ -74,8 +89,9 @@ def test_transformers_qwen3_logits_in_megatron_and_reference(tmp_path, cli, mega
         megatron, _ = model(tokens, positions, cu)
     torch.testing.assert_close(megatron[:, :rows], want, atol=2e-5, rtol=1e-4)
 
-    rc, _, err = cli(["navil-to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf",
-                      "--no-progress"])
+    rc, _, err = cli(
+        ["navil-to-hf", "--load", tmp_path / "ck", "--output", tmp_path / "hf", "--no-progress"]
+    )
     assert rc == 0, err
     from megatron_navil.reference import NaViLReference
 

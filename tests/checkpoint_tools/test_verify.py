@@ -18,7 +18,9 @@ from megatron_navil.data.synthetic import synthetic_batch
 
 
 def test_pair_agrees(cli, navil, tmp_path):
-    rc, out, err = cli(["verify", "--load", navil / "ck", "--hf", navil / "hf", "--json", tmp_path / "r.json"])
+    rc, out, err = cli(
+        ["verify", "--load", navil / "ck", "--hf", navil / "hf", "--json", tmp_path / "r.json"]
+    )
     assert rc == 0, err
     assert out.startswith("OK:")
     r = json.loads((tmp_path / "r.json").read_text())
@@ -26,9 +28,19 @@ def test_pair_agrees(cli, navil, tmp_path):
 
     cfg = NaViLModelConfig.from_dict(read_metadata(navil / "ck")["model"])
     b = synthetic_batch(cfg, 64, torch.Generator().manual_seed(9), [[5, [(4, 4)], 7], [11]])
-    torch.save({"tokens": b.tokens, "position_ids": b.position_ids, "cu_seqlens": b.cu_seqlens,
-                "pixel_values": b.pixel_values, "grid_thw": b.grid_thw}, tmp_path / "in.pt")
-    rc, out, err = cli(["verify", "--load", navil / "ck", "--hf", navil / "hf", "--inputs", tmp_path / "in.pt"])
+    torch.save(
+        {
+            "tokens": b.tokens,
+            "position_ids": b.position_ids,
+            "cu_seqlens": b.cu_seqlens,
+            "pixel_values": b.pixel_values,
+            "grid_thw": b.grid_thw,
+        },
+        tmp_path / "in.pt",
+    )
+    rc, out, err = cli(
+        ["verify", "--load", navil / "ck", "--hf", navil / "hf", "--inputs", tmp_path / "in.pt"]
+    )
     assert rc == 0 and out.startswith("OK:"), (out, err)
 
 
@@ -41,7 +53,9 @@ def test_changed_weight_fails(cli, navil, tmp_path):
     tensors = load_file(str(shard))
     name = "language_model.model.layers.1.mlp.down_proj.weight"
     t = tensors[name]
-    tensors[name] = t + 0.01 * t.abs().max() * torch.randn(t.shape, generator=torch.Generator().manual_seed(0))
+    tensors[name] = t + 0.01 * t.abs().max() * torch.randn(
+        t.shape, generator=torch.Generator().manual_seed(0)
+    )
     save_file(tensors, str(shard), metadata={"format": "pt"})
     rc, out, err = cli(["verify", "--load", navil / "ck", "--hf", hf])
     assert rc == 1 and out.startswith("MISMATCH"), (out, err)

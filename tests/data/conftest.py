@@ -50,8 +50,11 @@ def make_loader(tok, cfg):
         key = "valid_paths" if valid else "train_paths"
         dc = DataConfig(**{key: tuple(paths)}, **kw)
         mc = model_cfg or cfg
-        loader = (build_valid_loader(dc, mc, tok, dp_rank, dp_size) if valid
-                  else build_train_loader(dc, mc, tok, dp_rank, dp_size, mbps))
+        loader = (
+            build_valid_loader(dc, mc, tok, dp_rank, dp_size)
+            if valid
+            else build_train_loader(dc, mc, tok, dp_rank, dp_size, mbps)
+        )
         made.append(loader)
         return loader
 
@@ -68,4 +71,3 @@ def navil_logs(caplog):
     caplog.set_level(logging.INFO, logger="navil")
     yield caplog
     root.removeHandler(caplog.handler)
-

@@ -20,8 +20,10 @@ from PIL import Image
 from megatron_navil.config import get_flavor
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina", "camera")
-WORDS = ("a photo of the astronaut cat coffee cup rocket camera man standing near with red blue "
-         "green small large image picture showing on in at day night sky space").split()
+WORDS = (
+    "a photo of the astronaut cat coffee cup rocket camera man standing near with red blue "
+    "green small large image picture showing on in at day night sky space"
+).split()
 
 
 def photo(name: str, size: tuple[int, int]) -> Image.Image:
@@ -52,8 +54,11 @@ def train_tokenizer(directory: str):
 def model_config(tok, flavor: str = "debug-internlm2"):
     """A flavor with the test tokenizer's vocabulary (special ids must agree)."""
     cfg = get_flavor(flavor)
-    return cfg.replace(llm=cfg.llm.replace(vocab_size=tok.vocab_size,
-                                           first_special_token_id=tok.first_special_token_id))
+    return cfg.replace(
+        llm=cfg.llm.replace(
+            vocab_size=tok.vocab_size, first_special_token_id=tok.first_special_token_id
+        )
+    )
 
 
 @dataclass
@@ -62,8 +67,9 @@ class Corpus:
     records: list[dict]
 
 
-def make_records(images_dir: str, n_captions: int, n_text: int, long_text_words: int,
-                 seed: int = 0) -> list[dict]:
+def make_records(
+    images_dir: str, n_captions: int, n_text: int, long_text_words: int, seed: int = 0
+) -> list[dict]:
     """Write images; return JSONL records (navil-preprocess input)."""
     os.makedirs(images_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -73,16 +79,26 @@ def make_records(images_dir: str, n_captions: int, n_text: int, long_text_words:
         name = f"img{k:03d}.jpg"
         photo(PHOTOS[k % len(PHOTOS)], (w, h)).save(os.path.join(images_dir, name), quality=92)
         names.append(name)
-    recs: list[dict] = [{"image": names[k], "text": sentence(k, 4 + k % 9)}
-                        for k in range(n_captions)]
+    recs: list[dict] = [
+        {"image": names[k], "text": sentence(k, 4 + k % 9)} for k in range(n_captions)
+    ]
     recs += [
-        {"image": names[0], "conversations": [
-            {"from": "human", "value": "<image>\nwhat is in the picture?"},
-            {"from": "gpt", "value": "a man standing near a rocket."},
-            {"from": "human", "value": "and the sky?"}, {"from": "gpt", "value": "blue."}]},
-        {"images": [names[1], names[2]], "conversations": [
-            {"from": "human", "value": "<image> or <image>: which shows a cat?"},
-            {"from": "gpt", "value": "the second image."}]},
+        {
+            "image": names[0],
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat is in the picture?"},
+                {"from": "gpt", "value": "a man standing near a rocket."},
+                {"from": "human", "value": "and the sky?"},
+                {"from": "gpt", "value": "blue."},
+            ],
+        },
+        {
+            "images": [names[1], names[2]],
+            "conversations": [
+                {"from": "human", "value": "<image> or <image>: which shows a cat?"},
+                {"from": "gpt", "value": "the second image."},
+            ],
+        },
         {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
         {"images": [names[3], names[1]], "text": "first <image> then the cup <image> at night."},
     ]
@@ -91,16 +107,27 @@ def make_records(images_dir: str, n_captions: int, n_text: int, long_text_words:
     return recs
 
 
-def make_dataset(root: str, tokenizer_dir: str, n_captions: int = 16, n_text: int = 12,
-                 long_text_words: int = 400, samples_per_shard: int = 8,
-                 chat_template: str = "internlm2") -> Corpus:
+def make_dataset(
+    root: str,
+    tokenizer_dir: str,
+    n_captions: int = 16,
+    n_text: int = 12,
+    long_text_words: int = 400,
+    samples_per_shard: int = 8,
+    chat_template: str = "internlm2",
+) -> Corpus:
     """Preprocess a fresh corpus into `root/shards` with the real navil-preprocess."""
     recs = make_records(os.path.join(root, "images"), n_captions, n_text, long_text_words)
     return preprocess(root, recs, tokenizer_dir, samples_per_shard, chat_template)
 
 
-def preprocess(root: str, recs: list[dict], tokenizer_dir: str, samples_per_shard: int = 8,
-               chat_template: str = "internlm2") -> Corpus:
+def preprocess(
+    root: str,
+    recs: list[dict],
+    tokenizer_dir: str,
+    samples_per_shard: int = 8,
+    chat_template: str = "internlm2",
+) -> Corpus:
     """Run navil-preprocess on `recs` (images under `root/images`) into `root/shards`."""
     from data_tools.preprocess import main
 
@@ -109,10 +136,28 @@ def preprocess(root: str, recs: list[dict], tokenizer_dir: str, samples_per_shar
         for r in recs:
             f.write(json.dumps(r) + "\n")
     out = os.path.join(root, "shards")
-    rc = main(["--input", os.path.join(root, "data.jsonl"), "--output", out, "--image-root",
-               os.path.join(root, "images"), "--tokenizer", tokenizer_dir, "--chat-template",
-               chat_template, "--samples-per-shard", str(samples_per_shard), "--num-workers",
-               "1", "--min-image-side", "16", "--log-every", "1000"])
+    rc = main(
+        [
+            "--input",
+            os.path.join(root, "data.jsonl"),
+            "--output",
+            out,
+            "--image-root",
+            os.path.join(root, "images"),
+            "--tokenizer",
+            tokenizer_dir,
+            "--chat-template",
+            chat_template,
+            "--samples-per-shard",
+            str(samples_per_shard),
+            "--num-workers",
+            "1",
+            "--min-image-side",
+            "16",
+            "--log-every",
+            "1000",
+        ]
+    )
     assert rc == 0
     return Corpus(out, recs)
 

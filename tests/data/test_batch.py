@@ -69,8 +69,9 @@ def _check_batch(batch, docs, tok, cfg):
     batch.validate(cfg)
     assert batch.tokens.shape == (SEQ,) and batch.cu_seqlens.dtype == torch.int32
     ctx = cfg.special_token_id("<IMG_CONTEXT>")
-    assert torch.equal(batch.modality_mask,
-                       (batch.tokens == ctx) | (batch.tokens == cfg.special_token_id("<img>")))
+    assert torch.equal(
+        batch.modality_mask, (batch.tokens == ctx) | (batch.tokens == cfg.special_token_id("<img>"))
+    )
     cu = batch.cu_seqlens.tolist()
     keys = batch.metadata["keys"]
     assert len(cu) - 1 in (len(keys), len(keys) + 1) and cu[-1] == SEQ
@@ -90,21 +91,21 @@ def _check_batch(batch, docs, tok, cfg):
                 frames.append(toks[i:end].count(cfg.special_token_id("<IMG_FRAME_BREAK>")))
         images = []
         for n in frames:
-            images.append(grids[g:g + n])
+            images.append(grids[g : g + n])
             g += n
         if len(frames) < n_img:  # truncated: the dropped images are never decoded
             assert e - s <= SEQ
             images += [[(2, 2)]] * (n_img - len(frames))  # placeholders past the cut
         ids, target = _expected(doc, images, tok, cfg)
-        assert toks == ids[:e - s], key
+        assert toks == ids[: e - s], key
         assert e - s == len(ids) or (e - s <= SEQ and len(ids) > SEQ), key
         assert batch.position_ids[s:e].tolist() == list(range(e - s))
-        assert batch.labels[s:e - 1].tolist() == toks[1:]
-        assert batch.loss_mask[s:e].tolist() == [float(x) for x in target[1:e - s]] + [0.0]
+        assert batch.labels[s : e - 1].tolist() == toks[1:]
+        assert batch.loss_mask[s:e].tolist() == [float(x) for x in target[1 : e - s]] + [0.0]
     assert g == len(grids)
     if len(cu) - 1 > len(keys):  # the padding sample
-        assert batch.loss_mask[cu[-2]:].sum() == 0
-        assert batch.position_ids[cu[-2]:].tolist() == list(range(SEQ - cu[-2]))
+        assert batch.loss_mask[cu[-2] :].sum() == 0
+        assert batch.position_ids[cu[-2] :].tolist() == list(range(SEQ - cu[-2]))
     if grids:
         assert batch.pixel_values.shape == (sum(h * w for h, w in grids), 3 * 16 * 16)
         assert batch.pixel_values.dtype == torch.float32
@@ -129,8 +130,11 @@ def test_every_sample_matches_independent_layout(dataset, make_loader, tok, cfg)
 
 @pytest.mark.processes
 def test_text_only_packs(tmp_path, tok_dir, make_loader, tok, cfg):
-    root = preprocess(str(tmp_path), [{"text": f"plain text number {k} " * (1 + k % 7)}
-                                      for k in range(30)], tok_dir).root
+    root = preprocess(
+        str(tmp_path),
+        [{"text": f"plain text number {k} " * (1 + k % 7)} for k in range(30)],
+        tok_dir,
+    ).root
     docs = _docs(root)
     loader = make_loader([root], seq_length=SEQ)
     for _ in range(3):
@@ -139,8 +143,7 @@ def test_text_only_packs(tmp_path, tok_dir, make_loader, tok, cfg):
         _check_batch(batch, docs, tok, cfg)
 
 
-def test_megatron_model_trains_on_loader_batch(megatron_single_process, dataset, make_loader,
-                                               cfg):
+def test_megatron_model_trains_on_loader_batch(megatron_single_process, dataset, make_loader, cfg):
     from megatron_navil.config import ParallelConfig, PrecisionConfig
     from megatron_navil.conversion import hf_to_megatron
     from megatron_navil.models.language import padded_vocab_size
@@ -160,8 +163,9 @@ def test_megatron_model_trains_on_loader_batch(megatron_single_process, dataset,
     loss = per_position.sum() / counted.sum()
     loss.backward()
     assert torch.isfinite(loss)
-    ref_logits = ref(batch.tokens, batch.position_ids, batch.cu_seqlens, batch.pixel_values,
-                     batch.grid_thw)
+    ref_logits = ref(
+        batch.tokens, batch.position_ids, batch.cu_seqlens, batch.pixel_values, batch.grid_thw
+    )
     ref_loss = ref.loss(ref_logits, batch.labels, batch.loss_mask, input_ids=batch.tokens)
     torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
 

@@ -38,8 +38,12 @@ def _damage(src: str, dst: str) -> dict[str, str]:
     rng = np.random.default_rng(0)
     caption = next(s for s in samples if s["kind"] == "caption")
     member = caption["images"][0]["member"]
-    _overwrite(dst, caption, member, rng.integers(0, 256, caption["members"][member][1],
-                                                  dtype=np.uint8).tobytes())
+    _overwrite(
+        dst,
+        caption,
+        member,
+        rng.integers(0, 256, caption["members"][member][1], dtype=np.uint8).tobytes(),
+    )
     inter = next(s for s in samples if s["kind"] == "interleaved")
     member = inter["images"][1]["member"]
     small = jpeg_bytes(photo("rocket", (40, 24)))
@@ -47,13 +51,18 @@ def _damage(src: str, dst: str) -> dict[str, str]:
     assert len(small) < size
     _overwrite(dst, inter, member, small + bytes(size - len(small)))
     text = next(s for s in samples if s["kind"] == "text")
-    _overwrite(dst, text, "json", rng.integers(0, 256, text["members"]["json"][1],
-                                               dtype=np.uint8).tobytes())
+    _overwrite(
+        dst,
+        text,
+        "json",
+        rng.integers(0, 256, text["members"]["json"][1], dtype=np.uint8).tobytes(),
+    )
     return {caption["key"]: "image", inter["key"]: "image", text["key"]: "json"}
 
 
-def test_bad_images_are_skipped_counted_and_logged_once(dataset, make_loader, tmp_path, cfg,
-                                                        navil_logs):
+def test_bad_images_are_skipped_counted_and_logged_once(
+    dataset, make_loader, tmp_path, cfg, navil_logs
+):
     root = str(tmp_path / "damaged")
     bad = _damage(dataset.root, root)
     all_keys = {s["key"] for s in all_index_samples(root)}

@@ -21,10 +21,17 @@ from megatron_navil.data.cuda_handoff import CudaHandoff
 
 def _batch() -> NaViLBatch:
     t = torch.arange(8)
-    return NaViLBatch(tokens=t, labels=t.clone(), loss_mask=torch.ones(8),
-                      position_ids=t.clone(), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32),
-                      pixel_values=torch.zeros(4, 768), grid_thw=torch.tensor([[1, 2, 2]]),
-                      modality_mask=t > 3, metadata={"keys": ["a"]})
+    return NaViLBatch(
+        tokens=t,
+        labels=t.clone(),
+        loss_mask=torch.ones(8),
+        position_ids=t.clone(),
+        cu_seqlens=torch.tensor([0, 8], dtype=torch.int32),
+        pixel_values=torch.zeros(4, 768),
+        grid_thw=torch.tensor([[1, 2, 2]]),
+        modality_mask=t > 3,
+        metadata={"keys": ["a"]},
+    )
 
 
 def _tensors(batch: NaViLBatch) -> dict:

@@ -51,14 +51,21 @@ def _photos() -> list[tuple[str, Image.Image, dict]]:
 def _reference_patches(data: bytes, scale) -> torch.Tensor:
     im = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
     h, w = scale.resized
-    arr = np.asarray(im if im.size == (w, h) else im.resize((w, h), Image.Resampling.BICUBIC),
-                     dtype=np.float32) / 127.5 - 1.0
+    arr = (
+        np.asarray(
+            im if im.size == (w, h) else im.resize((w, h), Image.Resampling.BICUBIC),
+            dtype=np.float32,
+        )
+        / 127.5
+        - 1.0
+    )
     padded = -np.ones((*scale.padded, 3), dtype=np.float32)
     padded[:h, :w] = arr
     chw = torch.from_numpy(padded).permute(2, 0, 1)
     pos = vision_patch_positions(torch.tensor([[1, *scale.grid]]), 2)
-    return torch.stack([chw[:, r * P:(r + 1) * P, c * P:(c + 1) * P].reshape(-1)
-                        for r, c in pos.tolist()])
+    return torch.stack(
+        [chw[:, r * P : (r + 1) * P, c * P : (c + 1) * P].reshape(-1) for r, c in pos.tolist()]
+    )
 
 
 def padding_mask(scale) -> torch.Tensor:
@@ -67,8 +74,9 @@ def padding_mask(scale) -> torch.Tensor:
     mask = torch.ones(3, *scale.padded, dtype=torch.bool)
     mask[:, :h, :w] = False
     pos = vision_patch_positions(torch.tensor([[1, *scale.grid]]), 2)
-    return torch.stack([mask[:, r * P:(r + 1) * P, c * P:(c + 1) * P].reshape(-1)
-                        for r, c in pos.tolist()])
+    return torch.stack(
+        [mask[:, r * P : (r + 1) * P, c * P : (c + 1) * P].reshape(-1) for r, c in pos.tolist()]
+    )
 
 
 def _jobs(multiscale: bool):
@@ -78,8 +86,11 @@ def _jobs(multiscale: bool):
         im.save(buf, "JPEG", quality=92, **kw)
         w, h = ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).size
         p2 = P * P
-        scales = (multiscale_plan(h, w, CFG) if multiscale else
-                  [resize_for_scale(h, w, CFG.min_dynamic_patch * p2, CFG.max_dynamic_patch * p2)])
+        scales = (
+            multiscale_plan(h, w, CFG)
+            if multiscale
+            else [resize_for_scale(h, w, CFG.min_dynamic_patch * p2, CFG.max_dynamic_patch * p2)]
+        )
         jobs.append((name, ImageJob(buf.getvalue(), h, w, scales)))
     return jobs
 
@@ -87,8 +98,9 @@ def _jobs(multiscale: bool):
 @pytest.mark.parametrize("multiscale", [False, True], ids=["single-scale", "multi-scale"])
 def test_dali_matches_pil_reference(multiscale):
     jobs = _jobs(multiscale)
-    dec = DaliImageDecoder(max_batch=8, num_scales=max(len(j.scales) for _, j in jobs),
-                           num_threads=2)
+    dec = DaliImageDecoder(
+        max_batch=8, num_scales=max(len(j.scales) for _, j in jobs), num_threads=2
+    )
     results = dec.decode([j for _, j in jobs])
     n_resized = n_padded = 0
     for (name, job), res in zip(jobs, results):
@@ -105,8 +117,13 @@ def test_dali_matches_pil_reference(multiscale):
                 assert err.max() < 1e-3, (name, scale)
             else:
                 n_resized += 1
-                assert err.mean() <= 0.3 and np.quantile(err, 0.999) <= 2.0 and err.max() <= 12, \
-                    (name, scale, err.mean(), np.quantile(err, 0.999), err.max())
+                assert err.mean() <= 0.3 and np.quantile(err, 0.999) <= 2.0 and err.max() <= 12, (
+                    name,
+                    scale,
+                    err.mean(),
+                    np.quantile(err, 0.999),
+                    err.max(),
+                )
             pad = padding_mask(scale)  # pixels beyond the resized image are exactly -1
             assert bool((got[pad] == -1).all()), name
             n_padded += int(pad.any())
@@ -123,7 +140,7 @@ def test_bfloat16_pixels_and_exif_size():
     got = normalize_pixels(res[0], torch.bfloat16)
     assert got.dtype == torch.bfloat16
     # bf16 keeps 8 mantissa bits: |x| <= 1 rounds by at most 2^-8 (plus the resize tolerance)
-    assert float((got.float() - ref).abs().mean()) < 0.3 / 127.5 + 2 ** -8
+    assert float((got.float() - ref).abs().mean()) < 0.3 / 127.5 + 2**-8
 
 
 def test_broken_pipeline_raises_instead_of_skipping_everything(monkeypatch):

@@ -30,8 +30,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 BATCHES = 6
 """Loader batches compared per test (the test dataset has 28 samples: several packs with images
@@ -49,8 +51,10 @@ def _busy(n: int = 30, size: int = 4096) -> None:
 def _assert_close_to_cpu(got: torch.Tensor, ref: torch.Tensor, pad: torch.Tensor) -> None:
     assert got.shape == ref.shape == pad.shape and got.dtype == ref.dtype
     err = (got - ref).abs() * 127.5
-    assert float(err.mean()) <= 1.0 and float(err.max()) <= 24, (float(err.mean()),
-                                                                   float(err.max()))
+    assert float(err.mean()) <= 1.0 and float(err.max()) <= 24, (
+        float(err.mean()),
+        float(err.max()),
+    )
     assert bool((got[pad] == -1).all())
 
 
@@ -73,8 +77,11 @@ def _reference_loader(make_loader, root):
         jobs.clear()
         batch = next(cpu)
         assert batch.metadata["skipped_images"] == 0  # else the jobs would not match the rows
-        pad = (torch.cat([padding_mask(s) for j in jobs for s in j.scales])
-               if batch.pixel_values is not None else None)
+        pad = (
+            torch.cat([padding_mask(s) for j in jobs for s in j.scales])
+            if batch.pixel_values is not None
+            else None
+        )
         return batch, pad
 
     return next_with_padding
@@ -121,8 +128,14 @@ def test_handoff_orders_consumer_after_private_stream():
         _busy()  # the producer's stream is still busy when the consumer takes the batch
         x = torch.full((1 << 20,), 7.0, device="cuda")
     assert torch.cuda.current_stream() == consumer
-    batch = NaViLBatch(tokens=t, labels=t.clone(), loss_mask=torch.ones(8), position_ids=t.clone(),
-                       cu_seqlens=torch.tensor([0, 8], dtype=torch.int32), pixel_values=x)
+    batch = NaViLBatch(
+        tokens=t,
+        labels=t.clone(),
+        loss_mask=torch.ones(8),
+        position_ids=t.clone(),
+        cu_seqlens=torch.tensor([0, 8], dtype=torch.int32),
+        pixel_values=x,
+    )
     ready = h.seal(batch)
     assert ready is not None and batch.tokens.is_pinned()
     assert h.accept(batch, ready) is batch

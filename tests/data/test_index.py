@@ -25,8 +25,9 @@ from tests.data.corpus import all_index_samples, epochs, model_config, sentence
 def other_tok(tmp_path_factory):
     from megatron_navil.data.tokenizer import train_sentencepiece
 
-    tok = train_sentencepiece([sentence(k, 3 + k % 5) + " extra words here" for k in range(300)],
-                              vocab_size=480)
+    tok = train_sentencepiece(
+        [sentence(k, 3 + k % 5) + " extra words here" for k in range(300)], vocab_size=480
+    )
     return tok
 
 
@@ -35,9 +36,13 @@ def test_other_tokenizer_is_recounted(dataset, other_tok, navil_logs):
     from megatron_navil.config.data import DataConfig
     from megatron_navil.data.loader import build_train_loader
 
-    loader = build_train_loader(DataConfig(train_paths=(dataset.root,), seq_length=256,
-                                           num_decode_threads=2, decode_device="cpu"), cfg,
-                                other_tok)
+    loader = build_train_loader(
+        DataConfig(
+            train_paths=(dataset.root,), seq_length=256, num_decode_threads=2, decode_device="cpu"
+        ),
+        cfg,
+        other_tok,
+    )
     try:
         assert any("recounting" in r.getMessage() for r in navil_logs.records)
         batches, _ = epochs(loader, 1)
@@ -56,7 +61,7 @@ def test_other_chat_style_is_recounted(dataset, make_loader, tok, cfg):
     convs = 0
     for b in batches:
         b.validate(cfg)
-        for s in b.cu_seqlens.tolist()[:len(b.metadata["keys"])]:
+        for s in b.cu_seqlens.tolist()[: len(b.metadata["keys"])]:
             assert int(b.tokens[s]) != tok.bos_id  # neither qwen3 chats nor add_bos=False text
             convs += int(b.tokens[s]) == start
     assert convs == 3  # the three conversations, now in Qwen3 style
@@ -67,8 +72,11 @@ def test_recount_off_refuses(dataset, make_loader, other_tok):
     from megatron_navil.data.loader import build_train_loader
 
     with pytest.raises(DataError, match="another tokenizer"):
-        build_train_loader(DataConfig(train_paths=(dataset.root,), recount_tokens=False,
-                                      seq_length=256), model_config(other_tok), other_tok)
+        build_train_loader(
+            DataConfig(train_paths=(dataset.root,), recount_tokens=False, seq_length=256),
+            model_config(other_tok),
+            other_tok,
+        )
 
 
 def test_lying_index_is_caught(dataset, make_loader, tmp_path):

@@ -63,26 +63,29 @@ def readme_dataset(tmp_path_factory, tok_dir):
     os.makedirs(os.path.join(root, "images"))
     photo("astronaut", (1000, 750)).save(os.path.join(root, "images", "big.jpg"), quality=92)
     photo("coffee", (300, 200)).save(os.path.join(root, "images", "small.jpg"), quality=92)
-    recs = [{"image": "big.jpg", "text": "a man standing near a rocket."},
-            {"images": ["small.jpg", "big.jpg"], "text": "a cup <image> and a man <image> ."}]
+    recs = [
+        {"image": "big.jpg", "text": "a man standing near a rocket."},
+        {"images": ["small.jpg", "big.jpg"], "text": "a cup <image> and a man <image> ."},
+    ]
     return preprocess(root, recs, tok_dir).root
 
 
 @pytest.mark.parametrize("multiscale,grids", [(True, README_GRIDS), (False, [(48, 64)])])
 def test_loader_emits_reference_layout(readme_dataset, make_loader, tok, multiscale, grids):
     cfg = model_config(tok, "navil-2b")
-    loader = make_loader([readme_dataset], model_cfg=cfg, seq_length=8192,
-                         multiscale=multiscale, shuffle=False)
+    loader = make_loader(
+        [readme_dataset], model_cfg=cfg, seq_length=8192, multiscale=multiscale, shuffle=False
+    )
     batch = next(loader)
     batch.validate(cfg)
     assert batch.metadata["samples"] == 2
     first = int(batch.cu_seqlens[1])  # the caption sample comes first (file order)
     expected = [tok.bos_id] + _expected_tokens(cfg, grids)
-    assert batch.tokens[:len(expected)].tolist() == expected
+    assert batch.tokens[: len(expected)].tolist() == expected
     caption = tok.encode("a man standing near a rocket.", allow_special=False) + [tok.eos_id]
-    assert batch.tokens[len(expected):first].tolist() == caption
+    assert batch.tokens[len(expected) : first].tolist() == caption
     g = batch.grid_thw.tolist()
-    assert g[:len(grids)] == [[1, h, w] for h, w in grids]
+    assert g[: len(grids)] == [[1, h, w] for h, w in grids]
     ctx = cfg.special_token_id("<IMG_CONTEXT>")
     assert int((batch.tokens[:first] == ctx).sum()) == (1580 if multiscale else 768)
     # whole pack: merged tokens == <IMG_CONTEXT> count, patches == sum of grid areas

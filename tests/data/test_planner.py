@@ -15,8 +15,14 @@ import numpy as np
 import pytest
 
 from megatron_navil.data.planner import (
-    SKIP_IMAGE_TOO_LONG, SKIP_OVERLONG, SKIP_TOO_MANY_IMAGES, EpochPlan, GlobalCosts, PlanParams,
-    epoch_order, pack_chunk,
+    SKIP_IMAGE_TOO_LONG,
+    SKIP_OVERLONG,
+    SKIP_TOO_MANY_IMAGES,
+    EpochPlan,
+    GlobalCosts,
+    PlanParams,
+    epoch_order,
+    pack_chunk,
 )
 
 SEQ, CAP = 512, 6
@@ -50,7 +56,7 @@ def test_packs_respect_budget_and_lose_no_sample(policy):
     c = _costs(n)
     p = PlanParams(SEQ, CAP, window=4, chunk=700, overlong_policy=policy)
     order = epoch_order([n], (), None, seed=3, epoch=0, shuffle=True)
-    packs = [pk for i in range(0, n, p.chunk) for pk in pack_chunk(order[i:i + p.chunk], c, p)]
+    packs = [pk for i in range(0, n, p.chunk) for pk in pack_chunk(order[i : i + p.chunk], c, p)]
     seen, skipped = [], {}
     for pk in packs:
         assert 0 < pk.tokens <= SEQ

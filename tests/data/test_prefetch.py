@@ -5,8 +5,9 @@ while the trainer holds back, the producer thread builds ahead of what was consu
 overlaps the step) but never more than prefetch_depth + 1 micro-batches (the queue plus the one
 waiting to enter it); with depth 0 nothing is built ahead. An exception in the producer reaches
 the trainer at the batch where it happened, after the batches before it, and a retry resumes
-at that batch. close() joins the thread. Waiting is by polling with a generous deadline, never a fixed sleep that could pass by
-luck: the "bounded" check waits until the producer has stopped making progress.
+at that batch. close() joins the thread. Waiting is by polling with a generous deadline, never a
+fixed sleep that could pass by luck: the "bounded" check waits until the producer has stopped
+making progress.
 The GPU hand-off is called where it must be (a recording stand-in for `CudaHandoff`, CPU): every
 build runs inside `building()` (the private stream on GPU), `seal` runs after it in the
 producer's thread, `accept` runs in the trainer's thread with the event sealed for that very

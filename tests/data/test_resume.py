@@ -19,8 +19,16 @@ import torch
 from megatron_navil.data.state import LoaderStateError
 from tests.data.corpus import epochs
 
-FIELDS = ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens", "pixel_values",
-          "grid_thw", "modality_mask")
+FIELDS = (
+    "tokens",
+    "labels",
+    "loss_mask",
+    "position_ids",
+    "cu_seqlens",
+    "pixel_values",
+    "grid_thw",
+    "modality_mask",
+)
 
 
 def assert_same_batch(a, b):
@@ -58,8 +66,10 @@ def test_restore_yields_identical_batches(dataset, make_loader):
 
 
 def test_synchronous_and_prefetching_loaders_agree(dataset, make_loader):
-    a, b = make_loader([dataset.root], prefetch_depth=0), make_loader([dataset.root],
-                                                                      prefetch_depth=3)
+    a, b = (
+        make_loader([dataset.root], prefetch_depth=0),
+        make_loader([dataset.root], prefetch_depth=3),
+    )
     for _ in range(12):
         assert_same_batch(next(a), next(b))
 

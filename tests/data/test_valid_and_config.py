@@ -3,8 +3,9 @@
 Proves: the validation loader reads the held-out set in file order (no shuffle), every iter()
 restarts it so each evaluation sees bit-identical batches, it cycles past the end of the set,
 and DP ranks get equal counts of disjoint packs; DataConfig documents every field (the CLI/YAML
-help is generated from these docstrings; docs/data_loader.md has a row for each), round-trips through dicts, and rejects settings that
-cannot work with a message naming the field; `pad_multiple_for` is lcm(the FP8 recipe's row multiple, TP if SP).
+help is generated from these docstrings; docs/data_loader.md has a row for each), round-trips
+through dicts, and rejects settings that cannot work with a message naming the field;
+`pad_multiple_for` is lcm(the FP8 recipe's row multiple, TP if SP).
 """
 
 from __future__ import annotations
@@ -59,13 +60,16 @@ def test_every_field_documented_and_round_trip():
     assert cfg.apply_overrides({"seq_length": "8192"}).seq_length == 8192
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(seq_length=1000), "seq_length"),
-    (dict(train_paths=("a",), train_weights=(1.0, 2.0)), "train_weights"),
-    (dict(train_paths=("a",), train_weights=(0.0,)), "train_weights"),
-    (dict(max_images_per_pack=0), "max_images_per_pack"),
-    (dict(prefetch_depth=-1), "prefetch_depth"),
-])
+@pytest.mark.parametrize(
+    "kw,field",
+    [
+        (dict(seq_length=1000), "seq_length"),
+        (dict(train_paths=("a",), train_weights=(1.0, 2.0)), "train_weights"),
+        (dict(train_paths=("a",), train_weights=(0.0,)), "train_weights"),
+        (dict(max_images_per_pack=0), "max_images_per_pack"),
+        (dict(prefetch_depth=-1), "prefetch_depth"),
+    ],
+)
 def test_bad_settings_are_refused(kw, field):
     with pytest.raises(ConfigError, match=field):
         DataConfig(**kw).validate()

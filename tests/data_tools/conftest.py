@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 
 from tests.data_tools.corpus import MAX_PIXELS, MIN_SIDE, make_corpus
@@ -15,9 +14,23 @@ def corpus(tmp_path_factory):
 
 
 def preprocess_args(corpus, out: str, *extra: str) -> list[str]:
-    return ["--input", *corpus.inputs, "--output", out, "--image-root", corpus.images,
-            "--min-image-side", str(MIN_SIDE), "--max-image-pixels", str(MAX_PIXELS),
-            "--samples-per-shard", "4", "--log-every", "1000", *extra]
+    return [
+        "--input",
+        *corpus.inputs,
+        "--output",
+        out,
+        "--image-root",
+        corpus.images,
+        "--min-image-side",
+        str(MIN_SIDE),
+        "--max-image-pixels",
+        str(MAX_PIXELS),
+        "--samples-per-shard",
+        "4",
+        "--log-every",
+        "1000",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -35,10 +48,14 @@ def tiny_tokenizer(tmp_path_factory):
     """A ~500-piece sentencepiece tokenizer trained on the fly on a few hundred captions."""
     from megatron_navil.data.tokenizer import train_sentencepiece
 
-    words = ("a photo of the astronaut cat coffee cup rocket camera man standing near with "
-             "red blue green small large image picture showing on in at day night").split()
-    texts = [" ".join(words[(7 * k + j * 3) % len(words)] for j in range(6 + k % 9)) + "."
-             for k in range(300)]
+    words = (
+        "a photo of the astronaut cat coffee cup rocket camera man standing near with "
+        "red blue green small large image picture showing on in at day night"
+    ).split()
+    texts = [
+        " ".join(words[(7 * k + j * 3) % len(words)] for j in range(6 + k % 9)) + "."
+        for k in range(300)
+    ]
     tok = train_sentencepiece(texts, vocab_size=500)
     d = str(tmp_path_factory.mktemp("tok"))
     tok.save(d)

@@ -33,7 +33,12 @@ def _save(im: Image.Image, path: str, fmt: str, **kw) -> None:
 def make_images(d: str) -> dict[str, Optional[str]]:
     """Write the image files; return {file name: expected converted_from or None (original)}."""
     os.makedirs(d, exist_ok=True)
-    rgb, cat, coffee, rocket = _photo("astronaut"), _photo("chelsea"), _photo("coffee"), _photo("rocket")
+    rgb, cat, coffee, rocket = (
+        _photo("astronaut"),
+        _photo("chelsea"),
+        _photo("coffee"),
+        _photo("rocket"),
+    )
     gray = _photo("camera")
     exif6, exif8 = Image.Exif(), Image.Exif()
     exif6[0x0112], exif8[0x0112] = 6, 8
@@ -59,8 +64,15 @@ def make_images(d: str) -> dict[str, Optional[str]]:
     put("rgba.png", rgba, "PNG", "PNG/RGBA")
     put("la.png", gray.convert("LA"), "PNG", "PNG/LA")
     put("alpha.webp", rgba, "WEBP", "WEBP/RGBA", lossless=True)
-    put("anim.gif", cat.convert("P"), "GIF", "GIF/P", save_all=True,
-        append_images=[rgb.convert("P")], duration=100)
+    put(
+        "anim.gif",
+        cat.convert("P"),
+        "GIF",
+        "GIF/P",
+        save_all=True,
+        append_images=[rgb.convert("P")],
+        duration=100,
+    )
     put("rgb.bmp", coffee, "BMP", "BMP/RGB")
     put("rgb.tif", rocket, "TIFF", "TIFF/RGB")
     put("rot8.png", coffee, "PNG", "PNG/RGB", exif=exif8.tobytes())
@@ -108,7 +120,8 @@ class Corpus:
             if r is not None:
                 rejected[r] = rejected.get(r, 0) + 1
         written = sum(r is None for r in self.expected.values()) + (
-            0 if dedup else sum(r == "duplicate" for r in self.expected.values()))
+            0 if dedup else sum(r == "duplicate" for r in self.expected.values())
+        )
         return {"read": len(self.expected), "written": written, "rejected": rejected}
 
 
@@ -119,7 +132,8 @@ def make_corpus(root: str, n_text: int = 0) -> Corpus:
     good = sorted(conv)
     caps: list[tuple[object, Optional[str]]] = [
         ({"image": name, "text": f"a photo stored as {name}", "id": k}, None)
-        for k, name in enumerate(good)]
+        for k, name in enumerate(good)
+    ]
     caps += [
         ({"image": "missing.jpg", "text": "x"}, "missing_file"),
         ({"image": "zero.jpg", "text": "x"}, "zero_byte"),
@@ -135,38 +149,87 @@ def make_corpus(root: str, n_text: int = 0) -> Corpus:
     ]
     _write_jsonl(c, "captions.jsonl", caps)
     convs = [
-        ({"image": "rgb.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWho is this?"},
-            {"from": "gpt", "value": "An astronaut."},
-            {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "In a studio."}]}, None),
-        ({"images": ["cmyk.jpg", "gray.png"], "conversations": [
-            {"from": "human", "value": "<image> vs <image>: which is gray?"},
-            {"from": "gpt", "value": "The second."}]}, None),
-        ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
-         None),
-        ({"image": "rgb.jpg", "conversations": [
-            {"from": "human", "value": "no placeholder"}, {"from": "gpt", "value": "x"}]},
-         "placeholder_mismatch"),
-        ({"image": "rgb.jpg", "conversations": [
-            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": " "}]}, "empty_text"),
+        (
+            {
+                "image": "rgb.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWho is this?"},
+                    {"from": "gpt", "value": "An astronaut."},
+                    {"from": "human", "value": "Where?"},
+                    {"from": "gpt", "value": "In a studio."},
+                ],
+            },
+            None,
+        ),
+        (
+            {
+                "images": ["cmyk.jpg", "gray.png"],
+                "conversations": [
+                    {"from": "human", "value": "<image> vs <image>: which is gray?"},
+                    {"from": "gpt", "value": "The second."},
+                ],
+            },
+            None,
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "hello"},
+                ]
+            },
+            None,
+        ),
+        (
+            {
+                "image": "rgb.jpg",
+                "conversations": [
+                    {"from": "human", "value": "no placeholder"},
+                    {"from": "gpt", "value": "x"},
+                ],
+            },
+            "placeholder_mismatch",
+        ),
+        (
+            {
+                "image": "rgb.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>"},
+                    {"from": "gpt", "value": " "},
+                ],
+            },
+            "empty_text",
+        ),
     ]
     _write_json(c, "llava.json", convs)
     inter = [
         ({"images": ["rgb.png", "rot6.jpg"], "text": "First <image> then <image> end."}, None),
-        ({"texts": ["Intro.", None, "Middle.", None], "images": [None, "rgb.webp", None, "anim.gif"]},
-         None),
-        ({"images": ["rgb.png", "rgb.jpg"], "text": "Only one <image> here."}, "placeholder_mismatch"),
+        (
+            {
+                "texts": ["Intro.", None, "Middle.", None],
+                "images": [None, "rgb.webp", None, "anim.gif"],
+            },
+            None,
+        ),
+        (
+            {"images": ["rgb.png", "rgb.jpg"], "text": "Only one <image> here."},
+            "placeholder_mismatch",
+        ),
         ({"images": ["rgb.png", "missing.png"], "text": "<image> and <image>"}, "missing_file"),
     ]
     _write_jsonl(c, "interleaved.jsonl", inter)
-    texts = [({"text": f"plain text document number {k} " * (1 + k % 5)}, None)
-             for k in range(n_text)] + [({"text": ""}, "empty_text")]
+    texts = [
+        ({"text": f"plain text document number {k} " * (1 + k % 5)}, None) for k in range(n_text)
+    ] + [({"text": ""}, "empty_text")]
     _write_jsonl(c, "text.jsonl", texts)
     folder = os.path.join(root, "folder")
     os.makedirs(folder)
     for name, text in (("a.jpg", "folder caption a"), ("b.png", None), ("c.jpg", "  \n")):
         src = "rgb.jpg" if name.endswith("jpg") else "rgb.png"
-        with open(os.path.join(images, src), "rb") as f, open(os.path.join(folder, name), "wb") as g:
+        with (
+            open(os.path.join(images, src), "rb") as f,
+            open(os.path.join(folder, name), "wb") as g,
+        ):
             g.write(f.read())
         if text is not None:
             with open(os.path.join(folder, name[:-4] + ".txt"), "w") as f:

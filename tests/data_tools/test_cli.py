@@ -21,8 +21,8 @@ from PIL import Image
 
 from data_tools import inspector, preprocess, tokenizer_cli
 from data_tools.cli_common import Progress
-from megatron_navil.data.tokenizer import NaViLTokenizer
 from megatron_navil.config import SPECIAL_TOKENS
+from megatron_navil.data.tokenizer import NaViLTokenizer
 from tests.data_tools.conftest import preprocess_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -40,25 +40,41 @@ def _actions(parser: argparse.ArgumentParser):
 @pytest.mark.parametrize("mod", [preprocess, tokenizer_cli, inspector])
 def test_every_flag_has_help(mod):
     acts = list(_actions(mod.build_parser()))
-    assert acts and all(a.help and len(a.help) > 10 for a in acts), \
-        [a.dest for a in acts if not a.help]
+    assert acts and all(a.help and len(a.help) > 10 for a in acts), [
+        a.dest for a in acts if not a.help
+    ]
 
 
 @pytest.mark.processes
 def test_help_runs_as_a_program():
     env = {**os.environ, "PYTHONPATH": REPO}
     for mod in ("preprocess", "tokenizer_cli", "inspector"):
-        r = subprocess.run([sys.executable, "-m", f"data_tools.{mod}", "--help"], env=env,
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, "-m", f"data_tools.{mod}", "--help"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         assert r.returncode == 0 and "usage:" in r.stdout
 
 
 @pytest.mark.processes
 def test_missing_input_is_one_clear_line_exit_2(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO}
-    r = subprocess.run([sys.executable, "-m", "data_tools.preprocess", "--input",
-                        str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")],
-                       env=env, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_tools.preprocess",
+            "--input",
+            str(tmp_path / "nope.jsonl"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
@@ -69,9 +85,12 @@ def test_missing_input_is_one_clear_line_exit_2(tmp_path):
 def test_bad_preprocess_flags_exit_2(corpus, tmp_path, capsys, case):
     f = tmp_path / "file"
     f.write_text("x")
-    extra = {"image_root": ["--image-root", str(tmp_path / "none")],
-             "output_is_file": [], "tokenizer": ["--tokenizer", str(tmp_path / "tok")],
-             "shard_size": ["--samples-per-shard", "0"]}[case]
+    extra = {
+        "image_root": ["--image-root", str(tmp_path / "none")],
+        "output_is_file": [],
+        "tokenizer": ["--tokenizer", str(tmp_path / "tok")],
+        "shard_size": ["--samples-per-shard", "0"],
+    }[case]
     out = str(f) if case == "output_is_file" else str(tmp_path / "o")
     args = preprocess_args(corpus, out) + extra
     assert preprocess.main(args) == 2
@@ -83,8 +102,12 @@ def test_other_tools_exit_2_on_bad_input(tmp_path, capsys):
     assert inspector.main([str(tmp_path / "missing")]) == 2
     assert inspector.main([str(tmp_path)]) == 2  # a directory without shards
     (tmp_path / "bad.model").write_bytes(b"junk")
-    assert tokenizer_cli.main(["wrap", "--model", str(tmp_path / "bad.model"), "--output",
-                               str(tmp_path / "t")]) == 2
+    assert (
+        tokenizer_cli.main(
+            ["wrap", "--model", str(tmp_path / "bad.model"), "--output", str(tmp_path / "t")]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("error: ") == 3 and "Traceback" not in err
 
@@ -107,8 +130,12 @@ def test_progress_logs_periodically_when_not_interactive():
 
 def test_tokenizer_cli_train_and_info(corpus, tmp_path, capsys):
     out = str(tmp_path / "tok")
-    assert tokenizer_cli.main(["train", "--input", *corpus.inputs, "--vocab-size", "320",
-                               "--output", out]) == 0
+    assert (
+        tokenizer_cli.main(
+            ["train", "--input", *corpus.inputs, "--vocab-size", "320", "--output", out]
+        )
+        == 0
+    )
     tok = NaViLTokenizer.load(out)
     assert tok.vocab_size <= 320 and tok.first_special_token_id == tok.vocab_size - 12
     meta = json.load(open(os.path.join(out, "navil_tokenizer.json")))
@@ -120,9 +147,24 @@ def test_tokenizer_cli_train_and_info(corpus, tmp_path, capsys):
 def test_preprocess_records_text_token_counts(corpus, tiny_tokenizer, tmp_path):
     out = str(tmp_path / "o")
     inputs = [p for p in corpus.inputs if p.endswith(("captions.jsonl", "llava.json"))]
-    args = ["--input", *inputs, "--output", out, "--image-root", corpus.images,
-            "--min-image-side", "16", "--max-image-pixels", "1000000", "--num-workers", "0",
-            "--tokenizer", tiny_tokenizer, "--chat-template", "qwen3"]
+    args = [
+        "--input",
+        *inputs,
+        "--output",
+        out,
+        "--image-root",
+        corpus.images,
+        "--min-image-side",
+        "16",
+        "--max-image-pixels",
+        "1000000",
+        "--num-workers",
+        "0",
+        "--tokenizer",
+        tiny_tokenizer,
+        "--chat-template",
+        "qwen3",
+    ]
     assert preprocess.main(args) == 0
     tok = NaViLTokenizer.load(tiny_tokenizer)
     man = json.load(open(os.path.join(out, "manifest.json")))
@@ -133,7 +175,7 @@ def test_preprocess_records_text_token_counts(corpus, tiny_tokenizer, tmp_path):
         blob = open(os.path.join(out, sh["tar"]), "rb").read()
         for s in idx["samples"]:
             o, size = s["members"]["json"]
-            doc = json.loads(blob[o:o + size])
+            doc = json.loads(blob[o : o + size])
             if "conversations" in doc:
                 want = len(tok.apply_chat_template(doc["conversations"], style="qwen3").ids)
             else:
@@ -146,8 +188,12 @@ def test_preprocess_records_text_token_counts(corpus, tiny_tokenizer, tmp_path):
 def test_inspect_stats_and_render(reference_run, tmp_path, capsys):
     js, look = str(tmp_path / "st.json"), str(tmp_path / "look")
     keys = ["p00000-000000-000000"]
-    assert inspector.main([reference_run, "--json", js, "--render", "3", "--keys", *keys,
-                           "--render-dir", look]) == 0
+    assert (
+        inspector.main(
+            [reference_run, "--json", js, "--render", "3", "--keys", *keys, "--render-dir", look]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     st = json.load(open(js))
     rep = json.load(open(os.path.join(reference_run, "report.json")))

@@ -36,8 +36,11 @@ def test_our_idx_equals_wds2idx(reference_run, tmp_path):
     exe = shutil.which("wds2idx") or os.path.join(os.path.dirname(sys.executable), "wds2idx")
     for sh in _manifest(reference_run)["shards"]:
         theirs = tmp_path / "theirs.idx"
-        subprocess.run([exe, os.path.join(reference_run, sh["tar"]), str(theirs)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [exe, os.path.join(reference_run, sh["tar"]), str(theirs)],
+            check=True,
+            capture_output=True,
+        )
         ours = open(os.path.join(reference_run, sh["dali_index"])).read()
         assert ours == theirs.read_text(), sh["tar"]
 
@@ -52,12 +55,23 @@ def test_webdataset_reader_reads_all_samples(reference_run):
             entries += json.load(f)["samples"]
     single = [e for e in entries if e["num_images"] == 1]
 
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_pipelined=False,
-                  exec_async=False, prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=1,
+        num_threads=1,
+        device_id=None,
+        exec_pipelined=False,
+        exec_async=False,
+        prefetch_queue_depth=1,
+    )
     def pipe():
         img, meta = fn.readers.webdataset(
-            paths=tars, index_paths=idxs, ext=["jpg;png;webp", "json"],
-            missing_component_behavior="skip", random_shuffle=False, name="r")
+            paths=tars,
+            index_paths=idxs,
+            ext=["jpg;png;webp", "json"],
+            missing_component_behavior="skip",
+            random_shuffle=False,
+            name="r",
+        )
         return fn.decoders.image(img, device="cpu", output_type=types.RGB), meta
 
     p = pipe()
@@ -73,8 +87,14 @@ def test_webdataset_reader_reads_all_samples(reference_run):
 
 
 def test_decoder_decodes_every_stored_image_like_pil(reference_run):
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_pipelined=False,
-                  exec_async=False, prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=1,
+        num_threads=1,
+        device_id=None,
+        exec_pipelined=False,
+        exec_async=False,
+        prefetch_queue_depth=1,
+    )
     def pipe():
         data = fn.external_source(name="bytes", dtype=types.UINT8, ndim=1)
         return fn.decoders.image(data, device="cpu", output_type=types.RGB)
@@ -90,12 +110,14 @@ def test_decoder_decodes_every_stored_image_like_pil(reference_run):
         for s in samples:
             for im in s["images"]:
                 off, size = s["members"][im["member"]]
-                data = blob[off:off + size]
+                data = blob[off : off + size]
                 p.feed_input("bytes", [np.frombuffer(data, np.uint8)])
                 (out,) = p.run()
                 got = np.array(out[0]).astype(np.float64)
-                ref = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"),
-                                 dtype=np.float64)
+                ref = np.asarray(
+                    ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"),
+                    dtype=np.float64,
+                )
                 assert got.shape == (im["height"], im["width"], 3), (s["key"], im)
                 err = np.abs(got - ref)
                 if im["format"] == "png":

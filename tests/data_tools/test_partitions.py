@@ -31,16 +31,25 @@ def test_byte_ranges_cover_every_line_once(tmp_path):
         paths.append(str(p))
     _, files = discover([str(tmp_path / "*.jsonl")])
     total = sum(f.size for f in files)
-    everything = [(r.source["file"], r.source["line"], r.line)
-                  for r in iter_records(files, 0, total, None)]
+    everything = [
+        (r.source["file"], r.source["line"], r.line) for r in iter_records(files, 0, total, None)
+    ]
     # Independent reference: read the files plainly.
-    ref = [(os.path.basename(p), k + 1, ln.strip()) for p in paths
-           for k, ln in enumerate(open(p).read().split("\n")[:-1]) if ln.strip()]
+    ref = [
+        (os.path.basename(p), k + 1, ln.strip())
+        for p in paths
+        for k, ln in enumerate(open(p).read().split("\n")[:-1])
+        if ln.strip()
+    ]
     assert everything == ref
     for k in (2, 3, 5, 7, 64):
-        parts = [[(r.source["file"], r.source["line"], r.line)
-                  for r in iter_records(files, *partition_bounds(total, k, i), None)]
-                 for i in range(k)]
+        parts = [
+            [
+                (r.source["file"], r.source["line"], r.line)
+                for r in iter_records(files, *partition_bounds(total, k, i), None)
+            ]
+            for i in range(k)
+        ]
         assert [x for p in parts for x in p] == ref, k  # in order, no gap, no overlap
 
 
@@ -49,8 +58,22 @@ def partitioned(corpus, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("parts"))
     outs = []
     for i in (2, 0, 1):  # any order: the last one to finish merges
-        assert main(preprocess_args(corpus, out, "--dedup", "--num-workers", "0",
-                                    "--num-partitions", "3", "--partition-index", str(i))) == 0
+        assert (
+            main(
+                preprocess_args(
+                    corpus,
+                    out,
+                    "--dedup",
+                    "--num-workers",
+                    "0",
+                    "--num-partitions",
+                    "3",
+                    "--partition-index",
+                    str(i),
+                )
+            )
+            == 0
+        )
         outs.append(os.path.exists(os.path.join(out, "manifest.json")))
     assert outs == [False, False, True]
     return out
@@ -65,7 +88,9 @@ def _written(out):
             idx = json.load(f)
         blob = open(os.path.join(out, sh["tar"]), "rb").read()
         for s in idx["samples"]:
-            images = tuple(blob[o:o + n] for m, (o, n) in sorted(s["members"].items()) if m != "json")
+            images = tuple(
+                blob[o : o + n] for m, (o, n) in sorted(s["members"].items()) if m != "json"
+            )
             res[source_id(s["source"])] = (s["kind"], s["text_tokens"], images)
     return man, res
 
@@ -78,8 +103,10 @@ def test_union_of_partitions_equals_single_run(partitioned, reference_run):
     names = [s["tar"] for s in man_p["shards"]]
     assert len(set(names)) == len(names)
     assert {n.split("-")[1] for n in names} <= {"p00000", "p00001", "p00002"}
-    reads = [json.load(open(os.path.join(partitioned, "partitions", f"p{i:05d}.json")))["counts"]["read"]
-             for i in range(3)]
+    reads = [
+        json.load(open(os.path.join(partitioned, "partitions", f"p{i:05d}.json")))["counts"]["read"]
+        for i in range(3)
+    ]
     assert all(r > 0 for r in reads)  # the byte ranges really split this corpus three ways
 
 
@@ -94,7 +121,8 @@ def test_partitioned_accounting_equals_single_run(partitioned, reference_run, co
 
 
 def test_partition_flags_are_checked(corpus, tmp_path, capsys):
-    rc = main(preprocess_args(corpus, str(tmp_path), "--num-partitions", "3",
-                              "--partition-index", "3"))
+    rc = main(
+        preprocess_args(corpus, str(tmp_path), "--num-partitions", "3", "--partition-index", "3")
+    )
     assert rc == 2
     assert "--partition-index 3 must be in 0..2" in capsys.readouterr().err

@@ -42,9 +42,17 @@ def test_report_accounting_is_exact(corpus, reference_run):
     assert rep["rejected"] == exp["rejected"]
     assert rep["read"] == rep["written"] + sum(rep["rejected"].values())
     # Every reason code of the issue is exercised by the corpus.
-    assert set(rep["rejected"]) >= {"missing_file", "zero_byte", "corrupt_image",
-                                    "unsupported_format", "image_too_small", "image_too_large",
-                                    "malformed_json", "empty_text", "placeholder_mismatch"}
+    assert set(rep["rejected"]) >= {
+        "missing_file",
+        "zero_byte",
+        "corrupt_image",
+        "unsupported_format",
+        "image_too_small",
+        "image_too_large",
+        "malformed_json",
+        "empty_text",
+        "placeholder_mismatch",
+    }
 
 
 def test_rejected_jsonl_lists_each_rejected_input_with_its_reason(corpus, reference_run):
@@ -97,12 +105,14 @@ def test_stored_bytes_roundtrip_and_metadata(corpus, reference_run):
                 assert stored.mode == "RGB" and stored.size == ref.size
                 _check_conversion(name, np.asarray(stored), ref, lossy)
     # The corpus' interesting cases all reached a shard.
-    assert {"rot6.jpg", "cmyk.jpg", "gray16.png", "rgba.png", "anim.gif", "rot8.png"} <= set(seen_conversions)
+    assert {"rot6.jpg", "cmyk.jpg", "gray16.png", "rgba.png", "anim.gif", "rot8.png"} <= set(
+        seen_conversions
+    )
 
 
 def _member(blob: bytes, s: dict, member: str) -> bytes:
     off, size = s["members"][member]
-    return blob[off:off + size]
+    return blob[off : off + size]
 
 
 def _check_conversion(name, got: np.ndarray, ref: Image.Image, lossy: bool) -> None:
@@ -142,7 +152,6 @@ def test_tar_is_a_valid_webdataset_and_index_matches_tar_headers(reference_run):
 
 def test_max_shard_bytes_is_respected(corpus, tmp_path):
     from data_tools.preprocess import main
-
     from tests.data_tools.conftest import preprocess_args
 
     out = str(tmp_path / "o")
@@ -167,8 +176,23 @@ def test_whole_json_file_errors_are_counted_once(tmp_path):
     for k in (1, 3):  # the same whatever the partitioning
         o = f"{out}{k}"
         for i in range(k):
-            assert main(["--input", str(tmp_path / "*.json"), "--output", o, "--num-workers", "0",
-                         "--num-partitions", str(k), "--partition-index", str(i)]) == 0
+            assert (
+                main(
+                    [
+                        "--input",
+                        str(tmp_path / "*.json"),
+                        "--output",
+                        o,
+                        "--num-workers",
+                        "0",
+                        "--num-partitions",
+                        str(k),
+                        "--partition-index",
+                        str(i),
+                    ]
+                )
+                == 0
+            )
         rep = _load(o, "report.json")
         assert rep["read"] == 3 and rep["written"] == 1
         assert rep["rejected"] == {"malformed_json": 1, "malformed_record": 1}

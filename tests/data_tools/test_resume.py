@@ -2,8 +2,9 @@
 counted twice, and the result is byte-identical to an uninterrupted run.
 
 Proves: (1) a run SIGKILLed mid-job and then re-run gives the same shards, indexes and
-report.json as a clean run, and no worker of the killed run outlives it (within 10 s); (2) leftovers of a kill at any point (a temporary tar, a half-written
-index, a tar renamed but not committed) are removed and redone; (3) re-running with different
+report.json as a clean run, and no worker of the killed run outlives it (within 10 s); (2)
+leftovers of a kill at any point (a temporary tar, a half-written index, a tar renamed but not
+committed) are removed and redone; (3) re-running with different
 settings into the same directory is refused with exit code 2 (it would mix two layouts);
 (4) a worker process killed mid-job (as by the OOM killer) stops the job with exit code 1 and a
 one-line message, and re-running completes it identically.
@@ -49,8 +50,18 @@ def _slow_corpus(root: str, n: int = 240) -> list[str]:
             f.write(json.dumps({"image": f"{i % 4}.png", "text": f"caption {i}"}) + "\n")
             if i % 37 == 5:
                 f.write("{broken json\n")
-    return ["--input", os.path.join(root, "caps.jsonl"), "--image-root", os.path.join(root, "img"),
-            "--samples-per-shard", "5", "--num-workers", "1", "--log-every", "1000"]
+    return [
+        "--input",
+        os.path.join(root, "caps.jsonl"),
+        "--image-root",
+        os.path.join(root, "img"),
+        "--samples-per-shard",
+        "5",
+        "--num-workers",
+        "1",
+        "--log-every",
+        "1000",
+    ]
 
 
 def _processes_with(token: str) -> list[int]:
@@ -73,11 +84,17 @@ def test_killed_run_resumes_to_identical_output(tmp_path):
     clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
     assert main(args + ["--output", clean]) == 0
     token = f"navil-test-{os.getpid()}-{time.monotonic_ns()}"  # marks the job's processes
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "NAVIL_TEST_JOB": token}
-    proc = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", *args,
-                             "--output", killed], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    env = {
+        **os.environ,
+        "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "NAVIL_TEST_JOB": token,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_tools.preprocess", *args, "--output", killed],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         done = [n for n in os.listdir(killed)] if os.path.isdir(killed) else []
@@ -112,8 +129,13 @@ def test_killed_worker_stops_the_job_cleanly_and_rerun_completes(tmp_path):
     clean, out = str(tmp_path / "clean"), str(tmp_path / "out")
     assert main(args + ["--output", clean]) == 0
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, "-m", "data_tools.preprocess", *args, "--output", out],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_tools.preprocess", *args, "--output", out],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline, killed = time.monotonic() + 120, False
     while time.monotonic() < deadline and proc.poll() is None and not killed:
         if os.path.isdir(out) and any(n.endswith(".index.json") for n in os.listdir(out)):

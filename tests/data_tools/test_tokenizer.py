@@ -16,12 +16,19 @@ import os
 import pytest
 import sentencepiece as spm
 
+from megatron_navil.config import IMG_CONTEXT, SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.data.chat_template import apply_chat_template, count_sample_tokens
 from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError
-from megatron_navil.config import IMG_CONTEXT, SPECIAL_TOKENS, NaViLModelConfig
 
-TEXTS = ["hello world", "  leading and trailing  ", "tabs\tand\nnewlines\n\n", "数字 123 ünïcödé 🚀",
-         "a<img>b</img><IMG_CONTEXT><IMG_CONTEXT>c", "<|im_start|>user\nhi<|im_end|>", ""]
+TEXTS = [
+    "hello world",
+    "  leading and trailing  ",
+    "tabs\tand\nnewlines\n\n",
+    "数字 123 ünïcödé 🚀",
+    "a<img>b</img><IMG_CONTEXT><IMG_CONTEXT>c",
+    "<|im_start|>user\nhi<|im_end|>",
+    "",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +71,12 @@ def test_save_load_and_integrity_check(tok, tmp_path):
     again = NaViLTokenizer.load(str(tmp_path))
     assert again.encode(TEXTS[4]) == tok.encode(TEXTS[4])
     other = io.BytesIO()  # a valid but different model put in its place
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(["other text"] * 20),
-                                   model_writer=other, vocab_size=10, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["other text"] * 20),
+        model_writer=other,
+        vocab_size=10,
+        minloglevel=2,
+    )
     (tmp_path / "tokenizer.model").write_bytes(other.getvalue())
     with pytest.raises(TokenizerError, match="sha256"):
         NaViLTokenizer.load(str(tmp_path))
@@ -76,7 +87,11 @@ def test_wrapping_an_existing_model_appends_specials(tmp_path):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter([f"sentence {i} about cats and dogs" for i in range(200)]),
-        model_writer=model, vocab_size=40, minloglevel=2, user_defined_symbols=["<|im_end|>"])
+        model_writer=model,
+        vocab_size=40,
+        minloglevel=2,
+        user_defined_symbols=["<|im_end|>"],
+    )
     path = tmp_path / "tokenizer.model"
     path.write_bytes(model.getvalue())
     base = spm.SentencePieceProcessor(model_file=str(path))
@@ -89,11 +104,13 @@ def test_wrapping_an_existing_model_appends_specials(tmp_path):
     assert tok.decode(tok.encode("cats<img>dogs")) == "cats<img>dogs"
 
 
-CONV = [{"from": "system", "value": "Be brief."},
-        {"from": "human", "value": "<image>\nWhat is it?"},
-        {"from": "gpt", "value": "A cat."},
-        {"from": "human", "value": "Sure?"},
-        {"from": "gpt", "value": "Yes."}]
+CONV = [
+    {"from": "system", "value": "Be brief."},
+    {"from": "human", "value": "<image>\nWhat is it?"},
+    {"from": "gpt", "value": "A cat."},
+    {"from": "human", "value": "Sure?"},
+    {"from": "gpt", "value": "Yes."},
+]
 
 
 @pytest.mark.parametrize("style", ["internlm2", "qwen3"])
@@ -101,11 +118,13 @@ def test_chat_template_text_and_loss_spans(tok, style):
     img = tok.image_token_ids([(1, 2)])
     enc = apply_chat_template(tok, CONV, style=style, image_tokens=[img])
     think = "<think>\n\n</think>\n\n" if style == "qwen3" else ""
-    want = ("<|im_start|>system\nBe brief.<|im_end|>\n"
-            "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT><IMG_LINE_BREAK><IMG_FRAME_BREAK>"
-            "</img>\nWhat is it?<|im_end|>\n"
-            "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nSure?<|im_end|>\n"
-            f"<|im_start|>assistant\n{think}Yes.<|im_end|>\n")
+    want = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\n<img><IMG_CONTEXT><IMG_CONTEXT><IMG_LINE_BREAK><IMG_FRAME_BREAK>"
+        "</img>\nWhat is it?<|im_end|>\n"
+        "<|im_start|>assistant\nA cat.<|im_end|>\n<|im_start|>user\nSure?<|im_end|>\n"
+        f"<|im_start|>assistant\n{think}Yes.<|im_end|>\n"
+    )
     body = enc.ids[1:] if style == "internlm2" else enc.ids
     assert (enc.ids[0] == tok.bos_id) == (style == "internlm2")
     assert tok.decode(body) == want
@@ -113,7 +132,7 @@ def test_chat_template_text_and_loss_spans(tok, style):
     trained = [tok.decode(enc.ids[s:e]) for s, e in enc.assistant_spans]
     assert trained == ["A cat.<|im_end|>", f"{think}Yes.<|im_end|>"]
     assert sum(enc.loss_mask) == sum(e - s for s, e in enc.assistant_spans)
-    (s, e), = enc.image_spans
+    ((s, e),) = enc.image_spans
     assert enc.ids[s:e] == img and not any(enc.loss_mask[s:e])
     # without image tokens the image takes no ids, and the index counts exactly that length
     bare = apply_chat_template(tok, CONV, style=style)

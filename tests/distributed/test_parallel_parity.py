@@ -34,14 +34,19 @@ LAYOUTS = {
     "pp2_recompute_full": (2, ["--pp", "2", "--recompute", "full"]),
     "tp2_recompute_selective": (2, ["--tp", "2", "--recompute", "selective"]),
 }
-CASES = [("debug-internlm2", name) for name in LAYOUTS] + [
-    # Qwen3 adds per-head q/k norms per modality (replicated over TP, summed by finalize).
-    ("debug-qwen3", name) for name in ("tp2_sp", "pp2", "ep2")
-] + [
-    # ...and with the encoder's full-width q/k norms (TP-sharded: finalize must NOT sum them,
-    # which its name rule for the LLM's norms once did).
-    ("debug-qwen3+vit_qk_norm", "tp2"),
-]
+CASES = (
+    [("debug-internlm2", name) for name in LAYOUTS]
+    + [
+        # Qwen3 adds per-head q/k norms per modality (replicated over TP, summed by finalize).
+        ("debug-qwen3", name)
+        for name in ("tp2_sp", "pp2", "ep2")
+    ]
+    + [
+        # ...and with the encoder's full-width q/k norms (TP-sharded: finalize must NOT sum them,
+        # which its name rule for the LLM's norms once did).
+        ("debug-qwen3+vit_qk_norm", "tp2"),
+    ]
+)
 # Named model variants: flavor + dotted overrides passed to the worker.
 VARIANTS = {"debug-qwen3+vit_qk_norm": ("debug-qwen3", ["vision.qk_normalization=true"])}
 
@@ -59,11 +64,22 @@ def references(tmp_path_factory):
     def get(flavor):
         if flavor not in cache:
             d = tmp_path_factory.mktemp(flavor)
-            launch("tests.workers.parity", 1, ["--mode", "reference", *_model_args(flavor),
-                                               "--dir", str(d), "--out", str(d / "ref")])
+            launch(
+                "tests.workers.parity",
+                1,
+                [
+                    "--mode",
+                    "reference",
+                    *_model_args(flavor),
+                    "--dir",
+                    str(d),
+                    "--out",
+                    str(d / "ref"),
+                ],
+            )
             with open(d / "ref.rank0.json") as f:
                 ref = json.load(f)
-            assert len(ref["losses"]) == 4 and all(l > 1.0 for l in ref["losses"])
+            assert len(ref["losses"]) == 4 and all(x > 1.0 for x in ref["losses"])
             cache[flavor] = (d, ref)
         return cache[flavor]
 
@@ -75,15 +91,18 @@ def test_layout_matches_single_process(references, flavor, name):
     d, ref = references(flavor)
     world, args = LAYOUTS[name]
     out = d / name
-    launch("tests.workers.parity", world,
-           ["--mode", "parallel", *_model_args(flavor), "--dir", str(d), "--out", str(out), *args])
+    launch(
+        "tests.workers.parity",
+        world,
+        ["--mode", "parallel", *_model_args(flavor), "--dir", str(d), "--out", str(out), *args],
+    )
     ranks = [json.load(open(f)) for f in sorted(glob.glob(f"{out}.rank*.json"))]
     assert len(ranks) == world
     # Every micro-batch's loss appears on some last-stage rank and equals the reference.
-    seen = [l for r in ranks for l in r["losses"]]
+    seen = [x for r in ranks for x in r["losses"]]
     assert seen, "no rank reported losses"
     for loss in seen:
-        assert min(abs(loss - l) / l for l in ref["losses"]) < 1e-5, (loss, ref["losses"])
+        assert min(abs(loss - x) / x for x in ref["losses"]) < 1e-5, (loss, ref["losses"])
     if name == "dp2":
         assert sorted(seen) == pytest.approx(sorted(ref["losses"]), rel=1e-6)
     if "sp" in name.split("_"):
@@ -91,6 +110,8 @@ def test_layout_matches_single_process(references, flavor, name):
     nonzero = 0
     for r in ranks:
         for param, (diff, scale) in r["grad_diff"].items():
-            assert diff <= 1e-4 * max(scale, 1e-8), f"rank {r['rank']} {param}: |dg| {diff} vs {scale}"
+            assert diff <= 1e-4 * max(scale, 1e-8), (
+                f"rank {r['rank']} {param}: |dg| {diff} vs {scale}"
+            )
             nonzero += scale > 0
     assert nonzero > 10, "gradients were all zero: the comparison would prove nothing"

@@ -36,11 +36,17 @@ import torch
 
 from megatron_navil.models.backends import te_available
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not te_available(), reason="needs CUDA and Transformer Engine")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not te_available(), reason="needs CUDA and Transformer Engine"),
+]
 
-FLAVORS = [("debug-internlm2", "composed"), ("debug-internlm2", "separate"),
-           ("debug-qwen3", "separate"), ("debug-qwen3", "composed")]
+FLAVORS = [
+    ("debug-internlm2", "composed"),
+    ("debug-internlm2", "separate"),
+    ("debug-qwen3", "separate"),
+    ("debug-qwen3", "composed"),
+]
 PACKS = {
     "mixed": [[5, [(2, 4), (4, 6)], 11], [13], [3, [(6, 4)], 7]],
     "text_only": [[60], [33, 21]],
@@ -106,8 +112,9 @@ def _grads_as_params(model, like, tmp_path, name):
 @torch.no_grad()
 def _logits(model, b):
     """(logits [n, vocab], rows) of an inference forward (no labels)."""
-    return model(b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values,
-                 grid_thw=b.grid_thw)
+    return model(
+        b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values, grid_thw=b.grid_thw
+    )
 
 
 def _loss(model, batch):
@@ -144,8 +151,10 @@ def test_te_matches_local_bf16(gpu_parallel_state, tmp_path, flavor, proj):
     loss_t.backward()
     holder = _build(cfg, "transformer_engine", seed=2)
     want = _grads_as_params(local, holder, tmp_path, "g")
-    got = {n: p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
-           for n, p in te.named_parameters()}
+    got = {
+        n: p.grad.float() if p.grad is not None else torch.zeros_like(p, dtype=torch.float32)
+        for n, p in te.named_parameters()
+    }
     _assert_grads_close(got, want)
 
 
@@ -243,9 +252,23 @@ def test_full_recompute_under_fp8(gpu_parallel_state, tmp_path):
 
 # ----------------------------------------------------------------------------- real trainer
 
-TE_BASE = ["--mock-data", "--model", "debug-internlm2", "--seq-length", "512",
-           "--global-batch-size", "2", "--lr", "1e-3", "--lr-warmup-iters", "0", "--bf16",
-           "precision.backend=transformer_engine", "training.seed=7", "logging.progress_bar=off"]
+TE_BASE = [
+    "--mock-data",
+    "--model",
+    "debug-internlm2",
+    "--seq-length",
+    "512",
+    "--global-batch-size",
+    "2",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "0",
+    "--bf16",
+    "precision.backend=transformer_engine",
+    "training.seed=7",
+    "logging.progress_bar=off",
+]
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +287,9 @@ def _checkpoint_weights(root, cfg):
     from megatron_navil.config import ParallelConfig, PrecisionConfig
     from megatron_navil.models.navil import NaViLModel
 
-    model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype="bfloat16"))
+    model = NaViLModel(
+        cfg, ParallelConfig(), PrecisionConfig(backend="local", params_dtype="bfloat16")
+    )
     ck.load_model(root, [model], cfg)
     return model, {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -275,9 +300,21 @@ def test_stage1_on_te_trains_visual_and_freezes_text(gpu_parallel_state, te_init
     from tests.training.runner import pretrain
 
     after = tmp_path / "after"
-    pretrain(1, TE_BASE + ["--train-iters", "3", "--load", str(te_init), "--finetune",
-                           "--save", str(after), "stage.preset=stage1",
-                           "optimizer.overlap_grad_reduce=true"])
+    pretrain(
+        1,
+        TE_BASE
+        + [
+            "--train-iters",
+            "3",
+            "--load",
+            str(te_init),
+            "--finetune",
+            "--save",
+            str(after),
+            "stage.preset=stage1",
+            "optimizer.overlap_grad_reduce=true",
+        ],
+    )
     cfg = get_flavor("debug-internlm2")
     model, w0 = _checkpoint_weights(te_init, cfg)
     _, w1 = _checkpoint_weights(after, cfg)
@@ -302,8 +339,20 @@ def test_fp8_loss_curves_follow_bf16(te_init, tmp_path):
     for recipe in (None, "delayed", "tensorwise"):
         m = tmp_path / f"{recipe}.jsonl"
         extra = [] if recipe is None else ["--fp8-recipe", recipe]
-        pretrain(1, TE_BASE + ["--train-iters", "30", "--load", str(te_init), "--finetune",
-                               "--metrics-file", str(m)] + extra)
+        pretrain(
+            1,
+            TE_BASE
+            + [
+                "--train-iters",
+                "30",
+                "--load",
+                str(te_init),
+                "--finetune",
+                "--metrics-file",
+                str(m),
+            ]
+            + extra,
+        )
         curves[recipe] = losses(m)
     ref = curves[None]
     assert sorted(ref) == list(range(1, 31))

@@ -32,6 +32,7 @@ from megatron_navil.config.base import ConfigError
 from megatron_navil.config.pretrain import PretrainConfig
 from megatron_navil.config.training import StageConfig
 from megatron_navil.data.synthetic import synthetic_batch
+from megatron_navil.models import transformer_config
 from megatron_navil.models.backends import (
     choose_backend,
     get_backend,
@@ -43,7 +44,6 @@ from megatron_navil.models.local_layers import ShardLinear, finish_shard_params
 from megatron_navil.models.modality import ModalityRouting
 from megatron_navil.models.moe import run_experts_nonempty
 from megatron_navil.models.navil import NaViLModel
-from megatron_navil.models import transformer_config
 from megatron_navil.models.transformer_config import llm_transformer_config
 from megatron_navil.training.stages import apply_stage, check_grouped_experts, experts_trainable
 
@@ -57,13 +57,19 @@ def test_shard_flags_overwrite_what_te_reset_parameters_set():
     with pytest.raises(AssertionError):  # the call that made every TE model fail to build
         set_tensor_model_parallel_attributes(lin.weight, True, 1, 1)
     finish_shard_params(lin, partition_dim=1)
-    assert (lin.weight.tensor_model_parallel, lin.weight.partition_dim,
-            lin.weight.partition_stride, lin.weight.allreduce) == (True, 1, 1, True)
+    assert (
+        lin.weight.tensor_model_parallel,
+        lin.weight.partition_dim,
+        lin.weight.partition_stride,
+        lin.weight.allreduce,
+    ) == (True, 1, 1, True)
 
 
 @pytest.mark.parametrize("dim, bias", [(0, True), (1, False)])
 def test_local_shard_linear_flags(megatron_single_process, dim, bias):
-    cfg = llm_transformer_config(get_flavor("debug-qwen3"), ParallelConfig(), PrecisionConfig(), "local")
+    cfg = llm_transformer_config(
+        get_flavor("debug-qwen3"), ParallelConfig(), PrecisionConfig(), "local"
+    )
     lin = ShardLinear(8, 4, config=cfg, init_method=cfg.init_method, bias=bias, partition_dim=dim)
     assert lin.weight.partition_dim == dim and lin.weight.tensor_model_parallel
     if bias:
@@ -102,8 +108,12 @@ def test_mixed_frozen_grouped_weights_are_refused():
 
 def test_stage1_model_has_separate_trainable_visual_expert(megatron_single_process):
     cfg = get_flavor("debug-internlm2")
-    model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local"),
-                       experts_trainable=experts_trainable(StageConfig(preset="stage1")))
+    model = NaViLModel(
+        cfg,
+        ParallelConfig(),
+        PrecisionConfig(backend="local"),
+        experts_trainable=experts_trainable(StageConfig(preset="stage1")),
+    )
     apply_stage([model], StageConfig(preset="stage1"))
     experts = model.language_model.decoder.layers[0].mlp.experts
     assert not any(p.requires_grad for p in experts.local_experts[0].parameters())
@@ -117,7 +127,9 @@ def test_stage1_model_has_separate_trainable_visual_expert(megatron_single_proce
 def test_fp8_amax_is_reduced_over_tp_only(recipe):
     # The TransformerConfig fields both the LLM's and the encoder's config are built from
     # (building the config itself needs TE for its rope-fusion check).
-    kw = transformer_config._common(ParallelConfig(), PrecisionConfig(fp8=recipe), "transformer_engine")
+    kw = transformer_config._common(
+        ParallelConfig(), PrecisionConfig(fp8=recipe), "transformer_engine"
+    )
     assert kw["fp8"] == "hybrid" and kw["fp8_recipe"].value == recipe and kw["tp_only_amax_red"]
 
 
@@ -152,8 +164,9 @@ def _module_trace(model, batch) -> list[str]:
 def test_same_modules_run_for_every_pack_mix(megatron_single_process, flavor):
     cfg = get_flavor(flavor)
     torch.manual_seed(0)
-    model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local"),
-                       vision_every_micro_batch=True)
+    model = NaViLModel(
+        cfg, ParallelConfig(), PrecisionConfig(backend="local"), vision_every_micro_batch=True
+    )
     model.train()
     traces = {}
     for name, samples in PACKS.items():
@@ -193,7 +206,7 @@ def test_absent_modality_gets_a_zero_row_block(row_multiple):
     assert r.padded == (-(-37 // row_multiple) * row_multiple, row_multiple)
     x = torch.randn(37, 8)
     grouped = r.group(x)
-    assert grouped.shape[0] == sum(r.padded) and not grouped[r.padded[0]:].any()
+    assert grouped.shape[0] == sum(r.padded) and not grouped[r.padded[0] :].any()
     assert torch.equal(r.ungroup(grouped), x)
     r_all_visual = ModalityRouting.build(torch.ones(5, dtype=torch.bool), row_multiple=row_multiple)
     assert r_all_visual.padded == (row_multiple, -(-5 // row_multiple) * row_multiple)
@@ -224,7 +237,9 @@ def test_dispatch_path_pads_an_expert_without_tokens(megatron_single_process):
     model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local"))
     experts = model.language_model.decoder.layers[0].mlp.experts  # SequentialMLP of 2
     seen = []
-    hook = experts.local_experts[1].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    hook = experts.local_experts[1].register_forward_pre_hook(
+        lambda m, a: seen.append(a[0].shape[0])
+    )
     x = torch.randn(11, cfg.llm.hidden_size)
     probs = torch.ones(11)
     out, _ = run_experts_nonempty(experts, x, torch.tensor([11, 0]), probs, row_multiple=16)
@@ -256,22 +271,30 @@ def test_sequence_length_must_suit_the_recipe():
         c = PretrainConfig(mock_data=True)
         c.precision.fp8, c.precision.backend, c.training.seq_length = recipe, "auto", seq
         return c
+
     cfg("delayed", 48).validate()
     with pytest.raises(ConfigError, match="multiple of data.pad_multiple"):
         cfg("mxfp8", 48).validate()
     cfg("mxfp8", 64).validate()
 
 
-@pytest.mark.parametrize("recipe, capability, cuda, ok", [
-    ("delayed", (9, 0), "13.0", True), ("tensorwise", (9, 0), "12.4", True),
-    ("delayed", (8, 9), "12.1", True), ("delayed", (8, 9), "12.0", False),
-    ("delayed", (8, 0), "13.0", False),
-    ("blockwise", (9, 0), "12.9", True), ("blockwise", (9, 0), "12.4", False),
-    ("blockwise", (8, 9), "13.0", False),
-    ("mxfp8", (9, 0), "13.0", False), ("mxfp8", (10, 0), "12.8", True),
-    ("mxfp8", (12, 0), "13.0", False),
-    (None, (7, 0), "11.8", True),
-])
+@pytest.mark.parametrize(
+    "recipe, capability, cuda, ok",
+    [
+        ("delayed", (9, 0), "13.0", True),
+        ("tensorwise", (9, 0), "12.4", True),
+        ("delayed", (8, 9), "12.1", True),
+        ("delayed", (8, 9), "12.0", False),
+        ("delayed", (8, 0), "13.0", False),
+        ("blockwise", (9, 0), "12.9", True),
+        ("blockwise", (9, 0), "12.4", False),
+        ("blockwise", (8, 9), "13.0", False),
+        ("mxfp8", (9, 0), "13.0", False),
+        ("mxfp8", (10, 0), "12.8", True),
+        ("mxfp8", (12, 0), "13.0", False),
+        (None, (7, 0), "11.8", True),
+    ],
+)
 def test_recipe_refused_on_devices_that_cannot_run_it(recipe, capability, cuda, ok):
     if ok:
         check_fp8_recipe(recipe, capability, cuda)
@@ -290,10 +313,14 @@ def test_recipe_refused_on_devices_that_cannot_run_it(recipe, capability, cuda, 
 
 
 def test_auto_backend_on_gpu_without_te_says_why_and_how():
-    name, warning = choose_backend("auto", cuda=True,
-                                   te_error="ModuleNotFoundError: No module named 'transformer_engine'")
+    name, warning = choose_backend(
+        "auto", cuda=True, te_error="ModuleNotFoundError: No module named 'transformer_engine'"
+    )
     assert name == "local"
-    assert "No module named 'transformer_engine'" in warning and "pip install --no-build-isolation 'megatron-navil[te]'" in warning
+    assert (
+        "No module named 'transformer_engine'" in warning
+        and "pip install --no-build-isolation 'megatron-navil[te]'" in warning
+    )
     assert "\n" not in warning
     assert choose_backend("auto", cuda=True, te_error=None) == ("transformer_engine", None)
     assert choose_backend("auto", cuda=False, te_error="anything") == ("local", None)
@@ -319,5 +346,8 @@ def test_fp8_without_te_is_refused_at_model_construction(megatron_single_process
     if te_import_error() is None and torch.cuda.is_available():
         pytest.skip("this machine runs FP8 (the GPU tests cover it)")
     with pytest.raises(ConfigError, match="needs the Transformer Engine backend"):
-        NaViLModel(get_flavor("debug-internlm2"), ParallelConfig(),
-                   PrecisionConfig(backend="auto", fp8="delayed"))
+        NaViLModel(
+            get_flavor("debug-internlm2"),
+            ParallelConfig(),
+            PrecisionConfig(backend="auto", fp8="delayed"),
+        )

@@ -32,9 +32,18 @@ VARIANTS = {
     "qwen3_composed_proj": ("debug-qwen3", {"experts.output_proj_mode": "composed"}),
     "no_attention_experts": ("debug-qwen3", {"experts.attention_experts": False}),
     "no_ffn_experts": ("debug-internlm2", {"experts.ffn_experts": False}),
-    "vit_qk_norm_qkv_bias": ("debug-internlm2", {"vision.qk_normalization": True, "vision.qkv_bias": True}),
-    "vit_window": ("debug-internlm2", {"vision.window_size": 64, "vision.fullatt_block_indexes": [1]}),
-    "vit_window_released_order": ("debug-qwen3", {"vision.window_size": 64, "vision.keep_window_order": True}),
+    "vit_qk_norm_qkv_bias": (
+        "debug-internlm2",
+        {"vision.qk_normalization": True, "vision.qkv_bias": True},
+    ),
+    "vit_window": (
+        "debug-internlm2",
+        {"vision.window_size": 64, "vision.fullatt_block_indexes": [1]},
+    ),
+    "vit_window_released_order": (
+        "debug-qwen3",
+        {"vision.window_size": 64, "vision.keep_window_order": True},
+    ),
 }
 
 SAMPLES = [
@@ -50,7 +59,9 @@ def _models(name):
     ref = NaViLReference(cfg).init_weights_(g)
     model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig())
     padded = padded_vocab_size(cfg.llm.vocab_size, cfg.llm.make_vocab_size_divisible_by)
-    missing, unexpected = model.load_state_dict(hf_to_megatron(ref.state_dict(), cfg, padded), strict=False)
+    missing, unexpected = model.load_state_dict(
+        hf_to_megatron(ref.state_dict(), cfg, padded), strict=False
+    )
     assert not unexpected
     assert all(k.endswith("_extra_state") for k in missing), missing
     return cfg, ref, model, padded
@@ -63,12 +74,15 @@ def test_megatron_matches_reference(megatron_single_process, name):
     for samples in SAMPLES:
         b = synthetic_batch(cfg, 160, g, samples)
         ref_logits = ref(b.tokens, b.position_ids, b.cu_seqlens, b.pixel_values, b.grid_thw)
-        logits, rows = model(b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values,
-                             grid_thw=b.grid_thw)
+        logits, rows = model(
+            b.tokens, b.position_ids, b.cu_seqlens, pixel_values=b.pixel_values, grid_thw=b.grid_thw
+        )
         assert torch.equal(rows, (b.tokens != cfg.img_context_id).nonzero().squeeze(1))
-        torch.testing.assert_close(logits[:, : cfg.llm.vocab_size], ref_logits[rows], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            logits[:, : cfg.llm.vocab_size], ref_logits[rows], atol=2e-5, rtol=1e-4
+        )
         # Padded vocab columns never get probability mass.
-        assert torch.isinf(logits[:, cfg.llm.vocab_size:]).all()
+        assert torch.isinf(logits[:, cfg.llm.vocab_size :]).all()
 
         ref.zero_grad()
         model.zero_grad()
@@ -79,8 +93,10 @@ def test_megatron_matches_reference(megatron_single_process, name):
         torch.testing.assert_close(loss, ref_loss, atol=2e-5, rtol=1e-4)
         ref_loss.backward()
         loss.backward()
-        ref_grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p))
-                     for k, p in ref.named_parameters()}
+        ref_grads = {
+            k: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for k, p in ref.named_parameters()
+        }
         expected = hf_to_megatron(ref_grads, cfg, padded)
         for k, p in model.named_parameters():
             got = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -97,7 +113,11 @@ def test_text_only_batch_never_touches_visual_experts(megatron_single_process):
     for name, p in model.named_parameters():
         g = p.grad
         touched = g is not None and bool(g.abs().sum() > 0)
-        visual = ".visual." in name or "local_experts.1." in name or name.startswith(("vision_model", "connector"))
+        visual = (
+            ".visual." in name
+            or "local_experts.1." in name
+            or name.startswith(("vision_model", "connector"))
+        )
         if visual:
             assert not touched, f"{name} got gradient from text tokens"
         elif "special_token_embedding" not in name and "embedding.weight" not in name:

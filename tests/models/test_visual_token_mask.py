@@ -13,9 +13,14 @@ from megatron_navil.reference import NaViLReference
 def test_shared_mask_equals_the_reference_routing():
     cfg = get_flavor("debug-internlm2")
     first = cfg.llm.first_special_token_id
-    tokens = torch.cat([torch.arange(first + len(SPECIAL_TOKENS)),
-                        torch.randint(0, first + len(SPECIAL_TOKENS), (500,),
-                                      generator=torch.Generator().manual_seed(0))])
+    tokens = torch.cat(
+        [
+            torch.arange(first + len(SPECIAL_TOKENS)),
+            torch.randint(
+                0, first + len(SPECIAL_TOKENS), (500,), generator=torch.Generator().manual_seed(0)
+            ),
+        ]
+    )
     want = NaViLReference(cfg).visual_mask(tokens)
     assert want.sum() >= 2 and not want.all()  # <IMG_CONTEXT> and <img> from the arange
     assert torch.equal(cfg.visual_token_mask(tokens), want)

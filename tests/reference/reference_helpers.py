@@ -30,7 +30,10 @@ def make_cfg(flavor: str = "debug-internlm2", overrides: Optional[dict] = None) 
 
 
 def make_model(
-    flavor: str = "debug-internlm2", overrides: Optional[dict] = None, seed: int = 0, std: float = 0.1
+    flavor: str = "debug-internlm2",
+    overrides: Optional[dict] = None,
+    seed: int = 0,
+    std: float = 0.1,
 ) -> NaViLReference:
     model = NaViLReference(make_cfg(flavor, overrides))
     model.init_weights_(torch.Generator().manual_seed(seed), std=std)
@@ -53,7 +56,11 @@ class Sample:
     """One sample: text, one image (all its scales), text. `images` lists one entry per image."""
 
     def __init__(
-        self, cfg: NaViLModelConfig, images: Sequence[Sequence[tuple[int, int]]], seed: int, n_text: int = 5
+        self,
+        cfg: NaViLModelConfig,
+        images: Sequence[Sequence[tuple[int, int]]],
+        seed: int,
+        n_text: int = 5,
     ):
         self.ids: list[int] = text_ids(cfg, n_text, seed)
         self.grids: list[tuple[int, int]] = []

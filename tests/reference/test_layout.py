@@ -12,7 +12,12 @@ import torch
 
 from megatron_navil.config import get_flavor
 from megatron_navil.reference import (
-    image_token_ids, multiscale_grids, multiscale_plan, num_image_tokens, resize_for_scale, smart_resize,
+    image_token_ids,
+    multiscale_grids,
+    multiscale_plan,
+    num_image_tokens,
+    resize_for_scale,
+    smart_resize,
 )
 
 
@@ -55,9 +60,17 @@ def test_scale_budgets_are_float32_like_the_release(cfg):
     # divides `h*w / budget` as reciprocal(budget) * h*w in float32. For this image the second
     # scale's resize target differs by one pixel from float64 arithmetic; pin the float32 one.
     plan = multiscale_plan(1952, 3108, cfg)
-    assert [s.grid for s in plan] == [(18, 28), (24, 38), (34, 52), (46, 72), (62, 100), (88, 138), (122, 196)]
+    assert [s.grid for s in plan] == [
+        (18, 28),
+        (24, 38),
+        (34, 52),
+        (46, 72),
+        (62, 100),
+        (88, 138),
+        (122, 196),
+    ]
     assert plan[1].resized == (376, 600)
-    budget64 = 34 * 52 * 256 * 0.7071 ** 2  # that scale's budget (from the next grid) in float64
+    budget64 = 34 * 52 * 256 * 0.7071**2  # that scale's budget (from the next grid) in float64
     assert resize_for_scale(1952, 3108, 65536, budget64).resized == (377, 600)
     for s in plan:  # padding is bottom/right to multiples of 32 px
         assert s.padded[0] % 32 == 0 and s.padded[1] % 32 == 0
@@ -66,8 +79,10 @@ def test_scale_budgets_are_float32_like_the_release(cfg):
 
 def test_token_layout_by_hand():
     cfg = get_flavor("debug-internlm2")
-    tok = {name: cfg.special_token_id(name) for name in
-           ("<img>", "</img>", "<IMG_CONTEXT>", "<IMG_LINE_BREAK>", "<IMG_FRAME_BREAK>")}
+    tok = {
+        name: cfg.special_token_id(name)
+        for name in ("<img>", "</img>", "<IMG_CONTEXT>", "<IMG_LINE_BREAK>", "<IMG_FRAME_BREAK>")
+    }
     C, L, F = tok["<IMG_CONTEXT>"], tok["<IMG_LINE_BREAK>"], tok["<IMG_FRAME_BREAK>"]
     got = image_token_ids(cfg, [(2, 4), (4, 2)])  # merged 1 x 2, then 2 x 1
     assert got == [tok["<img>"], C, C, L, F, C, L, C, L, F, tok["</img>"]]

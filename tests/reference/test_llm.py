@@ -12,13 +12,12 @@ Module-level properties that a wrong layout or routing would break (float64; "un
 import math
 
 import torch
+from reference_helpers import EXACT, make_cfg
 
 from megatron_navil.reference import pack_internlm2_wqkv, unpack_internlm2_wqkv
 from megatron_navil.reference.common import route
 from megatron_navil.reference.llm import InternLM2Attention, Qwen3Attention
 from megatron_navil.reference.rope import apply_rotary, llm_rope_angles
-
-from reference_helpers import EXACT, make_cfg
 
 
 def _inputs(t=7, d=64, seed=0):
@@ -40,9 +39,16 @@ def _attn(cls, flavor, overrides=None, seed=0):
 
 def test_internlm2_wqkv_layout_matches_naive_per_head_attention():
     m, cfg = _attn(InternLM2Attention, "debug-internlm2", {"experts.attention_experts": False})
-    h, g, hd, d = cfg.llm.num_attention_heads, cfg.llm.num_query_groups, cfg.llm.kv_channels, cfg.llm.hidden_size
+    h, g, hd, d = (
+        cfg.llm.num_attention_heads,
+        cfg.llm.num_query_groups,
+        cfg.llm.kv_channels,
+        cfg.llm.hidden_size,
+    )
     gen = torch.Generator().manual_seed(1)
-    wq, wk, wv = (torch.randn(n * hd, d, generator=gen, dtype=torch.float64) * 0.2 for n in (h, g, g))
+    wq, wk, wv = (
+        torch.randn(n * hd, d, generator=gen, dtype=torch.float64) * 0.2 for n in (h, g, g)
+    )
     with torch.no_grad():
         m.wqkv.weight.copy_(pack_internlm2_wqkv(wq, wk, wv, g))
     x, _, pos, seg = _inputs()
@@ -53,9 +59,9 @@ def test_internlm2_wqkv_layout_matches_naive_per_head_attention():
     heads = []
     for j in range(h):
         kv = j // (h // g)  # query head j reads kv head j // (H / G)
-        q = apply_rotary((x @ wq[j * hd:(j + 1) * hd].T)[:, None], angles)[:, 0]
-        k = apply_rotary((x @ wk[kv * hd:(kv + 1) * hd].T)[:, None], angles)[:, 0]
-        v = x @ wv[kv * hd:(kv + 1) * hd].T
+        q = apply_rotary((x @ wq[j * hd : (j + 1) * hd].T)[:, None], angles)[:, 0]
+        k = apply_rotary((x @ wk[kv * hd : (kv + 1) * hd].T)[:, None], angles)[:, 0]
+        v = x @ wv[kv * hd : (kv + 1) * hd].T
         s = q @ k.T / math.sqrt(hd)
         s = s.masked_fill(torch.triu(torch.ones(t, t, dtype=torch.bool), 1), float("-inf"))
         heads.append(s.softmax(-1) @ v)
@@ -139,9 +145,21 @@ def test_decoder_layers_are_pre_norm_residual(flavor):
             p.copy_(torch.randn_like(p) * 0.2 + (1.0 if "norm" in n else 0.0))
     x, visual, pos, seg = _inputs()
     norm1, attn, norm2, ffn, ffn_ve = (
-        (layer.attention_norm, layer.attention, layer.ffn_norm, layer.feed_forward, layer.feed_forward_ve)
+        (
+            layer.attention_norm,
+            layer.attention,
+            layer.ffn_norm,
+            layer.feed_forward,
+            layer.feed_forward_ve,
+        )
         if cls is InternLM2Layer
-        else (layer.input_layernorm, layer.self_attn, layer.post_attention_layernorm, layer.mlp, layer.mlp_ve)
+        else (
+            layer.input_layernorm,
+            layer.self_attn,
+            layer.post_attention_layernorm,
+            layer.mlp,
+            layer.mlp_ve,
+        )
     )
 
     def rms(v, w):

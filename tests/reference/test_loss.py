@@ -37,7 +37,9 @@ def test_loss_matches_explicit_weighted_mean():
     logits, labels, ids, mask, w = _case()
     counted = [t for t in range(len(ids)) if ids[t] != CTX and labels[t] >= 0 and mask[t] != 0]
     assert counted == [0, 3, 6, 8]
-    want = sum(float(w[t]) * _ce(logits[t], labels[t]) for t in counted) / sum(float(w[t]) for t in counted)
+    want = sum(float(w[t]) * _ce(logits[t], labels[t]) for t in counted) / sum(
+        float(w[t]) for t in counted
+    )
     got = next_token_loss(logits, labels, ids, CTX, mask, w)
     assert abs(float(got) - want) < 1e-12
     unweighted = sum(_ce(logits[t], labels[t]) for t in counted) / len(counted)

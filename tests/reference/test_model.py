@@ -13,10 +13,9 @@ test also checks that the perturbation changes what it should by far more.
 
 import pytest
 import torch
+from reference_helpers import EXACT, Sample, make_model, pack
 
 from megatron_navil.reference import NaViLReference, image_token_ids, pixel_shuffle
-
-from reference_helpers import EXACT, Sample, make_model, pack
 
 IMAGES_A = [[(4, 4), (6, 8)]]  # one image, two scales
 IMAGES_B = [[(2, 6)], [(4, 2)]]  # two single-scale images
@@ -51,7 +50,9 @@ def test_embedding_replacement_then_visual_scatter(flavor):
     special = (ids >= first) & ~ctx
     assert special.sum() > 0 and ctx.sum() == feats.shape[0]
     torch.testing.assert_close(emb[ctx], feats, **EXACT)
-    torch.testing.assert_close(emb[special], model.special_token_embedding.weight[ids[special] - first], **EXACT)
+    torch.testing.assert_close(
+        emb[special], model.special_token_embedding.weight[ids[special] - first], **EXACT
+    )
     text = ids < first
     with torch.no_grad():
         torch.testing.assert_close(emb[text], table(ids[text]), **EXACT)
@@ -64,8 +65,13 @@ def test_context_count_mismatch_names_both_counts():
     with pytest.raises(ValueError, match=rf"{n_ctx - 1} <IMG_CONTEXT>.*{n_ctx} merged"):
         keep = torch.ones(len(inp["input_ids"]), dtype=torch.bool)
         keep[int((inp["input_ids"] == model.cfg.img_context_id).nonzero()[0])] = False
-        model(inp["input_ids"][keep], inp["position_ids"][keep], torch.tensor([0, int(keep.sum())]),
-              inp["pixel_values"], inp["grid_thw"])
+        model(
+            inp["input_ids"][keep],
+            inp["position_ids"][keep],
+            torch.tensor([0, int(keep.sum())]),
+            inp["pixel_values"],
+            inp["grid_thw"],
+        )
     with pytest.raises(ValueError, match=rf"{n_ctx} <IMG_CONTEXT>.*0 visual"):
         model(inp["input_ids"], inp["position_ids"], inp["cu_seqlens"])
 
@@ -80,12 +86,16 @@ def test_visual_mask_is_img_context_and_img_start():
 def test_packed_equals_separate_runs(flavor):
     model = make_model(flavor)
     cfg = model.cfg
-    samples = [Sample(cfg, IMAGES_A, seed=3), Sample(cfg, [], seed=4), Sample(cfg, IMAGES_B, seed=5)]
+    samples = [
+        Sample(cfg, IMAGES_A, seed=3),
+        Sample(cfg, [], seed=4),
+        Sample(cfg, IMAGES_B, seed=5),
+    ]
     packed = _run(model, samples)
     off = 0
     for s in samples:
         alone = _run(model, [s])
-        torch.testing.assert_close(packed[off:off + len(s.ids)], alone, **EXACT)
+        torch.testing.assert_close(packed[off : off + len(s.ids)], alone, **EXACT)
         off += len(s.ids)
     inp = pack(samples)
     n0 = len(samples[0].ids)
@@ -154,7 +164,9 @@ def test_visual_experts_equal_to_text_weights_match_no_experts(flavor):
     # separate output projection so a copy of the text weights is an exact no-op
     over = {"experts.output_proj_mode": "separate"}
     with_ve = make_model(flavor, over)
-    without = make_model(flavor, {**over, "experts.attention_experts": False, "experts.ffn_experts": False})
+    without = make_model(
+        flavor, {**over, "experts.attention_experts": False, "experts.ffn_experts": False}
+    )
     sd = with_ve.state_dict()
     missing = without.load_state_dict(sd, strict=False)
     assert not missing.missing_keys and set(missing.unexpected_keys) == set(_ve_params(with_ve))
@@ -167,9 +179,13 @@ def test_visual_experts_equal_to_text_weights_match_no_experts(flavor):
 
 def test_init_is_deterministic():
     a, b, c = make_model(seed=1), make_model(seed=1), make_model(seed=2)
-    for (n, p), q, r in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (n, p), q, r in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values()
+    ):
         assert torch.equal(p, q), n
-    assert any(not torch.equal(p, r) for p, r in zip(a.state_dict().values(), c.state_dict().values()))
+    assert any(
+        not torch.equal(p, r) for p, r in zip(a.state_dict().values(), c.state_dict().values())
+    )
     ls = a.vision_model.encoder.layers[0].ls1
     ls = ls.detach()
     assert abs(float(ls.mean()) - a.cfg.vision.layerscale_init) < 0.05 and ls.std() > 0

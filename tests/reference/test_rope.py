@@ -13,7 +13,10 @@ import math
 import torch
 
 from megatron_navil.reference.rope import (
-    apply_rotary, llm_rope_angles, vision_patch_positions, vision_rope_angles,
+    apply_rotary,
+    llm_rope_angles,
+    vision_patch_positions,
+    vision_rope_angles,
 )
 
 
@@ -78,6 +81,11 @@ def test_patch_positions_are_merge_block_major():
     want = []
     for br in range(2):
         for bc in range(3):
-            want += [(2 * br, 2 * bc), (2 * br, 2 * bc + 1), (2 * br + 1, 2 * bc), (2 * br + 1, 2 * bc + 1)]
+            want += [
+                (2 * br, 2 * bc),
+                (2 * br, 2 * bc + 1),
+                (2 * br + 1, 2 * bc),
+                (2 * br + 1, 2 * bc + 1),
+            ]
     want += [(0, 0), (0, 1), (1, 0), (1, 1)]  # second image restarts at (0, 0)
     assert [tuple(p) for p in pos.tolist()] == want

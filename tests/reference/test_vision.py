@@ -13,10 +13,9 @@ that the perturbation does change something by far more):
 
 import pytest
 import torch
+from reference_helpers import EXACT, make_model, random_pixels
 
 from megatron_navil.reference import window_order
-
-from reference_helpers import EXACT, make_model, random_pixels
 
 
 def _encode(model, grids, pixels):
@@ -71,7 +70,7 @@ def test_no_window_and_whole_image_window_equal_full_attention():
     pixels = random_pixels(GRIDS, seed=3)
     ref = _encode(full, GRIDS, pixels)
     for keep in (True, False):
-        # window of 8 merged tokens (256 px) covers both images: a single window each, identity order
+        # window of 8 merged tokens (256 px) covers both images: one window each, identity order
         big = make_model(overrides={"vision.window_size": 256, "vision.keep_window_order": keep})
         torch.testing.assert_close(_encode(big, GRIDS, pixels), ref, **EXACT)
 
@@ -81,7 +80,11 @@ def test_window_permutation_quirk(keep):
     pixels = random_pixels(GRIDS, seed=4)
     ref = _encode(make_model(), GRIDS, pixels)
     # Released default: window permutation on, every layer full attention.
-    over = {"vision.window_size": 64, "vision.fullatt_block_indexes": [0, 1], "vision.keep_window_order": keep}
+    over = {
+        "vision.window_size": 64,
+        "vision.fullatt_block_indexes": [0, 1],
+        "vision.keep_window_order": keep,
+    }
     out = _encode(make_model(overrides=over), GRIDS, pixels)
     order, _ = window_order(torch.tensor([(1, h, w) for h, w in GRIDS]), 2, window=2)
     assert order.tolist() != list(range(len(order)))  # the permutation is not trivial here
@@ -111,12 +114,18 @@ def _rms(x, w, eps):
     return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"vision.qk_normalization": True, "vision.qkv_bias": True}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"vision.qk_normalization": True, "vision.qkv_bias": True}]
+)
 def test_layer_matches_explicit_formula(overrides):
     """x += ls1 * proj(attn(norm1 x)); x += ls2 * fc2(gelu(fc1(norm2 x))), written out per head."""
     import math
 
-    from megatron_navil.reference.rope import apply_rotary, vision_patch_positions, vision_rope_angles
+    from megatron_navil.reference.rope import (
+        apply_rotary,
+        vision_patch_positions,
+        vision_rope_angles,
+    )
 
     model = make_model(overrides={"vision.num_layers": 1, **overrides})
     cfg = model.cfg.vision
@@ -132,10 +141,12 @@ def test_layer_matches_explicit_formula(overrides):
         a = layer.attn
         y = _rms(x, layer.norm1.weight, cfg.norm_eps)
         qkv = y @ a.qkv.weight.T + (a.qkv.bias if cfg.qkv_bias else 0)
-        q, k, v = qkv[:, :c], qkv[:, c:2 * c], qkv[:, 2 * c:]
+        q, k, v = qkv[:, :c], qkv[:, c : 2 * c], qkv[:, 2 * c :]
         if cfg.qk_normalization:  # over the full width, all heads together
             q, k = _rms(q, a.q_norm.weight, cfg.norm_eps), _rms(k, a.k_norm.weight, cfg.norm_eps)
-        ang = vision_rope_angles(vision_patch_positions(torch.tensor([[1, 2, 4]]), 2), hd, cfg.rope_theta)
+        ang = vision_rope_angles(
+            vision_patch_positions(torch.tensor([[1, 2, 4]]), 2), hd, cfg.rope_theta
+        )
         outs = []
         for j in range(heads):
             sl = slice(j * hd, (j + 1) * hd)

@@ -30,24 +30,41 @@ def start_single(args: list[str], log: Path) -> subprocess.Popen:
     """One navil-pretrain process in the background, in its own process group (for kill /
     signal tests). Output goes to `log`: the checkpoint writer's helper processes would keep a
     pipe open after the main process dies."""
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_navil.cli.pretrain", *args], cwd=ROOT,
-                            env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_navil.cli.pretrain", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     proc.log_path = log
     return proc
 
 
-def wait_for_step(metrics_file: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_step(
+    metrics_file: Path, step: int, proc: subprocess.Popen, timeout: float = 300
+) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if metrics_file.exists() and any(r["step"] >= step for r in metrics(metrics_file)):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"training exited early:\n{Path(proc.log_path).read_text()[-4000:]}")
+            raise AssertionError(
+                f"training exited early:\n{Path(proc.log_path).read_text()[-4000:]}"
+            )
         time.sleep(0.2)
     proc.kill()
     raise AssertionError(f"step {step} not reached in {timeout}s")

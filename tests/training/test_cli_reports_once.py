@@ -24,12 +24,19 @@ def _check(results, needle: str) -> None:
 
 
 def test_usage_error_is_reported_once():
-    _check(run_ranks("megatron_navil.cli.pretrain", 2, BASE + ["--no-such-flag"], timeout=120),
-           "unrecognized arguments: --no-such-flag")
+    _check(
+        run_ranks("megatron_navil.cli.pretrain", 2, BASE + ["--no-such-flag"], timeout=120),
+        "unrecognized arguments: --no-such-flag",
+    )
 
 
 def test_layout_that_does_not_divide_the_world_is_one_line():
-    _check(run_ranks("megatron_navil.cli.pretrain", 2,
-                     BASE + ["--train-iters", "2", "--tensor-model-parallel-size", "4"],
-                     timeout=300),
-           "world size 2 is not divisible by TP x PP = 4")
+    _check(
+        run_ranks(
+            "megatron_navil.cli.pretrain",
+            2,
+            BASE + ["--train-iters", "2", "--tensor-model-parallel-size", "4"],
+            timeout=300,
+        ),
+        "world size 2 is not divisible by TP x PP = 4",
+    )

@@ -44,9 +44,12 @@ class ExtraStateRMSNorm(RMSNorm):
 
 def use_extra_state_norms(monkeypatch) -> None:
     """Models built from now on have norms that carry extra state (the TE norms' behaviour)."""
+
     def patched(name, row_multiple=1, grouped_experts=True):
-        return dataclasses.replace(get_backend(name, row_multiple, grouped_experts),
-                                   rms_norm=ExtraStateRMSNorm)
+        return dataclasses.replace(
+            get_backend(name, row_multiple, grouped_experts), rms_norm=ExtraStateRMSNorm
+        )
+
     monkeypatch.setattr(navil_module, "get_backend", patched)
 
 
@@ -56,22 +59,28 @@ def _model(cfg, seed):
 
 
 def _weights(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 def _tree_digest(root):
     return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_local_checkpoint_loads_into_model_with_extra_state(megatron_single_process, tmp_path,
-                                                           monkeypatch):
+def test_local_checkpoint_loads_into_model_with_extra_state(
+    megatron_single_process, tmp_path, monkeypatch
+):
     cfg = get_flavor("debug-qwen3")
     local = _model(cfg, seed=1)
     ck.save(tmp_path, 1, ck.model_sharded_state_dict([local]), cfg)
     use_extra_state_norms(monkeypatch)
     target = _model(cfg, seed=2)
-    extra = [k for k in ck.model_sharded_state_dict([target])["model"] if k.endswith("_extra_state")]
+    extra = [
+        k for k in ck.model_sharded_state_dict([target])["model"] if k.endswith("_extra_state")
+    ]
     assert len(extra) > 10, "the test model must request extra state like a TE model does"
     ck.load_model(tmp_path, [target], cfg)
     want, got = _weights(local), _weights(target)
@@ -80,8 +89,9 @@ def test_local_checkpoint_loads_into_model_with_extra_state(megatron_single_proc
         assert torch.equal(want[k], got[k]), k
 
 
-def test_checkpoint_with_extra_state_loads_into_local_model(megatron_single_process, tmp_path,
-                                                           monkeypatch):
+def test_checkpoint_with_extra_state_loads_into_local_model(
+    megatron_single_process, tmp_path, monkeypatch
+):
     cfg = get_flavor("debug-internlm2")
     use_extra_state_norms(monkeypatch)
     source = _model(cfg, seed=3)

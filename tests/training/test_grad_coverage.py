@@ -50,8 +50,16 @@ def _visual_expert_grads(recompute: bool) -> dict[str, torch.Tensor]:
     cfg = get_flavor("debug-internlm2")
     torch.manual_seed(0)
     model = NaViLModel(cfg, par, PrecisionConfig(backend="local"), experts_trainable=(False, True))
-    apply_stage([model], StageConfig(train_vision=False, train_connector=False, train_text=False,
-                                     train_special_tokens=False, train_visual_experts=True))
+    apply_stage(
+        [model],
+        StageConfig(
+            train_vision=False,
+            train_connector=False,
+            train_text=False,
+            train_special_tokens=False,
+            train_visual_experts=True,
+        ),
+    )
     model.train()
     batch = synthetic_batch(cfg, 256, torch.Generator().manual_seed(3))
     model(**batch.model_inputs()).sum().backward()

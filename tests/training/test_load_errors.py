@@ -29,8 +29,18 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     pretrain(1, BASE + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(ck)])
     before = _digest(ck)
     with pytest.raises(AssertionError) as err:
-        pretrain(1, BASE + ["--train-iters", "2", "--load", str(ck), "model.llm.num_layers=2",
-                            "model.llm.hidden_size=128"])
+        pretrain(
+            1,
+            BASE
+            + [
+                "--train-iters",
+                "2",
+                "--load",
+                str(ck),
+                "model.llm.num_layers=2",
+                "model.llm.hidden_size=128",
+            ],
+        )
     msg = str(err.value)
     assert "was saved for a different model" in msg, msg[-3000:]
     assert "llm.num_layers: checkpoint 4 vs config 2" in msg, msg[-3000:]

@@ -26,9 +26,25 @@ from tests.training.runner import kill, losses, metrics, pretrain, start_single,
 pytestmark = pytest.mark.processes  # every test here starts a process
 
 GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_debug_losses.json"
-BASE = ["--mock-data", "--model", "debug-internlm2", "--seq-length", "256", "--global-batch-size", "2",
-        "--lr", "1e-3", "--lr-warmup-iters", "1", "--min-lr", "1e-4", "--log-interval", "1",
-        "training.seed=7", "logging.progress_bar=off"]
+BASE = [
+    "--mock-data",
+    "--model",
+    "debug-internlm2",
+    "--seq-length",
+    "256",
+    "--global-batch-size",
+    "2",
+    "--lr",
+    "1e-3",
+    "--lr-warmup-iters",
+    "1",
+    "--min-lr",
+    "1e-4",
+    "--log-interval",
+    "1",
+    "training.seed=7",
+    "logging.progress_bar=off",
+]
 
 
 def test_golden_loss_curve(tmp_path):
@@ -40,10 +56,15 @@ def test_golden_loss_curve(tmp_path):
     assert got[-1] < got[0] - 0.05, "the debug run should learn the mock data's token statistics"
 
 
-@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2", "--sequence-parallel"],
-                                    ["--pipeline-model-parallel-size", "2"],
-                                    ["--expert-model-parallel-size", "2"]],
-                         ids=["tp2_sp", "pp2", "ep2_dp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--tensor-model-parallel-size", "2", "--sequence-parallel"],
+        ["--pipeline-model-parallel-size", "2"],
+        ["--expert-model-parallel-size", "2"],
+    ],
+    ids=["tp2_sp", "pp2", "ep2_dp2"],
+)
 def test_parallel_layouts_same_losses(tmp_path, layout):
     # Random initialisation depends on the pipeline split (as in Megatron-LM), so both runs
     # start from the same weights: a 1-step checkpoint loaded with --finetune.
@@ -101,8 +122,20 @@ def test_stage1_freezes_text_weights(tmp_path, megatron_single_process):
     before, after = tmp_path / "before", tmp_path / "after"
     pretrain(1, BASE + ["--train-iters", "1", "--lr-warmup-iters", "0", "--save", str(before)])
     # A new stage starts from the previous stage's weights with a fresh optimizer (--finetune).
-    pretrain(1, BASE + ["--train-iters", "3", "--load", str(before), "--save", str(after),
-                        "--finetune", "stage.preset=stage1"])
+    pretrain(
+        1,
+        BASE
+        + [
+            "--train-iters",
+            "3",
+            "--load",
+            str(before),
+            "--save",
+            str(after),
+            "--finetune",
+            "stage.preset=stage1",
+        ],
+    )
     w0, w1 = _model_tensors(before), _model_tensors(after)
     from megatron_navil.config import get_flavor
     from megatron_navil.training.stages import classify
@@ -121,17 +154,24 @@ def test_stage1_freezes_text_weights(tmp_path, megatron_single_process):
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     m = tmp_path / "m.jsonl"
     with pytest.raises(AssertionError) as err:
-        pretrain(1, BASE + ["--train-iters", "20", "--lr", "1e12", "--clip-grad", "0",
-                            "--metrics-file", str(m)])
+        pretrain(
+            1,
+            BASE
+            + ["--train-iters", "20", "--lr", "1e12", "--clip-grad", "0", "--metrics-file", str(m)],
+        )
     assert "steps in a row had a non-finite loss or gradient norm" in str(err.value)
     rec = metrics(m)
     assert rec[-1]["skipped_steps"] == 3 and rec[-1]["loss"] is None
 
 
-@pytest.mark.parametrize("saved, loaded", [
-    (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], []),
-    ([], ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
-], ids=["tp2pp2_to_tp1pp1", "tp1pp1_to_tp2pp2"])
+@pytest.mark.parametrize(
+    "saved, loaded",
+    [
+        (["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], []),
+        ([], ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    ],
+    ids=["tp2pp2_to_tp1pp1", "tp1pp1_to_tp2pp2"],
+)
 def test_reshard_resume_same_next_step_loss(tmp_path, saved, loaded):
     """Model AND optimizer state saved at one layout resume at another: the next step's loss
     equals the one obtained by resuming at the saving layout (1e-5 relative)."""

@@ -21,8 +21,22 @@ pytestmark = pytest.mark.processes  # every test here starts a process
 
 def test_save_hf_writes_the_checkpoints_hf_copy(tmp_path):
     ck = tmp_path / "ck"
-    pretrain(2, BASE + ["--train-iters", "4", "--save", str(ck), "--save-interval", "2", "--save-hf",
-                        "--tensor-model-parallel-size", "2", "checkpoint.keep_last=1"])
+    pretrain(
+        2,
+        BASE
+        + [
+            "--train-iters",
+            "4",
+            "--save",
+            str(ck),
+            "--save-interval",
+            "2",
+            "--save-hf",
+            "--tensor-model-parallel-size",
+            "2",
+            "checkpoint.keep_last=1",
+        ],
+    )
     names = sorted(p.name for p in ck.iterdir() if p.is_dir())
     assert names == ["hf_iter_0000004", "iter_0000004"], names  # step 2 and its copy pruned
     hf = ck / "hf_iter_0000004"

@@ -21,13 +21,17 @@ from tests.training.test_pretrain import BASE
 
 pytestmark = pytest.mark.processes  # every test here starts a process
 
-WORDS = ("a photo of the cat coffee cup rocket camera man standing near with red blue green "
-         "small large image picture showing on in at day night").split()
+WORDS = (
+    "a photo of the cat coffee cup rocket camera man standing near with red blue green "
+    "small large image picture showing on in at day night"
+).split()
 
 
 def _tokenizer(path, seed_word: int):
-    texts = [" ".join(WORDS[(seed_word * k + j * 3) % len(WORDS)] for j in range(6 + k % 9)) + "."
-             for k in range(300)]
+    texts = [
+        " ".join(WORDS[(seed_word * k + j * 3) % len(WORDS)] for j in range(6 + k % 9)) + "."
+        for k in range(300)
+    ]
     tok = train_sentencepiece(texts, vocab_size=300)
     tok.save(str(path))
     return tok
@@ -47,17 +51,27 @@ def test_checkpoint_carries_its_tokenizer(tmp_path):
     assert len(json.loads((it / "navil_checkpoint.json").read_text())["tokenizer_sha256"]) == 64
 
     hf_copy = ck / "hf_iter_0000002"
-    assert (hf_copy / "tokenizer.model").read_bytes() == (tmp_path / "tok/tokenizer.model").read_bytes()
+    assert (hf_copy / "tokenizer.model").read_bytes() == (
+        tmp_path / "tok/tokenizer.model"
+    ).read_bytes()
     assert check_release(hf_copy) == []
-    rc, out, _ = run_cli(["navil-to-hf", "--load", ck, "--output", tmp_path / "hf", "--no-progress"])
+    rc, out, _ = run_cli(
+        ["navil-to-hf", "--load", ck, "--output", tmp_path / "hf", "--no-progress"]
+    )
     assert rc == 0 and "release check OK" in out, out
     assert (tmp_path / "hf/tokenizer.model").exists()
 
     # resuming (the same command) with another tokenizer is refused, checkpoint untouched
     _tokenizer(tmp_path / "other", 5)
     before = {p: p.read_bytes() for p in ck.rglob("*") if p.is_file()}
-    bad = BASE + ["--tokenizer-model", str(tmp_path / "other"), "--save", str(ck),
-                  "--train-iters", "3"]
+    bad = BASE + [
+        "--tokenizer-model",
+        str(tmp_path / "other"),
+        "--save",
+        str(ck),
+        "--train-iters",
+        "3",
+    ]
     with pytest.raises(AssertionError) as err:
         pretrain(1, bad)
     msg = str(err.value)

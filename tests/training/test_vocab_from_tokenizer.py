@@ -22,7 +22,9 @@ WORDS = "a photo of the cat cup rocket camera man near with red blue green small
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    texts = [" ".join(WORDS[(5 * k + j) % len(WORDS)] for j in range(5 + k % 7)) for k in range(200)]
+    texts = [
+        " ".join(WORDS[(5 * k + j) % len(WORDS)] for j in range(5 + k % 7)) for k in range(200)
+    ]
     d = tmp_path_factory.mktemp("tok")
     tok = train_sentencepiece(texts, vocab_size=320)
     tok.save(str(d))
@@ -44,16 +46,31 @@ def test_vocabulary_comes_from_the_tokenizer(tok_dir):
     d, tok = tok_dir
     for path in (d, d / "tokenizer.model"):  # a directory, or the bare sentencepiece model
         llm = _cfg(path).resolve().llm
-        assert (llm.vocab_size, llm.first_special_token_id) == (tok.vocab_size, tok.first_special_token_id)
+        assert (llm.vocab_size, llm.first_special_token_id) == (
+            tok.vocab_size,
+            tok.first_special_token_id,
+        )
     assert tok.vocab_size < 512  # the debug flavor's default really is overridden
     _cfg(d).validate()
 
 
 def test_agreeing_overrides_are_kept_and_padding_rows_allowed(tok_dir):
     d, tok = tok_dir
-    llm = _cfg(d, **{"llm.first_special_token_id": tok.first_special_token_id,
-                     "llm.vocab_size": tok.vocab_size + 40}).resolve().llm
-    assert (llm.vocab_size, llm.first_special_token_id) == (tok.vocab_size + 40, tok.first_special_token_id)
+    llm = (
+        _cfg(
+            d,
+            **{
+                "llm.first_special_token_id": tok.first_special_token_id,
+                "llm.vocab_size": tok.vocab_size + 40,
+            },
+        )
+        .resolve()
+        .llm
+    )
+    assert (llm.vocab_size, llm.first_special_token_id) == (
+        tok.vocab_size + 40,
+        tok.first_special_token_id,
+    )
     # a model whose special tokens sit where the tokenizer has them keeps its padded rows
     # (the debug flavor's 512, like Qwen3's 151936 for 151681 ids)
     llm = _cfg(d, **{"llm.first_special_token_id": tok.first_special_token_id}).resolve().llm
@@ -62,10 +79,15 @@ def test_agreeing_overrides_are_kept_and_padding_rows_allowed(tok_dir):
 
 def test_contradictions_are_one_clear_error(tok_dir):
     d, tok = tok_dir
-    with pytest.raises(ConfigError, match=rf"first_special_token_id=500 contradicts .* start at "
-                                          rf"{tok.first_special_token_id}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"first_special_token_id=500 contradicts .* start at "
+        rf"{tok.first_special_token_id}",
+    ):
         _cfg(d, **{"llm.first_special_token_id": 500}).resolve()
-    with pytest.raises(ConfigError, match=rf"vocab_size=10 is smaller than .*\({tok.vocab_size} ids\)"):
+    with pytest.raises(
+        ConfigError, match=rf"vocab_size=10 is smaller than .*\({tok.vocab_size} ids\)"
+    ):
         _cfg(d, **{"llm.vocab_size": 10}).resolve()
     with pytest.raises(ConfigError, match="--tokenizer-model .*missing"):
         _cfg(d / "missing").resolve()

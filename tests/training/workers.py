@@ -21,4 +21,6 @@ def read_checkpoint_weights(root: str) -> dict[str, torch.Tensor]:
     cfg = NaViLModelConfig.from_dict(meta["model"])
     model = canonical_model(cfg)
     ckpt.load_model(root, [model], cfg)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    return {
+        k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
+    }

@@ -61,10 +61,14 @@ def main():
     cfg = get_flavor(a.flavor)
     if a.override:
         cfg = cfg.apply_overrides(dict(kv.split("=", 1) for kv in a.override))
-    par = ParallelConfig(tensor_model_parallel_size=a.tp, pipeline_model_parallel_size=a.pp,
-                         expert_model_parallel_size=a.ep, sequence_parallel=a.sp,
-                         recompute_granularity=a.recompute,
-                         virtual_pipeline_model_parallel_size=a.vpp)
+    par = ParallelConfig(
+        tensor_model_parallel_size=a.tp,
+        pipeline_model_parallel_size=a.pp,
+        expert_model_parallel_size=a.ep,
+        sequence_parallel=a.sp,
+        recompute_granularity=a.recompute,
+        virtual_pipeline_model_parallel_size=a.vpp,
+    )
     initialize_model_parallel(par, seed=7)
     chunks = build_model(cfg, par, PrecisionConfig())
     model = chunks[0]
@@ -86,20 +90,33 @@ def main():
     ddp = wrap_ddp(chunks)
     # Data parallel ranks split the step's micro-batches; the per-token loss normalisation over
     # DP must make the gradients equal to the single-process step over all of them.
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    dp, dp_rank = (
+        parallel_state.get_data_parallel_world_size(),
+        parallel_state.get_data_parallel_rank(),
+    )
     if a.micro_batches % dp:
-        raise SystemExit(f"--micro-batches {a.micro_batches} must be divisible by DP={dp}: every "
-                         "rank of an expert-parallel group runs the same number of micro-batches")
+        raise SystemExit(
+            f"--micro-batches {a.micro_batches} must be divisible by DP={dp}: every "
+            "rank of an expert-parallel group runs the same number of micro-batches"
+        )
     batches = test_batches(cfg, a.seq_length, a.micro_batches)[dp_rank::dp]
     reports = forward_backward(ddp, batches, a.seq_length)
     losses = [(r["lm loss"][0] / r["lm loss"][1]).item() for r in reports]
-    grads = {(i, n): p.main_grad.detach().clone()
-             for i, d in enumerate(ddp) for n, p in d.module.named_parameters()}
+    grads = {
+        (i, n): p.main_grad.detach().clone()
+        for i, d in enumerate(ddp)
+        for n, p in d.module.named_parameters()
+    }
 
     rank = torch.distributed.get_rank()
-    result = {"losses": losses, "rank": rank, "dp_rank": dp_rank,
-              "sequence_parallel": model.config.sequence_parallel,
-              "pp_last": parallel_state.is_pipeline_last_stage(), "grad_diff": {}}
+    result = {
+        "losses": losses,
+        "rank": rank,
+        "dp_rank": dp_rank,
+        "sequence_parallel": model.config.sequence_parallel,
+        "pp_last": parallel_state.is_pipeline_last_stage(),
+        "grad_diff": {},
+    }
     if a.mode == "reference":
         with torch.no_grad():
             for n, p in model.named_parameters():
