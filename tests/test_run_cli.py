@@ -110,3 +110,18 @@ def test_every_console_script_uses_run_cli(tmp_path, capsys, monkeypatch):
         == 0
     )
     assert len(list((tmp_path / "c" / "images").iterdir())) == 2
+
+
+def test_in_process_scripts_leave_the_callers_process_group(megatron_single_process, tmp_path):
+    """A console script called in-process (a test, a notebook) while the caller holds Megatron's
+    process groups fails on bad input without tearing those groups down; before the fix the
+    demo's cleanup destroyed the session's groups and broke every later test of this process."""
+    from megatron.core import parallel_state
+
+    from megatron_navil.cli.caption import main as caption
+    from megatron_navil.cli.demo import main as demo
+
+    assert demo(["--flavor", "no-such-flavor"]) == 2
+    missing = str(tmp_path / "none")
+    assert caption(["--load", missing, "--tokenizer-model", missing, "--image", "x.png"]) == 2
+    assert parallel_state.model_parallel_is_initialized()

@@ -72,9 +72,9 @@ def _main(argv) -> int:
 
 def main(argv=None) -> int:
     from megatron_navil.utils.cli import run_cli
-    from megatron_navil.utils.distributed import destroy
+    from megatron_navil.utils.distributed import teardown_if_new
 
-    return run_cli(_main, argv, interrupted="interrupted", cleanup=destroy)
+    return run_cli(_main, argv, interrupted="interrupted", cleanup=teardown_if_new())
 
 
 if __name__ == "__main__":

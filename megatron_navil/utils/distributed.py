@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,6 +106,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def teardown_if_new() -> Callable[[], None]:
+    """A cleanup for a console script's `main`: it destroys the process group only when none
+    existed at the time of this call, so a script called in-process (tests, notebooks) never tears
+    down state its caller owns."""
+    owned_by_caller = torch.distributed.is_initialized()
+    return (lambda: None) if owned_by_caller else destroy
 
 
 def destroy() -> None:
