@@ -17,6 +17,7 @@ TOP = ("megatron_navil", "checkpoint_tools", "data_tools")
 
 LAYERS = [
     {"errors"},
+    {"backbones"},
     {"config"},
     {"utils"},
     {"batch"},

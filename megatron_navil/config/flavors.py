@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from megatron_navil.backbones import get_backbone
 from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import (
     ConnectorConfig,
@@ -29,7 +30,7 @@ SCALING_LAW_POINTS: tuple[tuple[float, float], ...] = ((0.5, 0.3), (1.8, 0.6), (
 
 
 def _debug(backbone: str) -> NaViLModelConfig:
-    qwen = backbone == "qwen3"
+    family = get_backbone(backbone)
     return NaViLModelConfig(
         vision=VisionConfig(
             hidden_size=32, num_layers=2, num_attention_heads=2, ffn_hidden_size=64
@@ -43,19 +44,20 @@ def _debug(backbone: str) -> NaViLModelConfig:
             num_attention_heads=4,
             num_query_groups=2,
             kv_channels=16,
-            qk_layernorm=qwen,
+            qk_layernorm=family.qk_layernorm,
             vocab_size=512,
             first_special_token_id=500,
             rope_theta=10000.0,
-            norm_eps=1e-6 if qwen else 1e-5,
+            # the base models' values (InternLM2 1e-5, Qwen3 1e-6)
+            norm_eps=1e-5 if backbone == "internlm2" else 1e-6,
             max_sequence_length=2048,
             make_vocab_size_divisible_by=8,
         ),
-        experts=ExpertConfig(output_proj_mode="separate" if qwen else "composed"),
+        experts=ExpertConfig(output_proj_mode=family.output_proj_mode),
         # Small images keep the debug model fast: 16..1024 patches of 16 px.
         min_dynamic_patch=16,
         max_dynamic_patch=1024,
-        template="qwen3-chat" if qwen else "internlm2-chat",
+        template=family.template,
     )
 
 

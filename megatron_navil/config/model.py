@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from megatron_navil.backbones import BACKBONE_NAMES
 from megatron_navil.config.base import ConfigBase, ConfigError
 
 # Special tokens, in the row order of the released `special_token_embedding` table. The token id
@@ -134,8 +135,8 @@ class ConnectorConfig(ConfigBase):
 class LLMConfig(ConfigBase):
     """The language model backbone (InternLM2-style for 2B, Qwen3-style for 9B)."""
 
-    backbone: Literal["internlm2", "qwen3"] = "internlm2"
-    """Which released layout the HF checkpoint uses (key names, fused/separate qkv)."""
+    backbone: Literal[BACKBONE_NAMES] = "internlm2"
+    """The LLM family (megatron_navil/backbones): HF key names, q/k/v layout, its defaults."""
     num_layers: int = 24
     """Decoder layers."""
     hidden_size: int = 2048

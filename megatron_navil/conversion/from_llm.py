@@ -30,7 +30,7 @@ import torch
 
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
-from megatron_navil.conversion.hf_llm import EMBED, HEAD, HFLLM, IGNORED_SUFFIXES
+from megatron_navil.conversion.hf_llm import HFLLM, IGNORED_SUFFIXES
 from megatron_navil.conversion.plan import hf_shapes
 
 _VE = re.compile(r"_ve(?=\.|$)")
@@ -78,21 +78,18 @@ class LLMAsNaViLSource:
             )
         self.llm, self.cfg, self.visual, self.seed = llm, cfg, visual_experts, seed
         self.shapes = hf_shapes(cfg)
-        self.dtype = dtype or llm.weights.info(EMBED[llm.backbone])[1]
+        self.dtype = dtype or llm.weights.info(llm.embed_key)[1]
         self._mean: Optional[torch.Tensor] = None
-        embed, head = (
-            "language_model." + EMBED[llm.backbone],
-            "language_model." + HEAD[llm.backbone],
-        )
+        names = llm.family.names
         self.rows_from = {
-            embed: EMBED[llm.backbone],
-            head: EMBED[llm.backbone] if llm.tied else HEAD[llm.backbone],
+            "language_model." + names.embed: llm.embed_key,
+            "language_model." + names.head: llm.head_key,
         }
         used = {self._text_name(n) for n in self.shapes if n.startswith("language_model.")}
         used.discard(None)
         have = {n for n in llm.weights.names() if not n.endswith(IGNORED_SUFFIXES)}
         if llm.tied:
-            have.discard(HEAD[llm.backbone])
+            have.discard(names.head)
         self._check(used, have)
 
     def _check(self, used: set, have: set) -> None:
@@ -100,7 +97,7 @@ class LLMAsNaViLSource:
         if missing:
             raise ConversionError(
                 f"{self.llm.dir} lacks {', '.join(missing[:6])} (needed by a "
-                f"{self.cfg.llm.num_layers}-layer {self.llm.backbone} LLM)"
+                f"{self.cfg.llm.num_layers}-layer {self.llm.family.display_name} LLM)"
             )
         if extra:
             raise ConversionError(
@@ -149,17 +146,13 @@ class LLMAsNaViLSource:
             return fresh_tensor(name, shape, self.cfg, self.seed).to(self.dtype)
         t = self.llm.weights.load(self._text_name(name)).to(self.dtype)
         if name in self.rows_from and t.shape[0] < shape[0]:
-            mean = (
-                self._mean_row()
-                if self.rows_from[name] == EMBED[self.llm.backbone]
-                else _row_mean(t)
-            )
+            mean = self._mean_row() if self.rows_from[name] == self.llm.embed_key else _row_mean(t)
             t = torch.cat([t, mean.to(self.dtype).expand(shape[0] - t.shape[0], -1)])
         return t
 
     def _mean_row(self) -> torch.Tensor:
         if self._mean is None:
-            self._mean = _row_mean(self.llm.weights.load(EMBED[self.llm.backbone]))
+            self._mean = _row_mean(self.llm.weights.load(self.llm.embed_key))
         return self._mean
 
 

@@ -12,8 +12,9 @@ section; reading it uses the release's own semantics:
 - `vision_config.window_size` counts PATCHES in the release (ours: pixels = patches x patch_size);
   `fullatt_block_indexes: null` means every layer attends fully, and the released encoder still
   permutes patches into window order (our `keep_window_order = true`), see docs/model.md.
-- experts on in attention and FFN; output projection `composed` (InternLM2, 2B) or `separate`
-  (Qwen3, 9B); per-head q/k norm for Qwen3 only.
+- experts on in attention and FFN; the output projection mode, per-head q/k norm and template
+  are the LLM family's (megatron_navil/backbones: InternLM2 `composed`, Qwen3 `separate` + q/k
+  norm).
 - the first special-token id is not in config.json (the release reads it from the tokenizer):
   the caller passes it (navil-convert finds it in the directory's tokenizer files).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from megatron_navil.backbones import FAMILIES, Backbone, get_backbone, identify
 from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import (
     ConnectorConfig,
@@ -31,9 +33,11 @@ from megatron_navil.config.model import (
     VisionConfig,
 )
 from megatron_navil.conversion.errors import ConversionError
-from megatron_navil.conversion.released import LLM_ARCHITECTURES, auto_map, raster_window_patches
+from megatron_navil.conversion.released import auto_map, raster_window_patches
 
 EXTENSION = "megatron_navil"
+TOP, VISION, LLM = "config.json: ", "config.json: vision_config.", "config.json: llm_config."
+"""Where a key of a NaViL config.json sits, as error messages name it (a prefix of the key)."""
 
 
 def to_hf_config(
@@ -73,33 +77,12 @@ def to_hf_config(
         "drop_path_rate": 0.0,
         "torch_dtype": torch_dtype,
     }
-    lm = {
-        "architectures": [LLM_ARCHITECTURES[llm.backbone]],
-        "model_type": llm.backbone,
-        "hidden_size": llm.hidden_size,
-        "intermediate_size": llm.ffn_hidden_size,
-        "num_attention_heads": llm.num_attention_heads,
-        "num_key_value_heads": llm.num_query_groups,
-        "num_hidden_layers": llm.num_layers,
-        "rms_norm_eps": llm.norm_eps,
-        "rope_theta": llm.rope_theta,
-        "vocab_size": llm.vocab_size,
-        "max_position_embeddings": llm.max_sequence_length,
-        "hidden_act": "silu",
-        "initializer_range": llm.init_method_std,
-        "tie_word_embeddings": False,
-        "rope_scaling": None,
-        "torch_dtype": torch_dtype,
-    }
-    if llm.backbone == "internlm2":
-        lm["bias"] = False
-    else:
-        lm.update(head_dim=llm.kv_channels, attention_bias=False)
+    lm = hf_llm_config(llm, torch_dtype)
     return {
         "architectures": ["NaViL"],
         "model_type": "navil_chat",
         "torch_dtype": torch_dtype,
-        "auto_map": auto_map(llm.backbone, local=local_code),
+        "auto_map": auto_map(get_backbone(llm.backbone), local=local_code),
         "vision_config": vision,
         "llm_config": lm,
         "force_image_size": unit,
@@ -134,39 +117,75 @@ def to_hf_config(
     }
 
 
-HF_LLM_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "initializer_range": 0.02}
-"""What transformers uses when an LLM config.json leaves these out: the defaults of
-Qwen3Config (transformers 4.51) and of InternLM2's InternLM2Config, equal for these keys. Both
-readers (a NaViL config's llm_config here, a plain LLM's config.json in llm-to-navil) fall back
-to them, so a converted model runs what transformers would run from the same file."""
-
-
-def hf_llm_value(c: dict, key: str) -> Any:
-    """`c[key]` of an HF LLM config, or transformers' default (HF_LLM_DEFAULTS) when absent."""
-    value = c.get(key)
-    return HF_LLM_DEFAULTS[key] if value is None else value
-
-
 def _get(d: dict, key: str, where: str, default: Any = ...) -> Any:
+    """`d[key]`, or `default`; without a default a missing key is an error naming it
+    (`where` + key: `where` is the file and section prefix, e.g. VISION)."""
     if key in d and d[key] is not None:
         return d[key]
     if default is ...:
-        raise ConversionError(f"config.json: {where}.{key} is missing; is this a NaViL HF config?")
+        raise ConversionError(f"{where}{key} is missing")
     return default
 
 
-def backbone_of(llm_config: dict) -> str:
-    names = (
-        " ".join(llm_config.get("architectures") or [])
-        + " "
-        + str(llm_config.get("model_type", ""))
-    )
-    for backbone, arch in (("internlm2", "internlm2"), ("qwen3", "qwen3")):
-        if arch in names.lower():
-            return backbone
-    raise ConversionError(
-        f"config.json: llm_config describes {names.strip()!r}; supported LLM "
-        "backbones are InternLM2 and Qwen3"
+def hf_llm_config(llm: LLMConfig, torch_dtype: Optional[str] = None) -> dict[str, Any]:
+    """The HF `llm_config` of an LLM section (usual HF names, plus the family's own keys)."""
+    family = get_backbone(llm.backbone)
+    lm = {
+        "architectures": [family.released_architecture],
+        "model_type": family.hf_model_type,
+        "hidden_size": llm.hidden_size,
+        "intermediate_size": llm.ffn_hidden_size,
+        "num_attention_heads": llm.num_attention_heads,
+        "num_key_value_heads": llm.num_query_groups,
+        "num_hidden_layers": llm.num_layers,
+        "rms_norm_eps": llm.norm_eps,
+        "rope_theta": llm.rope_theta,
+        "vocab_size": llm.vocab_size,
+        "max_position_embeddings": llm.max_sequence_length,
+        "hidden_act": "silu",
+        "initializer_range": llm.init_method_std,
+        "tie_word_embeddings": False,
+        "rope_scaling": None,
+    }
+    if torch_dtype is not None:
+        lm["torch_dtype"] = torch_dtype
+    if family.head_dim_key:
+        lm[family.head_dim_key] = llm.kv_channels
+    return {**lm, **family.hf_config_extras}
+
+
+def backbone_of(llm_config: dict) -> Backbone:
+    """The LLM family an HF LLM config describes; ConversionError when it is none of ours."""
+    family = identify(llm_config)
+    if family is None:
+        names = " ".join(llm_config.get("architectures") or [])
+        names += " " + str(llm_config.get("model_type", ""))
+        supported = " and ".join(b.display_name for b in FAMILIES.values())
+        raise ConversionError(
+            f"config.json: llm_config describes {names.strip()!r}; supported LLM "
+            f"backbones are {supported}"
+        )
+    return family
+
+
+def llm_shape_from_hf(c: dict, family: Backbone, where: str) -> dict[str, Any]:
+    """The shape fields of an LLM section from an HF LLM config (`c`), the one reader of both a
+    NaViL llm_config and a plain LLM's config.json: the usual HF names, transformers' defaults
+    of the family where a key is absent (rope_theta, rms_norm_eps, initializer_range)."""
+    heads = _get(c, "num_attention_heads", where)
+    hidden = _get(c, "hidden_size", where)
+    head_dim = c.get(family.head_dim_key) if family.head_dim_key else None
+    return dict(
+        num_layers=_get(c, "num_hidden_layers", where),
+        hidden_size=hidden,
+        ffn_hidden_size=_get(c, "intermediate_size", where),
+        num_attention_heads=heads,
+        num_query_groups=_get(c, "num_key_value_heads", where, heads),
+        kv_channels=head_dim or hidden // heads,
+        qk_layernorm=family.qk_layernorm,
+        rope_theta=float(family.hf_value(c, "rope_theta")),
+        norm_eps=float(family.hf_value(c, "rms_norm_eps")),
+        init_method_std=float(family.hf_value(c, "initializer_range")),
     )
 
 
@@ -182,36 +201,38 @@ def from_hf_config(d: dict, first_special_token_id: Optional[int] = None) -> NaV
             raise ConversionError(
                 f"config.json: {key} = {d[key]!r} is not supported (only {want!r})"
             )
-    vd, ld = _get(d, "vision_config", "config"), _get(d, "llm_config", "config")
+    vd, ld = _get(d, "vision_config", TOP), _get(d, "llm_config", TOP)
     ext = d.get(EXTENSION) or {}
-    backbone = backbone_of(ld)
+    family = backbone_of(ld)
     first = ext.get("first_special_token_id", first_special_token_id)
     if first is None:
         raise ConversionError(
             "config.json does not say where the special tokens start and no "
             "tokenizer file lists </box>; pass --first-special-token-id"
         )
-    patch = _get(vd, "patch_size", "vision_config")
-    layers = _get(vd, "num_hidden_layers", "vision_config")
-    window = _get(vd, "window_size", "vision_config", 0) * patch
+    patch = _get(vd, "patch_size", VISION)
+    layers = _get(vd, "num_hidden_layers", VISION)
+    window = _get(vd, "window_size", VISION, 0) * patch
     full = vd.get("fullatt_block_indexes")
     if "window_size" in ext:  # ours: the model's own window, whatever the released field says
         window, full = ext["window_size"], ext.get("fullatt_block_indexes", [])
-    heads = _get(ld, "num_attention_heads", "llm_config")
-    hidden = _get(ld, "hidden_size", "llm_config")
+    shape = llm_shape_from_hf(ld, family, LLM)
+    if "kv_channels" in ext:  # ours: exact even where the family writes no head_dim
+        shape["kv_channels"] = ext["kv_channels"]
+    shape["qk_layernorm"] = bool(ext.get("qk_layernorm", family.qk_layernorm))
     try:
         cfg = NaViLModelConfig(
             vision=VisionConfig(
-                hidden_size=_get(vd, "hidden_size", "vision_config"),
+                hidden_size=_get(vd, "hidden_size", VISION),
                 num_layers=layers,
-                num_attention_heads=_get(vd, "num_attention_heads", "vision_config"),
-                ffn_hidden_size=_get(vd, "intermediate_size", "vision_config"),
+                num_attention_heads=_get(vd, "num_attention_heads", VISION),
+                ffn_hidden_size=_get(vd, "intermediate_size", VISION),
                 patch_size=patch,
-                num_channels=_get(vd, "num_channels", "vision_config", 3),
-                qkv_bias=bool(_get(vd, "qkv_bias", "vision_config", False)),
-                qk_normalization=bool(_get(vd, "qk_normalization", "vision_config", False)),
-                layerscale_init=float(_get(vd, "initializer_factor", "vision_config", 0.1)),
-                norm_eps=float(_get(vd, "layer_norm_eps", "vision_config", 1e-6)),
+                num_channels=_get(vd, "num_channels", VISION, 3),
+                qkv_bias=bool(_get(vd, "qkv_bias", VISION, False)),
+                qk_normalization=bool(_get(vd, "qk_normalization", VISION, False)),
+                layerscale_init=float(_get(vd, "initializer_factor", VISION, 0.1)),
+                norm_eps=float(_get(vd, "layer_norm_eps", VISION, 1e-6)),
                 rope_theta=float(ext.get("vision_rope_theta", 10000.0)),
                 window_size=window,
                 fullatt_block_indexes=tuple(full)
@@ -220,48 +241,30 @@ def from_hf_config(d: dict, first_special_token_id: Optional[int] = None) -> NaV
                 if window
                 else (),
                 keep_window_order=bool(ext.get("keep_window_order", window > 0)),
-                init_method_std=float(_get(vd, "initializer_range", "vision_config", 0.02)),
+                init_method_std=float(_get(vd, "initializer_range", VISION, 0.02)),
             ),
             connector=ConnectorConfig(
-                merge_size=round(1.0 / _get(d, "downsample_ratio", "config", 0.5)),
+                merge_size=round(1.0 / _get(d, "downsample_ratio", TOP, 0.5)),
                 layernorm_eps=float(ext.get("connector_layernorm_eps", 1e-5)),
             ),
             llm=LLMConfig(
-                backbone=backbone,
-                num_layers=_get(ld, "num_hidden_layers", "llm_config"),
-                hidden_size=hidden,
-                ffn_hidden_size=_get(ld, "intermediate_size", "llm_config"),
-                num_attention_heads=heads,
-                num_query_groups=_get(ld, "num_key_value_heads", "llm_config", heads),
-                kv_channels=ext.get(
-                    "kv_channels", _get(ld, "head_dim", "llm_config", hidden // heads)
-                ),
-                qk_layernorm=bool(ext.get("qk_layernorm", backbone == "qwen3")),
-                vocab_size=_get(ld, "vocab_size", "llm_config"),
+                backbone=family.name,
+                **shape,
+                vocab_size=_get(ld, "vocab_size", LLM),
                 first_special_token_id=int(first),
-                rope_theta=float(hf_llm_value(ld, "rope_theta")),
-                norm_eps=float(hf_llm_value(ld, "rms_norm_eps")),
-                max_sequence_length=_get(ld, "max_position_embeddings", "llm_config", 8192),
-                init_method_std=float(hf_llm_value(ld, "initializer_range")),
+                max_sequence_length=_get(ld, "max_position_embeddings", LLM, 8192),
                 make_vocab_size_divisible_by=ext.get("make_vocab_size_divisible_by", 128),
             ),
             experts=ExpertConfig(
                 attention_experts=ext.get("attention_experts", True),
                 ffn_experts=ext.get("ffn_experts", True),
-                output_proj_mode=ext.get(
-                    "output_proj_mode", "composed" if backbone == "internlm2" else "separate"
-                ),
+                output_proj_mode=ext.get("output_proj_mode", family.output_proj_mode),
                 visual_init=ext.get("visual_init", "copy"),
             ),
-            min_dynamic_patch=_get(d, "min_dynamic_patch", "config", 256),
-            max_dynamic_patch=_get(d, "max_dynamic_patch", "config", 24576),
-            scale_downsample_ratio=float(_get(d, "scale_downsample_ratio", "config", 0.7071)),
-            template=_get(
-                d,
-                "template",
-                "config",
-                "internlm2-chat" if backbone == "internlm2" else "qwen3-chat",
-            ),
+            min_dynamic_patch=_get(d, "min_dynamic_patch", TOP, 256),
+            max_dynamic_patch=_get(d, "max_dynamic_patch", TOP, 24576),
+            scale_downsample_ratio=float(_get(d, "scale_downsample_ratio", TOP, 0.7071)),
+            template=_get(d, "template", TOP, family.template),
         )
         cfg.validate()
     except (ConfigError, TypeError) as e:

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from megatron_navil.backbones import Backbone
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
-from megatron_navil.conversion.hf_config import backbone_of, hf_llm_value
+from megatron_navil.conversion.hf_config import backbone_of, llm_shape_from_hf
 from megatron_navil.conversion.outputs import read_json
 from megatron_navil.conversion.safetensors_io import SafetensorsDir
 from megatron_navil.conversion.tokenizer_files import first_special_token_id as listed_first_id
@@ -31,8 +32,6 @@ from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-EMBED = {"internlm2": "model.tok_embeddings.weight", "qwen3": "model.embed_tokens.weight"}
-HEAD = {"internlm2": "output.weight", "qwen3": "lm_head.weight"}
 # Buffers some exports include; they are recomputed, never learned.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -42,14 +41,28 @@ class HFLLM:
     """A plain HF LLM directory, validated."""
 
     dir: Path
-    backbone: str
+    family: Backbone
     config: dict
     weights: SafetensorsDir
     tied: bool
 
     @property
+    def backbone(self) -> str:
+        """The family's name (`llm.backbone`)."""
+        return self.family.name
+
+    @property
+    def embed_key(self) -> str:
+        return self.family.names.embed
+
+    @property
+    def head_key(self) -> str:
+        """Where the output projection is read from: the embedding when they are tied."""
+        return self.embed_key if self.tied else self.family.names.head
+
+    @property
     def embedding_rows(self) -> int:
-        return self.weights.info(EMBED[self.backbone])[0][0]
+        return self.weights.info(self.embed_key)[0][0]
 
 
 def read_hf_llm(directory: Path) -> HFLLM:
@@ -59,22 +72,23 @@ def read_hf_llm(directory: Path) -> HFLLM:
     c = read_json(directory / "config.json", "an HF LLM directory needs its config.json")
     if c.get("model_type") == "navil_chat":
         raise ConversionError(f"{directory} is already a NaViL model; use hf-to-navil")
-    backbone = backbone_of(c)
+    family = backbone_of(c)
     weights = SafetensorsDir(directory)
-    if EMBED[backbone] not in weights:
+    embed, head = family.names.embed, family.names.head
+    if embed not in weights:
         raise ConversionError(
-            f"{directory} has no {EMBED[backbone]}: not an {backbone} checkpoint in the HF layout"
+            f"{directory} has no {embed}: not an {family.display_name} checkpoint in the HF layout"
         )
     tied = bool(c.get("tie_word_embeddings", False))
-    if not tied and HEAD[backbone] not in weights:
+    if not tied and head not in weights:
         raise ConversionError(
-            f"{directory} has no {HEAD[backbone]} and config.json does not tie the embeddings"
+            f"{directory} has no {head} and config.json does not tie the embeddings"
         )
-    rows = weights.info(EMBED[backbone])[0][0]
+    rows = weights.info(embed)[0][0]
     if c.get("vocab_size", rows) != rows:
         raise ConversionError(
             f"{directory}/config.json says vocab_size {c['vocab_size']}, but "
-            f"{EMBED[backbone]} has {rows} rows"
+            f"{embed} has {rows} rows"
         )
     if c.get("rope_scaling"):
         log.warning(
@@ -82,7 +96,7 @@ def read_hf_llm(directory: Path) -> HFLLM:
             directory,
             c["rope_scaling"],
         )
-    return HFLLM(directory, backbone, c, weights, tied)
+    return HFLLM(directory, family, c, weights, tied)
 
 
 def tokenizer_vocab_end(directory: Path) -> Optional[int]:
@@ -139,27 +153,11 @@ def navil_config_for(
             f"special tokens would start at id {first}, past the {rows} embedding "
             "rows of the LLM; pass --first-special-token-id <= rows"
         )
-    heads = c.get("num_attention_heads")
-    hidden = c.get("hidden_size")
-    if not heads or not hidden or "num_hidden_layers" not in c or "intermediate_size" not in c:
-        raise ConversionError(
-            f"{llm.dir}/config.json lacks hidden_size / num_attention_heads / "
-            "num_hidden_layers / intermediate_size"
-        )
     new_llm = dataclasses.replace(
         flavor.llm,
-        num_layers=c["num_hidden_layers"],
-        hidden_size=hidden,
-        ffn_hidden_size=c["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=c.get("num_key_value_heads") or heads,
-        kv_channels=c.get("head_dim") or hidden // heads,
-        qk_layernorm=llm.backbone == "qwen3",
+        **llm_shape_from_hf(c, llm.family, f"{llm.dir}/config.json: "),
         vocab_size=max(rows, first + len(SPECIAL_TOKENS)),
         first_special_token_id=first,
-        rope_theta=float(hf_llm_value(c, "rope_theta")),
-        norm_eps=float(hf_llm_value(c, "rms_norm_eps")),
-        init_method_std=float(hf_llm_value(c, "initializer_range")),
     )
     changed = [
         f"{f.name} {getattr(flavor.llm, f.name)} -> {getattr(new_llm, f.name)}"

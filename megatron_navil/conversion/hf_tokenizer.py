@@ -47,21 +47,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_navil.backbones import FAMILIES, by_template
 from megatron_navil.config.model import SPECIAL_TOKENS
 
 TOKENIZER_CLASS = "GemmaTokenizer"
 """The transformers class named in our tokenizer_config.json (slow, sentencepiece, no remote
 code)."""
 STYLES = {
-    "internlm2": "internlm2",
-    "qwen3": "qwen3",
-    "internlm2-chat": "internlm2",
-    "qwen3-chat": "qwen3",
+    name: family.chat_style
+    for family in FAMILIES.values()
+    for name in (family.chat_style, family.template)
 }
 """Chat styles (megatron_navil.data.chat_template) by style or NaViL template name."""
 SPECIAL_TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>")
 """Template markers registered as special (skip_special_tokens drops them, as Qwen's and
 InternLM2's tokenizers do); `<think>` / `</think>` are added tokens but not special (Qwen3)."""
+
+
+def _adds_bos(style: str) -> bool:
+    """Whether the tokenizer of the family with this chat style prepends BOS."""
+    family = by_template(style)
+    if family is None:
+        raise ValueError(f"unknown chat style {style!r}")
+    return family.add_bos
 
 
 def chat_style(name: Optional[str]) -> Optional[str]:
@@ -168,7 +176,7 @@ def sentencepiece_hf_files(
     decoder = {i: _added(t, special) for t, (i, special) in _added_tokens(tok).items()}
     extra = [t for t in tok.template_tokens if t in SPECIAL_TEMPLATE_TOKENS] + list(SPECIAL_TOKENS)
     if style is not None:
-        add_bos, template = style == "internlm2", chat_template_jinja(style)
+        add_bos, template = _adds_bos(style), chat_template_jinja(style)
     else:
         add_bos, template = (
             bool(previous.get("add_bos_token", False)),

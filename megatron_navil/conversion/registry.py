@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megatron_navil.backbones import expert_name, get_backbone
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.transforms import (
     REPLICATED,
     GatedMLP,
@@ -112,85 +114,66 @@ def connector_mappings() -> list[ParamMapping]:
     ]
 
 
-def _hf_llm_names(cfg: NaViLModelConfig) -> dict[str, object]:
-    """The backbone's HF names for each role (text weights; `_ve` suffixes added below)."""
-    if cfg.llm.backbone == "internlm2":
-        p = "language_model.model.layers.*."
-        return dict(
-            embed="language_model.model.tok_embeddings.weight",
-            head="language_model.output.weight",
-            norm="language_model.model.norm.weight",
-            attn_norm=p + "attention_norm.weight",
-            ffn_norm=p + "ffn_norm.weight",
-            qkv=lambda ve: (f"{p}attention.wqkv{ve}.weight",),
-            proj=lambda ve: f"{p}attention.wo{ve}.weight",
-            qnorm=None,
-            knorm=None,
-            gate_up=lambda ve: (f"{p}feed_forward{ve}.w1.weight", f"{p}feed_forward{ve}.w3.weight"),
-            down=lambda ve: f"{p}feed_forward{ve}.w2.weight",
-        )
-    p = "language_model.model.layers.*."
-    return dict(
-        embed="language_model.model.embed_tokens.weight",
-        head="language_model.lm_head.weight",
-        norm="language_model.model.norm.weight",
-        attn_norm=p + "input_layernorm.weight",
-        ffn_norm=p + "post_attention_layernorm.weight",
-        qkv=lambda ve: tuple(f"{p}self_attn.{x}_proj{ve}.weight" for x in "qkv"),
-        proj=lambda ve: f"{p}self_attn.o_proj{ve}.weight",
-        qnorm=lambda ve: f"{p}self_attn.q_norm{ve}.weight",
-        knorm=lambda ve: f"{p}self_attn.k_norm{ve}.weight",
-        gate_up=lambda ve: (f"{p}mlp{ve}.gate_proj.weight", f"{p}mlp{ve}.up_proj.weight"),
-        down=lambda ve: f"{p}mlp{ve}.down_proj.weight",
-    )
+_RELEASE_LLM = "language_model."
+"""Prefix of the LLM's parameters in the NaViL release (the family's own names follow it)."""
+
+
+def _qkv_transform(cfg: NaViLModelConfig) -> Transform:
+    """How the family's stored q/k/v become Megatron's grouped rows (backbones.QKVLayout)."""
+    llm, layout = cfg.llm, get_backbone(cfg.llm.backbone).qkv_layout
+    if layout == "fused_grouped":  # already Megatron's grouped row layout
+        return IDENTITY
+    if layout == "separate":
+        return GroupedQKV(groups=llm.num_query_groups, head_dim=llm.kv_channels)
+    raise ConversionError(f"no q/k/v transform for the layout {layout!r}")
 
 
 def llm_mappings(cfg: NaViLModelConfig, padded_vocab: int) -> list[ParamMapping]:
     llm, experts = cfg.llm, cfg.experts
-    n = _hf_llm_names(cfg)
+    n = get_backbone(llm.backbone).names
+
+    def hf(name: str, visual: bool = False) -> str:
+        return _RELEASE_LLM + expert_name(name, visual)
+
     vocab = PadVocab(vocab=llm.vocab_size, padded=padded_vocab)
-    # InternLM2's fused wqkv already has Megatron's grouped row layout.
-    qkv = (
-        IDENTITY
-        if llm.backbone == "internlm2"
-        else GroupedQKV(groups=llm.num_query_groups, head_dim=llm.kv_channels)
-    )
+    qkv = _qkv_transform(cfg)
     group_rows = (llm.num_attention_heads // llm.num_query_groups + 2) * llm.kv_channels
     qkv_tp, proj_tp = TPSplit(axis=0, unit=group_rows), TPSplit(axis=1, unit=llm.kv_channels)
     ml = "language_model.decoder.layers.*."
     out = [
-        _m("language_model.embedding.weight", n["embed"], transform=vocab, tp=COLUMN),
+        _m("language_model.embedding.weight", hf(n.embed), transform=vocab, tp=COLUMN),
         _m("language_model.special_token_embedding.weight", "special_token_embedding.weight"),
-        _m("language_model.output_layer.weight", n["head"], transform=vocab, tp=COLUMN),
-        _m("language_model.decoder.final_layernorm.weight", n["norm"]),
-        _m(ml + "input_layernorm.weight", n["attn_norm"]),
-        _m(ml + "pre_mlp_layernorm.weight", n["ffn_norm"]),
+        _m("language_model.output_layer.weight", hf(n.head), transform=vocab, tp=COLUMN),
+        _m("language_model.decoder.final_layernorm.weight", hf(n.final_norm)),
+        _m(ml + "input_layernorm.weight", hf(n.attn_norm)),
+        _m(ml + "pre_mlp_layernorm.weight", hf(n.ffn_norm)),
     ]
-    modalities = [("text", ""), ("visual", "_ve")] if experts.attention_experts else [(None, "")]
+    modalities = (
+        [("text", False), ("visual", True)] if experts.attention_experts else [(None, False)]
+    )
     for name, ve in modalities:
         sub = f".{name}" if name else ""
+        qkv_hf = tuple(hf(x, ve) for x in n.qkv)
         out.append(
-            _m(
-                f"{ml}self_attention.linear_qkv{sub}.weight",
-                *n["qkv"](ve),
-                transform=qkv,
-                tp=qkv_tp,
-            )
+            _m(f"{ml}self_attention.linear_qkv{sub}.weight", *qkv_hf, transform=qkv, tp=qkv_tp)
         )
-        out.append(_m(f"{ml}self_attention.linear_proj{sub}.weight", n["proj"](ve), tp=proj_tp))
+        out.append(_m(f"{ml}self_attention.linear_proj{sub}.weight", hf(n.proj, ve), tp=proj_tp))
         if llm.qk_layernorm:
-            out.append(_m(f"{ml}self_attention.q_layernorm{sub}.weight", n["qnorm"](ve)))
-            out.append(_m(f"{ml}self_attention.k_layernorm{sub}.weight", n["knorm"](ve)))
+            if n.q_norm is None or n.k_norm is None:
+                raise ConversionError(
+                    f"llm.qk_layernorm is on, but {llm.backbone} checkpoints have no q/k norm"
+                )
+            out.append(_m(f"{ml}self_attention.q_layernorm{sub}.weight", hf(n.q_norm, ve)))
+            out.append(_m(f"{ml}self_attention.k_layernorm{sub}.weight", hf(n.k_norm, ve)))
     ffn = (
-        [(f"{ml}mlp.experts.local_experts.{i}.", ve) for i, ve in enumerate(["", "_ve"])]
+        [(f"{ml}mlp.experts.local_experts.{i}.", ve) for i, ve in enumerate([False, True])]
         if experts.ffn_experts
-        else [(f"{ml}mlp.", "")]
+        else [(f"{ml}mlp.", False)]
     )
     for prefix, ve in ffn:
-        out.append(
-            _m(prefix + "linear_fc1.weight", *n["gate_up"](ve), transform=GatedMLP(), tp=SWIGLU)
-        )
-        out.append(_m(prefix + "linear_fc2.weight", n["down"](ve), tp=ROW))
+        gate_up = tuple(hf(x, ve) for x in n.gate_up)
+        out.append(_m(prefix + "linear_fc1.weight", *gate_up, transform=GatedMLP(), tp=SWIGLU))
+        out.append(_m(prefix + "linear_fc2.weight", hf(n.down, ve), tp=ROW))
     return out
 
 

@@ -10,12 +10,11 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from megatron_navil.backbones import FAMILIES, by_released_architecture
 from megatron_navil.config.model import SPECIAL_TOKENS
 from megatron_navil.conversion.hf_config import EXTENSION, from_hf_config
 from megatron_navil.conversion.released import (
     AUTO_MAP,
-    LLM_ARCHITECTURES,
-    RELEASED_REPOS,
     RELEASED_TEMPLATES,
     REQUIRED_LLM,
     REQUIRED_TOP,
@@ -60,12 +59,10 @@ def check_config(d: dict) -> list[str]:
         if llm.get(k) is None
     ]
     arch = (llm.get("architectures") or [None])[0]
-    backbone = next((b for b, a in LLM_ARCHITECTURES.items() if a == arch), None)
-    if llm and backbone is None:
-        out.append(
-            f"llm_config.architectures: {arch!r}; the released code accepts "
-            f"{' or '.join(LLM_ARCHITECTURES.values())}"
-        )
+    family = by_released_architecture(arch)
+    if llm and family is None:
+        accepted = " or ".join(b.released_architecture for b in FAMILIES.values())
+        out.append(f"llm_config.architectures: {arch!r}; the released code accepts {accepted}")
     if d.get("template") is not None and d["template"] not in RELEASED_TEMPLATES:
         out.append(
             f"template: {d['template']!r} is not a released conversation template; use one "
@@ -89,12 +86,12 @@ def check_config(d: dict) -> list[str]:
         elif (
             ref is not None
             and "--" in ref
-            and backbone is not None
-            and ref.split("--")[0] != RELEASED_REPOS[backbone]
+            and family is not None
+            and ref.split("--")[0] != family.released_repo
         ):
             out.append(
-                f"auto_map.{key}: {ref.split('--')[0]} does not hold the {backbone} code; "
-                f"use {RELEASED_REPOS[backbone]}"
+                f"auto_map.{key}: {ref.split('--')[0]} does not hold the {family.name} code; "
+                f"use {family.released_repo}"
             )
     ext = d.get(EXTENSION) or {}
     if ext.get("attention_experts") is False or ext.get("ffn_experts") is False:

@@ -3,6 +3,8 @@ checks a directory against them, hf_config.py writes config.json by them).
 
 Facts about the release (OpenGVLab/NaViL-2B and -9B on the Hugging Face hub, transformers 4.51;
 read for understanding, none of its code is shipped here):
+- the repositories and `llm_config.architectures` of each LLM family are in
+  megatron_navil/backbones (`released_repo`, `released_architecture`).
 - config.json's `auto_map` names `configuration_navil_chat.NaViLChatConfig` and
   `modeling_navil_chat.NaViL`; the hub code is per backbone (the 9B files import only the Qwen3
   LLM, the 2B files InternLM2), so an export points at the repository of its own family, in
@@ -26,10 +28,9 @@ from __future__ import annotations
 
 import math
 
+from megatron_navil.backbones import Backbone
 from megatron_navil.config.model import NaViLModelConfig
 
-RELEASED_REPOS = {"internlm2": "OpenGVLab/NaViL-2B", "qwen3": "OpenGVLab/NaViL-9B"}
-"""Hub repositories whose remote code loads an export of each LLM family."""
 AUTO_MAP = {
     "AutoConfig": "configuration_navil_chat.NaViLChatConfig",
     "AutoModel": "modeling_navil_chat.NaViL",
@@ -48,8 +49,6 @@ RELEASED_TEMPLATES = (
     "qwen3-chat",
 )
 """Conversation templates the released conversation.py registers."""
-LLM_ARCHITECTURES = {"internlm2": "InternLM2VEForCausalLM", "qwen3": "Qwen3VEForCausalLM"}
-"""llm_config.architectures of each LLM family in the release."""
 MAX_ASPECT_RATIO = 200
 GENERATION_CONFIG = {"_from_model_config": True, "transformers_version": "4.51.0"}
 """generation_config.json as the release writes it (generation settings come from the chat code)."""
@@ -96,12 +95,12 @@ REQUIRED_LLM = (
 )
 
 
-def auto_map(backbone: str, local: bool = False) -> dict[str, str]:
-    """config.json `auto_map`: the family's hub code, or (`local`) files beside config.json."""
+def auto_map(family: Backbone, local: bool = False) -> dict[str, str]:
+    """config.json `auto_map`: the family's hub code (its `released_repo`), or (`local`) files
+    beside config.json."""
     if local:
         return dict(AUTO_MAP)
-    repo = RELEASED_REPOS[backbone]
-    return {k: f"{repo}--{v}" for k, v in AUTO_MAP.items()}
+    return {k: f"{family.released_repo}--{v}" for k, v in AUTO_MAP.items()}
 
 
 def widest_merged_tokens(cfg: NaViLModelConfig) -> int:

@@ -31,14 +31,11 @@ import shutil
 
 import pytest
 
+from megatron_navil.backbones import get_backbone
 from megatron_navil.config import get_flavor
 from megatron_navil.conversion.hf_config import EXTENSION, from_hf_config, to_hf_config
 from megatron_navil.conversion.release import check_config, check_release
-from megatron_navil.conversion.released import (
-    RELEASED_REPOS,
-    raster_window_patches,
-    widest_merged_tokens,
-)
+from megatron_navil.conversion.released import raster_window_patches, widest_merged_tokens
 from megatron_navil.data.layout import multiscale_plan, resize_for_scale
 from tests.checkpoint_tools.plain_llm import make_llm_dir
 
@@ -131,7 +128,7 @@ def test_released_style_configs_pass(flavor, repo):
     d = to_hf_config(get_flavor(flavor), "bfloat16")
     del d[EXTENSION]
     d["vision_config"].update(window_size=8, fullatt_block_indexes=None)
-    assert RELEASED_REPOS[get_flavor(flavor).llm.backbone] == repo
+    assert get_backbone(get_flavor(flavor).llm.backbone).released_repo == repo
     assert d["auto_map"] == {
         "AutoConfig": f"{repo}--configuration_navil_chat.NaViLChatConfig",
         "AutoModel": f"{repo}--modeling_navil_chat.NaViL",
