@@ -22,7 +22,7 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from data_tools import FORMAT_VERSION
-from data_tools.cli_common import Progress, UsageError, write_text
+from data_tools.cli_common import UsageError, write_text
 from data_tools.images import ImageLimits
 from data_tools.inputs import discover, iter_records, partition_bounds
 from data_tools.parallel import ordered_map
@@ -33,6 +33,7 @@ from data_tools.worker import Result, WorkerConfig, init_worker, process_chunk
 from megatron_navil.data.chat_template import CHAT_ENCODING_VERSION
 from megatron_navil.utils.cli import run_cli
 from megatron_navil.utils.logging import get_logger
+from megatron_navil.utils.progress import Progress
 
 logger = get_logger(__name__)
 

@@ -15,12 +15,13 @@ import json
 import os
 from typing import Iterator, Optional, Sequence
 
-from data_tools.cli_common import Progress, UsageError, format_table, write_text
+from data_tools.cli_common import UsageError, format_table, write_text
 from data_tools.inputs import discover, iter_records
 from data_tools.samples import IMAGE_PLACEHOLDER, Reject, parse_record
 from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError, train_sentencepiece
 from megatron_navil.utils.cli import run_cli
 from megatron_navil.utils.logging import get_logger
+from megatron_navil.utils.progress import Progress
 
 logger = get_logger(__name__)
 

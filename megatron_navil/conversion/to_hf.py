@@ -31,7 +31,6 @@ from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.hf_config import to_hf_config
 from megatron_navil.conversion.outputs import check_free, staged, write_json
 from megatron_navil.conversion.plan import hf_shapes, megatron_shapes, pairs
-from megatron_navil.conversion.progress import ByteProgress
 from megatron_navil.conversion.release import check_release
 from megatron_navil.conversion.released import CODE_FILES, GENERATION_CONFIG
 from megatron_navil.conversion.safetensors_io import DEFAULT_SHARD_BYTES, ShardedSafetensorsWriter
@@ -43,6 +42,7 @@ from megatron_navil.conversion.tokenizer_files import (
 )
 from megatron_navil.utils.logging import get_logger
 from megatron_navil.utils.memory import release_freed_memory
+from megatron_navil.utils.progress import Progress
 
 log = get_logger(__name__)
 Weights = Union[str, Path, Mapping[str, torch.Tensor], list]
@@ -188,7 +188,7 @@ def export_hf(
     plan = [(n, out_dtype(p), shapes[n]) for p in plan_pairs for n in p.hf]
     with staged(out_dir, overwrite) as tmp:
         writer = ShardedSafetensorsWriter(tmp, plan, max_shard_bytes)
-        bar = ByteProgress(f"writing {out_dir.name}", writer.total_bytes, enabled=progress)
+        bar = Progress(f"writing {out_dir.name}", writer.total_bytes, "B", enabled=progress)
         try:
             for p in plan_pairs:
                 nbytes = 0

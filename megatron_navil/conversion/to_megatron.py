@@ -30,7 +30,6 @@ from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.layout import canonical_sharded_layout
 from megatron_navil.conversion.outputs import check_free, staged, write_json
 from megatron_navil.conversion.plan import Source, check_layout, check_source, pairs
-from megatron_navil.conversion.progress import ByteProgress
 from megatron_navil.conversion.tokenizer_files import (
     check_tokenizer,
     has_tokenizer,
@@ -38,6 +37,7 @@ from megatron_navil.conversion.tokenizer_files import (
 )
 from megatron_navil.utils.dtypes import dtype_name
 from megatron_navil.utils.logging import get_logger
+from megatron_navil.utils.progress import Progress
 
 log = get_logger(__name__)
 
@@ -95,7 +95,7 @@ def write_megatron_checkpoint(
     total = sum(math.prod(s) * d.itemsize for s, d in layout.params.values())
     with staged(Path(root), overwrite) as tmp:
         it = iteration_dir(tmp, step)
-        bar = ByteProgress(f"writing {Path(root).name}", total, enabled=progress)
+        bar = Progress(f"writing {Path(root).name}", total, "B", enabled=progress)
         write_dist_checkpoint(it, layout, produce, bar.update)
         bar.close()
         meta = {

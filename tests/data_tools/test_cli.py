@@ -20,9 +20,9 @@ import pytest
 from PIL import Image
 
 from data_tools import inspector, preprocess, tokenizer_cli
-from data_tools.cli_common import Progress
 from megatron_navil.config import SPECIAL_TOKENS
 from megatron_navil.data.tokenizer import NaViLTokenizer
+from megatron_navil.utils.progress import Progress
 from tests.data_tools.conftest import preprocess_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -116,7 +116,7 @@ def test_progress_logs_periodically_when_not_interactive():
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    log = logging.getLogger("navil.data_tools.cli_common")
+    log = logging.getLogger("navil.utils.progress")
     log.addHandler(handler)
     try:
         p = Progress("job", log_every_s=0.0, interactive=False)
@@ -126,6 +126,14 @@ def test_progress_logs_periodically_when_not_interactive():
         log.removeHandler(handler)
     assert records and "job: 5 samples" in records[0].getMessage()
     assert "written=4" in records[0].getMessage()
+
+
+def test_byte_progress_line_counts_gigabytes():
+    """The conversions' unit: bytes shown as GB of the total, with the share and the rate."""
+    p = Progress("writing", total=4_000_000_000, unit="B", interactive=False, log_every_s=1e9)
+    p.update(1_000_000_000)
+    assert p.line().startswith("writing: 1.00 / 4.00 GB (25%), ")
+    assert p.close() >= 0
 
 
 def test_tokenizer_cli_train_and_info(corpus, tmp_path, capsys):
