@@ -13,7 +13,6 @@ the logits differ beyond the tolerance. Outputs appear only when complete (temp 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import warnings
@@ -252,6 +251,7 @@ def run(a) -> int:
         return _print_release_check(a.hf_dir, check_release(a.hf_dir))
     else:
         from megatron_navil.conversion.verify import verify
+        from megatron_navil.utils.files import write_json_atomic
 
         r = verify(
             a.load,
@@ -264,7 +264,7 @@ def run(a) -> int:
             dtype=_dtype(a.dtype),
         )
         if a.json:
-            a.json.write_text(json.dumps(r.__dict__, indent=2) + "\n")
+            write_json_atomic(a.json, r.__dict__, indent=2)
         print(
             f"{'OK' if r.ok else 'MISMATCH'}: {r.positions} positions, max |logit diff| "
             f"{r.max_abs_diff:.3g} (atol {a.atol:g}), KL mean {r.mean_kl:.3g} max {r.max_kl:.3g} "

@@ -8,12 +8,10 @@ traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from megatron_navil.errors import UserError
-from megatron_navil.utils.files import write_text_atomic
 from megatron_navil.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -21,11 +19,6 @@ logger = get_logger(__name__)
 
 class UsageError(UserError):
     """A data tool's flag, path or flag combination that cannot work (exit 2)."""
-
-
-def write_json_atomic(path: str, obj: Any, *, indent: Optional[int] = None) -> None:
-    """Write JSON to `path` via a temporary name + rename, so readers never see half a file."""
-    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 def write_text(text: str) -> None:

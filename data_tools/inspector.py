@@ -22,8 +22,9 @@ import textwrap
 from collections import Counter
 from typing import Any, Optional, Sequence
 
-from data_tools.cli_common import UsageError, format_table, write_json_atomic, write_text
+from data_tools.cli_common import UsageError, format_table, write_text
 from megatron_navil.utils.cli import run_cli
+from megatron_navil.utils.files import atomic_writer, write_json_atomic
 from megatron_navil.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -178,7 +179,7 @@ def render(
             f"<pre>{html.escape(text)}</pre><details><summary>index entry</summary>"
             f"<pre>{html.escape(meta)}</pre></details></div>"
         )
-    with open(os.path.join(out_dir, "index.html"), "w", encoding="utf-8") as f:
+    with atomic_writer(os.path.join(out_dir, "index.html")) as f:
         f.write(
             "<!doctype html><meta charset=utf-8><title>navil-inspect</title>"
             "<style>img{max-width:100%}pre{white-space:pre-wrap}</style>\n"

@@ -15,8 +15,8 @@ from collections import Counter
 from typing import Any, Optional
 
 from data_tools import FORMAT_VERSION
-from data_tools.cli_common import UsageError, format_table, write_json_atomic
-from megatron_navil.utils.files import write_text_atomic
+from data_tools.cli_common import UsageError, format_table
+from megatron_navil.utils.files import atomic_writer, write_json_atomic, write_text_atomic
 
 PARTITIONS_DIR = "partitions"
 
@@ -69,14 +69,12 @@ def try_merge(out_dir: str, num_partitions: int) -> Optional[dict[str, Any]]:
         "kinds": dict(sum((Counter(r["kinds"]) for r in reports), Counter())),
         "settings_fingerprint": reports[0]["settings_fingerprint"],
     }
-    tmp = os.path.join(out_dir, f"rejected.jsonl.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as out:
+    with atomic_writer(os.path.join(out_dir, "rejected.jsonl")) as out:
         for i in range(num_partitions):
             with open(
                 partition_report_path(out_dir, i)[:-5] + ".rejected.jsonl", encoding="utf-8"
             ) as f:
                 out.write(f.read())
-    os.replace(tmp, os.path.join(out_dir, "rejected.jsonl"))
     manifest = {
         "format_version": FORMAT_VERSION,
         "created_by": "navil-preprocess",

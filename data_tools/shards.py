@@ -17,8 +17,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from data_tools.cli_common import write_json_atomic
-from megatron_navil.utils.files import write_text_atomic
+from megatron_navil.utils.files import write_json_atomic, write_text_atomic
 
 DALI_INDEX_VERSION = "v1.2"
 """Header of DALI's webdataset index format (what its `wds2idx` writes)."""

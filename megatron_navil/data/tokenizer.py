@@ -26,6 +26,7 @@ import sentencepiece as spm
 
 from megatron_navil.config import SPECIAL_TOKENS, ConfigError
 from megatron_navil.errors import UserError
+from megatron_navil.utils.files import write_bytes_atomic, write_json_atomic
 
 TEMPLATE_TOKENS = ("<|im_start|>", "<|im_end|>", "<think>", "</think>")
 """Chat-template markers reserved as atomic pieces when training a fresh model."""
@@ -207,11 +208,8 @@ class NaViLTokenizer:
 
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, MODEL_FILE), "wb") as f:
-            f.write(self._proto)
-        with open(os.path.join(directory, META_FILE), "w", encoding="utf-8") as f:
-            json.dump(self.metadata(), f, indent=2)
-            f.write("\n")
+        write_bytes_atomic(os.path.join(directory, MODEL_FILE), self._proto)
+        write_json_atomic(os.path.join(directory, META_FILE), self.metadata(), indent=2)
 
     @classmethod
     def load(cls, path: str) -> "NaViLTokenizer":
