@@ -78,7 +78,7 @@ class MetricsWriter:
                     and math.isfinite(v)
                 ):
                     self.tb.add_scalar(f"train/{k}" if k != "valid_loss" else "valid/loss", v, step)
-        line = _format(record)
+        line = format_record(record)
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(line, refresh=False)
@@ -103,7 +103,14 @@ def _jsonable(record: dict) -> dict:
     return out
 
 
-def _format(r: dict) -> str:
+def _rate(tflops: float) -> str:
+    """Model FLOP rate per device in a unit that shows digits: TFLOP/s on GPUs, GFLOP/s where
+    a step reaches less than 1 TFLOP/s (CPU runs, which printed `0.00 TFLOP/s`)."""
+    return f"{tflops:.2f} TFLOP/s" if tflops >= 1.0 else f"{tflops * 1e3:.2f} GFLOP/s"
+
+
+def format_record(r: dict) -> str:
+    """The human line of one step's record (the log line and the progress bar's postfix)."""
     parts = [f"loss {r['loss']:.4f}" if r.get("loss") is not None else "loss -"]
     if r.get("valid_loss") is not None:
         parts.append(f"valid {r['valid_loss']:.4f}")
@@ -111,7 +118,7 @@ def _format(r: dict) -> str:
         f"gnorm {r['grad_norm']:.3f}" if r.get("grad_norm") is not None else "gnorm -",
         f"lr {r['lr']:.2e}",
         f"{r['tokens_per_s']:.0f} tok/s",
-        f"{r['tflops_per_gpu']:.2f} TFLOP/s",
+        _rate(r["tflops_per_gpu"]),
     ]
     if r.get("mfu") is not None:
         parts.append(f"MFU {100 * r['mfu']:.1f}%")
