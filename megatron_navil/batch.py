@@ -32,6 +32,8 @@ from megatron_navil.config.model import NaViLModelConfig
 
 @dataclass
 class NaViLBatch:
+    """One packed THD micro-batch (the module docstring's table is the contract of each field)."""
+
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor

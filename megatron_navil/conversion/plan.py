@@ -27,6 +27,11 @@ from megatron_navil.conversion.transforms import TPSplit, Transform
 
 
 class Source(Protocol):
+    """What a converter reads tensors from (an HF safetensors directory, a Megatron checkpoint, a
+    plain LLM seen as NaViL): names, shape/dtype without loading, one tensor at a time, and a
+    description for messages. One tensor at a time keeps a conversion's memory at the largest
+    tensor."""
+
     def names(self) -> list[str]: ...
     def info(self, name: str) -> tuple[tuple[int, ...], torch.dtype]: ...
     def load(self, name: str) -> torch.Tensor: ...
@@ -35,6 +40,9 @@ class Source(Protocol):
 
 @dataclass(frozen=True)
 class Pair:
+    """One concrete parameter of a conversion: a Megatron name, the HF names it is made of, the
+    transform between them and its TP split (a ParamMapping with its layer wildcard expanded)."""
+
     megatron: str
     hf: tuple[str, ...]
     transform: Transform

@@ -68,6 +68,10 @@ class Datasets:
 
 
 class PackBuilder:
+    """Turns a planned pack (global sample ids) into a NaViLBatch: reads the samples, decodes and
+    patchifies their images at the planned scales, tokenises the text with the image tokens in
+    place, pads to seq_length. Skips and truncations are recorded in the batch metadata."""
+
     def __init__(
         self,
         datasets: Datasets,

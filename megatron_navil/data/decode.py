@@ -49,6 +49,8 @@ _SPARE_SCALE = ImageScale(resized=(2, 2), padded=(32, 32), grid=(2, 2))
 
 @dataclass
 class ImageJob:
+    """One image to decode: its encoded bytes, the size the index recorded, the output scales."""
+
     data: bytes
     height: int
     """Decoded height the index records (after EXIF orientation)."""
@@ -59,6 +61,8 @@ class ImageJob:
 
 @dataclass
 class DecodeFailure:
+    """An image that could not be decoded; `reason` is counted in the skip report."""
+
     reason: str
 
 

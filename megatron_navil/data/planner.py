@@ -34,6 +34,8 @@ SKIP_OVERLONG = "overlong"
 
 @dataclass(frozen=True)
 class PlannedPack:
+    """One pack of the epoch plan: which samples, how many tokens, what is truncated or skipped."""
+
     samples: tuple[int, ...]
     """Global sample ids in pack order."""
     tokens: int
@@ -46,6 +48,10 @@ class PlannedPack:
 
 @dataclass(frozen=True)
 class PlanParams:
+    """The planner's inputs that change the plan (part of the loader state's fingerprint):
+    pack length, images per pack, the lookahead window of the greedy fill, the chunk size of the
+    incremental plan and what to do with a sample longer than a pack."""
+
     seq_length: int
     max_images: int
     window: int

@@ -23,6 +23,8 @@ from megatron_navil.data.chat_template import IMAGE_PLACEHOLDER, apply_chat_temp
 
 @dataclass
 class SampleTokens:
+    """One sample's token ids, its per-token target flags and where each image's tokens sit."""
+
     ids: list[int] = field(default_factory=list)
     target: list[int] = field(default_factory=list)
     """1 where the token is a training target, else 0; len == len(ids)."""

@@ -40,6 +40,9 @@ class LoaderStateError(UserError, ValueError):
 
 @dataclass
 class LoaderState:
+    """Where the loader is in the data, saved with every checkpoint (as JSON) for exact resume,
+    also at another data-parallel size."""
+
     epoch: int = 0
     """Epoch of the next micro-batch."""
     position: int = 0

@@ -49,6 +49,9 @@ def pixel_shuffle(x: torch.Tensor, merge_size: int) -> torch.Tensor:
 
 
 class NaViLReference(nn.Module):
+    """The whole NaViL model in plain PyTorch with the release's parameter names: the test oracle
+    of the Megatron model and of the conversion (no Megatron, no shared code with models/)."""
+
     def __init__(self, cfg: NaViLModelConfig):
         super().__init__()
         cfg.validate()

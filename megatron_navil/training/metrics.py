@@ -43,6 +43,9 @@ def reduce_step_sums(loss_reports: list[dict], extras: list[float]) -> list[floa
 
 
 class MetricsWriter:
+    """Rank 0's sink of step records: JSONL metrics file, TensorBoard, and a log line or tqdm
+    bar (the other ranks write nothing)."""
+
     def __init__(self, cfg: LoggingConfig, total_steps: int, start_step: int):
         self.cfg = cfg
         self.active = is_rank0()

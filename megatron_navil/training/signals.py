@@ -13,6 +13,9 @@ log = get_logger(__name__)
 
 
 class ExitSignalHandler:
+    """Records SIGTERM / SIGUSR1 (SLURM pre-emption) instead of dying, so the trainer can save a
+    checkpoint at the next step boundary and exit 0; `restore` puts the previous handlers back."""
+
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):

@@ -50,6 +50,10 @@ class TrainingStopped(UserError, RuntimeError):
 
 
 class Trainer:
+    """One navil-pretrain job: builds the parallel state, the model (Megatron-Core DDP chunks),
+    the optimizer and scheduler, the loader and the checkpointing from a PretrainConfig, then runs
+    the training loop with evaluation, metrics, periodic and signal-triggered saves."""
+
     def __init__(self, cfg: PretrainConfig):
         cfg.validate()
         self.cfg = cfg
