@@ -26,6 +26,11 @@ from megatron_navil.checkpoint.format import (
     resolve,
 )
 from megatron_navil.checkpoint.keys import EXTRA_STATE, load_model_state, model_sharded_state_dict
+from megatron_navil.checkpoint.optimizer_keys import (
+    leaf_keys,
+    match_stored_keys,
+    request_leaves,
+)
 from megatron_navil.checkpoint.tokenizer import copy_tokenizer, tokenizer_digest
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.utils.distributed import barrier, is_rank0
@@ -116,34 +121,35 @@ def _agree_on_failure(local_bad: int) -> int:
     return int(t.item())
 
 
-def _absent_keys(d: Path, sharded_state: dict) -> set[str]:
-    """Keys `sharded_state` requests that checkpoint `d` does not hold (after factories, as
-    dist_checkpointing resolves them), read from the checkpoint's metadata only."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedBase
+def _stored_keys(d: Path) -> set[str]:
+    """Every tensor/object key checkpoint `d` holds, from its metadata alone."""
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-    from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 
-    stored = {sh.key for sh in load_sharded_metadata(str(d)).values()}
-    requested, _, _ = load_preprocess(sharded_state)
-    return {x.key for x in nested_values(requested) if isinstance(x, ShardedBase)} - stored
+    return {sh.key for sh in load_sharded_metadata(str(d)).values()}
 
 
 def load(
-    path: Union[str, Path], sharded_state: dict, model_cfg: Optional[NaViLModelConfig] = None
+    path: Union[str, Path],
+    sharded_state: dict,
+    model_cfg: Optional[NaViLModelConfig] = None,
+    optional: Optional[Callable[[str], bool]] = None,
 ) -> tuple[dict, dict]:
     """Load a checkpoint into the structure `sharded_state` describes (any parallel layout).
 
-    Returns (loaded state dict, metadata). Requested tensors the checkpoint lacks are refused
-    before anything is read, on every rank, with one message naming how many and the first few.
-    Missing `_extra_state` entries are tolerated: Transformer Engine modules ask for their FP8
-    metadata, which checkpoints of the local backend and of navil-convert do not have (starting
-    GPU training from a converted LLM or from a CPU checkpoint); those modules keep their fresh
-    scaling state, as at initialisation.
+    Returns (loaded state dict, metadata). Request leaves stored under another spelling of the
+    same tensor (optimizer_keys.match_stored_keys) are renamed first. Requested tensors the
+    checkpoint lacks are refused before anything is read, on every rank, with one message naming
+    how many and the first few, except:
+    - `_extra_state` entries: Transformer Engine modules ask for their FP8 metadata, which
+      checkpoints of the local backend and of navil-convert do not have (starting GPU training
+      from a converted LLM or from a CPU checkpoint); those modules keep their fresh scaling
+      state, as at initialisation;
+    - keys for which `optional(key)` is true (the caller fills them in).
+    Leaves left out for either reason are absent from the returned state.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensorFactory
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     d = resolve(path)
@@ -151,25 +157,37 @@ def load(
     if model_cfg is not None:
         check_model_config(meta["model"], model_cfg, d)
     try:
-        absent = _absent_keys(d, sharded_state)
+        stored = _stored_keys(d)
     except Exception as e:
         raise CheckpointError(f"cannot read the metadata of {d}: {e}") from e
-    missing = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
+    renamed = match_stored_keys(sharded_state, stored)
+    if renamed:
+        log.info("%s: %d optimizer tensors matched under their older key names", d, renamed)
+
+    def is_leaf(x) -> bool:
+        return isinstance(x, (ShardedBase, ShardedTensorFactory))
+
+    def tolerated(key: str) -> bool:
+        return key.endswith(EXTRA_STATE) or (optional is not None and optional(key))
+
+    absent = {k for x in request_leaves(sharded_state) for k in leaf_keys(x) if k not in stored}
+    missing = sorted(k for k in absent if not tolerated(k))
     if _agree_on_failure(len(missing)):
         if missing:
             raise _missing_keys_error(d, missing)
         raise CheckpointError(f"cannot load {d}: another rank is missing tensors (see its error)")
-    extra = absent - set(missing)
-    if extra:
+    if absent:
         _, sharded_state = extract_matching_values(
-            sharded_state, lambda x: isinstance(x, ShardedObject) and x.key in extra
+            sharded_state, lambda x: is_leaf(x) and all(k in absent for k in leaf_keys(x))
         )
-        log.info(
-            "%s has no Transformer Engine metadata (_extra_state) for %d modules (a "
-            "local-backend or converted checkpoint): their FP8 scaling state starts fresh",
-            d,
-            len(extra),
-        )
+        extra = sum(k.endswith(EXTRA_STATE) for k in absent)
+        if extra:
+            log.info(
+                "%s has no Transformer Engine metadata (_extra_state) for %d modules (a "
+                "local-backend or converted checkpoint): their FP8 scaling state starts fresh",
+                d,
+                extra,
+            )
     try:
         state = dist_checkpointing.load(
             sharded_state, str(d), strict=StrictHandling.ASSUME_OK_UNEXPECTED

@@ -50,10 +50,17 @@ class MockPackLoader:
         return synthetic_batch(self.cfg, self.seq_length, g, samples, text_vocab=64)
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        # Global packs consumed, so a run resumed at another DP size continues the same stream.
+        return {"position": self.position, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        consumed = int(state["position"]) * int(state.get("dp_size", self.dp_size))
+        if consumed % self.dp_size:
+            raise ValueError(
+                f"mock data: {consumed} packs consumed do not divide over {self.dp_size} "
+                "data-parallel ranks"
+            )
+        self.position = consumed // self.dp_size
 
     @property
     def counters(self) -> dict:

@@ -1,8 +1,10 @@
 """The full training state as one sharded state dict (dist_checkpointing), and its restore.
 
 model / model{i}   model chunks (layout-free: loads at any TP/PP/EP)
-optimizer          Megatron optimizer state, "fully_reshardable" for the distributed
-                   optimizer so it also loads at another TP/PP/DP layout
+optimizer          Megatron optimizer state, one tensor per parameter and kind ("fully_reshardable"
+                   for the distributed optimizer), so it loads at any TP/PP/EP/DP layout and
+                   with either optimizer kind; its non-tensor part is rebuilt on load
+                   (training/optimizer_state.py)
 scheduler          LR/WD scheduler (common)
 train              step, consumed samples/tokens, skipped counters (common)
 data               the data loader's resume state (common: the loader plans globally)
@@ -20,13 +22,9 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from megatron_navil.checkpoint import (
-    SHARDING_METADATA,
-    load_model_state,
-    model_sharded_state_dict,
-)
-
-OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable", **SHARDING_METADATA}
+from megatron_navil.checkpoint import load_model_state, model_sharded_state_dict
+from megatron_navil.checkpoint.optimizer_keys import OPTIMIZER_SHARDING
+from megatron_navil.training import optimizer_state
 
 
 def rng_state() -> dict[str, Any]:
@@ -83,13 +81,29 @@ def train_sharded_state(
     return state
 
 
-def restore(loaded: dict, chunks: list, optimizer, scheduler) -> None:
-    """Put a loaded train state (from checkpoint.load) back into the live objects."""
+def capture_optimizer_template(request: dict) -> Optional[optimizer_state.OptimizerTemplate]:
+    """Before loading `request` (train_sharded_state(..., is_loading=True)): what `restore`
+    needs to rebuild the optimizer's non-tensor state in this run's layout."""
+    if "optimizer" not in request:
+        return None
+    model = {k: v for k, v in request.items() if k.startswith("model")}
+    return optimizer_state.capture(request["optimizer"], model)
+
+
+def restore(
+    loaded: dict,
+    chunks: list,
+    optimizer,
+    scheduler,
+    template: Optional[optimizer_state.OptimizerTemplate] = None,
+) -> None:
+    """Put a loaded train state (from checkpoint.load) back into the live objects. The model
+    goes first: a master copy the checkpoint lacks is taken from the loaded weights."""
     load_model_state(loaded, chunks)
-    if optimizer is not None and "optimizer" in loaded:
+    if optimizer is not None and template is not None:
         from megatron_navil.training.optimizer import unshare_adam_steps
 
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer.load_state_dict(optimizer_state.rebuild(template, loaded.get("optimizer")))
         unshare_adam_steps(optimizer)
     if scheduler is not None and "scheduler" in loaded:
         scheduler.load_state_dict(loaded["scheduler"])

@@ -34,11 +34,13 @@ from megatron_navil.training.optimizer import (
     guarded_step,
     prime_optimizer_state,
 )
+from megatron_navil.training.optimizer_state import master_copy_is_model_weight
 from megatron_navil.training.signals import ExitSignalHandler
 from megatron_navil.training.stages import apply_stage, experts_trainable
-from megatron_navil.training.state import restore, train_sharded_state
+from megatron_navil.training.state import capture_optimizer_template, restore, train_sharded_state
 from megatron_navil.training.step import forward_backward, wrap_ddp
 from megatron_navil.utils.distributed import initialize_model_parallel
+from megatron_navil.utils.dtypes import torch_dtype
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -132,8 +134,10 @@ class Trainer:
             data=None if finetune else {},
             include_rng=same_layout and not finetune,
         )
-        loaded, meta = ckpt.load(path, request, self.model_cfg)
-        restore(loaded, self.chunks, opt, sched)
+        template = capture_optimizer_template(request)
+        optional = master_copy_is_model_weight(torch_dtype(self.cfg.precision.params_dtype))
+        loaded, meta = ckpt.load(path, request, self.model_cfg, optional=optional)
+        restore(loaded, self.chunks, opt, sched, template)
         if finetune:
             log.info("loaded model weights from %s (step %d) for fine-tuning", path, meta["step"])
             return
