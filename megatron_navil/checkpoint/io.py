@@ -9,6 +9,8 @@ mid-save leaves the previous checkpoint usable.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -22,6 +24,7 @@ from megatron_navil.checkpoint.format import (
     TOKENIZER_DIR,
     CheckpointError,
     iteration_dir,
+    read_latest,
     read_metadata,
     resolve,
 )
@@ -33,11 +36,18 @@ from megatron_navil.checkpoint.optimizer_keys import (
 )
 from megatron_navil.checkpoint.tokenizer import copy_tokenizer, tokenizer_digest
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.errors import JobError
+from megatron_navil.utils.cli import error_line
 from megatron_navil.utils.distributed import barrier, is_rank0
 from megatron_navil.utils.files import write_text_atomic
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
+
+
+class SaveFailed(JobError):
+    """A checkpoint could not be written (disk full, I/O error). Exit 1: once the storage is
+    fixed, the same command resumes from the previous checkpoint."""
 
 
 def save(
@@ -58,13 +68,16 @@ def save(
     its files): copied into `iter_*/tokenizer/` before the metadata, its digest recorded, so
     the checkpoint carries the tokenizer it was trained with."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     d = iteration_dir(root, step)
     if is_rank0():
-        d.mkdir(parents=True, exist_ok=True)
         stale = d / METADATA
         if stale.exists():  # overwriting a step: it is incomplete until the metadata returns
             stale.unlink()
+        elif d.exists():  # the leftover of a killed or failed save: start it afresh
+            shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True, exist_ok=True)
     barrier()
     meta = {
         "format_version": FORMAT_VERSION,
@@ -86,7 +99,10 @@ def save(
                 on_complete(d)
 
     if async_queue is None:
-        dist_checkpointing.save(sharded_state, str(d))
+        try:
+            dist_checkpointing.save(sharded_state, str(d))
+        except (Exception, CheckpointException) as e:  # a write failed: say where, keep the rest
+            raise _write_failed(root, d, e) from e
         barrier()
         finalize()
         barrier()
@@ -95,6 +111,67 @@ def save(
         request.add_finalize_fn(finalize)
         async_queue.schedule_async_request(request)
     return d
+
+
+def _write_failed(root: Union[str, Path], d: Path, e: BaseException) -> SaveFailed:
+    """The one-line error of a failed save. Rank 0 removes the partial directory; the `latest`
+    pointer still names the previous complete checkpoint, which is untouched.
+
+    NOTE: no collective here. Megatron's writer makes every rank raise together when a shard
+    write fails; when only rank 0 fails (the metadata file), the others are left waiting and
+    the launcher (torchrun) stops them once this rank exits."""
+    why = _os_reason(e)
+    if why is None and _disk_full(d):
+        # torch.save's zip writer reports a failed write as a position mismatch, without errno
+        why = "No space left on device"
+    why = why or error_line(e)[:300]
+    if is_rank0():
+        shutil.rmtree(d, ignore_errors=True)
+    latest = read_latest(root)
+    kept = (
+        f"the previous checkpoint (step {latest}) is intact"
+        if latest is not None
+        else "no earlier checkpoint exists"
+    )
+    return SaveFailed(
+        f"cannot write checkpoint {d}: {why}; the partial directory was removed and {kept}; "
+        "free space or fix the storage, then re-run the same command to resume"
+    )
+
+
+def _disk_full(d: Path, slack: int = 1 << 20) -> bool:
+    """Is the file system holding `d` (nearly) full? Checked before the partial save is removed."""
+    try:
+        return shutil.disk_usage(d if d.exists() else d.parent).free < slack
+    except OSError:
+        return False
+
+
+def _os_reason(e: BaseException) -> Optional[str]:
+    """What the operating system said behind `e` ("No space left on device (path)"): an OSError
+    in its cause/context chain or among the per-rank failures of a torch.distributed.checkpoint
+    CheckpointException, or, once pickled across ranks or writer processes (which drops
+    `__cause__`), an "[Errno N] ..." in their messages."""
+    seen, stack, quoted = set(), [e], None
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.strerror:
+            return f"{x.strerror} ({x.filename})" if x.filename else x.strerror
+        found = _ERRNO.search(str(x))
+        quoted = quoted or (found.group(1).strip() if found else None)
+        stack += [x.__cause__, x.__context__]
+        failures = getattr(x, "failures", None)
+        if isinstance(failures, dict):  # rank -> exception, or (exception, traceback)
+            for f in failures.values():
+                parts = f if isinstance(f, tuple) else (f,)
+                stack += [p for p in parts if isinstance(p, BaseException)]
+    return quoted
+
+
+_ERRNO = re.compile(r"\[Errno \d+\] ([^\n;]+)")
 
 
 def _missing_keys_error(d: Path, keys: list[str]) -> CheckpointError:

@@ -110,6 +110,15 @@ class Trainer:
         c = self.cfg.checkpoint
         if c.save and ckpt.read_latest(c.save) is not None:
             return c.save  # re-running the same command resumes the run
+        if c.load and c.save and Path(c.load).resolve() == Path(c.save).resolve():
+            # `--load` = `--save` (Megatron-LM's requeue idiom) before any save completed, e.g.
+            # the job was killed during its first save: there is nothing to resume yet.
+            log.warning(
+                "no complete checkpoint in %s yet (was the first save interrupted?): starting "
+                "from step 0",
+                c.save,
+            )
+            return None
         return c.load
 
     def _maybe_resume(self) -> None:
