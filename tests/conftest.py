@@ -70,3 +70,37 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def pytest_sessionstart(session):
+    """Make this process the subreaper of everything the tests start (Linux), so a process
+    orphaned by a killed parent is re-parented here, not to init, and the check below sees it."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The suite leaves no process behind: a child of a test that outlives it (a trainer, a
+    worker, a helper of a killed job) fails the run, named, and is killed. The test process's
+    own multiprocessing helpers (resource tracker, Manager servers of in-process checkpoint
+    writes) are left to its normal exit."""
+    import psutil
+
+    me = psutil.Process()
+    leaked = []
+    for p in me.children(recursive=True):
+        try:
+            own_helper = p.ppid() == me.pid and "multiprocessing" in " ".join(p.cmdline())
+            if not own_helper and p.status() != psutil.STATUS_ZOMBIE:
+                leaked.append(f"{p.pid}: {' '.join(p.cmdline())[:160]}")
+                p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    if leaked:
+        session.config.get_terminal_writer().line(
+            "processes left behind by the tests (killed now):\n  " + "\n  ".join(leaked), red=True
+        )
+        session.exitstatus = 1

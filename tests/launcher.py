@@ -21,11 +21,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(
-    module: str, world_size: int, args: list[str], timeout: float = 600.0
-) -> list[tuple[int, str]]:
-    """Start `module` on `world_size` ranks (torchrun's env variables) and return each rank's
-    (exit code, stdout+stderr), failing or not."""
+def start_ranks(module: str, world_size: int, args: list[str]) -> list[subprocess.Popen]:
+    """Start `module` on `world_size` ranks (torchrun's env variables); output is piped."""
     port = str(free_port())
     procs = []
     for rank in range(world_size):
@@ -49,6 +46,15 @@ def run_ranks(
                 text=True,
             )
         )
+    return procs
+
+
+def run_ranks(
+    module: str, world_size: int, args: list[str], timeout: float = 600.0
+) -> list[tuple[int, str]]:
+    """Start `module` on `world_size` ranks and return each rank's (exit code, stdout+stderr),
+    failing or not."""
+    procs = start_ranks(module, world_size, args)
     results = []
     for rank, p in enumerate(procs):
         try:

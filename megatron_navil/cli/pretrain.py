@@ -23,9 +23,13 @@ def _main(argv) -> int:
 
 
 def main(argv=None) -> int:
+    from megatron_navil.utils import lifetime
     from megatron_navil.utils.cli import run_cli
     from megatron_navil.utils.distributed import destroy
 
+    # No process of the job outlives it: trainers die with torchrun, helpers with the trainer.
+    lifetime.tie_to_launcher()
+    lifetime.tie_helpers()
     return run_cli(_main, argv, cleanup=destroy)
 
 

@@ -23,7 +23,7 @@ from megatron_navil import checkpoint as ckpt
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.pretrain import PretrainConfig
 from megatron_navil.data.tokenizer import configured_vocabulary
-from megatron_navil.errors import UserError
+from megatron_navil.errors import JobError, UserError
 from megatron_navil.models.navil import build_model
 from megatron_navil.training.data import build_loaders, concat_packs
 from megatron_navil.training.flops import micro_batch_flops, peak_tflops
@@ -39,7 +39,7 @@ from megatron_navil.training.signals import ExitSignalHandler
 from megatron_navil.training.stages import apply_stage, experts_trainable
 from megatron_navil.training.state import capture_optimizer_template, restore, train_sharded_state
 from megatron_navil.training.step import forward_backward, wrap_ddp
-from megatron_navil.utils.distributed import initialize_model_parallel
+from megatron_navil.utils.distributed import initialize_model_parallel, lost_peer
 from megatron_navil.utils.dtypes import torch_dtype
 from megatron_navil.utils.logging import get_logger
 
@@ -305,6 +305,7 @@ class Trainer:
         t, c = self.cfg.training, self.cfg.checkpoint
         writer = MetricsWriter(self.cfg.logging, t.train_iters, self.step)
         signals = ExitSignalHandler().install() if c.exit_on_signal else None
+        peers_lost = False
         for chunk in self.chunks:
             chunk.train()
         try:
@@ -336,8 +337,17 @@ class Trainer:
                     self.save()
             self.save()
             return 0
+        except RuntimeError as e:
+            reason = lost_peer(e)
+            if reason is None:
+                raise
+            peers_lost = True  # no more collectives: they would fail or hang
+            raise JobError(
+                f"stopped at step {self.step}: a process of this job died or became unreachable "
+                f"({reason}); re-run the same command to resume from the last complete checkpoint"
+            ) from e
         finally:
-            if self.async_queue is not None:
+            if self.async_queue is not None and not peers_lost:
                 self.async_queue.maybe_finalize_async_calls(blocking=True)
                 self.async_queue.close()
             if signals is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -100,6 +100,28 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> Non
         world,
         "gloo/CPU" if not torch.cuda.is_available() else "nccl/GPU",
     )
+
+
+# What torch.distributed says when a peer process is gone (gloo / NCCL / the TCP store).
+_LOST_PEER = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "NCCL communicator was aborted",
+    "Socket Timeout",
+    "recvValue failed",
+)
+
+
+def lost_peer(e: BaseException) -> Optional[str]:
+    """The first line of `e` when it says a peer process of the job died or became unreachable
+    (then this rank cannot go on), else None."""
+    text = str(e)
+    dist_error = getattr(torch.distributed, "DistError", ())
+    if isinstance(e, dist_error) or any(s in text for s in _LOST_PEER):
+        first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+        return first[:200]
+    return None
 
 
 def seed_everything(seed: int) -> None:

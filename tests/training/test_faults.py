@@ -7,6 +7,9 @@
 - SIGKILL inside a checkpoint write (the iteration directory exists, its metadata not yet),
   at several steps: `latest` never names a partial save, and re-running the same command
   reproduces the uninterrupted losses exactly (1e-7 relative: same layout, same arithmetic);
+- one of two ranks SIGKILLed mid-run: the other exits within 60 s with one `error:` line saying
+  what happened and how to resume (no traceback, no hang), and re-running the same command
+  continues the uninterrupted single-process losses (1e-5 relative: DP=2 sums in another order);
 - killed during the very FIRST save, then requeued with `--load` = `--save` (Megatron-LM's
   requeue idiom): starts from step 0 with one warning line instead of failing on every requeue.
 Where to look: megatron_navil/checkpoint/io.py (save), training/trainer.py (_resume_path).
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher import run_ranks
+from tests.launcher import run_ranks, start_ranks
 from tests.training.runner import kill, losses, pretrain, start_single
 from tests.training.test_pretrain import BASE
 
@@ -125,3 +128,30 @@ def test_killed_during_first_save_requeue_starts_over(tmp_path, uninterrupted):
     got = losses(m)
     assert sorted(got) == list(range(1, STEPS + 1))
     _assert_losses(got, uninterrupted, got)
+
+
+def test_one_rank_killed_the_other_stops_and_the_job_resumes(tmp_path, uninterrupted):
+    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    run = RUN + ["--train-iters", str(STEPS), "--save", str(ck), "--save-interval", "1"]
+    run += ["--metrics-file", str(m)]
+    rank0, rank1 = start_ranks("megatron_navil.cli.pretrain", 2, run)
+    deadline = time.time() + 300
+    while not (m.exists() and any(r >= 3 for r in losses(m))):
+        assert rank0.poll() is None and time.time() < deadline, rank0.communicate()[0][-3000:]
+        time.sleep(0.05)
+    rank1.kill()
+    rank1.communicate()
+    try:
+        out, _ = rank0.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        rank0.kill()
+        raise AssertionError(f"rank 0 hung after its peer died:\n{rank0.communicate()[0][-3000:]}")
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert rank0.returncode == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert "re-run the same command to resume" in errors[0]
+
+    assert all(rc == 0 for rc, _ in run_ranks("megatron_navil.cli.pretrain", 2, run))
+    got = losses(m)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in got:
+        assert got[s] == pytest.approx(uninterrupted[s], rel=1e-5), (s, got[s], uninterrupted[s])
