@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.planner import (
 )
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
+from megatron_navil.checkpoint import integrity
 from megatron_navil.checkpoint.format import CheckpointError
 from megatron_navil.checkpoint.keys import CanonicalLayout, stored_parts
 from megatron_navil.utils.memory import release_freed_memory
@@ -227,6 +228,7 @@ class DistCheckpointReader:
                 f"{self.dir} uses sharded backend {backend!r}; only torch_dist "
                 "checkpoints are supported"
             )
+        integrity.read_storage_metadata(self.dir)  # refuses a crafted pickle first
         self.reader = CachedMetadataFileSystemReader(str(self.dir))
         try:
             self.metadata = self.reader.read_metadata()
@@ -235,27 +237,7 @@ class DistCheckpointReader:
                 f"cannot read {self.dir / '.metadata'} ({type(e).__name__}); the "
                 "checkpoint is incomplete or corrupt"
             ) from None
-        self._check_files()
-
-    def _check_files(self) -> None:
-        """Every stored item must lie inside its file: catches truncated .distcp files early."""
-        need: dict[str, tuple[int, str]] = {}
-        for index, info in self.metadata.storage_data.items():
-            end = info.offset + info.length
-            if end > need.get(info.relative_path, (0, ""))[0]:
-                need[info.relative_path] = (end, index.fqn)
-        for name, (end, key) in need.items():
-            path = self.dir / name
-            size = path.stat().st_size if path.exists() else None
-            if size is None:
-                raise CheckpointError(
-                    f"{path} is missing (it holds {key}); copy the whole checkpoint"
-                )
-            if size < end:
-                raise CheckpointError(
-                    f"{path} is truncated: {size} bytes, but {key} ends at byte {end}; "
-                    "the checkpoint is incomplete"
-                )
+        integrity.check_files(self.dir, self.metadata)
 
     def tensor_keys(self) -> list[str]:
         """Stored model tensor keys (no `_extra_state` byte objects, no optimizer state)."""

@@ -61,8 +61,17 @@ def resolve(path: Union[str, Path]) -> Path:
 
 
 def read_metadata(path: Union[str, Path]) -> dict[str, Any]:
-    with open(resolve(path) / METADATA) as f:
-        return json.load(f)
+    p = resolve(path) / METADATA
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p} is damaged ({e}); the checkpoint is corrupt") from None
+
+
+def complete_iterations(root: Union[str, Path]) -> list[Path]:
+    """The complete iter_* directories under `root`, oldest first."""
+    return sorted(p for p in Path(root).glob("iter_*") if (p / METADATA).exists())
 
 
 def hf_export_dir(iteration: Path) -> Path:
@@ -75,7 +84,7 @@ def prune(root: Union[str, Path], keep_last: int) -> list[Path]:
     their `--save-hf` copies. Rank 0 deletes; the other ranks return []."""
     if keep_last <= 0 or not is_rank0():
         return []
-    complete = sorted(p for p in Path(root).glob("iter_*") if (p / METADATA).exists())
+    complete = complete_iterations(root)
     latest = read_latest(root)
     removed = []
     for p in complete[:-keep_last]:

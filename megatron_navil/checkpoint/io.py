@@ -16,6 +16,7 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from megatron_navil.checkpoint import integrity
 from megatron_navil.checkpoint.compat import check_model_config
 from megatron_navil.checkpoint.format import (
     FORMAT_VERSION,
@@ -23,6 +24,7 @@ from megatron_navil.checkpoint.format import (
     METADATA,
     TOKENIZER_DIR,
     CheckpointError,
+    complete_iterations,
     iteration_dir,
     read_latest,
     read_metadata,
@@ -88,7 +90,8 @@ def save(
     if tokenizer is not None:
         meta["tokenizer_sha256"] = tokenizer_digest(tokenizer)
 
-    def finalize():
+    def finalize():  # on every rank, once the files are written
+        meta["files"] = integrity.record_digests(d)  # collective
         if is_rank0():
             if tokenizer is not None:
                 copy_tokenizer(tokenizer, d / TOKENIZER_DIR)
@@ -210,6 +213,7 @@ def load(
     sharded_state: dict,
     model_cfg: Optional[NaViLModelConfig] = None,
     optional: Optional[Callable[[str], bool]] = None,
+    verify: bool = True,
 ) -> tuple[dict, dict]:
     """Load a checkpoint into the structure `sharded_state` describes (any parallel layout).
 
@@ -228,11 +232,19 @@ def load(
     from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
     from megatron.core.dist_checkpointing.mapping import ShardedBase, ShardedTensorFactory
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException
 
     d = resolve(path)
     meta = read_metadata(d)
     if model_cfg is not None:
         check_model_config(meta["model"], model_cfg, d)
+    if verify and "files" in meta:  # checksums recorded at save (checkpoints since 2026-12)
+        try:
+            integrity.verify_digests(d, meta["files"])
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot load {d}: {e}{_earlier_hint(d)}") from None
+    storage = integrity.read_storage_metadata(d)  # refuses a crafted pickle before Megatron
+    integrity.check_files(d, storage)
     try:
         stored = _stored_keys(d)
     except Exception as e:
@@ -269,9 +281,41 @@ def load(
         state = dist_checkpointing.load(
             sharded_state, str(d), strict=StrictHandling.ASSUME_OK_UNEXPECTED
         )
-    except Exception as e:  # dist_checkpointing raises several types; name the checkpoint
-        raise CheckpointError(f"cannot load {d}: {e}") from e
+    except (Exception, CheckpointException) as e:  # several types, one a BaseException
+        raise _load_failed(d, storage, e) from e
     return state, meta
+
+
+def _load_failed(d: Path, storage, e: BaseException) -> CheckpointError:
+    """Name what is damaged (a stored tensor's file, common.pt) and the checkpoints that
+    remain."""
+    where = integrity.find_corrupt_item(d, storage)
+    if where is None and not _loads(d / COMMON_FILE):
+        where = str(d / COMMON_FILE)
+    what = f"{where} is corrupt" if where else error_line(e)[:300]
+    return CheckpointError(f"cannot load {d}: {what}{_earlier_hint(d)}")
+
+
+def _earlier_hint(d: Path) -> str:
+    """Where to go when checkpoint `d` is damaged: the newest complete ones before it."""
+    earlier = [p for p in complete_iterations(d.parent) if p != d and p.name < d.name][-3:]
+    if not earlier:
+        return ""
+    names = ", ".join(p.name for p in earlier)
+    return f"; earlier complete checkpoints: {names} (resume from one with --load {earlier[-1]})"
+
+
+COMMON_FILE = "common.pt"
+
+
+def _loads(path: Path) -> bool:
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+        return True
+    except FileNotFoundError:
+        return True  # not this checkpoint's problem: Megatron names a missing file itself
+    except Exception:
+        return False
 
 
 def load_model(

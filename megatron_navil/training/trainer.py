@@ -108,6 +108,8 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _resume_path(self) -> Optional[str]:
         c = self.cfg.checkpoint
+        if c.load and (Path(c.load) / ckpt.METADATA).exists():
+            return c.load  # an explicit iteration directory (e.g. one before a damaged latest)
         if c.save and ckpt.read_latest(c.save) is not None:
             return c.save  # re-running the same command resumes the run
         if c.load and c.save and Path(c.load).resolve() == Path(c.save).resolve():

@@ -10,6 +10,10 @@
 - one of two ranks SIGKILLed mid-run: the other exits within 60 s with one `error:` line saying
   what happened and how to resume (no traceback, no hang), and re-running the same command
   continues the uninterrupted single-process losses (1e-5 relative: DP=2 sums in another order);
+- the latest checkpoint damaged on disk (a shard truncated; one byte flipped inside a stored
+  tensor, which torch itself loads silently): re-running refuses it in one line naming the file
+  and the earlier complete checkpoints, and `--load <earlier iter dir>` resumes from one of them
+  with the uninterrupted losses;
 - killed during the very FIRST save, then requeued with `--load` = `--save` (Megatron-LM's
   requeue idiom): starts from step 0 with one warning line instead of failing on every requeue.
 Where to look: megatron_navil/checkpoint/io.py (save), training/trainer.py (_resume_path).
@@ -155,3 +159,32 @@ def test_one_rank_killed_the_other_stops_and_the_job_resumes(tmp_path, uninterru
     assert sorted(got) == list(range(1, STEPS + 1))
     for s in got:
         assert got[s] == pytest.approx(uninterrupted[s], rel=1e-5), (s, got[s], uninterrupted[s])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_latest_checkpoint_is_named_and_an_earlier_one_resumes(
+    tmp_path, uninterrupted, damage
+):
+    from megatron_navil.checkpoint import iteration_dir
+
+    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    run = RUN + ["--save", str(ck), "--save-interval", "1", "--metrics-file", str(m)]
+    pretrain(1, run + ["--train-iters", "3"])
+    shard = sorted(iteration_dir(ck, 3).glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+    ((rc, out),) = run_ranks("megatron_navil.cli.pretrain", 1, run + ["--train-iters", str(STEPS)])
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert shard.name in errors[0] and "iter_0000002" in errors[0], errors[0]
+
+    earlier = iteration_dir(ck, 2)
+    pretrain(1, run + ["--train-iters", str(STEPS), "--load", str(earlier)])
+    got = losses(m)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    _assert_losses(got, uninterrupted, got)
