@@ -207,14 +207,13 @@ def loader_pass(img_dir, names, tmp, multiscale, device, threads, batch):
     )
     dc = DataConfig(
         train_paths=(out,),
-        seq_length=32768,
         multiscale=multiscale,
         max_images_per_pack=batch,
         num_decode_threads=threads,
         decode_device=device,
         prefetch_depth=0,
     )  # synchronous: no background work while others are timed
-    loader = build_train_loader(dc, cfg, tok)
+    loader = build_train_loader(dc, cfg, tok, seq_length=32768, seed=1234)
 
     def run() -> int:
         start = loader.counters["images"]

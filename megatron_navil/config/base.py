@@ -3,7 +3,9 @@
 Every config class is a dataclass whose fields each carry a docstring (a string literal right
 under the field, the torchtitan/litgpt convention). `field_docs` reads them from the source so
 CLI help and YAML comments come from one place; a test checks that no field lacks one.
-Validation lives next to the fields in each class's `validate()`.
+Validation lives next to the fields in each class's `validate()`. Megatron-LM flag names are
+declared on the fields too (config/flags.py). A field that was removed stays in its class's
+`MOVED` table, so setting it is refused in one line that names its new home.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import ast
 import dataclasses
 import functools
 import inspect
+import re
 import textwrap
 import types
 import typing
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, Optional, Union, get_args, get_origin
 
 from megatron_navil.errors import UserError
 
@@ -31,12 +34,22 @@ class ConfigError(UserError, ValueError):
 class ConfigBase:
     """Base for all config dataclasses."""
 
+    MOVED: ClassVar[dict[str, str]] = {}
+    """Removed field -> what to set instead (e.g. "set training.seq_length (--seq-length)")."""
+    FIELDS_FROM: ClassVar[Optional[type]] = None
+    """A section whose settable fields are another class's (ModelSection: NaViLModelConfig)."""
+
     def validate(self) -> None:
         """Check cross-field constraints; subclasses extend. Raises ConfigError."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, ConfigBase):
                 value.validate()
+
+    @classmethod
+    def config_fields(cls) -> dict[str, Any]:
+        """Field name -> annotation: the keys YAML, flags and dotted overrides may set here."""
+        return _field_types(cls)
 
     # ------------------------------------------------------------------ dict round trip
     def to_dict(self) -> dict[str, Any]:
@@ -56,13 +69,15 @@ class ConfigBase:
             raise ConfigError(
                 f"{path or cls.__name__}: expected a mapping, got {type(data).__name__}"
             )
-        hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        hints = cls.config_fields()
+        for key in data:
+            if key in cls.MOVED:
+                raise moved_error(_join(path, key), cls.MOVED[key])
+        unknown = sorted(set(data) - set(hints))
         if unknown:
             raise ConfigError(
                 f"unknown config key(s) {', '.join(_join(path, k) for k in unknown)}; "
-                f"valid keys under {path or cls.__name__}: {', '.join(sorted(names))}"
+                f"valid keys under {path or cls.__name__}: {', '.join(sorted(hints))}"
             )
         kwargs = {k: _coerce(hints[k], v, _join(path, k)) for k, v in data.items()}
         return cls(**kwargs)
@@ -71,39 +86,72 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ dotted overrides
-    def apply_overrides(self, overrides: dict[str, Any]) -> "ConfigBase":
-        """Return a copy with dotted keys set, e.g. {"llm.num_layers": 4}. Values may be strings
-        (from the command line); they are parsed as YAML scalars and type-checked."""
-        data = self.to_dict()
+    def apply_overrides(self, overrides: dict[str, Any], *, parse: bool = True) -> "ConfigBase":
+        """Return a copy with dotted keys set, e.g. {"llm.num_layers": 4}, in order. With `parse`,
+        string values (from the command line) are read as YAML scalars first; every value is
+        type-checked against its field."""
+        cfg = self
         for dotted, value in overrides.items():
-            node = data
-            parts = dotted.split(".")
-            for p in parts[:-1]:
-                if not isinstance(node.get(p), dict):
-                    raise ConfigError(f"override {dotted!r}: {p!r} is not a config section")
-                node = node[p]
-            if parts[-1] not in node:
-                raise ConfigError(
-                    f"override {dotted!r}: no such field; valid here: {', '.join(sorted(node))}"
-                )
-            if isinstance(value, str):
+            if parse and isinstance(value, str):
                 value = parse_scalar(value)
-            node[parts[-1]] = value
-        return type(self).from_dict(data)
+            cfg = cfg.set_path(dotted.split("."), value)
+        return cfg
+
+    def set_path(self, parts: list[str], value: Any, where: str = "") -> "ConfigBase":
+        """A copy with the field at `parts` (a dotted path split) set to `value`; `where` is this
+        section's own path, for messages. Sections that store fields differently override it."""
+        name, fields = parts[0], self.config_fields()
+        here = _join(where, name)
+        if name not in fields:
+            if name in self.MOVED:
+                raise moved_error(here, self.MOVED[name])
+            raise ConfigError(f"{here}: no such field; valid here: {', '.join(sorted(fields))}")
+        if len(parts) == 1:
+            return dataclasses.replace(self, **{name: _coerce(fields[name], value, here)})
+        child = getattr(self, name)
+        if not isinstance(child, ConfigBase):
+            raise ConfigError(f"{_join(where, '.'.join(parts))}: {here} is not a config section")
+        return dataclasses.replace(self, **{name: child.set_path(parts[1:], value, here)})
+
+
+def moved_error(path: str, instead: str) -> ConfigError:
+    """The one line a removed field gets, e.g. `data.seq_length moved: set training.seq_length
+    (--seq-length)`."""
+    return ConfigError(f"{path} moved: {instead}")
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+# YAML 1.1's float rule with two YAML 1.2 relaxations: the exponent's sign is optional and a
+# mantissa without a dot is allowed when an exponent follows (`4e-3`, `1.0e5`), so learning rates
+# written the usual way are numbers, not strings. A dot or an exponent is still required, so
+# integers stay integers.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
 
 
 def yaml_loader():
     """A SafeLoader where only true/false are booleans (YAML 1.2): `off`, `no`, `on` stay strings,
-    so `logging.progress_bar=off` means what it says."""
-    import re
-
+    so `logging.progress_bar=off` means what it says; and `4e-3` is a float (see _FLOAT)."""
     import yaml
 
     class Loader(yaml.SafeLoader):
         pass
 
+    dropped = ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
     Loader.yaml_implicit_resolvers = {
-        k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+        k: [(tag, rx) for tag, rx in v if tag not in dropped]
         for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     Loader.add_implicit_resolver(
@@ -111,6 +159,7 @@ def yaml_loader():
         re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
         list("tTfF"),
     )
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
     return Loader
 
 

@@ -1,40 +1,66 @@
-"""DataConfig: everything the training and validation loaders need besides the model config.
+"""DataConfig: which shards the loaders read and how samples become packed micro-batches.
 
 The trainer fills it from YAML/CLI (the same ConfigBase machinery as the model config) and hands
-it to `megatron_navil.data.loader.build_train_loader` / `build_valid_loader`.
+it to `megatron_navil.data.loader.build_train_loader` / `build_valid_loader`, together with what
+has its one home elsewhere: the sequence length and seed (`training.seq_length`,
+`training.seed`, passed as arguments) and the image patch limits (the model config's
+`min_dynamic_patch` / `max_dynamic_patch`). The old copies here are refused (MOVED).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from megatron_navil.config.base import ConfigBase, ConfigError
+from megatron_navil.config.flags import flag
 from megatron_navil.config.model import NaViLModelConfig
+
+
+def parse_data_path(words: list[str]) -> dict[str, Any]:
+    """`--data-path` words -> train_paths and train_weights: ['dirA'] or Megatron-LM's weighted
+    blend ['0.7', 'dirA', '0.3', 'dirB']. Without weights, train_weights is reset to ()."""
+    try:
+        float(words[0])
+    except ValueError:
+        return {"train_paths": tuple(words), "train_weights": ()}
+    if len(words) % 2:
+        raise ConfigError(f"--data-path with weights needs 'weight path' pairs, got {words}")
+    try:
+        weights = tuple(float(w) for w in words[0::2])
+    except ValueError:
+        raise ConfigError(
+            f"--data-path with weights needs 'weight path' pairs, got {words}"
+        ) from None
+    return {"train_paths": tuple(words[1::2]), "train_weights": weights}
 
 
 @dataclass
 class DataConfig(ConfigBase):
     """Training/validation data: which shards, how samples become packed micro-batches."""
 
-    train_paths: tuple[str, ...] = ()
-    """Dataset directories written by navil-preprocess (each holds a manifest.json)."""
+    MOVED: ClassVar[dict[str, str]] = {
+        "seq_length": "set training.seq_length (--seq-length)",
+        "seed": "set training.seed (--seed)",
+        "pad_multiple": "it follows from the parallel layout and the FP8 recipe "
+        "(parallel.sequence_parallel, precision.fp8, precision.fp8_padding_multiple)",
+        "min_dynamic_patch": "set model.min_dynamic_patch (the model config)",
+        "max_dynamic_patch": "set model.max_dynamic_patch (the model config)",
+    }
+
+    train_paths: tuple[str, ...] = flag(
+        (), "--data-path", expand=parse_data_path, metavar="[WEIGHT] PATH"
+    )
+    """Dataset directories written by navil-preprocess (each holds a manifest.json); the flag
+    takes Megatron-LM's blend syntax too (`0.7 dirA 0.3 dirB` also sets train_weights)."""
     train_weights: tuple[float, ...] = ()
     """Blend weight per train path (normalised to sum 1). Empty = natural proportions (every
     sample once per epoch). Dataset i contributes round(samples_per_epoch * w_i) samples per
     epoch: fewer than it has = a fresh random subset each epoch, more = repeated."""
-    valid_paths: tuple[str, ...] = ()
+    valid_paths: tuple[str, ...] = flag((), "--valid-data-path", metavar="PATH")
     """Held-out dataset directories for the validation loader (read in file order, no shuffle)."""
     samples_per_epoch: Optional[int] = None
     """Samples in one blended epoch; None = the sum of the train datasets' sizes."""
-    seq_length: int = 4096
-    """Tokens per packed micro-batch (T); every pack is padded to exactly this length."""
-    pad_multiple: int = 16
-    """seq_length must be a multiple of this: the FP8 recipe's row multiple (16; 32 for MXFP8),
-    times the TP size under sequence parallelism (see `pad_multiple_for`)."""
-    seed: int = 1234
-    """Seed of the epoch shuffles and the blend draws (same seed = same batches)."""
     shuffle: bool = True
     """Shuffle the training samples every epoch (the validation loader never shuffles)."""
     max_images_per_pack: int = 64
@@ -43,10 +69,6 @@ class DataConfig(ConfigBase):
     multiscale: bool = False
     """Feed every image as NaViL's multi-scale pyramid (ratio scale_downsample_ratio, smallest
     scale first) instead of the single largest scale. About doubles the image tokens."""
-    min_dynamic_patch: Optional[int] = None
-    """Fewest 16 px patches an image is resized to; None = the model config's value."""
-    max_dynamic_patch: Optional[int] = None
-    """Most 16 px patches an image is resized to; None = the model config's value."""
     overlong_policy: Literal["truncate", "skip"] = "truncate"
     """A sample longer than seq_length: `truncate` keeps its first seq_length tokens (cut before
     an image that would straddle the cut; it gets a pack of its own), `skip` drops it. Both are
@@ -78,13 +100,6 @@ class DataConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        if self.seq_length <= 0 or self.pad_multiple <= 0:
-            raise ConfigError("data.seq_length and data.pad_multiple must be positive")
-        if self.seq_length % self.pad_multiple:
-            raise ConfigError(
-                f"data.seq_length ({self.seq_length}) must be a multiple of data.pad_multiple "
-                f"({self.pad_multiple}: FP8 needs 16, sequence parallel the TP size)"
-            )
         if self.train_weights and len(self.train_weights) != len(self.train_paths):
             raise ConfigError(
                 f"data.train_weights has {len(self.train_weights)} entries for "
@@ -107,13 +122,6 @@ class DataConfig(ConfigBase):
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ConfigError("data.samples_per_epoch must be >= 1 (or null)")
 
-    def resolved_model_config(self, model_cfg: NaViLModelConfig) -> NaViLModelConfig:
-        """The model config with this data config's min/max dynamic patch applied."""
-        return model_cfg.replace(
-            min_dynamic_patch=self.min_dynamic_patch or model_cfg.min_dynamic_patch,
-            max_dynamic_patch=self.max_dynamic_patch or model_cfg.max_dynamic_patch,
-        )
-
     def resolved_chat_style(self, model_cfg: NaViLModelConfig) -> str:
         if self.chat_style is not None:
             return self.chat_style
@@ -123,14 +131,3 @@ class DataConfig(ConfigBase):
         if self.add_bos is not None:
             return self.add_bos
         return self.resolved_chat_style(model_cfg) == "internlm2"
-
-
-def pad_multiple_for(
-    tensor_model_parallel_size: int = 1, sequence_parallel: bool = False, fp8_row_multiple: int = 1
-) -> int:
-    """Smallest multiple seq_length must honour: the FP8 recipe's row multiple (16, or 32 for
-    MXFP8; 1 without FP8), and the TP size under SP."""
-    m = fp8_row_multiple
-    if sequence_parallel:
-        m = m * tensor_model_parallel_size // math.gcd(m, tensor_model_parallel_size)
-    return m

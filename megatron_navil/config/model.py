@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from megatron_navil.backbones import BACKBONE_NAMES
 from megatron_navil.config.base import ConfigBase, ConfigError
+from megatron_navil.config.flags import flag
 
 # Special tokens, in the row order of the released `special_token_embedding` table. The token id
 # of row i is `first_special_token_id + i` (NaViL-2B: </box> = 92544, <box> = 92545, ...).
@@ -137,34 +138,34 @@ class LLMConfig(ConfigBase):
 
     backbone: Literal[BACKBONE_NAMES] = "internlm2"
     """The LLM family (megatron_navil/backbones): HF key names, q/k/v layout, its defaults."""
-    num_layers: int = 24
+    num_layers: int = flag(24, "--num-layers")
     """Decoder layers."""
-    hidden_size: int = 2048
+    hidden_size: int = flag(2048, "--hidden-size")
     """Model width D."""
-    ffn_hidden_size: int = 8192
+    ffn_hidden_size: int = flag(8192, "--ffn-hidden-size")
     """SwiGLU intermediate size."""
-    num_attention_heads: int = 16
+    num_attention_heads: int = flag(16, "--num-attention-heads")
     """Query heads."""
-    num_query_groups: int = 8
+    num_query_groups: int = flag(8, "--num-query-groups")
     """Key/value heads (GQA groups)."""
-    kv_channels: int = 128
+    kv_channels: int = flag(128, "--kv-channels")
     """Head dimension."""
-    qk_layernorm: bool = False
+    qk_layernorm: bool = flag(False, "--qk-layernorm")
     """Per-head RMSNorm on q and k (Qwen3); per modality when attention experts are on."""
     vocab_size: int = 92556
     """Rows of the HF embedding table (base vocab + special tokens). Megatron pads it for TP
     divisibility; padded rows never get probability mass (their logits are masked)."""
     first_special_token_id: int = 92544
     """Token id of `</box>`, the first special token; the others follow in SPECIAL_TOKENS order."""
-    rope_theta: float = 1_000_000.0
+    rope_theta: float = flag(1_000_000.0, "--rotary-base")
     """Base of the 1D rotary embedding (the base models use 1e6; NaViL's value is unknown)."""
-    norm_eps: float = 1e-5
+    norm_eps: float = flag(1e-5, "--norm-epsilon")
     """RMSNorm epsilon (InternLM2 1e-5, Qwen3 1e-6)."""
     max_sequence_length: int = 8192
     """Longest packed sequence (tokens per micro-batch pack) the model accepts."""
     init_method_std: float = 0.02
     """Std of the normal init of freshly initialised LLM weights."""
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: int = flag(128, "--make-vocab-size-divisible-by")
     """The vocab is padded to a multiple of this (TP-independent, so checkpoints reshard)."""
 
     def validate(self) -> None:

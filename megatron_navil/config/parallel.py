@@ -1,11 +1,15 @@
-"""Parallel layout, backend and numerics (Megatron-LM flag names where it has one)."""
+"""Parallel layout, backend and numerics; fields with a Megatron-LM flag declare it (flag(...)).
+
+`pad_multiple_for` says what the layout and the FP8 recipe require of the sequence length."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 from megatron_navil.config.base import ConfigBase, ConfigError
+from megatron_navil.config.flags import flag
 
 # Rows every FP8 GEMM operand must have a multiple of, per recipe (Megatron-Core's
 # get_fp8_align_size: MXFP8 scales blocks of 32 elements along the row dimension too; the
@@ -17,30 +21,36 @@ FP8_ROW_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 3
 class ParallelConfig(ConfigBase):
     """How the model is split over processes."""
 
-    tensor_model_parallel_size: int = 1
+    tensor_model_parallel_size: int = flag(1, "--tensor-model-parallel-size")
     """TP size: attention heads, FFN columns and the vocab are split over this many ranks."""
-    pipeline_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = flag(1, "--pipeline-model-parallel-size")
     """PP size: LLM layers are split into this many stages; the vision encoder and connector
     live on the first stage."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: Optional[int] = flag(
+        None, "--virtual-pipeline-model-parallel-size"
+    )
     """Model chunks per pipeline rank for the interleaved 1F1B schedule (None = plain 1F1B)."""
-    num_layers_in_first_pipeline_stage: Optional[int] = None
+    num_layers_in_first_pipeline_stage: Optional[int] = flag(
+        None, "--decoder-first-pipeline-num-layers"
+    )
     """LLM layers on the first stage (None = even split). The vision encoder also lives there, so
     giving the first stage fewer LLM layers balances the pipeline."""
-    expert_model_parallel_size: int = 1
+    expert_model_parallel_size: int = flag(1, "--expert-model-parallel-size")
     """EP size: 2 puts the text and visual FFN experts on different ranks; 1 uses the
     dispatcher-free fast path."""
-    sequence_parallel: bool = False
+    sequence_parallel: bool = flag(False, "--sequence-parallel")
     """Split norms/dropout activations along the sequence over the TP ranks (needs TP > 1;
     required by Megatron's MoE dispatchers when TP > 1 and EP > 1)."""
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
     """Megatron MoE token dispatcher used when EP > 1."""
-    recompute_granularity: Optional[Literal["full", "selective"]] = None
+    recompute_granularity: Optional[Literal["full", "selective"]] = flag(
+        None, "--recompute-granularity"
+    )
     """Activation recompute: `full` recomputes whole layers, `selective` only core attention."""
-    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_method: Literal["uniform", "block"] = flag("uniform", "--recompute-method")
     """With full recompute: `uniform` checkpoints groups of recompute_num_layers layers,
     `block` checkpoints only the first recompute_num_layers layers of each stage."""
-    recompute_num_layers: int = 1
+    recompute_num_layers: int = flag(1, "--recompute-num-layers")
     """Layers per recompute group (uniform) or recomputed layers per stage (block)."""
 
     def validate(self) -> None:
@@ -77,9 +87,13 @@ class PrecisionConfig(ConfigBase):
     backend: Literal["auto", "local", "transformer_engine"] = "auto"
     """`local`: pure-torch Megatron layers (CPU, CI). `transformer_engine`: TE linears, fused
     THD attention, FP8 (GPU). `auto` picks TE when CUDA and TE are both present."""
-    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    params_dtype: Literal["float32", "bfloat16", "float16"] = flag(
+        "float32", "--bf16", const="bfloat16"
+    )
     """Parameter/compute dtype of the model (bf16 on GPU for training, fp32 on CPU)."""
-    fp8: Optional[Literal["delayed", "tensorwise", "blockwise", "mxfp8"]] = None
+    fp8: Optional[Literal["delayed", "tensorwise", "blockwise", "mxfp8"]] = flag(
+        None, "--fp8-recipe"
+    )
     """FP8 recipe through Transformer Engine (None = off). Needs the TE backend."""
     fp8_padding_multiple: Optional[int] = None
     """With FP8 every GEMM's row count is padded to a multiple of this (None = what the recipe
@@ -107,3 +121,14 @@ class PrecisionConfig(ConfigBase):
         if self.fp8 is None:
             return 1
         return self.fp8_padding_multiple or FP8_ROW_MULTIPLE[self.fp8]
+
+
+def pad_multiple_for(
+    tensor_model_parallel_size: int = 1, sequence_parallel: bool = False, fp8_row_multiple: int = 1
+) -> int:
+    """Smallest multiple the sequence length must honour: the FP8 recipe's row multiple (16, or
+    32 for MXFP8; 1 without FP8), and the TP size under SP (lcm of both)."""
+    m = fp8_row_multiple
+    if sequence_parallel:
+        m = m * tensor_model_parallel_size // math.gcd(m, tensor_model_parallel_size)
+    return m

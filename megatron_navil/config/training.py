@@ -1,7 +1,8 @@
 """Training-run configuration: schedule, optimizer, training stages, checkpoints, logging.
 
-Megatron-LM's flag names map onto these fields (see megatron_navil/cli/args.py); the YAML files
-in examples/configs/ use the same structure.
+Fields with a Megatron-LM flag declare it (`flag(default, "--name")`, config/flags.py), and
+navil-pretrain's parser is generated from them; the YAML files in examples/configs/ use the same
+structure.
 """
 
 from __future__ import annotations
@@ -10,25 +11,26 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from megatron_navil.config.base import ConfigBase, ConfigError
+from megatron_navil.config.flags import flag
 
 
 @dataclass
 class TrainingConfig(ConfigBase):
     """Batch geometry, length of the run, evaluation, robustness."""
 
-    seq_length: int = 2048
+    seq_length: int = flag(2048, "--seq-length")
     """Tokens per packed micro-batch sequence (images expanded into their tokens)."""
-    micro_batch_size: int = 1
+    micro_batch_size: int = flag(1, "--micro-batch-size")
     """Packs per micro-batch; several packs are concatenated into one longer THD sequence."""
-    global_batch_size: int = 8
+    global_batch_size: int = flag(8, "--global-batch-size")
     """Packs per optimizer step summed over data-parallel ranks."""
-    train_iters: int = 100
+    train_iters: int = flag(100, "--train-iters")
     """Optimizer steps of the run."""
-    seed: int = 1234
+    seed: int = flag(1234, "--seed")
     """Seed of initialisation, dropout and data order."""
-    eval_interval: int = 0
+    eval_interval: int = flag(0, "--eval-interval")
     """Evaluate on the validation data every this many steps (0 = never)."""
-    eval_iters: int = 4
+    eval_iters: int = flag(4, "--eval-iters")
     """Validation micro-batches per evaluation (the same ones every time)."""
     max_skipped_steps_in_a_row: int = 3
     """Stop the run (with a message) after this many consecutive steps with a non-finite loss
@@ -59,35 +61,37 @@ class TrainingConfig(ConfigBase):
 class OptimizerSettings(ConfigBase):
     """AdamW through Megatron's (distributed) optimizer and LR schedule."""
 
-    lr: float = 1e-4
+    lr: float = flag(1e-4, "--lr")
     """Peak learning rate."""
-    min_lr: float = 0.0
+    min_lr: float = flag(0.0, "--min-lr")
     """Learning rate at the end of the decay."""
-    lr_warmup_iters: int = 0
+    lr_warmup_iters: int = flag(0, "--lr-warmup-iters")
     """Linear warmup steps."""
-    lr_decay_iters: Optional[int] = None
+    lr_decay_iters: Optional[int] = flag(None, "--lr-decay-iters")
     """Steps over which the LR decays (None = train_iters)."""
-    lr_decay_style: Literal["cosine", "linear", "constant", "WSD"] = "cosine"
+    lr_decay_style: Literal["cosine", "linear", "constant", "WSD"] = flag(
+        "cosine", "--lr-decay-style"
+    )
     """Decay shape; WSD = warmup, stable, then decay over lr_wsd_decay_iters."""
-    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_iters: Optional[int] = flag(None, "--lr-wsd-decay-iters")
     """Final decay steps of the WSD schedule."""
     lr_wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
     """Shape of the WSD decay phase."""
-    weight_decay: float = 0.1
+    weight_decay: float = flag(0.1, "--weight-decay")
     """Decoupled weight decay (not applied to norms and biases)."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = flag(0.9, "--adam-beta1")
     """Adam beta1."""
-    adam_beta2: float = 0.95
+    adam_beta2: float = flag(0.95, "--adam-beta2")
     """Adam beta2."""
     adam_eps: float = 1e-8
     """Adam epsilon."""
-    clip_grad: float = 1.0
+    clip_grad: float = flag(1.0, "--clip-grad")
     """Global gradient-norm clip (0 = off)."""
-    use_distributed_optimizer: bool = True
+    use_distributed_optimizer: bool = flag(True, "--use-distributed-optimizer")
     """Shard optimizer state over data-parallel ranks (ZeRO-1)."""
-    overlap_grad_reduce: bool = False
+    overlap_grad_reduce: bool = flag(False, "--overlap-grad-reduce")
     """Overlap DDP gradient reduce-scatter/all-reduce with backward (GPU)."""
-    overlap_param_gather: bool = False
+    overlap_param_gather: bool = flag(False, "--overlap-param-gather")
     """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
     bucket_size: Optional[int] = None
     """DDP bucket size in elements (None = Megatron's default)."""
@@ -145,20 +149,20 @@ class StageConfig(ConfigBase):
 class CheckpointConfig(ConfigBase):
     """Saving, loading and exporting checkpoints."""
 
-    save: Optional[str] = None
+    save: Optional[str] = flag(None, "--save", metavar="DIR")
     """Checkpoint root to save to (None = never save)."""
-    load: Optional[str] = None
+    load: Optional[str] = flag(None, "--load", metavar="DIR")
     """Checkpoint root or iter_* dir to start from. Re-running with save == load resumes from
     the latest complete checkpoint."""
-    save_interval: int = 0
+    save_interval: int = flag(0, "--save-interval")
     """Save every this many steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
     keep_last: int = 0
     """Keep only the newest K checkpoints (0 = keep all)."""
-    async_save: bool = False
+    async_save: bool = flag(False, "--async-save")
     """Write checkpoints in the background while training continues."""
-    save_hf: bool = False
+    save_hf: bool = flag(False, "--save-hf")
     """Also write a Hugging Face copy (release layout) beside each checkpoint."""
-    finetune: bool = False
+    finetune: bool = flag(False, "--finetune")
     """Load only the model weights from --load (fresh optimizer, scheduler, step and data)."""
     exit_on_signal: bool = True
     """On SIGTERM/SIGUSR1 (SLURM pre-emption) save a checkpoint after the current step and exit."""
@@ -168,11 +172,11 @@ class CheckpointConfig(ConfigBase):
 class LoggingConfig(ConfigBase):
     """Metrics sinks."""
 
-    log_interval: int = 1
+    log_interval: int = flag(1, "--log-interval")
     """Log every this many steps."""
-    metrics_file: Optional[str] = None
+    metrics_file: Optional[str] = flag(None, "--metrics-file", metavar="FILE")
     """JSONL file, one object per step (fields in README)."""
-    tensorboard_dir: Optional[str] = None
+    tensorboard_dir: Optional[str] = flag(None, "--tensorboard-dir", metavar="DIR")
     """TensorBoard log directory (None = off)."""
     progress_bar: Literal["auto", "on", "off"] = "auto"
     """tqdm bar on an interactive terminal; periodic log lines otherwise."""

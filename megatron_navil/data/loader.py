@@ -3,9 +3,9 @@
     from megatron_navil.data.loader import build_train_loader, build_valid_loader
 
     loader = build_train_loader(data_cfg, model_cfg, tokenizer, dp_rank, dp_size,
-                                micro_batches_per_step)
+                                micro_batches_per_step, seq_length=T, seed=S)
     batch = next(loader)        # NaViLBatch (megatron_navil/batch.py), one packed sequence of
-                                # exactly data_cfg.seq_length tokens; infinite over epochs
+                                # exactly T tokens; infinite over epochs
     state = loader.state_dict() # plain dict (ints/strings): save it with the checkpoint
     loader.load_state_dict(state)  # next(loader) = the batch an uninterrupted run would give
     loader.counters             # rank-local totals: batches, samples, tokens, loss_tokens,
@@ -13,7 +13,8 @@
                                 # truncated_samples, skipped_samples
     loader.close()
 
-    valid = build_valid_loader(data_cfg, model_cfg, tokenizer, dp_rank, dp_size)
+    valid = build_valid_loader(data_cfg, model_cfg, tokenizer, dp_rank, dp_size,
+                               seq_length=T, seed=S)
     for batch in itertools.islice(valid, eval_iters): ...   # every iter() restarts: the same
                                                            # batches each evaluation
 Tensors are on the CPU (pixel_values float32, or bfloat16 with data.pixel_dtype), except with
@@ -25,6 +26,9 @@ pinned, so `batch.to(device, non_blocking=True)` is asynchronous. Every DP rank 
 number of micro-batches per epoch (a multiple of micro_batches_per_step), so expert-parallel
 collectives never wait on a rank that ran dry. Ranks of one DP group (TP/PP/EP peers) build
 identical loaders and get identical batches.
+
+The sequence length and seed are arguments, not DataConfig fields: a job has one home for each
+(`training.seq_length`, `training.seed`); the image patch limits come from the model config.
 """
 
 from __future__ import annotations
@@ -59,8 +63,12 @@ def build_train_loader(
     dp_rank: int = 0,
     dp_size: int = 1,
     micro_batches_per_step: int = 1,
+    *,
+    seq_length: int,
+    seed: int,
 ) -> NaViLDataLoader:
-    """Shuffled, blended, infinite training loader for this data-parallel rank."""
+    """Shuffled, blended, infinite training loader for this data-parallel rank: packs of exactly
+    `seq_length` tokens, epoch orders and blend draws from `seed`."""
     if not data_cfg.train_paths:
         raise ConfigError(
             "data.train_paths is empty: give the navil-preprocess output directories to train on"
@@ -76,16 +84,25 @@ def build_train_loader(
         dp_rank,
         dp_size,
         micro_batches_per_step,
+        seq_length,
+        seed,
         restart_on_iter=False,
     )
 
 
 def build_valid_loader(
-    data_cfg: DataConfig, model_cfg: NaViLModelConfig, tokenizer, dp_rank: int = 0, dp_size: int = 1
+    data_cfg: DataConfig,
+    model_cfg: NaViLModelConfig,
+    tokenizer,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    *,
+    seq_length: int,
+    seed: int,
 ) -> NaViLDataLoader:
     """Held-out loader in file order (no shuffle, no blend weights); every `iter()` restarts
     it from the first batch, and it cycles, so an evaluation of n micro-batches always sees the
-    same n batches."""
+    same n batches. `seed` (the job's) enters only the state fingerprint: nothing is drawn."""
     if not data_cfg.valid_paths:
         raise ConfigError("data.valid_paths is empty: give held-out navil-preprocess outputs")
     return _build(
@@ -99,6 +116,8 @@ def build_valid_loader(
         dp_rank,
         dp_size,
         1,
+        seq_length,
+        seed,
         restart_on_iter=True,
     )
 
@@ -140,15 +159,18 @@ def _build(
     dp_rank: int,
     dp_size: int,
     micro_batches_per_step: int,
+    seq_length: int,
+    seed: int,
     restart_on_iter: bool,
 ) -> NaViLDataLoader:
     data_cfg.validate()
-    cfg = data_cfg.resolved_model_config(model_cfg)
+    cfg = model_cfg  # its min/max_dynamic_patch size the images
     cfg.validate()
-    if data_cfg.seq_length > cfg.llm.max_sequence_length:
+    if seq_length < 1:
+        raise ConfigError(f"seq_length must be >= 1, got {seq_length}")
+    if seq_length > cfg.llm.max_sequence_length:
         raise ConfigError(
-            f"data.seq_length {data_cfg.seq_length} > llm.max_sequence_length "
-            f"{cfg.llm.max_sequence_length}"
+            f"seq_length {seq_length} > llm.max_sequence_length {cfg.llm.max_sequence_length}"
         )
     if micro_batches_per_step < 1 or dp_size < 1:
         raise ValueError("dp_size and micro_batches_per_step must be >= 1")
@@ -164,7 +186,7 @@ def _build(
         )
     )
     params = PlanParams(
-        data_cfg.seq_length,
+        seq_length,
         data_cfg.max_images_per_pack,
         data_cfg.pack_window,
         data_cfg.plan_chunk_samples,
@@ -189,14 +211,14 @@ def _build(
         tokenizer,
         style,
         add_bos,
-        data_cfg.seq_length,
+        seq_length,
         torch_dtype(data_cfg.pixel_dtype),
     )
     schedule = Schedule(
         tuple(len(d) for d in datasets),
         tuple(weights),
         samples_per_epoch,
-        data_cfg.seed,
+        seed,
         shuffle,
         dp_rank,
         dp_size,
@@ -208,7 +230,7 @@ def _build(
             weights=list(weights),
             samples_per_epoch=samples_per_epoch,
             shuffle=shuffle,
-            seed=data_cfg.seed,
+            seed=seed,
             plan=list(dataclasses.astuple(params)),
             multiscale=data_cfg.multiscale,
             min_patch=cfg.min_dynamic_patch,
@@ -222,7 +244,7 @@ def _build(
         len(datasets),
         len(costs.length),
         int(costs.num_images.sum()),
-        data_cfg.seq_length,
+        seq_length,
         device,
         dp_rank,
         dp_size,

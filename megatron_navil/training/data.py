@@ -120,16 +120,21 @@ def build_loaders(
         tokenizer = NaViLTokenizer.load(cfg.tokenizer)
     except (TokenizerError, OSError) as e:
         raise ConfigError(f"--tokenizer-model {cfg.tokenizer}: {e}") from None
-    data_cfg = cfg.resolved_data()
+    # The job's one sequence length and seed (training.*); the model config brings the patch
+    # limits.
+    geometry = dict(seq_length=t.seq_length, seed=t.seed)
     train = build_train_loader(
-        data_cfg,
+        cfg.data,
         model_cfg,
         tokenizer,
         dp_rank=dp_rank,
         dp_size=dp_size,
         micro_batches_per_step=packs_per_step,
+        **geometry,
     )
-    if not data_cfg.valid_paths:
+    if not cfg.data.valid_paths:
         return train, None
-    valid = build_valid_loader(data_cfg, model_cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size)
+    valid = build_valid_loader(
+        cfg.data, model_cfg, tokenizer, dp_rank=dp_rank, dp_size=dp_size, **geometry
+    )
     return train, lambda: iter(valid)

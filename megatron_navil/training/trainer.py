@@ -21,6 +21,7 @@ from megatron.core import parallel_state
 
 from megatron_navil import checkpoint as ckpt
 from megatron_navil.batch import NaViLBatch
+from megatron_navil.config.base import ConfigError
 from megatron_navil.config.pretrain import PretrainConfig
 from megatron_navil.data.tokenizer import configured_vocabulary
 from megatron_navil.errors import JobError, UserError
@@ -132,6 +133,7 @@ class Trainer:
         meta = ckpt.read_metadata(path)
         if not finetune:
             self._check_tokenizer(path, meta)
+            self._log_config_changes(path, meta)
             prime_optimizer_state(self.optimizer)
         same_layout = meta.get("world_size") == torch.distributed.get_world_size()
         # --finetune takes the model weights only: fresh optimizer, scheduler, step and data.
@@ -161,6 +163,21 @@ class Trainer:
             self.step,
             "" if same_layout else " (new parallel layout: RNG re-seeded)",
         )
+
+    def _log_config_changes(self, path: str, meta: dict) -> None:
+        """Say which settings differ from the run being resumed (its saved run config, read in
+        the current or the older form); a config that cannot be read is only a warning: the
+        model config that decides whether the checkpoint fits is checked on load."""
+        saved = meta.get("config")
+        if not isinstance(saved, dict):
+            return
+        try:
+            changes = self.cfg.changes_from(PretrainConfig.from_saved(saved))
+        except ConfigError as e:
+            log.warning("cannot read the run config saved with %s: %s", path, e)
+            return
+        if changes:
+            log.info("resuming %s with changed settings: %s", path, "; ".join(changes))
 
     def _check_tokenizer(self, path: str, meta: dict) -> None:
         """A resumed run must tokenize as the run it continues (the checkpoint's digest)."""

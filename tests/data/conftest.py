@@ -42,8 +42,10 @@ def make_loader(tok, cfg):
 
     made = []
 
-    def factory(paths, valid=False, dp_rank=0, dp_size=1, mbps=1, model_cfg=None, **kw):
-        kw.setdefault("seq_length", 256)
+    def factory(
+        paths, valid=False, dp_rank=0, dp_size=1, mbps=1, model_cfg=None, seq_length=256, **kw
+    ):
+        geometry = dict(seq_length=seq_length, seed=kw.pop("seed", 1234))  # the job's, not data's
         kw.setdefault("num_decode_threads", 2)
         kw.setdefault("plan_chunk_samples", 16)
         kw.setdefault("decode_device", "cpu")  # the GPU path is tested in test_gpu.py
@@ -51,9 +53,9 @@ def make_loader(tok, cfg):
         dc = DataConfig(**{key: tuple(paths)}, **kw)
         mc = model_cfg or cfg
         loader = (
-            build_valid_loader(dc, mc, tok, dp_rank, dp_size)
+            build_valid_loader(dc, mc, tok, dp_rank, dp_size, **geometry)
             if valid
-            else build_train_loader(dc, mc, tok, dp_rank, dp_size, mbps)
+            else build_train_loader(dc, mc, tok, dp_rank, dp_size, mbps, **geometry)
         )
         made.append(loader)
         return loader

@@ -37,11 +37,11 @@ def test_other_tokenizer_is_recounted(dataset, other_tok, navil_logs):
     from megatron_navil.data.loader import build_train_loader
 
     loader = build_train_loader(
-        DataConfig(
-            train_paths=(dataset.root,), seq_length=256, num_decode_threads=2, decode_device="cpu"
-        ),
+        DataConfig(train_paths=(dataset.root,), num_decode_threads=2, decode_device="cpu"),
         cfg,
         other_tok,
+        seq_length=256,
+        seed=1234,
     )
     try:
         assert any("recounting" in r.getMessage() for r in navil_logs.records)
@@ -73,9 +73,11 @@ def test_recount_off_refuses(dataset, make_loader, other_tok):
 
     with pytest.raises(DataError, match="another tokenizer"):
         build_train_loader(
-            DataConfig(train_paths=(dataset.root,), recount_tokens=False, seq_length=256),
+            DataConfig(train_paths=(dataset.root,), recount_tokens=False),
             model_config(other_tok),
             other_tok,
+            seq_length=256,
+            seed=1234,
         )
 
 

@@ -5,7 +5,9 @@ restarts it so each evaluation sees bit-identical batches, it cycles past the en
 and DP ranks get equal counts of disjoint packs; DataConfig documents every field (the CLI/YAML
 help is generated from these docstrings; docs/data_loader.md has a row for each), round-trips
 through dicts, and rejects settings that cannot work with a message naming the field;
-`pad_multiple_for` is lcm(the FP8 recipe's row multiple, TP if SP).
+`pad_multiple_for` is lcm(the FP8 recipe's row multiple, TP if SP). The fields that moved out of
+DataConfig (seq_length, seed, pad_multiple, min/max_dynamic_patch) are tested in
+tests/config/test_one_home.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import os
 import pytest
 
 from megatron_navil.config.base import ConfigError, field_docs
-from megatron_navil.config.data import DataConfig, pad_multiple_for
+from megatron_navil.config.data import DataConfig
+from megatron_navil.config.parallel import pad_multiple_for
 from tests.data.corpus import all_index_samples
 from tests.data.test_resume import assert_same_batch, assert_same_tensors
 
@@ -57,13 +60,12 @@ def test_every_field_documented_and_round_trip():
     assert not [f.name for f in dataclasses.fields(DataConfig) if f"| `{f.name}` |" not in page]
     cfg = DataConfig(train_paths=("a", "b"), train_weights=(1.0, 3.0), multiscale=True)
     assert DataConfig.from_dict(cfg.to_dict()) == cfg
-    assert cfg.apply_overrides({"seq_length": "8192"}).seq_length == 8192
+    assert cfg.apply_overrides({"max_images_per_pack": "8"}).max_images_per_pack == 8
 
 
 @pytest.mark.parametrize(
     "kw,field",
     [
-        (dict(seq_length=1000), "seq_length"),
         (dict(train_paths=("a",), train_weights=(1.0, 2.0)), "train_weights"),
         (dict(train_paths=("a",), train_weights=(0.0,)), "train_weights"),
         (dict(max_images_per_pack=0), "max_images_per_pack"),

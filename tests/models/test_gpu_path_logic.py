@@ -273,7 +273,7 @@ def test_sequence_length_must_suit_the_recipe():
         return c
 
     cfg("delayed", 48).validate()
-    with pytest.raises(ConfigError, match="multiple of data.pad_multiple"):
+    with pytest.raises(ConfigError, match="--seq-length 48 must be a multiple of 32"):
         cfg("mxfp8", 48).validate()
     cfg("mxfp8", 64).validate()
 

@@ -36,10 +36,9 @@ class _Job(PretrainConfig):
         return self.resolved_model(configured_vocabulary(self.tokenizer))
 
 
-def _cfg(tokenizer, **overrides) -> PretrainConfig:
+def _cfg(tokenizer, **model_fields) -> PretrainConfig:
     c = _Job(mock_data=True, tokenizer=str(tokenizer))
-    c.model.overrides.update(overrides)
-    return c
+    return c.apply_overrides({f"model.{k}": v for k, v in model_fields.items()})
 
 
 def test_vocabulary_comes_from_the_tokenizer(tok_dir):
