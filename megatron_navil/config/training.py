@@ -153,7 +153,8 @@ class CheckpointConfig(ConfigBase):
     """Checkpoint root to save to (None = never save)."""
     load: Optional[str] = flag(None, "--load", metavar="DIR")
     """Checkpoint root or iter_* dir to start from. Re-running with save == load resumes from
-    the latest complete checkpoint."""
+    the latest complete checkpoint; an iter_* dir is used even when --save has newer ones (e.g.
+    to step back from a damaged latest checkpoint)."""
     save_interval: int = flag(0, "--save-interval")
     """Save every this many steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
     keep_last: int = 0
@@ -164,6 +165,10 @@ class CheckpointConfig(ConfigBase):
     """Also write a Hugging Face copy (release layout) beside each checkpoint."""
     finetune: bool = flag(False, "--finetune")
     """Load only the model weights from --load (fresh optimizer, scheduler, step and data)."""
+    verify_load: bool = True
+    """Check the size and CRC32 of every checkpoint file (recorded at save) before loading: a
+    flipped byte inside a tensor otherwise loads silently. Costs one extra read of the files,
+    split over the ranks."""
     exit_on_signal: bool = True
     """On SIGTERM/SIGUSR1 (SLURM pre-emption) save a checkpoint after the current step and exit."""
 

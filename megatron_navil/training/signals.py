@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
-
+from megatron_navil.utils.distributed import any_rank
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -37,12 +36,7 @@ class ExitSignalHandler:
 
     def should_exit(self) -> bool:
         """Collective: True on every rank if any rank got a signal."""
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
-        if torch.distributed.is_initialized():
-            if torch.cuda.is_available():
-                flag = flag.cuda()
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -40,7 +40,7 @@ from megatron_navil.training.signals import ExitSignalHandler
 from megatron_navil.training.stages import apply_stage, experts_trainable
 from megatron_navil.training.state import capture_optimizer_template, restore, train_sharded_state
 from megatron_navil.training.step import forward_backward, wrap_ddp
-from megatron_navil.utils.distributed import initialize_model_parallel, lost_peer
+from megatron_navil.utils.distributed import any_rank, initialize_model_parallel, lost_peer
 from megatron_navil.utils.dtypes import torch_dtype
 from megatron_navil.utils.logging import get_logger
 
@@ -149,7 +149,9 @@ class Trainer:
         )
         template = capture_optimizer_template(request)
         optional = master_copy_is_model_weight(torch_dtype(self.cfg.precision.params_dtype))
-        loaded, meta = ckpt.load(path, request, self.model_cfg, optional=optional)
+        loaded, meta = ckpt.load(
+            path, request, self.model_cfg, optional=optional, verify=c.verify_load
+        )
         restore(loaded, self.chunks, opt, sched, template)
         if finetune:
             log.info("loaded model weights from %s (step %d) for fine-tuning", path, meta["step"])
@@ -193,7 +195,9 @@ class Trainer:
                 "start a new stage from it with --finetune"
             )
 
-    def save(self) -> None:
+    def save(self, data_state: Optional[dict] = None) -> None:
+        """Checkpoint the run at `self.step`. `data_state`: the loader's state to record when
+        it has moved past the step boundary (default: its current state)."""
         c = self.cfg.checkpoint
         if not c.save:
             return
@@ -202,7 +206,7 @@ class Trainer:
             self.optimizer,
             self.scheduler,
             train={"step": self.step, **self.counters},
-            data=self.train_loader.state_dict(),
+            data=self.train_loader.state_dict() if data_state is None else data_state,
         )
         meta = {
             "world_size": torch.distributed.get_world_size(),
@@ -248,8 +252,30 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _next_batches(self) -> list[NaViLBatch]:
+        """This step's micro-batches. Data that cannot be read on any rank (a path that
+        disappeared, an I/O error; damaged bytes are skipped by the loader instead) stops the
+        run on every rank together: a checkpoint of the state before this step, then one error
+        line. Costs one all-reduce of one integer per step."""
         mbs = self.cfg.training.micro_batch_size
-        packs = [next(self.train_loader) for _ in range(self.num_microbatches * mbs)]
+        before, failure = self.train_loader.state_dict(), None
+        try:
+            packs = [next(self.train_loader) for _ in range(self.num_microbatches * mbs)]
+        except OSError as e:
+            failure = e
+        if any_rank(failure is not None):
+            self.save(data_state=before)
+            saved = "no --save: nothing saved"
+            if self.cfg.checkpoint.save:
+                saved = f"saved step {self.step}"
+            why = (
+                f"{failure.strerror or failure} ({failure.filename})"
+                if isinstance(failure, OSError) and failure.filename
+                else str(failure or "another rank could not read its data")
+            )
+            raise JobError(
+                f"cannot read the training data at step {self.step + 1}: {why[:300]}; {saved}; "
+                "make the data readable again and re-run the same command to resume"
+            )
         return [concat_packs(packs[i : i + mbs]) for i in range(0, len(packs), mbs)]
 
     def train_step(self) -> dict:

@@ -28,6 +28,17 @@ def is_rank0() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective: True on every rank when `flag` is True on any (False outside a job)."""
+    if not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def barrier() -> None:
     """World barrier; a no-op outside a distributed job."""
     if torch.distributed.is_initialized():

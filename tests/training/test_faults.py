@@ -14,11 +14,16 @@
   tensor, which torch itself loads silently): re-running refuses it in one line naming the file
   and the earlier complete checkpoints, and `--load <earlier iter dir>` resumes from one of them
   with the uninterrupted losses;
+- the training data made unreadable under a running job (its shards cut to nothing, as when
+  storage goes away under open files): every rank stops together, a checkpoint of the last
+  complete step is written, one `error:` line says so, exit 1; with the data back, the same
+  command continues the uninterrupted run exactly;
 - killed during the very FIRST save, then requeued with `--load` = `--save` (Megatron-LM's
   requeue idiom): starts from step 0 with one warning line instead of failing on every requeue.
 Where to look: megatron_navil/checkpoint/io.py (save), training/trainer.py (_resume_path).
 """
 
+import os
 import shutil
 import signal
 import subprocess
@@ -28,7 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.launcher import run_ranks, start_ranks
-from tests.training.runner import kill, losses, pretrain, start_single
+from tests.training.runner import kill, losses, pretrain, start_single, wait_for_step
 from tests.training.test_pretrain import BASE
 
 pytestmark = pytest.mark.processes
@@ -188,3 +193,46 @@ def test_damaged_latest_checkpoint_is_named_and_an_earlier_one_resumes(
     got = losses(m)
     assert sorted(got) == list(range(1, STEPS + 1))
     _assert_losses(got, uninterrupted, got)
+
+
+@pytest.fixture(scope="module")
+def real_data(tmp_path_factory):
+    """A tokenizer and a small preprocessed dataset (real navil-preprocess)."""
+    from tests.data.corpus import make_dataset, train_tokenizer
+
+    root = tmp_path_factory.mktemp("data")
+    train_tokenizer(str(root / "tok"))
+    corpus = make_dataset(str(root / "ds"), str(root / "tok"), n_captions=12, n_text=8)
+    return root / "tok", Path(corpus.root)
+
+
+def test_data_that_disappears_stops_with_a_checkpoint(tmp_path, real_data):
+    tok, shards = real_data
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    run = RUN[RUN.index("--mock-data") + 1 :] + ["--data-path", str(data)]
+    run += ["--tokenizer-model", str(tok), "--train-iters", "12", "--save", str(ck)]
+    full = tmp_path / "full.jsonl"
+    pretrain(1, run + ["--metrics-file", str(full), "--save", str(tmp_path / "unused")])
+
+    proc = start_single(run + ["--metrics-file", str(m)], tmp_path / "run.log")
+    wait_for_step(m, 3, proc)
+    for tar in data.glob("*.tar"):
+        os.truncate(tar, 0)  # storage gone under the open files
+    proc.wait(timeout=300)
+    out = Path(proc.log_path).read_text()
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert proc.returncode == 1 and len(errors) == 1 and "Traceback" not in out, out[-3000:]
+    assert "cannot read the training data" in errors[0] and "saved step" in errors[0]
+    from megatron_navil.checkpoint import read_latest
+
+    stopped = read_latest(ck)
+    assert stopped is not None and stopped >= 3 and f"saved step {stopped}" in errors[0]
+
+    shutil.rmtree(data)
+    shutil.copytree(shards, data)
+    pretrain(1, run + ["--metrics-file", str(m)])
+    got, want = losses(m), losses(full)
+    assert sorted(got) == list(range(1, 13))
+    _assert_losses(got, want, got)
