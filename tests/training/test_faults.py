@@ -18,6 +18,10 @@
   storage goes away under open files): every rank stops together, a checkpoint of the last
   complete step is written, one `error:` line says so, exit 1; with the data back, the same
   command continues the uninterrupted run exactly;
+- SLURM's pre-emption warning (SIGUSR1) saves after the current step and exits 0, and the same
+  command resumes with the uninterrupted losses;
+- an asynchronous save (--async-save) SIGKILLed while its files are written keeps the same
+  guarantees as a synchronous one: `latest` never names it, the re-run is exact;
 - killed during the very FIRST save, then requeued with `--load` = `--save` (Megatron-LM's
   requeue idiom): starts from step 0 with one warning line instead of failing on every requeue.
 Where to look: megatron_navil/checkpoint/io.py (save), training/trainer.py (_resume_path).
@@ -113,11 +117,13 @@ def _kill_inside_save(run: list[str], ck: Path, step: int, log: Path) -> None:
         assert (iteration_dir(ck, latest) / METADATA).exists()
 
 
-@pytest.mark.parametrize("killed_at", [2, 4])
-def test_sigkill_inside_a_save_then_rerun(tmp_path, uninterrupted, killed_at):
+@pytest.mark.parametrize(
+    "killed_at, mode", [(2, "sync"), (4, "sync"), (3, "async")], ids=["2", "4", "async-3"]
+)
+def test_sigkill_inside_a_save_then_rerun(tmp_path, uninterrupted, killed_at, mode):
     ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
     run = RUN + ["--train-iters", str(STEPS), "--save", str(ck), "--save-interval", "1"]
-    run += ["--metrics-file", str(m)]
+    run += ["--metrics-file", str(m)] + (["--async-save"] if mode == "async" else [])
     _kill_inside_save(run, ck, killed_at, tmp_path / "killed.log")
     pretrain(1, run)  # the same command resumes from the newest complete checkpoint
     got = losses(m)  # a step run twice: the later line wins
@@ -236,3 +242,20 @@ def test_data_that_disappears_stops_with_a_checkpoint(tmp_path, real_data):
     got, want = losses(m), losses(full)
     assert sorted(got) == list(range(1, 13))
     _assert_losses(got, want, got)
+
+
+def test_sigusr1_saves_exits_zero_and_resumes_exactly(tmp_path, uninterrupted):
+    from megatron_navil.checkpoint import read_latest
+
+    ck, m = tmp_path / "ck", tmp_path / "m.jsonl"
+    run = RUN + ["--train-iters", str(STEPS), "--save", str(ck), "--metrics-file", str(m)]
+    proc = start_single(run, tmp_path / "run.log")
+    wait_for_step(m, 2, proc)
+    out = kill(proc, signal.SIGUSR1)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = read_latest(ck)
+    assert stopped is not None and 2 <= stopped < STEPS, out[-3000:]
+    pretrain(1, run)
+    got = losses(m)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    _assert_losses(got, uninterrupted, got)
