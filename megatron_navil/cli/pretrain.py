@@ -23,9 +23,11 @@ def _main(argv) -> int:
 
 
 def main(argv=None) -> int:
+    from megatron_navil.utils import cpu_compat
     from megatron_navil.utils.cli import run_cli
     from megatron_navil.utils.distributed import destroy
 
+    cpu_compat.activate()  # on CPU, Megatron needs the layer; destroy turns it off
     return run_cli(_main, argv, cleanup=destroy)
 
 
