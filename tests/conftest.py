@@ -1,6 +1,11 @@
 """Shared pytest set-up: the CPU compatibility layer for in-process Megatron use, and the guard
 that keeps the test tiers honest.
 
+The CPU layer (megatron_navil/utils/cpu_compat.py) is turned on for the session and again
+before every test: an in-process script or tool that made and destroyed its own world also
+turned the layer off (`utils.distributed.destroy`), and a later test building a Megatron model
+must not depend on which tests ran before it. It is turned off when the session ends.
+
 Markers are registered in pytest.ini (run with --strict-markers). A test that starts a process
 (subprocess, a multiprocessing worker, a fork) must be marked `processes` or `distributed`:
 `scripts/run_tests.sh --fast` leaves those out, so an unmarked one would make the fast tier slow
@@ -17,6 +22,25 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 _PROCESS_MARKERS = ("processes", "distributed")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_compat_session():
+    """The CPU layer's lifetime in this test process: on for the session (a no-op with CUDA)."""
+    from megatron_navil.utils import cpu_compat
+
+    cpu_compat.activate()
+    yield
+    cpu_compat.deactivate()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_compat_per_test(_cpu_compat_session):
+    """On again before every test, whatever an earlier test's destroy() turned off."""
+    from megatron_navil.utils import cpu_compat
+
+    cpu_compat.activate()
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -76,10 +76,13 @@ def _main(argv) -> int:
 
 
 def main(argv=None) -> int:
+    from megatron_navil.utils import cpu_compat
     from megatron_navil.utils.cli import run_cli
     from megatron_navil.utils.distributed import teardown_if_new
 
-    return run_cli(_main, argv, interrupted="interrupted", cleanup=teardown_if_new())
+    cleanup = teardown_if_new()  # decided before this job creates anything
+    cpu_compat.activate()  # on CPU, Megatron needs the layer; the teardown turns it off
+    return run_cli(_main, argv, interrupted="interrupted", cleanup=cleanup)
 
 
 if __name__ == "__main__":

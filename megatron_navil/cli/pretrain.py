@@ -23,13 +23,14 @@ def _main(argv) -> int:
 
 
 def main(argv=None) -> int:
-    from megatron_navil.utils import lifetime
+    from megatron_navil.utils import cpu_compat, lifetime
     from megatron_navil.utils.cli import run_cli
     from megatron_navil.utils.distributed import destroy
 
     # No process of the job outlives it: trainers die with torchrun, helpers with the trainer.
     lifetime.tie_to_launcher()
     lifetime.tie_helpers()
+    cpu_compat.activate()  # on CPU, Megatron needs the layer; destroy turns it off
     return run_cli(_main, argv, cleanup=destroy)
 
 

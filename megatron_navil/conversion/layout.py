@@ -21,6 +21,7 @@ from torch.overrides import TorchFunctionMode
 from megatron_navil.checkpoint.keys import SHARDING_METADATA, CanonicalLayout, SlotView
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
+from megatron_navil.utils import cpu_compat
 from megatron_navil.utils.dtypes import dtype_name
 
 
@@ -73,11 +74,15 @@ def ensure_single_process_world() -> None:
             os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
         os.environ.setdefault(k, v)
+    # navil-convert's Megatron scope starts here: on CPU it needs the compatibility layer, which
+    # `release_single_process_world` (destroy) turns off again.
+    cpu_compat.activate()
     initialize_model_parallel(ParallelConfig(), seed=0)
     _OWNED["world"] = True
 
 
 def release_single_process_world() -> None:
+    """Tear down the world (and the CPU layer) `ensure_single_process_world` made, if any."""
     if _OWNED["world"]:
         from megatron_navil.utils.distributed import destroy
 

@@ -12,6 +12,9 @@
 Why not Megatron's SelfAttention: the modality projections take the routing as an argument,
 the ViT's q/k norm spans all heads, and RoPE frequencies here are per token (2D for images,
 restarting per packed sample for the LLM) rather than a prefix of one table.
+
+linear_qkv, linear_proj and the q/k norms are routed slots: always called with `routing=`,
+which plain modules ignore (models/routed.py), so this module never asks what a spec gave it.
 """
 
 from __future__ import annotations
@@ -30,12 +33,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.utils import divide, get_pg_size
 
 from megatron_navil.models.local_layers import TPRMSNorm
-from megatron_navil.models.modality import (
-    ModalityColumnParallelLinear,
-    ModalityNorm,
-    ModalityRouting,
-    ModalityRowParallelLinear,
-)
+from megatron_navil.models.modality import ModalityRouting
+from megatron_navil.models.routed import accept_routing, build_routed
 
 
 @dataclass
@@ -50,6 +49,16 @@ class NaViLAttentionSubmodules:
 
 
 class NaViLSelfAttention(MegatronModule):
+    """Packed (THD) self-attention of both the vision encoder and the LLM (flow in the module
+    docstring), assembled from the spec slots of NaViLAttentionSubmodules.
+
+    The LLM uses causal attention over packed samples with 1D RoPE and, with attention experts,
+    per-modality QKV / output projections and per-head q/k norms; the encoder uses
+    bidirectional attention within each image with 2D RoPE, biased QKV and optional full-width
+    q/k norms (`full_width_qk_norm`: TPRMSNorm over all heads, named q_norm/k_norm). Heads and
+    KV groups are split over the TP group of `pg_collection` (required).
+    """
+
     def __init__(
         self,
         config,
@@ -63,8 +72,9 @@ class NaViLSelfAttention(MegatronModule):
     ):
         super().__init__(config=config)
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+            raise ValueError("NaViLSelfAttention needs the model's pg_collection")
         self.tp_group = pg_collection.tp
+        self.cp_group = pg_collection.cp  # read by Megatron's RoPE helper (no CP here: size 1)
         tp = get_pg_size(self.tp_group)
         self.layer_number = layer_number
         self.attn_mask_type = attn_mask_type
@@ -79,7 +89,7 @@ class NaViLSelfAttention(MegatronModule):
         q_size = config.num_attention_heads * self.hn
         qkv_size = q_size + 2 * config.num_query_groups * self.hn
 
-        self.linear_qkv = build_module(
+        self.linear_qkv = build_routed(
             submodules.linear_qkv,
             config.hidden_size,
             qkv_size,
@@ -114,7 +124,7 @@ class NaViLSelfAttention(MegatronModule):
             attention_type="self",
             pg_collection=pg_collection,
         )
-        self.linear_proj = build_module(
+        self.linear_proj = build_routed(
             submodules.linear_proj,
             q_size,
             config.hidden_size,
@@ -135,18 +145,20 @@ class NaViLSelfAttention(MegatronModule):
         if spec is None:
             return None
         if isinstance(spec, type) and issubclass(spec, TPRMSNorm):
-            return spec(config, size, config.layernorm_epsilon, tp_group=self.tp_group)
-        return build_module(spec, config=config, hidden_size=size, eps=config.layernorm_epsilon)
+            # the only norm whose width is split over TP: it needs the group
+            return accept_routing(
+                spec(config, size, config.layernorm_epsilon, tp_group=self.tp_group)
+            )
+        return build_routed(spec, config=config, hidden_size=size, eps=config.layernorm_epsilon)
 
     def _norm(self, norm, x: torch.Tensor, routing: Optional[ModalityRouting]) -> torch.Tensor:
         if norm is None:
             return x
-        if isinstance(norm, ModalityNorm):
-            return norm(x, routing)
         if self.full_width_qk_norm:
             s, b = x.shape[:2]
-            return norm(x.reshape(s, b, -1)).view_as(x)  # over all (local) heads at once
-        return norm(x)
+            # [s, b, heads, hn] -> [s, b, heads * hn]: over all (local) heads at once
+            return norm(x.reshape(s, b, -1), routing=routing).view_as(x)
+        return norm(x, routing=routing)
 
     def forward(
         self,
@@ -156,10 +168,7 @@ class NaViLSelfAttention(MegatronModule):
         packed_seq_params: PackedSeqParams,
         routing: Optional[ModalityRouting] = None,
     ):
-        if isinstance(self.linear_qkv, ModalityColumnParallelLinear):
-            mixed, _ = self.linear_qkv(hidden_states, routing)
-        else:
-            mixed, _ = self.linear_qkv(hidden_states)
+        mixed, _ = self.linear_qkv(hidden_states, routing=routing)
         s, b = mixed.shape[:2]
         per_group = self.np // self.ng
         # [s, b, ng * (np/ng + 2) * hn] -> [s, b, ng, (np/ng + 2) * hn]
@@ -170,8 +179,8 @@ class NaViLSelfAttention(MegatronModule):
         q = self._norm(self.q_norm if wide else self.q_layernorm, q, routing)
         k = self._norm(self.k_norm if wide else self.k_layernorm, k, routing)  # [s, b, ng, hn]
 
-        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config)
-        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config)
+        q = apply_rotary_pos_emb(q, rotary_freqs, config=self.config, cp_group=self.cp_group)
+        k = apply_rotary_pos_emb(k, rotary_freqs, config=self.config, cp_group=self.cp_group)
 
         # THD: the packed sequence is the token dim, b == 1.  [s, 1, heads, hn] -> [s, heads, hn]
         q, k, v = (x.reshape(s * b, x.shape[2], self.hn) for x in (q, k, v))
@@ -185,6 +194,4 @@ class NaViLSelfAttention(MegatronModule):
             context = attend(q, k, v)
         context = context.view(s, b, -1)  # [s, b, np * hn]
 
-        if isinstance(self.linear_proj, ModalityRowParallelLinear):
-            return self.linear_proj(context, routing)
-        return self.linear_proj(context)
+        return self.linear_proj(context, routing=routing)

@@ -16,14 +16,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import tensor_parallel
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    gather_from_tensor_model_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
 from megatron.core.tensor_parallel.utils import VocabUtility
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
@@ -35,9 +30,19 @@ from megatron_navil.models.layer import NaViLTransformerBlock
 from megatron_navil.models.modality import ModalityRouting
 from megatron_navil.models.rope import rope_1d
 from megatron_navil.models.specs import block_submodules, llm_layer_spec
+from megatron_navil.models.tp_regions import TPRegion
 
 
 class NaViLLanguageModel(MegatronModule):
+    """This pipeline stage's share of the modality-expert LLM (flow in the module docstring).
+
+    The first stage (`pre_process`) owns the embeddings and `embed`, the last
+    (`post_process`) the LM head and the loss; every stage owns its decoder layers, counted by
+    Megatron from the pipeline rank in `pg_collection` (the model's collection: every group
+    used here comes from it). The vocabulary is padded independently of TP (config/model.py),
+    and padded logits are masked to -inf.
+    """
+
     def __init__(
         self,
         cfg: NaViLModelConfig,
@@ -45,14 +50,15 @@ class NaViLLanguageModel(MegatronModule):
         backend: Backend,
         pre_process: bool,
         post_process: bool,
-        pg_collection,
+        pg_collection: ProcessGroupCollection,
         vp_stage: Optional[int] = None,
     ):
         super().__init__(config=config)
         self.cfg = cfg
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = pg_collection.tp
-        tp = self.tp_group.size()
+        self.tp_region = TPRegion.of(config, self.tp_group)
+        tp = self.tp_region.size
         self.vocab_size = cfg.llm.vocab_size
         self.padded_vocab_size = padded_vocab_size(
             cfg.llm.vocab_size, cfg.llm.make_vocab_size_divisible_by, tp
@@ -97,7 +103,7 @@ class NaViLLanguageModel(MegatronModule):
                 bias=False,
                 gather_output=False,
                 skip_bias_add=False,
-                disable_grad_reduce=config.sequence_parallel,
+                disable_grad_reduce=self.tp_region.sequence_parallel,
                 tp_group=self.tp_group,
             )
 
@@ -121,9 +127,7 @@ class NaViLLanguageModel(MegatronModule):
             )
         if n_feat:
             x = x.index_copy(0, slots, vision_embeds.to(x.dtype)[:, None, :])
-        if self.config.sequence_parallel:
-            x = scatter_to_sequence_parallel_region(x, group=self.tp_group)
-        return x
+        return self.tp_region.scatter_sequence(x)  # [T, 1, D] -> [T / tp, 1, D] (SP)
 
     # ------------------------------------------------------------------ all stages
     def forward(
@@ -143,21 +147,18 @@ class NaViLLanguageModel(MegatronModule):
         )
         if not self.post_process:
             return h
-        if self.config.sequence_parallel:
-            h = gather_from_sequence_parallel_region(h, group=self.tp_group)  # [T, 1, D]
+        h = self.tp_region.gather_sequence(h)  # [T / tp, 1, D] -> [T, 1, D] (SP)
         not_image = input_ids != self.cfg.img_context_id
         if labels is None:
             rows = not_image.nonzero().squeeze(1)
-            logits = self._logits(h.index_select(0, rows))
-            return gather_from_tensor_model_parallel_region(logits, group=self.tp_group)[:, 0], rows
+            logits = self._logits(h.index_select(0, rows))  # [n, 1, V / tp]
+            return self.tp_region.gather_last_dim(logits)[:, 0], rows
         weights = (
             torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         )
         rows = ((weights != 0) & not_image).nonzero().squeeze(1)
         logits = self._logits(h.index_select(0, rows)).float()  # [n, 1, V/tp]
-        ce = tensor_parallel.vocab_parallel_cross_entropy(
-            logits, labels.index_select(0, rows)[:, None]
-        )
+        ce = self.tp_region.cross_entropy(logits, labels.index_select(0, rows)[:, None])
         # Per-position weighted loss over the whole pack (0 where no loss is taken).
         return torch.zeros_like(weights).index_copy(
             0, rows, ce[:, 0] * weights.index_select(0, rows)
@@ -168,7 +169,7 @@ class NaViLLanguageModel(MegatronModule):
         if self.padded_vocab_size == self.vocab_size:
             return logits
         # Padded vocab rows are not tokens: give them zero probability.
-        tp, rank = self.tp_group.size(), self.tp_group.rank()
+        tp, rank = self.tp_region.size, self.tp_region.rank
         start, _ = VocabUtility.vocab_range_from_global_vocab_size(self.padded_vocab_size, rank, tp)
         cols = torch.arange(logits.shape[-1], device=logits.device) + start
         return logits.masked_fill(cols >= self.vocab_size, float("-inf"))

@@ -34,6 +34,7 @@ from megatron.core.transformer.transformer_layer import (
 from megatron.core.utils import get_pg_rank, make_viewless_tensor
 
 from megatron_navil.models.modality import ModalityRouting
+from megatron_navil.models.routed import build_routed
 
 
 class LayerScale(torch.nn.Module):
@@ -66,6 +67,15 @@ class NaViLLayerSubmodules:
 
 
 class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
+    """One pre-norm layer of the vision encoder or the LLM (formula in the module docstring).
+
+    Built by Megatron's TransformerBlock from a spec (models/specs.py), with the model's
+    ProcessGroupCollection (`pg_collection`, required: the layer's groups come from the model,
+    never from parallel_state). `forward` passes the modality routing to the routed slots
+    (attention's linears and q/k norms, the MLP: models/routed.py) and, in the vision encoder,
+    swaps in the window segments on layers outside `full_attention_layers` (models/window.py).
+    """
+
     def __init__(
         self,
         config,
@@ -78,7 +88,7 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
     ):
         super().__init__(config=config)
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+            raise ValueError("NaViLTransformerLayer needs the model's pg_collection")
         self.layer_number = layer_number + get_transformer_layer_offset(
             config, vp_stage, get_pg_rank(pg_collection.pp)
         )
@@ -97,12 +107,12 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
         mlp_module = (
             submodules.mlp.module if isinstance(submodules.mlp, ModuleSpec) else submodules.mlp
         )
+        # Megatron's MoE layers take the whole collection, its dense MLP only the TP group.
         if issubclass(mlp_module, MoELayer):
-            self.mlp = build_module(submodules.mlp, config=config, pg_collection=pg_collection)
+            self.mlp = build_routed(submodules.mlp, config=config, pg_collection=pg_collection)
             self.mlp.set_layer_number(self.layer_number)
         else:
-            self.mlp = build_module(submodules.mlp, config=config, tp_group=pg_collection.tp)
-        self.mlp_takes_routing = isinstance(self.mlp, MoELayer)
+            self.mlp = build_routed(submodules.mlp, config=config, tp_group=pg_collection.tp)
         self.mlp_layerscale = build_module(
             submodules.mlp_layerscale, config=config, hidden_size=config.hidden_size
         )
@@ -138,11 +148,7 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
         assert attn_bias is None, "linears must add their own bias"
         hidden_states = self._residual((self.attn_layerscale(attn_out), None), hidden_states)
 
-        mlp_in = self.pre_mlp_layernorm(hidden_states)
-        if self.mlp_takes_routing:
-            mlp_out, mlp_bias = self.mlp(mlp_in, routing)
-        else:
-            mlp_out, mlp_bias = self.mlp(mlp_in)
+        mlp_out, mlp_bias = self.mlp(self.pre_mlp_layernorm(hidden_states), routing=routing)
         if mlp_bias is not None:
             mlp_out = mlp_out + mlp_bias
         hidden_states = self._residual((self.mlp_layerscale(mlp_out), None), hidden_states)
@@ -153,7 +159,13 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
 
 class NaViLTransformerBlock(TransformerBlock):
     """Megatron's TransformerBlock with a forward that passes RoPE frequencies, packed-sequence
-    params and the modality routing to every layer (with and without activation recompute)."""
+    params and the modality routing to every layer (with and without activation recompute).
+    `pg_collection` is required (Megatron's block would read parallel_state without one)."""
+
+    def __init__(self, config, spec, *, pg_collection: ProcessGroupCollection, **kwargs):
+        if pg_collection is None:
+            raise ValueError("NaViLTransformerBlock needs the model's pg_collection")
+        super().__init__(config, spec, pg_collection=pg_collection, **kwargs)
 
     def forward(
         self,

@@ -14,17 +14,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import (
     _initialize_affine_weight_cpu,
     _initialize_affine_weight_gpu,
 )
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import divide, get_pg_rank, get_pg_size
-
-
-def _tp_group(tp_group: Optional[torch.distributed.ProcessGroup]):
-    return tp_group if tp_group is not None else parallel_state.get_tensor_model_parallel_group()
 
 
 def mark_tp_sharded(param: torch.Tensor, partition_dim: int) -> None:
@@ -55,6 +50,7 @@ class ShardLinear(torch.nn.Module):
 
     Initialisation matches Megatron's Column/RowParallelLinear (the master weight is drawn whole
     and split), so a TP=2 model built with the same seed holds the shards of the TP=1 weights.
+    `tp_group` None: one TP rank (the whole weight), as Megatron's get_pg_size(None) says.
     """
 
     def __init__(
@@ -73,7 +69,7 @@ class ShardLinear(torch.nn.Module):
             raise ValueError(
                 "a row-sharded ShardLinear cannot own a bias (it is added after the reduce)"
             )
-        self.tp_group = _tp_group(tp_group)
+        self.tp_group = tp_group
         self.partition_dim = partition_dim
         tp, rank = get_pg_size(self.tp_group), get_pg_rank(self.tp_group)
         out_local = divide(output_size, tp) if partition_dim == 0 else output_size
@@ -136,6 +132,7 @@ class TPRMSNorm(torch.nn.Module):
 
     The mean square is taken over the FULL width (sum of squares all-reduced over TP); each rank
     holds and scales by its own slice of the weight, so the weight is TP-sharded like the input.
+    `tp_group` None: one TP rank.
     """
 
     def __init__(
@@ -146,7 +143,7 @@ class TPRMSNorm(torch.nn.Module):
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
     ):
         super().__init__()
-        self.tp_group = _tp_group(tp_group)
+        self.tp_group = tp_group
         self.full_size = hidden_size
         local = divide(hidden_size, get_pg_size(self.tp_group))
         device = None if config.use_cpu_initialization else torch.cuda.current_device()

@@ -29,18 +29,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-    scatter_to_tensor_model_parallel_region,
-)
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.utils import get_pg_size
 
-from megatron_navil.models.local_layers import _tp_group
+from megatron_navil.models.tp_regions import TPRegion
 
 TEXT, VISUAL = 0, 1
 
@@ -126,8 +117,11 @@ class ModalityColumnParallelLinear(MegatronModule):
     """Column-parallel linear with a text and a visual weight (e.g. wqkv / wqkv_ve).
 
     [s_local, b, in] -> [s, b, out / tp]: gathers the sequence under SP (once, for both
-    modalities), then each token uses its modality's local weight shard.
+    modalities), then each token uses its modality's local weight shard. `tp_group` None: one
+    TP rank (whole weights).
     """
+
+    accepts_routing = True  # the routed-slot protocol (models/routed.py)
 
     def __init__(
         self,
@@ -144,23 +138,19 @@ class ModalityColumnParallelLinear(MegatronModule):
         # `unused`: Megatron linear kwargs (gather_output, tp_comm_buffer_name, ...) the
         # attention passes to whichever linear the spec chose.
         super().__init__(config=config)
-        self.tp_group = _tp_group(tp_group)
+        self.tp_region = TPRegion.of(config, tp_group)
         kw = dict(
             config=config,
             init_method=init_method,
             bias=bias,
             partition_dim=0,
-            tp_group=self.tp_group,
+            tp_group=tp_group,
         )
         self.text = shard_linear(input_size, output_size, **kw)
         self.visual = shard_linear(input_size, output_size, **kw)
-        self.sequence_parallel = config.sequence_parallel and get_pg_size(self.tp_group) > 1
 
     def forward(self, x: torch.Tensor, routing: ModalityRouting):
-        if self.sequence_parallel:
-            x = gather_from_sequence_parallel_region(x, group=self.tp_group)  # [s, b, in]
-        else:
-            x = copy_to_tensor_model_parallel_region(x, group=self.tp_group)
+        x = self.tp_region.enter_column(x)  # [s_local, b, in] -> [s, b, in]
         s, b, h = x.shape
         y = routing.apply(x.reshape(s * b, h), self.text, self.visual)
         return y.view(s, b, -1), None
@@ -174,6 +164,8 @@ class ModalityRowParallelLinear(MegatronModule):
     wo_ve(wo(x))): every token goes through `text`, the reduced visual rows then through
     `visual` as a second row-parallel GEMM (one extra all-reduce over the visual rows).
     """
+
+    accepts_routing = True  # the routed-slot protocol (models/routed.py)
 
     def __init__(
         self,
@@ -191,46 +183,40 @@ class ModalityRowParallelLinear(MegatronModule):
         super().__init__(config=config)
         if bias:
             raise ValueError("modality output projections have no bias (InternLM2/Qwen3 have none)")
-        self.tp_group = _tp_group(tp_group)
+        self.tp_region = TPRegion.of(config, tp_group)
         self.composed = composed
         kw = dict(
             config=config,
             init_method=init_method,
             bias=False,
             partition_dim=1,
-            tp_group=self.tp_group,
+            tp_group=tp_group,
         )
         self.text = shard_linear(input_size, output_size, **kw)
         self.visual = shard_linear(output_size if composed else input_size, output_size, **kw)
-        self.sequence_parallel = config.sequence_parallel and get_pg_size(self.tp_group) > 1
 
     def forward(self, x: torch.Tensor, routing: ModalityRouting):
         s, b, h = x.shape
         flat = x.reshape(s * b, h)
         if not self.composed:
-            partial = routing.apply(flat, self.text, self.visual).view(s, b, -1)
-            if self.sequence_parallel:
-                return reduce_scatter_to_sequence_parallel_region(
-                    partial, group=self.tp_group
-                ), None
-            return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group), None
+            partial = routing.apply(flat, self.text, self.visual).view(s, b, -1)  # [s, b, out]
+            return self.tp_region.exit_row(partial), None  # complete [s_local, b, out]
 
-        full = reduce_from_tensor_model_parallel_region(self.text(flat), group=self.tp_group)
+        full = self.tp_region.all_reduce(self.text(flat))
 
         def visual(rows):
             # rows are complete (reduced) outputs of `text`; take this rank's input slice.
-            rows = scatter_to_tensor_model_parallel_region(rows, group=self.tp_group)
-            return reduce_from_tensor_model_parallel_region(self.visual(rows), group=self.tp_group)
+            return self.tp_region.all_reduce(self.visual(self.tp_region.split_last_dim(rows)))
 
         out = routing.apply(full, lambda rows: rows, visual).view(s, b, -1)
-        if self.sequence_parallel:
-            out = scatter_to_sequence_parallel_region(out, group=self.tp_group)
-        return out, None
+        return self.tp_region.scatter_sequence(out), None
 
 
 class ModalityNorm(torch.nn.Module):
     """Two norms (text, visual) over the last dim of [s, b, heads, dim]; e.g. Qwen3's per-head
     q_norm / q_norm_ve. Each token is normalised with its modality's weight."""
+
+    accepts_routing = True  # the routed-slot protocol (models/routed.py)
 
     def __init__(self, norm_cls: type, *, config, hidden_size: int, eps: float):
         super().__init__()

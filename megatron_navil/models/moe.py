@@ -17,17 +17,11 @@ capacity. Two execution paths over the SAME expert modules (so checkpoints are i
 from __future__ import annotations
 
 import torch
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-    reduce_from_tensor_model_parallel_region,
-    reduce_scatter_to_sequence_parallel_region,
-)
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.utils import get_pg_size
 
 from megatron_navil.models.modality import ModalityRouting, group_rows
+from megatron_navil.models.tp_regions import TPRegion
 
 
 class ModalityRouter(MegatronModule):
@@ -81,13 +75,15 @@ def run_experts_nonempty(
 class ModalityMoELayer(MoELayer):
     """Megatron MoELayer whose routing comes from the modality mask (see module docstring).
 
-    `row_multiple`: the FP8 recipe's row multiple (1 without FP8), for the zero-row blocks."""
+    `row_multiple`: the FP8 recipe's row multiple (1 without FP8), for the zero-row blocks.
+    `pg_collection` is required: Megatron's MoELayer would otherwise read its global groups."""
 
-    def __init__(
-        self, config, submodules, layer_number=None, pg_collection=None, row_multiple: int = 1
-    ):
+    accepts_routing = True  # the routed-slot protocol (models/routed.py)
+
+    def __init__(self, config, submodules, *, pg_collection, layer_number=None, row_multiple=1):
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
         self.row_multiple = row_multiple
+        self.tp_region = TPRegion.of(config, self.tp_group)
 
     def forward(self, hidden_states: torch.Tensor, routing: ModalityRouting):
         if self.ep_group.size() == 1:
@@ -95,16 +91,9 @@ class ModalityMoELayer(MoELayer):
         return self._dispatch_path(hidden_states, routing)
 
     def _fast_path(self, hidden_states: torch.Tensor, routing: ModalityRouting):
-        tp = get_pg_size(self.tp_group)
-        sp = self.config.sequence_parallel and tp > 1
         # The experts' linears do no TP communication (Megatron treats them as "explicit expert
         # comm"); we do it once here, as a dispatcher would.
-        if sp:
-            x = gather_from_sequence_parallel_region(hidden_states, group=self.tp_group)
-        elif tp > 1:
-            x = copy_to_tensor_model_parallel_region(hidden_states, group=self.tp_group)
-        else:
-            x = hidden_states
+        x = self.tp_region.enter_column(hidden_states)  # [s_local, b, h] -> [s, b, h]
         s, b, h = x.shape
         grouped = routing.group(x.reshape(s * b, h))  # [n_text, h] ++ [n_visual, h]
         tokens_per_expert = torch.tensor(routing.padded, dtype=torch.long)
@@ -113,11 +102,7 @@ class ModalityMoELayer(MoELayer):
         if bias is not None:
             raise ValueError("modality experts have no bias")
         y = routing.ungroup(out).view(s, b, h)  # partial sums over TP
-        if sp:
-            y = reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group)
-        elif tp > 1:
-            y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
-        return y, None
+        return self.tp_region.exit_row(y), None  # -> [s_local, b, h]
 
     def _dispatch_path(self, hidden_states: torch.Tensor, routing: ModalityRouting):
         probs, routing_map = self.router(hidden_states, routing.local_mask)

@@ -11,6 +11,11 @@
 
 One instance is one pipeline stage (one virtual chunk with interleaving); `pre_process` /
 `post_process` say whether it holds the first / last layers.
+
+Process groups: one ProcessGroupCollection per model, made once by `build_model` (or by
+`NaViLModel` when built alone) and passed down to the vision encoder, the language model, its
+layers, attention, MoE and modality linears. `default_process_groups` is the only place under
+models/ that reads Megatron's parallel_state (tests/models/test_process_groups.py checks).
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.utils import get_pg_rank, get_pg_size
 
 from megatron_navil.batch import check_packed_sequence
 from megatron_navil.config.base import ConfigError
@@ -32,11 +37,18 @@ from megatron_navil.models.fp8 import check_device_fp8
 from megatron_navil.models.language import NaViLLanguageModel
 from megatron_navil.models.modality import ModalityRouting
 from megatron_navil.models.packing import packed_params
+from megatron_navil.models.tp_regions import TPRegion
 from megatron_navil.models.transformer_config import (
     llm_transformer_config,
     vision_transformer_config,
 )
 from megatron_navil.models.vision import Connector, VisionEncoder
+
+
+def default_process_groups() -> ProcessGroupCollection:
+    """Megatron's global groups (parallel_state) as one collection, for a caller that passes
+    none; the only read of parallel_state under models/."""
+    return ProcessGroupCollection.use_mpu_process_groups()
 
 
 class NaViLModel(MegatronModule):
@@ -46,7 +58,8 @@ class NaViLModel(MegatronModule):
     each; it picks the TE experts module (backends.use_grouped_experts). `vision_every_micro_batch`:
     in training, run the vision encoder and connector even on packs without images (on one blank
     merge block, contributing exactly 0), so every trainable parameter gets a gradient on every
-    micro-batch, as Megatron DDP's overlapped grad reduce requires.
+    micro-batch, as Megatron DDP's overlapped grad reduce requires. `pg_collection`: the
+    model's process groups (None: `default_process_groups()`).
     """
 
     def __init__(
@@ -83,10 +96,12 @@ class NaViLModel(MegatronModule):
             )
         )
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+            pg_collection = default_process_groups()
         self.cfg, self.backend = cfg, backend
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        self.pg_collection = pg_collection
         self.tp_group = pg_collection.tp
+        self.tp_region = TPRegion.of(self.config, self.tp_group)
         if pre_process:
             vit_config = vision_transformer_config(cfg, parallel, precision, backend_name)
             self.vision_model = VisionEncoder(cfg, vit_config, backend, pg_collection)
@@ -109,12 +124,12 @@ class NaViLModel(MegatronModule):
     ) -> ModalityRouting:
         if modality_mask is None:
             modality_mask = self.cfg.visual_token_mask(tokens)
-        sp = self.config.sequence_parallel and self.tp_group.size() > 1
+        sp_size, sp_rank = self.tp_region.sequence_chunk
         return ModalityRouting.build(
             modality_mask,
             row_multiple=self.backend.fp8_row_multiple,
-            sp_size=self.tp_group.size() if sp else 1,
-            sp_rank=self.tp_group.rank() if sp else 0,
+            sp_size=sp_size,
+            sp_rank=sp_rank,
         )
 
     def forward(
@@ -181,12 +196,15 @@ def build_model(
     **model_kwargs,
 ) -> list[NaViLModel]:
     """This rank's model chunks (one per virtual pipeline stage), like Megatron-LM's get_model.
-    `model_kwargs` go to every NaViLModel (experts_trainable, vision_every_micro_batch)."""
+    One process-group collection serves every chunk (`pg_collection`, default: Megatron's
+    global groups). `model_kwargs` go to every NaViLModel (experts_trainable,
+    vision_every_micro_batch)."""
     from megatron.core.pipeline_parallel.utils import is_vp_first_stage, is_vp_last_stage
 
+    if pg_collection is None:
+        pg_collection = default_process_groups()
     vp = parallel.virtual_pipeline_model_parallel_size
-    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    pp_rank, pp_size = get_pg_rank(pg_collection.pp), get_pg_size(pg_collection.pp)
     chunks = []
     for stage in range(vp or 1):
         vp_stage = stage if vp is not None else None

@@ -2,6 +2,11 @@
 
 Backend choice enters only through `Backend` (models/backends.py); the spec trees below are the
 same for the local and the Transformer Engine backends.
+
+The slots a modality expert can fill (linear_qkv, linear_proj, q/k layernorm, mlp) follow the
+routing protocol of models/routed.py: whatever class a spec names there is called with
+`routing=`, and plain Megatron/TE modules ignore it, so both branches below (experts on or off)
+and both backends go through the same attention and layer code.
 """
 
 from __future__ import annotations

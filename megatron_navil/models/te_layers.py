@@ -27,10 +27,18 @@ from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron.core.utils import divide, get_pg_size
 
-from megatron_navil.models.local_layers import _tp_group, finish_shard_params
+from megatron_navil.models.local_layers import finish_shard_params
 
 
 class TEShardLinear(te.pytorch.Linear):
+    """One TP shard of a linear as a TE Linear, with no communication of its own (the TE
+    counterpart of local_layers.ShardLinear, same constructor and checkpoint layout).
+
+    `partition_dim` 0 splits the output rows (column-parallel), 1 the input columns
+    (row-parallel, no bias); `tp_group` only sizes the shard (None: one TP rank). TE's own
+    tensor/sequence parallelism is off: the modality experts own their collectives
+    (models/tp_regions.py). Zero-row inputs are refused (see forward)."""
+
     def __init__(
         self,
         input_size: int,
@@ -42,7 +50,7 @@ class TEShardLinear(te.pytorch.Linear):
         partition_dim: int,
         tp_group: Optional[torch.distributed.ProcessGroup] = None,
     ):
-        tp = get_pg_size(_tp_group(tp_group))
+        tp = get_pg_size(tp_group)  # None: one TP rank, like the local ShardLinear
         out_local = divide(output_size, tp) if partition_dim == 0 else output_size
         in_local = divide(input_size, tp) if partition_dim == 1 else input_size
         if partition_dim == 1 and bias:
@@ -81,6 +89,12 @@ class TEShardLinear(te.pytorch.Linear):
 
 
 class TEVarlenAttention(TEDotProductAttention):
+    """Megatron's TEDotProductAttention called on packed (THD) sequences: the local
+    VarlenDotProductAttention's interface (q [t, heads, hn], k/v [t, groups, hn],
+    packed_seq_params; returns [t, heads * hn]) on TE's fused kernels. The mask type given at
+    construction (causal for the LLM, no_mask for the vision encoder) is passed on every call;
+    Megatron maps it to the padding variant for THD."""
+
     def __init__(
         self,
         config,

@@ -14,12 +14,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
+from megatron_navil.utils import cpu_compat
 from megatron_navil.utils.dtypes import torch_dtype
 
 
 def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) -> dict:
     dtype = torch_dtype(precision.params_dtype)
-    on_gpu = backend == "transformer_engine"
+    te = backend == "transformer_engine"
+    cpu = cpu_compat.needed()  # the one condition of CPU-only settings (utils/cpu_compat.py)
     common = dict(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         sequence_parallel=parallel.sequence_parallel,
@@ -27,13 +29,15 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) 
         pipeline_dtype=dtype,
         bf16=dtype is torch.bfloat16,
         fp16=dtype is torch.float16,
-        use_cpu_initialization=not torch.cuda.is_available(),
+        use_cpu_initialization=cpu,
         normalization="RMSNorm",
         attention_dropout=precision.attention_dropout,
         hidden_dropout=precision.hidden_dropout,
-        # Fusions need TE/apex kernels; the unfused torch paths are exact references on CPU.
-        bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=on_gpu,
+        # Fusions follow the backend, not the device: they need TE (or apex) kernels, and the
+        # local backend (always the one on CPU; on a GPU only without a working TE) runs the
+        # unfused torch paths, the exact references.
+        bias_dropout_fusion=te,
+        apply_rope_fusion=te,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
@@ -45,12 +49,12 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) 
         recompute_num_layers=parallel.recompute_num_layers
         if parallel.recompute_granularity == "full"
         else None,
-        transformer_impl="transformer_engine" if on_gpu else "local",
+        transformer_impl="transformer_engine" if te else "local",
         # gloo matches point-to-point messages between two ranks in posting order; Megatron's
         # batched p2p posts send_prev before send_next on every rank, which swaps activations
         # and gradients between a PP=2 pair under the interleaved schedule. The unbatched path
         # orders sends/receives by rank parity. NCCL (GPU) keeps Megatron's default.
-        batch_p2p_comm=torch.cuda.is_available(),
+        batch_p2p_comm=not cpu,
     )
     if precision.fp8 is not None:
         # Amax reduced over TP only: DP ranks' packs differ, so their FP8 modules need not

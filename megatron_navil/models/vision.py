@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import (
-    gather_from_sequence_parallel_region,
-    scatter_to_sequence_parallel_region,
-)
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_navil.config.model import NaViLModelConfig
@@ -27,6 +23,7 @@ from megatron_navil.models.layer import NaViLTransformerBlock
 from megatron_navil.models.packing import packed_params
 from megatron_navil.models.rope import rope_2d
 from megatron_navil.models.specs import block_submodules, vision_layer_spec
+from megatron_navil.models.tp_regions import TPRegion
 from megatron_navil.models.window import WindowPlan
 
 
@@ -66,7 +63,22 @@ def check_grid(cfg: NaViLModelConfig, pixel_values: torch.Tensor, grid_thw: torc
 
 
 class VisionEncoder(MegatronModule):
-    def __init__(self, cfg: NaViLModelConfig, config, backend: Backend, pg_collection=None):
+    """The native-resolution ViT (flow in the module docstring): patch embedding, then
+    NaViLTransformerLayers over the packed patches of all images, each image (or scale) its own
+    bidirectional attention segment, optionally with window attention (WindowPlan).
+
+    Runs whole on the first pipeline stage; its heads are split over the TP group of
+    `pg_collection` (the model's collection), and with sequence parallelism the patch sequence
+    is split over the same group inside the layers.
+    """
+
+    def __init__(
+        self,
+        cfg: NaViLModelConfig,
+        config,
+        backend: Backend,
+        pg_collection: ProcessGroupCollection,
+    ):
         super().__init__(config=config)
         v = cfg.vision
         self.cfg = cfg
@@ -87,6 +99,7 @@ class VisionEncoder(MegatronModule):
             post_process=True,
             pg_collection=pg_collection,
         )
+        self.tp_region = TPRegion.of(config, pg_collection.tp)
         self.row_multiple = backend.fp8_row_multiple
         self.window = WindowPlan.from_config(cfg) if v.window_size else None
 
@@ -101,9 +114,8 @@ class VisionEncoder(MegatronModule):
         seqlens = grid_thw.prod(dim=1).tolist()
         n = x.shape[0]
 
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        sp = self.config.sequence_parallel and tp > 1
-        multiple = self.row_multiple * (tp if sp else 1)
+        chunks, _ = self.tp_region.sequence_chunk
+        multiple = self.row_multiple * chunks  # every SP chunk gets whole FP8 row blocks
         pad = -n % multiple
         if pad:  # the padding rows form their own segment, so no real patch attends to them
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
@@ -114,22 +126,13 @@ class VisionEncoder(MegatronModule):
         if self.window is not None:
             x, freqs, window_packed, perm = self.window.enter(x, freqs, grid_thw, pad)
 
-        h = x[:, None, :]  # [N, 1, C]
-        if sp:
-            h = scatter_to_sequence_parallel_region(
-                h, group=parallel_state.get_tensor_model_parallel_group()
-            )
+        h = self.tp_region.scatter_sequence(x[:, None, :])  # [N, 1, C] -> [N / tp, 1, C] (SP)
         h = self.decoder(
             h, rotary_freqs=freqs, packed_seq_params=packed, window_packed_seq_params=window_packed
         )
-        if sp:
-            # Everything downstream is replicated over TP, so gradients arriving here are
-            # identical on all ranks: backward splits rather than reduce-scatters.
-            h = gather_from_sequence_parallel_region(
-                h,
-                tensor_parallel_output_grad=False,
-                group=parallel_state.get_tensor_model_parallel_group(),
-            )
+        # Everything downstream is replicated over TP, so gradients arriving here are identical
+        # on all ranks: backward splits rather than reduce-scatters.
+        h = self.tp_region.gather_sequence(h, grad_is_partial=False)  # [N, 1, C]
         h = h[:, 0, :]
         if self.window is not None:
             h = self.window.leave(h, perm)

@@ -38,6 +38,15 @@ def window_order(h_m: int, w_m: int, ws: int) -> tuple[torch.Tensor, list[int]]:
 
 @dataclass
 class WindowPlan:
+    """Window attention of the vision encoder for one model config: which patch order and which
+    attention segments the windowed layers use.
+
+    `enter` permutes a packed patch sequence (all images, plus the trailing padding segment)
+    into window order and returns the window segments; `leave` undoes the permutation after the
+    encoder unless the released window order is kept. Full-attention layers keep using the
+    per-image segments (NaViLTransformerLayer picks one or the other).
+    """
+
     window_merged: int
     """Window side in merged tokens."""
     merge: int

@@ -1,4 +1,10 @@
-"""Megatron optimizer (AdamW, optionally distributed) and its LR/WD scheduler."""
+"""Megatron optimizer (AdamW, optionally distributed) and its LR/WD scheduler.
+
+Three workarounds for Megatron-Core 0.16.1 with torch's Adam share ONE condition,
+`uses_torch_adam`: Megatron falls back to torch's Adam(W) when neither Transformer Engine nor
+apex imports. That is always the case on CPU (utils/cpu_compat.needed()), but also on a GPU
+without them (the local backend's warned fallback), where the same bugs would bite; so the
+condition is the optimizer's type, not the device."""
 
 from __future__ import annotations
 
@@ -38,20 +44,25 @@ def build_optimizer(
     return optimizer
 
 
+def uses_torch_adam(sub) -> bool:
+    """Whether Megatron optimizer `sub` steps with torch's Adam(W): the one condition of the
+    torch-Adam workarounds (see the module docstring)."""
+    return isinstance(getattr(sub, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _patch_torch_adam_step_restore(optimizer) -> None:
-    """Work around a Megatron-Core 0.16.1 bug hit only with torch's Adam (no apex/TE, i.e. CPU).
+    """Work around a Megatron-Core 0.16.1 bug hit only with torch's Adam (`uses_torch_adam`).
 
     Loading a distributed-optimizer checkpoint first puts the common `step` into every torch
     Adam state, then copies the per-parameter tensors WITHOUT `step` into every state key ->
     KeyError('step'). Per instance, we copy only the keys the checkpoint provides (step keeps
     the value Megatron just restored)."""
-    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    if HAVE_APEX_OR_TE:
-        return
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
         if (
             not isinstance(sub, DistributedOptimizer)
+            or not uses_torch_adam(sub)
             or sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8
         ):
             continue
@@ -120,11 +131,11 @@ def prime_optimizer_state(optimizer) -> None:
     Megatron's DistributedOptimizer builds its checkpoint structure from `state_dict()`, which
     without apex/TE (CPU) requires one common `step` over all parameters; a fresh optimizer has
     none, so loading a checkpoint into it would fail. The loaded values overwrite these zeros.
-    TE's FusedAdam (GPU) keeps `step` per group and needs nothing."""
+    TE's FusedAdam (GPU) keeps `step` per group and needs nothing (`uses_torch_adam`)."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        if not uses_torch_adam(sub):
             continue
+        inner = sub.optimizer
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state[p]
@@ -143,11 +154,11 @@ def unshare_adam_steps(optimizer) -> None:
 
     Megatron-Core 0.16.1's distributed optimizer restores `step` for torch's Adam (no apex/TE)
     as ONE tensor object shared by all parameter states; torch then increments it in place once
-    per parameter, so bias correction drifts after a resume. (Found by the kill-and-resume test.)"""
+    per parameter, so bias correction drifts after a resume. (Found by the kill-and-resume test.)
+    Only with torch's Adam (`uses_torch_adam`)."""
     for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(sub, "optimizer", None)
-        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        if not uses_torch_adam(sub):
             continue
-        for state in inner.state.values():
+        for state in sub.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()

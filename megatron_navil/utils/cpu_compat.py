@@ -1,8 +1,24 @@
 """CPU compatibility layer: lets Megatron-Core's CUDA-only code paths run on CPU with gloo.
 
 Megatron-Core 0.16.1 assumes CUDA in a handful of places that our CPU tests (and the CPU
-quickstart) go through. `activate()` patches exactly those, and only when CUDA is absent: on a
+quickstart) go through. `activate()` patches exactly those, and only when `needed()`: on a
 machine with a GPU it returns without touching anything, so GPU behaviour never changes.
+
+The condition: `needed()` is True iff torch sees no CUDA device. It is the ONE condition of
+every CPU-only deviation of the project: this layer, CPU initialisation and unbatched p2p in
+models/transformer_config.py, gloo instead of NCCL in utils/distributed.py. (The torch-Adam
+workarounds of training/optimizer.py are keyed on Megatron having fallen back to torch's Adam,
+which is always the case here but also on a GPU without TE or apex, where they are needed too.)
+
+Lifetime (explicit; the layer is global process state):
+- on: `activate()`, called first by the entry points (navil-pretrain, navil-caption,
+  navil-demo), by navil-convert when it sets up its one-process Megatron world
+  (conversion/layout.ensure_single_process_world), by the multi-process test workers, by
+  tests/conftest.py (for the session and again before every test), and by
+  `utils.distributed.initialize_model_parallel`, so any code path that builds Megatron's groups
+  and then a model on CPU has it whoever called it;
+- off: `deactivate()`, called by `utils.distributed.destroy()` (the end of every job).
+`activate()` is idempotent; `deactivate()` restores every patched object (tested).
 
 What it does, and why each piece is needed:
 
@@ -29,7 +45,8 @@ What it does, and why each piece is needed:
 7. `Tensor.type()` (no argument) reports CPU tensors as `torch.cuda.*Tensor`: Megatron's
    (distributed) optimizer and grad clipping accept parameters only after checking those
    strings.
-Everything is undone by `deactivate()` (tests use it to prove the layer is inert on exit).
+NOTE: the function mode is pushed on torch's mode stack by `activate()`: call it outside any
+other `TorchFunctionMode` (e.g. before, not inside, conversion/layout.py's meta-device mode).
 """
 
 from __future__ import annotations
@@ -122,13 +139,19 @@ def _patch(obj: Any, name: str, value: Any) -> None:
 _MISSING = object()
 
 
+def needed() -> bool:
+    """The one condition of every CPU-only deviation: no CUDA device (see the module docstring).
+    Unaffected by the layer itself (it never patches `torch.cuda.is_available`)."""
+    return not torch.cuda.is_available()
+
+
 def is_active() -> bool:
     return bool(_STATE["active"])
 
 
 def activate() -> bool:
-    """Install the layer if CUDA is absent. Returns True when it is (now or already) active."""
-    if torch.cuda.is_available():
+    """Install the layer if `needed()`. Returns True when it is (now or already) active."""
+    if not needed():
         return False
     if _STATE["active"]:
         return True

@@ -3,6 +3,9 @@
 gloo on CPU (with the CPU compatibility layer), NCCL on GPU. Megatron-Core's model-parallel
 groups come from `parallel_state.initialize_model_parallel`; seeds are set the way Megatron-LM
 does plus the CPU generator, which CPU initialisation draws from (see utils/cpu_compat.py).
+`initialize_model_parallel` turns the CPU compatibility layer on where it is needed (Megatron's
+RNG tracker and everything built after it need it on CPU) and `destroy` turns it off: the
+layer lives exactly as long as Megatron's groups unless an entry point turned it on earlier.
 """
 
 from __future__ import annotations
@@ -49,8 +52,6 @@ def init_process_group(timeout_minutes: float = 30.0) -> None:
     """Initialise torch.distributed from the launcher's env (torchrun / SLURM) if needed."""
     if torch.distributed.is_initialized():
         return
-    if not torch.cuda.is_available():
-        cpu_compat.activate()
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         if key not in os.environ and f"SLURM_{_SLURM_NAMES[key]}" in os.environ:
             os.environ[key] = os.environ[f"SLURM_{_SLURM_NAMES[key]}"]
@@ -58,7 +59,7 @@ def init_process_group(timeout_minutes: float = 30.0) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "gloo" if cpu_compat.needed() else "nccl"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(
@@ -73,6 +74,9 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> Non
     """Create Megatron's TP/PP/EP/DP groups and seed every RNG that matters."""
     from megatron.core import parallel_state, tensor_parallel
 
+    # Before anything of Megatron runs: its RNG tracker (seeded below), schedules and layers
+    # need the CPU layer on a machine without CUDA (a no-op with CUDA, or when already on).
+    cpu_compat.activate()
     init_process_group()
     world = torch.distributed.get_world_size()
     model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
@@ -109,7 +113,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> Non
         parallel.expert_model_parallel_size,
         dp,
         world,
-        "gloo/CPU" if not torch.cuda.is_available() else "nccl/GPU",
+        "gloo/CPU" if cpu_compat.needed() else "nccl/GPU",
     )
 
 
@@ -142,17 +146,19 @@ def seed_everything(seed: int) -> None:
 
 
 def teardown_if_new() -> Callable[[], None]:
-    """A cleanup for a console script's `main`: it destroys the process group only when none
-    existed at the time of this call, so a script called in-process (tests, notebooks) never tears
-    down state its caller owns."""
+    """A cleanup for a console script's `main`: it destroys the process group (and with it the
+    CPU compatibility layer, see `destroy`) only when none existed at the time of this call, so a
+    script called in-process (tests, notebooks) never tears down state its caller owns."""
     owned_by_caller = torch.distributed.is_initialized()
     return (lambda: None) if owned_by_caller else destroy
 
 
 def destroy() -> None:
+    """Tear down Megatron's groups, the process group and the CPU compatibility layer."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    cpu_compat.deactivate()

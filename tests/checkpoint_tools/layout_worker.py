@@ -76,6 +76,9 @@ def check_splits(model, cfg, load_dir) -> list[str]:
 
 def main():
     a = _args()
+    from megatron_navil.utils import cpu_compat
+
+    cpu_compat.activate()  # this worker is a job's entry point; destroy() below turns it off
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

@@ -50,6 +50,9 @@ def test_batches(cfg, seq_length: int, n: int):
 
 def main():
     a = _args()
+    from megatron_navil.utils import cpu_compat
+
+    cpu_compat.activate()  # this worker is a job's entry point; destroy() below turns it off
     from megatron.core import dist_checkpointing, parallel_state
 
     from megatron_navil.checkpoint import model_sharded_state_dict
