@@ -18,18 +18,19 @@ def _main(argv) -> int:
         e.same_on_every_rank = True  # every rank parses the same command line: reported once
         raise
     from megatron_navil.training.trainer import Trainer
-
-    return Trainer(cfg).train()
-
-
-def main(argv=None) -> int:
-    from megatron_navil.utils import cpu_compat, lifetime
-    from megatron_navil.utils.cli import run_cli
-    from megatron_navil.utils.distributed import destroy
+    from megatron_navil.utils import lifetime
 
     # No process of the job outlives it: trainers die with torchrun, helpers with the trainer.
     lifetime.tie_to_launcher()
     lifetime.tie_helpers()
+    return Trainer(cfg).train()
+
+
+def main(argv=None) -> int:
+    from megatron_navil.utils import cpu_compat
+    from megatron_navil.utils.cli import run_cli
+    from megatron_navil.utils.distributed import destroy
+
     cpu_compat.activate()  # on CPU, Megatron needs the layer; destroy turns it off
     return run_cli(_main, argv, cleanup=destroy)
 
