@@ -32,6 +32,7 @@ from megatron_navil.checkpoint.format import (
 )
 from megatron_navil.checkpoint.keys import EXTRA_STATE, load_model_state, model_sharded_state_dict
 from megatron_navil.checkpoint.optimizer_keys import (
+    canonical_key,
     leaf_keys,
     match_stored_keys,
     request_leaves,
@@ -178,15 +179,24 @@ _ERRNO = re.compile(r"\[Errno \d+\] ([^\n;]+)")
 
 
 def _missing_keys_error(d: Path, keys: list[str]) -> CheckpointError:
+    """A few lines: what is missing (model weights or optimizer state), how many, the first
+    few, and the likely reason for that kind."""
     shown = "\n  ".join(keys[:5])
     more = f"\n  ... and {len(keys) - 5} more" if len(keys) > 5 else ""
-    return CheckpointError(
-        f"cannot load {d}: {len(keys)} tensors this run needs are not in the checkpoint:\n  "
-        f"{shown}{more}\nit was saved by a model of another structure (flavor, experts, "
-        "overrides), "
-        "or by a training stage that froze parts this one trains (start a new stage with "
-        "--finetune); use the matching config, or convert it with navil-convert"
-    )
+    optimizer = sum(canonical_key(k).startswith("optimizer.") for k in keys)
+    if optimizer == len(keys):
+        what = f"optimizer state for {len(keys)} tensors this run trains"
+        why = (
+            "it was saved by a training stage that froze them (or with --finetune's fresh "
+            "optimizer never saved): start this stage from it with --load ... --finetune"
+        )
+    else:
+        what = f"{len(keys) - optimizer} model tensors (and {optimizer} optimizer tensors)"
+        why = (
+            "it was saved by a model of another structure (flavor, experts, model fields): "
+            "use the matching config, or convert it with navil-convert"
+        )
+    return CheckpointError(f"cannot load {d}: the checkpoint lacks {what}:\n  {shown}{more}\n{why}")
 
 
 def _agree_on_failure(local_bad: int) -> int:

@@ -116,7 +116,7 @@ def test_missing_tensor_is_refused_naming_count_and_first_keys(megatron_single_p
     with pytest.raises(ck.CheckpointError) as err:
         ck.load_model(tmp_path, [_model(cfg, seed=6)], cfg)
     msg = str(err.value)
-    m = re.search(r"(\d+) tensors this run needs are not in the checkpoint", msg)
+    m = re.search(r"the checkpoint lacks (\d+) model tensors \(and 0 optimizer", msg)
     assert m, msg
     # every dropped tensor is counted (gated fc1 weights count as their _w/_v halves); the
     # TE-style _extra_state entries among the dropped keys are not
@@ -124,4 +124,5 @@ def test_missing_tensor_is_refused_naming_count_and_first_keys(megatron_single_p
     assert n >= len([k for k in dropped if not k.endswith("_extra_state")]), msg
     assert f"and {n - 5} more" in msg and msg.count("\n") < 12, msg
     assert "language_model.decoder.layers.0.input_layernorm.weight" in msg, msg
+    assert "a model of another structure" in msg, msg
     assert _tree_digest(tmp_path) == before

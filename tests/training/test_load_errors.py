@@ -2,7 +2,9 @@
 leaves the checkpoint untouched:
 - a checkpoint of another model shape (`--load` with a different layer count / hidden size)
   names each differing config field, checkpoint value vs config value;
-- a `latest` pointer at an incomplete save names the step and directory.
+- a `latest` pointer at an incomplete save names the step and directory;
+- a stage that froze parts, resumed by a run that trains them, says optimizer state is what
+  is missing (how many, the first few) and to start the new stage with --finetune.
 Where to look on failure: megatron_navil/checkpoint/ (check_model_config, resolve).
 """
 
@@ -51,3 +53,19 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     with pytest.raises(AssertionError) as err:
         pretrain(1, BASE + ["--train-iters", "2", "--load", str(ck)])
     assert "points at step 7" in str(err.value), str(err.value)[-3000:]
+
+
+def test_stage_that_froze_parts_is_named_when_resumed_training_them(tmp_path):
+    """A stage-1 checkpoint (text frozen: no optimizer state for it) resumed as a full-training
+    run: a few lines saying optimizer state is what is missing, how many, and to use
+    --finetune; the checkpoint untouched."""
+    ck = tmp_path / "ck"
+    pretrain(1, BASE + ["--train-iters", "2", "--save", str(ck), "stage.preset=stage1"])
+    before = _digest(ck)
+    with pytest.raises(AssertionError) as err:
+        pretrain(1, BASE + ["--train-iters", "3", "--save", str(ck)])
+    msg = str(err.value)
+    line = next(x for x in msg.splitlines() if "error:" in x)
+    assert "the checkpoint lacks optimizer state for" in line and "--finetune" in line, line
+    assert "optimizer.state.exp_avg.language_model" in line and "Traceback" not in msg
+    assert _digest(ck) == before
