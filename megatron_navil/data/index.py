@@ -13,8 +13,9 @@ Untrusted shards (docs/data_format.md, "Reading untrusted shards"): file names m
 names inside the dataset directory (else the dataset is refused); a sample whose index entry
 is malformed, whose key is unsafe, whose JSON member is over the dataset's limit or whose token
 count is implausible for its JSON's size (limits.py), or (`refuse_images`) whose image is over
-the pixel limit, is *refused*: `refused[i]` holds the reason's code, the planner skips it and
-the builder logs its key once. Every member is read with its tar header checked (members.py).
+the pixel limit, or (sizing.py) that NaViL's resize rule cannot size, is *refused*:
+`refused[i]` holds the reason's code, the planner skips it and the builder logs its key once.
+Every member is read with its tar header checked (members.py).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ REFUSALS = (
     "implausible_tokens",
     "unreadable_json",
     "image_too_large",
+    "image_unsizable",
 )
 """Why a sample is refused, in the order of the int8 codes of `DatasetIndex.refused` (0: not)."""
 

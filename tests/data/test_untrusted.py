@@ -4,8 +4,8 @@ A copy of the test shards is tampered with the way a malicious or broken produce
 - tar headers before members the index points at are replaced (in place, same offsets) by a
   symbolic link, a hard link, a character device, a FIFO, an absolute name and a `..` name;
 - one JPEG's frame header is patched to declare 8000 x 8000 pixels while the index keeps the
-  real size (a decompression bomb behind a lying index), and another image's index entry claims
-  5000 x 5000;
+  real size (a decompression bomb behind a lying index), another image's index entry claims
+  5000 x 5000, and another 6432 x 32 (an aspect ratio NaViL's resize rule cannot size);
 - one sample's index claims 10^9 text tokens for a JSON of a few hundred bytes; one sample's
   key is `../../evil`.
 Proves: every such sample is skipped and counted (`skipped_samples` for what the index alone
@@ -105,6 +105,9 @@ def _tamper(src: str, dst: str) -> tuple[dict[str, str], dict[str, str]]:
     claims = captions[len(evil) + 1]
     _edit_index(dst, claims["key"], lambda s: s["images"][0].update(width=5000, height=5000))
     by_index[claims["key"]] = "image_too_large"
+    wide = captions[len(evil) + 2]  # NaViL's resize rule stops at aspect ratio 200
+    _edit_index(dst, wide["key"], lambda s: s["images"][0].update(width=32 * 201, height=32))
+    by_index[wide["key"]] = "image_unsizable"
     _edit_index(dst, texts[0]["key"], lambda s: s.update(text_tokens=10**9))
     by_index[texts[0]["key"]] = "implausible_tokens"
     _edit_index(dst, texts[1]["key"], lambda s: s.update(key="../../evil"))
