@@ -3,6 +3,7 @@
     navil-convert llm-to-navil --hf-llm DIR --flavor NAME --output CKPT [layout flags]
     navil-convert navil-to-hf  --load CKPT --output HF_DIR
     navil-convert hf-to-navil  --hf HF_DIR --output CKPT [layout flags]
+    (HF weights are read from safetensors; `.bin` pickles only with --trust-pickle)
     navil-convert verify       --load CKPT --hf HF_DIR [--inputs FILE]
 
 Layout flags use Megatron-LM's names (--tensor-model-parallel-size, ...). Errors a user can
@@ -44,6 +45,15 @@ def _layout_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--expert-model-parallel-size", type=int, default=1)
 
 
+def _trust_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read pytorch_model*.bin (pickle) weights when the directory has no safetensors, "
+        "with torch.load(weights_only=True); without it they are refused (pickles can run code)",
+    )
+
+
 def _common(p: argparse.ArgumentParser, output: bool = True) -> None:
     if output:
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -79,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the fresh vision/connector weights")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="stored dtype (auto: the LLM's)")
+    _trust_pickle(p)
     _layout_flags(p)
     _common(p)
 
@@ -122,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--step", type=int, default=0, help="iteration number to write")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="stored dtype (auto: as in HF)")
+    _trust_pickle(p)
     _layout_flags(p)
     _common(p)
 
@@ -209,6 +221,7 @@ def run(a) -> int:
             parallel=_parallel(a),
             overwrite=a.overwrite,
             progress=progress,
+            trust_pickle=a.trust_pickle,
         )
         print(_summary("wrote", report))
         print(
@@ -228,6 +241,7 @@ def run(a) -> int:
             first_special_token_id=a.first_special_token_id,
             overwrite=a.overwrite,
             progress=progress,
+            trust_pickle=a.trust_pickle,
         )
         print(_summary("wrote", report))
     elif a.command == "navil-to-hf":

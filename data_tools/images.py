@@ -10,6 +10,10 @@ Policy (docs/data_format.md, "Stored images"): the bytes stored are always decod
   Alpha is composited on white. `converted_from` records "<FORMAT>/<mode>".
 Width/height are always the size AFTER EXIF orientation, i.e. what DALI's decoder (its default
 `adjust_orientation=True`) and PIL + `ImageOps.exif_transpose` return.
+Original bytes are kept only if the training loader's own pre-decode check
+(megatron_navil/data/image_header.py) reads their header as PIL does; a file whose header it
+cannot read (e.g. junk between JPEG markers, which decoders tolerate) is converted instead, so
+the loader never refuses a sample this tool wrote.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from data_tools.samples import Reject
+from megatron_navil.data.image_header import ImageHeaderError, header_size
 
 # We enforce our own pixel limit before decoding; PIL's global guard would raise at 2x its
 # default and warn below it, with a different threshold than the user asked for.
@@ -123,7 +128,7 @@ def process_image(path: str, limits: ImageLimits) -> StoredImage:
     # NOTE: only after the full decode: PNG's getexif() loads the image itself, and a decode
     # error swallowed there would let a corrupt file through.
     orientation = _orientation(im)
-    if _keep_original(im, fmt, data, orientation):
+    if _keep_original(im, fmt, data, orientation) and _loader_reads(data, (w, h)):
         ow, oh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
         ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[fmt]
         return StoredImage(data, ext, ow, oh, orientation, fmt, None, digest)
@@ -140,6 +145,14 @@ def process_image(path: str, limits: ImageLimits) -> StoredImage:
         rgb.save(buf, "PNG", compress_level=1)  # fast: shards are not the place to save bytes
         ext = "png"
     return StoredImage(buf.getvalue(), ext, rgb.width, rgb.height, 1, fmt, converted_from, digest)
+
+
+def _loader_reads(data: bytes, size: tuple[int, int]) -> bool:
+    """Does the loader's header check read the size PIL read (so it will decode these bytes)?"""
+    try:
+        return header_size(data)[1:] == size
+    except ImageHeaderError:
+        return False
 
 
 def _orientation(im: Image.Image) -> int:

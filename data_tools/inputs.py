@@ -149,9 +149,14 @@ def partition_bounds(total: int, num_partitions: int, index: int) -> tuple[int, 
 
 
 def iter_records(
-    files: Sequence[InputFile], lo: int, hi: int, image_root: Optional[str]
+    files: Sequence[InputFile],
+    lo: int,
+    hi: int,
+    image_root: Optional[str],
+    max_line_bytes: Optional[int] = None,
 ) -> Iterator[RawRecord]:
-    """Records whose position lies in [lo, hi), in deterministic order."""
+    """Records whose position lies in [lo, hi), in deterministic order. A JSONL line longer
+    than `max_line_bytes` is never held in memory: it becomes a `json_too_large` rejection."""
     ordinal = 0
     for f in files:
         a, b = max(lo, f.start) - f.start, min(hi, f.start + f.size) - f.start
@@ -159,7 +164,7 @@ def iter_records(
             continue
         base = image_root or (f.path if f.kind == "imagefolder" else os.path.dirname(f.path))
         if f.kind == "jsonl":
-            gen = _iter_jsonl(f, a, b, base)
+            gen = _iter_jsonl(f, a, b, base, max_line_bytes)
         elif f.kind == "json":
             gen = _iter_json(f, a, b, base)
         else:
@@ -170,7 +175,27 @@ def iter_records(
             yield rec
 
 
-def _iter_jsonl(f: InputFile, a: int, b: int, base: str) -> Iterator[RawRecord]:
+def _read_line(fh, limit: Optional[int]) -> tuple[Optional[bytes], int]:
+    """(the line, its length in bytes). A line longer than `limit` + a CRLF is not kept: the
+    rest of it is skipped in bounded chunks and (None, its length) is returned, so a 10 GB line
+    costs no memory."""
+    if limit is None:
+        raw = fh.readline()
+        return raw, len(raw)
+    raw = fh.readline(limit + 2)
+    if len(raw) < limit + 2 or raw.endswith(b"\n"):
+        return raw, len(raw)
+    n = len(raw)
+    while True:  # the line goes on: count it out without keeping it
+        part = fh.readline(_READ_CHUNK)
+        n += len(part)
+        if not part or part.endswith(b"\n"):
+            return None, n
+
+
+def _iter_jsonl(
+    f: InputFile, a: int, b: int, base: str, limit: Optional[int] = None
+) -> Iterator[RawRecord]:
     with open(f.path, "rb") as fh:
         line_no = 1
         pos = 0
@@ -184,12 +209,19 @@ def _iter_jsonl(f: InputFile, a: int, b: int, base: str) -> Iterator[RawRecord]:
             line_no = 1 + _count_newlines(f.path, pos)
         fh.seek(pos)
         while pos < b:
-            raw = fh.readline()
-            if not raw:
+            raw, n = _read_line(fh, limit)
+            if not n:
                 break
-            pos += len(raw)
-            text = raw.strip()
-            if text:
+            pos += n
+            text = raw.strip() if raw is not None else None
+            if text is None or limit is not None and len(text) > limit:
+                yield RawRecord(
+                    0,
+                    {"file": f.rel, "line": line_no},
+                    base_dir=base,
+                    error=("json_too_large", f"line of {n} bytes > --max-json-bytes {limit}"),
+                )
+            elif text:
                 try:
                     line = text.decode("utf-8")
                 except UnicodeDecodeError as e:

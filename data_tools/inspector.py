@@ -6,7 +6,11 @@
     navil-inspect shards/ --keys p00000-000000-000003 --render-dir look/
 
 Reads only the per-shard indexes for statistics (no decoding), and sample bytes by their
-recorded offsets for rendering, exactly as the training loader does.
+recorded offsets for rendering, exactly as the training loader does, with the loader's checks
+on untrusted shards (megatron_navil/data/members.py, image_header.py): a sample with an unsafe
+key, a tar member that is not the regular file its index names (link, device, absolute or
+`..` name) or an image header over the pixel limit is not rendered; the summary lists it with
+the reason (naming the tar file and member).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from collections import Counter
 from typing import Any, Optional, Sequence
 
 from data_tools.cli_common import UsageError, format_table, write_text
+from megatron_navil.data.image_header import check_image_bytes
+from megatron_navil.data.index import ShardReader
+from megatron_navil.data.members import UnsafeMember, safe_file_name, safe_key
 from megatron_navil.utils.cli import run_cli
 from megatron_navil.utils.files import atomic_writer, write_json_atomic
 from megatron_navil.utils.logging import get_logger
@@ -125,27 +132,54 @@ def stats_text(st: dict[str, Any]) -> str:
 
 
 def read_member(dataset: str, seg: dict[str, Any], sample: dict[str, Any], member: str) -> bytes:
-    """Bytes of one member of a sample, by the offset the index records."""
+    """Bytes of one member of a sample, by the offset the index records, after checking the
+    tar header before them (UnsafeMember otherwise)."""
+    if not safe_file_name(seg.get("tar")):
+        raise UnsafeMember(f"shard index names tar {seg.get('tar')!r}, not a file in {dataset}")
     offset, size = sample["members"][member]
-    with open(os.path.join(dataset, seg["tar"]), "rb") as f:
-        f.seek(offset)
-        return f.read(size)
+    with ShardReader([os.path.join(dataset, seg["tar"])]) as reader:
+        return reader.read_member(0, offset, size, f"{sample['key']}.{member}")
+
+
+def _load_sample(dataset: str, seg: dict, s: dict, max_pixels: int) -> tuple[dict, list[bytes]]:
+    """(the sample's JSON, its images' bytes), or UnsafeMember saying why it is refused."""
+    if not safe_key(s.get("key")):
+        raise UnsafeMember(f"sample key {s.get('key')!r} is not [A-Za-z0-9_-]")
+    doc = json.loads(read_member(dataset, seg, s, "json"))
+    images = []
+    for im in s["images"]:
+        data = read_member(dataset, seg, s, im["member"])
+        why = check_image_bytes(data, max_pixels)
+        if why is not None:
+            raise UnsafeMember(f"image {s['key']}.{im['member']} {why}")
+        images.append(data)
+    return doc, images
 
 
 def render(
-    dataset: str, segs: list[dict[str, Any]], chosen: list[tuple[dict, dict]], out_dir: str
-) -> list[str]:
-    """One PNG per sample (images side by side over the wrapped text) + index.html."""
+    dataset: str,
+    segs: list[dict[str, Any]],
+    chosen: list[tuple[dict, dict]],
+    out_dir: str,
+    max_pixels: int = 100_000_000,
+) -> tuple[list[str], list[str]]:
+    """One PNG per sample (images side by side over the wrapped text) + index.html; returns
+    (written PNG paths, one line per refused sample). `max_pixels`: images whose header
+    declares more are not decoded (the dataset's --max-image-pixels)."""
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
     os.makedirs(out_dir, exist_ok=True)
     font = ImageFont.load_default()
-    cards, written = [], []
+    cards, written, refused = [], [], []
     for seg, s in chosen:
-        doc = json.loads(read_member(dataset, seg, s, "json"))
+        try:
+            doc, datas = _load_sample(dataset, seg, s, max_pixels)
+        except (UnsafeMember, ValueError) as e:  # ValueError: JSON that does not parse
+            refused.append(f"refused {s.get('key')!r}: {e}")
+            continue
         ims = []
-        for im in s["images"]:
-            pic = Image.open(io.BytesIO(read_member(dataset, seg, s, im["member"])))
+        for data in datas:
+            pic = Image.open(io.BytesIO(data))
             pic = ImageOps.exif_transpose(pic).convert("RGB")
             pic.thumbnail((384, 384))
             ims.append(pic)
@@ -186,7 +220,25 @@ def render(
             + "\n<hr>\n".join(cards)
             + "\n"
         )
-    return written
+    return written, refused
+
+
+def _max_pixels(dataset: str) -> int:
+    """The dataset's --max-image-pixels (manifest or a partition report), else the default."""
+    from data_tools.images import ImageLimits
+
+    for name in [
+        "manifest.json",
+        *sorted(glob.glob(os.path.join(dataset, "partitions", "*.json"))),
+    ]:
+        try:
+            with open(os.path.join(dataset, name), encoding="utf-8") as f:
+                value = json.load(f)["settings"]["max_image_pixels"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if isinstance(value, int) and value > 0:
+            return value
+    return ImageLimits.max_pixels
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -219,8 +271,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
                 by_key[k] for k in random.Random(a.seed).sample(pool, min(a.render, len(pool)))
             ]
         out = a.render_dir or os.path.join(a.dataset, "render")
-        paths = render(a.dataset, segs, chosen, out)
+        paths, refused = render(a.dataset, segs, chosen, out, _max_pixels(a.dataset))
         text += f"\nrendered {len(paths)} sample(s) to {out}/ (open index.html)"
+        text += "".join(f"\n{line}" for line in refused)
     write_text(text)
     return 0
 

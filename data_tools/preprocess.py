@@ -31,6 +31,11 @@ from data_tools.resume import load_finished
 from data_tools.shards import Segment, ShardWriter, sample_entry, sample_key
 from data_tools.worker import Result, WorkerConfig, init_worker, process_chunk
 from megatron_navil.data.chat_template import CHAT_ENCODING_VERSION
+from megatron_navil.data.limits import (
+    DEFAULT_MAX_JSON_BYTES,
+    MAX_JSON_BYTES_CAP,
+    implausible_tokens,
+)
 from megatron_navil.utils.cli import run_cli
 from megatron_navil.utils.logging import get_logger
 from megatron_navil.utils.progress import Progress
@@ -130,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="reject images with more pixels than this, before decoding (decompression-bomb guard)",
     )
     p.add_argument(
+        "--max-json-bytes",
+        type=int,
+        default=DEFAULT_MAX_JSON_BYTES,
+        help="reject an input JSONL line, or a sample whose JSON member would be, larger than "
+        "this (json_too_large); the loader skips larger members too",
+    )
+    p.add_argument(
         "--dedup",
         action="store_true",
         help="drop exact duplicates (same text and image bytes) within the partition",
@@ -155,9 +167,15 @@ def _check_args(a: argparse.Namespace) -> None:
         ("--min-image-side", a.min_image_side, 1),
         ("--max-image-pixels", a.max_image_pixels, 1),
         ("--num-workers", a.num_workers, 0),
+        ("--max-json-bytes", a.max_json_bytes, 1),
     ):
         if v < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {v}")
+    if a.max_json_bytes > MAX_JSON_BYTES_CAP:
+        raise UsageError(
+            f"--max-json-bytes {a.max_json_bytes} is over {MAX_JSON_BYTES_CAP}, the most the "
+            "training loader reads for one sample"
+        )
     if a.image_root is not None and not os.path.isdir(a.image_root):
         raise UsageError(f"--image-root {a.image_root!r} is not a directory")
     if os.path.exists(a.output) and not os.path.isdir(a.output):
@@ -201,6 +219,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         "max_shard_bytes": a.max_shard_bytes,
         "min_image_side": a.min_image_side,
         "max_image_pixels": a.max_image_pixels,
+        "max_json_bytes": a.max_json_bytes,
         "dedup": a.dedup,
         "chat_template": a.chat_template,
         "chat_encoding": CHAT_ENCODING_VERSION,
@@ -224,7 +243,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
 
     state = load_finished(a.output, a.partition_index, fingerprint)
     job = _Job(a, fingerprint, state)
-    records = iter_records(files, lo, hi, a.image_root)
+    records = iter_records(files, lo, hi, a.image_root, a.max_json_bytes)
     cfg = WorkerConfig(forced, limits, a.tokenizer, a.chat_template)
     progress = Progress(f"p{a.partition_index}", log_every_s=a.log_every)
     t0 = time.monotonic()
@@ -272,6 +291,23 @@ def _chunks(records, skip: int, size: int = 8):
         yield chunk
 
 
+def _oversized(json_member: bytes, text_tokens: Optional[int], limit: int):
+    """(reason, detail) for a sample too big to write, else (None, ""); megatron_navil/data/
+    limits.py has the rules the loader applies to the same numbers."""
+    if len(json_member) > limit:
+        return (
+            "json_too_large",
+            f"sample JSON of {len(json_member)} bytes > --max-json-bytes {limit}",
+        )
+    if text_tokens is not None and implausible_tokens(text_tokens, len(json_member)):
+        return (
+            "implausible_tokens",
+            f"{text_tokens} text tokens from a JSON of {len(json_member)} bytes: the tokenizer "
+            "emits more ids than bytes",
+        )
+    return None, ""
+
+
 class _Job:
     """Assembles results (in input order) into segments and shards; holds the accounting."""
 
@@ -296,8 +332,12 @@ class _Job:
         self.next_ordinal = r.ordinal + 1
         if r.reason is None and self.a.dedup and r.digest in self.seen:
             r.reason, r.detail = "duplicate", f"same content as sample {self.seen[r.digest]}"
+        seg = self._open(r.ordinal)
+        if r.reason is None:
+            key = sample_key(seg.stem, len(seg.samples))
+            members, meta = sample_entry(key, r)
+            r.reason, r.detail = _oversized(members[-1][1], r.text_tokens, self.a.max_json_bytes)
         if r.reason is not None:
-            seg = self._open(r.ordinal)
             seg.read += 1
             seg.rejected[r.reason] = seg.rejected.get(r.reason, 0) + 1
             seg.rejected_samples.append(
@@ -305,9 +345,6 @@ class _Job:
             )
             self.rejected_now += 1
             return
-        seg = self._open(r.ordinal)
-        key = sample_key(seg.stem, len(seg.samples))
-        members, meta = sample_entry(key, r)
         if (
             self.writer is not None
             and seg.samples

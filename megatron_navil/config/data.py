@@ -97,6 +97,11 @@ class DataConfig(ConfigBase):
     """When a dataset's index counted text tokens with another tokenizer (manifest hash differs)
     or chat style, recount them from the samples' JSON at start-up (slow on big data; logged).
     False refuses such a dataset with a message instead."""
+    max_image_pixels: Optional[int] = None
+    """Decompression-bomb guard: an image with more pixels than this (from the index, and from
+    its own header before decoding) is not decoded; its sample is skipped and counted. None =
+    16 x the model's largest resized image (max_dynamic_patch x patch_size^2): 100.7 MP for the
+    released configs, navil-preprocess's default limit; 4.2 MP for the debug flavors."""
 
     def validate(self) -> None:
         super().validate()
@@ -121,6 +126,8 @@ class DataConfig(ConfigBase):
             raise ConfigError("data.prefetch_depth must be >= 0")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ConfigError("data.samples_per_epoch must be >= 1 (or null)")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ConfigError("data.max_image_pixels must be >= 1 (or null)")
 
     def resolved_chat_style(self, model_cfg: NaViLModelConfig) -> str:
         if self.chat_style is not None:

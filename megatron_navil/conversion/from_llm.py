@@ -176,15 +176,17 @@ def llm_to_navil(
     parallel=None,
     overwrite: bool = False,
     progress: bool = False,
+    trust_pickle: bool = False,
 ):
-    """Write the first NaViL Megatron checkpoint at `output`; returns (config, report)."""
+    """Write the first NaViL Megatron checkpoint at `output`; returns (config, report).
+    `trust_pickle`: read `pytorch_model*.bin` when the LLM has no safetensors (hf_weights.py)."""
     import dataclasses
 
     from megatron_navil.config.base import ConfigError
     from megatron_navil.conversion.hf_llm import navil_config_for, read_hf_llm
     from megatron_navil.conversion.to_megatron import write_megatron_checkpoint
 
-    llm = read_hf_llm(llm_dir)
+    llm = read_hf_llm(llm_dir, trust_pickle)
     cfg = navil_config_for(llm, flavor, first_special_token_id)
     if visual_experts is not None:
         cfg = dataclasses.replace(

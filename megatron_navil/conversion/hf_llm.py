@@ -1,4 +1,5 @@
-"""A plain Hugging Face LLM directory (InternLM2 or Qwen3 layout, safetensors) for llm-to-navil.
+"""A plain Hugging Face LLM directory (InternLM2 or Qwen3 layout, safetensors; `.bin` pickles only
+with `trust_pickle`, see hf_weights.py) for llm-to-navil.
 
 Reads `config.json` with the usual HF field names and the safetensors weights (keys
 `model.layers.{i}...`, `model.tok_embeddings` / `model.embed_tokens`, `output` / `lm_head`),
@@ -19,12 +20,13 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from megatron_navil.backbones import Backbone
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.conversion.errors import ConversionError
 from megatron_navil.conversion.hf_config import backbone_of, llm_shape_from_hf
+from megatron_navil.conversion.hf_weights import PickleDir, open_hf_weights
 from megatron_navil.conversion.outputs import read_json
 from megatron_navil.conversion.safetensors_io import SafetensorsDir
 from megatron_navil.conversion.tokenizer_files import first_special_token_id as listed_first_id
@@ -43,7 +45,7 @@ class HFLLM:
     dir: Path
     family: Backbone
     config: dict
-    weights: SafetensorsDir
+    weights: Union[SafetensorsDir, PickleDir]
     tied: bool
 
     @property
@@ -65,7 +67,7 @@ class HFLLM:
         return self.weights.info(self.embed_key)[0][0]
 
 
-def read_hf_llm(directory: Path) -> HFLLM:
+def read_hf_llm(directory: Path, trust_pickle: bool = False) -> HFLLM:
     directory = Path(directory)
     if not directory.is_dir():
         raise ConversionError(f"--hf-llm {directory} is not a directory")
@@ -73,7 +75,7 @@ def read_hf_llm(directory: Path) -> HFLLM:
     if c.get("model_type") == "navil_chat":
         raise ConversionError(f"{directory} is already a NaViL model; use hf-to-navil")
     family = backbone_of(c)
-    weights = SafetensorsDir(directory)
+    weights = open_hf_weights(directory, trust_pickle)
     embed, head = family.names.embed, family.names.head
     if embed not in weights:
         raise ConversionError(

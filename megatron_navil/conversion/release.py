@@ -141,8 +141,8 @@ def _window_problems(d: dict, vision: dict) -> list[str]:
 def check_release(hf_dir: Path) -> list[str]:
     """Every constraint of the released code on HF directory `hf_dir`, one line per problem."""
     from megatron_navil.conversion.errors import ConversionError
+    from megatron_navil.conversion.hf_weights import open_hf_weights
     from megatron_navil.conversion.plan import check_source
-    from megatron_navil.conversion.safetensors_io import SafetensorsDir
     from megatron_navil.conversion.tokenizer_files import has_tokenizer, special_token_claims
 
     hf_dir = Path(hf_dir)
@@ -186,7 +186,7 @@ def check_release(hf_dir: Path) -> list[str]:
             ]
     try:
         cfg = from_hf_config(d, first)
-        check_source(SafetensorsDir(hf_dir), cfg)
+        check_source(open_hf_weights(hf_dir, flag=None), cfg)  # a .bin is refused, named
     except ConversionError as e:
         out.append(f"weights: {e}")
     return out

@@ -119,6 +119,14 @@ def read_header(path: Union[str, Path]) -> dict[str, TensorInfo]:
     return out
 
 
+def plain_file_name(index: Path, name: object) -> str:
+    """A file an index lists must be a plain name inside its directory (an index from elsewhere
+    could name `../../x` or an absolute path)."""
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ConversionError(f"{index} lists {name!r}, not a file name inside its directory")
+    return name
+
+
 class SafetensorsDir:
     """All tensors of a directory of safetensors files (sharded with an index, or not)."""
 
@@ -131,9 +139,9 @@ class SafetensorsDir:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
+                files = sorted({plain_file_name(index, n) for n in weight_map.values()})
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 raise ConversionError(f"{index} is not a valid index (no weight_map)") from None
-            files = sorted(set(weight_map.values()))
         else:
             weight_map, files = None, sorted(p.name for p in self.dir.glob("*.safetensors"))
         if not files:

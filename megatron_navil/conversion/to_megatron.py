@@ -159,12 +159,14 @@ def import_hf(
     first_special_token_id: Optional[int] = None,
     overwrite: bool = False,
     progress: bool = False,
+    trust_pickle: bool = False,
 ) -> tuple[NaViLModelConfig, ConversionReport]:
-    """An HF NaViL directory (config.json + safetensors) -> Megatron checkpoint root."""
-    from megatron_navil.conversion.safetensors_io import SafetensorsDir
+    """An HF NaViL directory (config.json + safetensors) -> Megatron checkpoint root.
+    `trust_pickle`: read `pytorch_model*.bin` when there are no safetensors (hf_weights.py)."""
+    from megatron_navil.conversion.hf_weights import open_hf_weights
 
     cfg = load_hf_config(hf_dir, first_special_token_id)
-    source = SafetensorsDir(hf_dir)
+    source = open_hf_weights(hf_dir, trust_pickle)
     report = write_megatron_checkpoint(
         source,
         cfg,

@@ -122,11 +122,11 @@ def megatron_logits(checkpoint: Path, cfg: NaViLModelConfig, inputs: dict, dtype
 def reference_logits(
     hf_dir: Path, cfg: NaViLModelConfig, inputs: dict, rows: torch.Tensor, dtype: torch.dtype
 ) -> torch.Tensor:
+    from megatron_navil.conversion.hf_weights import open_hf_weights
     from megatron_navil.conversion.plan import check_source
-    from megatron_navil.conversion.safetensors_io import SafetensorsDir
     from megatron_navil.reference import NaViLReference
 
-    source = SafetensorsDir(hf_dir)
+    source = open_hf_weights(hf_dir, flag=None)  # a .bin is refused with its name
     check_source(source, cfg)
     with torch.device("meta"):
         ref = NaViLReference(cfg)

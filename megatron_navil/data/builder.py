@@ -4,9 +4,12 @@ Per sample: read its JSON, size its images (the same ImageSizer the planner used
 tokens with `layout.image_token_ids` of exactly those grids (samples.py), check the length
 equals the planned one, truncate if the plan says so (never inside an image; images after the
 cut are not decoded). Then all images of the pack are decoded in one DALI call. A sample whose
-JSON or any image fails (storage garbage that slipped past preprocessing) is dropped whole, so
-the pack's token layout always matches the images it carries; each failing image is counted
-and logged once per key. Collation follows megatron_navil/batch.py:
+JSON or any image fails (storage garbage that slipped past preprocessing, a tar member that is
+not the regular file its index names, an image header over the pixel limit) is dropped whole,
+so the pack's token layout always matches the images it carries; each failing image is counted
+and logged once per key. Samples the index refused (index.REFUSALS) never get here: the planner
+skips them, and the builder logs each key once when its skip is handed out.
+Collation follows megatron_navil/batch.py:
 - labels[t] = tokens[t+1] inside a sample; pad_id at a sample's last position and on padding;
 - loss_mask[t] = 1 iff tokens[t+1] is a training target of the sample (samples.py), so a
   sample's last position, image tokens, user turns and padding get 0;
@@ -30,8 +33,9 @@ from megatron_navil.data.decode import (
     ImageJob,
     normalize_pixels,
 )
-from megatron_navil.data.index import DatasetIndex, ShardReader
+from megatron_navil.data.index import REFUSALS, DatasetIndex, ShardReader
 from megatron_navil.data.layout import image_token_ids
+from megatron_navil.data.members import UnsafeMember
 from megatron_navil.data.planner import PlannedPack
 from megatron_navil.data.samples import SampleTokens, build_sample_tokens
 from megatron_navil.data.sizing import ImageSizer
@@ -104,8 +108,15 @@ class PackBuilder:
         rows = range(int(ds.image_start[i]), int(ds.image_start[i + 1]))
         scales = [self.sizer.scales(int(ds.image_height[r]), int(ds.image_width[r])) for r in rows]
         img_ids = [image_token_ids(self.cfg, [s.grid for s in sc]) for sc in scales]
+        try:
+            raw = reader.read_member(
+                shard, int(ds.json_offset[i]), int(ds.json_size[i]), f"{key}.json"
+            )
+        except UnsafeMember as e:
+            self._warn_once(key, "sample %s refused, skipped: %s", key, e)
+            return None
         try:  # garbage where the JSON should be (storage, a mismatched index) skips the sample
-            doc = json.loads(reader.read(shard, int(ds.json_offset[i]), int(ds.json_size[i])))
+            doc = json.loads(raw)
             if not isinstance(doc, dict) or doc.get("key") != key:
                 raise ValueError(f"the JSON at the index's offset is not sample {key}'s")
             tokens = build_sample_tokens(doc, img_ids, self.tok, self.chat_style, self.add_bos)
@@ -123,10 +134,29 @@ class PackBuilder:
         kept = tokens.truncate(self.seq_length) if truncate else len(rows)
         s = _Sample(key, tokens)
         for r, sc in list(zip(rows, scales))[:kept]:
-            data = reader.read(shard, int(ds.image_offset[r]), int(ds.image_size[r]))
+            name = f"{key}.{ds.image_member[r]}"
+            try:
+                data = reader.read_member(
+                    shard, int(ds.image_offset[r]), int(ds.image_size[r]), name
+                )
+            except UnsafeMember as e:
+                self._warn_once(key, "sample %s refused, skipped: %s", key, e)
+                return None
             s.jobs.append(ImageJob(data, int(ds.image_height[r]), int(ds.image_width[r]), sc))
-            s.image_names.append(f"{key}.{ds.image_member[r]}")
+            s.image_names.append(name)
         return s
+
+    def _log_refusals(self, pack: PlannedPack) -> None:
+        """Name each sample the index refused (planned as a skip) once, with the reason."""
+        for gid, reason in pack.skipped:
+            if reason in REFUSALS:
+                d, i = self.data.locate(gid)
+                ds = self.data.items[d]
+                key = ds.keys[i]
+                detail = ds.refusal_detail.get(i, "")
+                self._warn_once(
+                    key, "sample %s of %s refused (%s: %s), skipped", key, ds.root, reason, detail
+                )
 
     def build(self, pack: PlannedPack) -> NaViLBatch:
         stats = {
@@ -135,6 +165,7 @@ class PackBuilder:
             "skipped_images": 0,
             "corrupt_samples": 0,
         }
+        self._log_refusals(pack)
         truncated = set(pack.truncated)
         samples = []
         for gid in pack.samples:
@@ -154,8 +185,9 @@ class PackBuilder:
                     stats["skipped_images"] += 1
                     self._warn_once(
                         name,
-                        "image %s failed to decode at training time; its sample is skipped (%s)",
+                        "image %s %s at training time; its sample is skipped (%s)",
                         name,
+                        "refused" if res.refused else "failed to decode",
                         res.reason,
                     )
                 else:

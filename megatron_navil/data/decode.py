@@ -28,6 +28,9 @@ megatron_navil/data/cuda_handoff.py).
 Failures: DALI invalidates a pipeline after any operator error, so on an error the pipeline is
 rebuilt and the batch decoded image by image to find the culprits; an image whose decoded size
 differs from the index is a failure too (the token layout was planned from the index sizes).
+With `max_pixels` (the loader always sets it) an image is first checked from its header
+(image_header.py): not JPEG/PNG/WebP, or more pixels than the limit, and it is a failure
+(`refused`) without reaching DALI: the decompression-bomb guard.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from megatron_navil.data.image_header import check_image_bytes
 from megatron_navil.data.layout import ImageScale
 
 _SPARE_SCALE = ImageScale(resized=(2, 2), padded=(32, 32), grid=(2, 2))
@@ -64,6 +68,8 @@ class DecodeFailure:
     """An image that could not be decoded; `reason` is counted in the skip report."""
 
     reason: str
+    refused: bool = False
+    """True: refused from its header before decoding (format, pixel limit)."""
 
 
 DecodeResult = Union[list[torch.Tensor], DecodeFailure]
@@ -122,7 +128,10 @@ class DaliImageDecoder:
         patch_size: int = 16,
         merge_size: int = 2,
         device_id: Optional[int] = None,
+        max_pixels: Optional[int] = None,
     ):
+        """`max_pixels`: refuse images whose header declares more pixels (or that are not
+        JPEG/PNG/WebP) before decoding; None: no check (images the caller already checked)."""
         if device not in ("cpu", "gpu"):
             raise ValueError(f"decode device must be cpu or gpu, got {device!r}")
         if device == "gpu" and not cuda_available():
@@ -130,6 +139,7 @@ class DaliImageDecoder:
         self.max_batch, self.num_scales = max_batch, max(1, num_scales)
         self.num_threads, self.device = num_threads, device
         self.patch, self.merge = patch_size, merge_size
+        self.max_pixels = max_pixels
         self.device_id = (
             (torch.cuda.current_device() if device_id is None else device_id)
             if device == "gpu"
@@ -194,6 +204,13 @@ class DaliImageDecoder:
     # ------------------------------------------------------------------ decoding
     def decode(self, jobs: Sequence[ImageJob]) -> list[DecodeResult]:
         """Per job: its scales' patches (or a DecodeFailure), in job order."""
+        if self.max_pixels is None:
+            return self._decode(jobs)
+        refusals = [check_image_bytes(j.data, self.max_pixels) for j in jobs]
+        decoded = iter(self._decode([j for j, r in zip(jobs, refusals) if r is None]))
+        return [next(decoded) if r is None else DecodeFailure(r, refused=True) for r in refusals]
+
+    def _decode(self, jobs: Sequence[ImageJob]) -> list[DecodeResult]:
         out: list[DecodeResult] = []
         for i in range(0, len(jobs), self.max_batch):
             chunk = jobs[i : i + self.max_batch]

@@ -44,7 +44,8 @@ from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.data.builder import Datasets, PackBuilder
 from megatron_navil.data.cuda_handoff import CudaHandoff
 from megatron_navil.data.decode import DaliImageDecoder, cuda_available
-from megatron_navil.data.index import DataError, blended_fingerprint, load_dataset
+from megatron_navil.data.image_header import image_pixel_limit
+from megatron_navil.data.index import REFUSALS, DataError, blended_fingerprint, load_dataset
 from megatron_navil.data.iterator import NaViLDataLoader, Schedule
 from megatron_navil.data.planner import GlobalCosts, PlanParams
 from megatron_navil.data.sizing import ImageSizer, sample_costs
@@ -177,13 +178,18 @@ def _build(
     check_tokenizer(tokenizer, cfg)
     style, add_bos = data_cfg.resolved_chat_style(cfg), data_cfg.resolved_add_bos(cfg)
     datasets = [load_dataset(p, tokenizer, style, data_cfg.recount_tokens) for p in paths]
+    max_pixels = image_pixel_limit(cfg, data_cfg.max_image_pixels)
+    for ds in datasets:
+        ds.refuse_images(max_pixels)
+        _log_refused(ds, max_pixels)
     sizer = ImageSizer(cfg, data_cfg.multiscale)
     per = [sample_costs(ds, sizer, add_bos) for ds in datasets]
     costs = GlobalCosts(
         *(
             np.concatenate([getattr(c, f) for c in per])
             for f in ("length", "num_images", "max_image_tokens")
-        )
+        ),
+        refused=np.concatenate([ds.refused for ds in datasets]),
     )
     params = PlanParams(
         seq_length,
@@ -200,6 +206,7 @@ def _build(
         device=device,
         patch_size=cfg.vision.patch_size,
         merge_size=cfg.connector.merge_size,
+        max_pixels=max_pixels,
     )
     data = Datasets(datasets)
     builder = PackBuilder(
@@ -237,6 +244,9 @@ def _build(
             max_patch=cfg.max_dynamic_patch,
             style=style,
             add_bos=add_bos,
+            # the default limit follows max_patch (above); only an explicit one is new here,
+            # so states saved before the setting existed still restore
+            **({"max_pixels": max_pixels} if data_cfg.max_image_pixels is not None else {}),
         ),
     )
     log.info(
@@ -261,6 +271,20 @@ def _build(
         restart_on_iter=restart_on_iter,
         handoff=CudaHandoff(decoder.device_id),
     )
+
+
+def _log_refused(ds, max_pixels: int) -> None:
+    """One line per dataset that has refused samples (each key is logged when skipped)."""
+    codes = np.bincount(ds.refused, minlength=len(REFUSALS))
+    if codes[1:].any():
+        log.warning(
+            "%s: %d samples refused as untrusted input (%s; image limit %d px); they are "
+            "skipped and counted in skipped_samples",
+            ds.root,
+            int(codes[1:].sum()),
+            ", ".join(f"{REFUSALS[c]}: {int(n)}" for c, n in enumerate(codes) if c and n),
+            max_pixels,
+        )
 
 
 __all__ += ["check_tokenizer", "resolve_decode_device", "DataError"]

@@ -10,8 +10,10 @@
    exactly full, or the fullest one when a new pack would exceed the window, is emitted; the rest
    at chunk end. A sample is never split. Over-long samples: `skip`, or `truncate` = a pack of
    its own, cut to seq_length by the builder. Samples with more images than max_images, or one
-   image longer than seq_length, are always skipped. Skips ride on the next emitted pack
-   (`PlannedPack.skipped`) so counters advance with the batches the trainer sees.
+   image longer than seq_length, are always skipped, and so are samples the index refused
+   (`GlobalCosts.refused`: untrusted input, index.py), with the refusal as the reason. Skips
+   ride on the next emitted pack (`PlannedPack.skipped`) so counters advance with the batches
+   the trainer sees.
 3. Dealing (`EpochPlan`): global pack g goes to DP rank (g - start) % dp_size. Every rank gets the
    same count: the epoch's packs are cut to a multiple of unit = dp_size * micro_batches_per_step
    (the dropped tail, < unit packs, is the same on every rank). `start` is 0 except after a
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
+
+from megatron_navil.data.index import REFUSALS
 
 SKIP_TOO_MANY_IMAGES = "too_many_images"
 SKIP_IMAGE_TOO_LONG = "image_longer_than_seq_length"
@@ -66,6 +70,8 @@ class GlobalCosts:
     length: np.ndarray
     num_images: np.ndarray
     max_image_tokens: np.ndarray
+    refused: Optional[np.ndarray] = None
+    """int8 code per sample, index.REFUSALS (0: usable); None: nothing refused."""
 
 
 def _quotas(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[int]:
@@ -118,7 +124,9 @@ def pack_chunk(ids: np.ndarray, costs: GlobalCosts, p: PlanParams) -> list[Plann
 
     for sid in ids.tolist():
         length, n_img = int(costs.length[sid]), int(costs.num_images[sid])
-        if n_img > p.max_images:
+        if costs.refused is not None and costs.refused[sid]:
+            skips.append((sid, REFUSALS[int(costs.refused[sid])]))
+        elif n_img > p.max_images:
             skips.append((sid, SKIP_TOO_MANY_IMAGES))
         elif int(costs.max_image_tokens[sid]) > p.seq_length:
             skips.append((sid, SKIP_IMAGE_TOO_LONG))

@@ -68,18 +68,27 @@ class SampleCosts:
 
 
 def sample_costs(ds: DatasetIndex, sizer: ImageSizer, add_bos: bool) -> SampleCosts:
+    """Planning numbers of every sample; a sample with an image the resize rule cannot size is
+    refused in `ds` (`image_unsizable`) and its image costs 0 tokens."""
     n = len(ds)
     num_images = np.diff(ds.image_start)
     img_tokens = np.zeros(len(ds.image_height), dtype=np.int64)
     max_scales = 0
+    owner = np.repeat(np.arange(n), num_images)
     if len(img_tokens):
         # Many images share a size: size each distinct (h, w) once.
         sizes = np.stack([ds.image_height, ds.image_width], axis=1)
         uniq, inverse = np.unique(sizes, axis=0, return_inverse=True)
-        per = np.array([sizer.tokens(int(h), int(w)) for h, w in uniq], dtype=np.int64)
+        per, why = np.zeros(len(uniq), dtype=np.int64), {}
+        for u, (h, w) in enumerate(uniq.tolist()):
+            try:
+                per[u] = sizer.tokens(h, w)
+                max_scales = max(max_scales, len(sizer.scales(h, w)))
+            except ValueError as e:  # NaViL's resize rule cannot size it (aspect ratio > 200)
+                why[u] = str(e)
         img_tokens = per[inverse.reshape(-1)]
-        max_scales = max(len(sizer.scales(int(h), int(w))) for h, w in uniq)
-    owner = np.repeat(np.arange(n), num_images)
+        for r in np.nonzero(np.isin(inverse.reshape(-1), list(why)))[0]:
+            ds.refuse(int(owner[r]), "image_unsizable", why[int(inverse.reshape(-1)[r])])
     image_sum = np.bincount(owner, weights=img_tokens, minlength=n).astype(np.int64)
     max_img = np.zeros(n, dtype=np.int64)
     np.maximum.at(max_img, owner, img_tokens)

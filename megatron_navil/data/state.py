@@ -40,8 +40,9 @@ class LoaderStateError(UserError, ValueError):
 
 @dataclass
 class LoaderState:
-    """Where the loader is in the data, saved with every checkpoint (as JSON) for exact resume,
-    also at another data-parallel size."""
+    """Where the loader is in the data, saved with every checkpoint for exact resume, also at
+    another data-parallel size. `to_dict()` holds ints and strings only (JSON-able): the trainer
+    stores it in the checkpoint's common part, which torch loads weights-only."""
 
     epoch: int = 0
     """Epoch of the next micro-batch."""

@@ -100,7 +100,7 @@ def main():
     model = chunks[0]
     result = {"bad_splits": check_splits(model, cfg, a.load), "logits": None, "rows": None}
 
-    batch = torch.load(a.inputs, weights_only=False)
+    batch = torch.load(a.inputs, weights_only=True)
     collected = []
 
     def forward_step(data_iterator, m):

@@ -104,7 +104,7 @@ def test_tp2_pp2_ep2_roundtrip_is_bit_identical(tmp_path, cli):
             "2",
         ],
     )
-    results = [torch.load(tmp_path / f"r.rank{r}.pt", weights_only=False) for r in range(8)]
+    results = [torch.load(tmp_path / f"r.rank{r}.pt", weights_only=True) for r in range(8)]
     assert all(not r["bad_splits"] for r in results), [r["bad_splits"] for r in results]
 
     ref = _reference_logits(cfg, hf, inp)
