@@ -7,6 +7,9 @@ reads and writes.
 - tokenizer.py: the tokenizer files a checkpoint carries and their digest.
 - io.py: collective save / load with Megatron's dist_checkpointing (any TP/PP/EP/DP).
 - dist_io.py: streaming, process-group-free torch_dist read/write (conversion, `--save-hf`).
+- optimizer_keys.py: layout-free optimizer-state keys, matched across spellings on load.
+- integrity.py: allow-list read of `.metadata`, file sizes and CRC32s, naming damaged files.
+- safe_load.py: every unpickle of a load is weights-only.
 Depends on config and utils only; training and conversion both import it.
 """
 

@@ -48,6 +48,7 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from megatron_navil.checkpoint import integrity
 from megatron_navil.checkpoint.format import CheckpointError
 from megatron_navil.checkpoint.keys import CanonicalLayout, stored_parts
+from megatron_navil.checkpoint.safe_load import weights_only_loads
 from megatron_navil.utils.memory import release_freed_memory
 
 Producer = Callable[[str], torch.Tensor]
@@ -279,7 +280,7 @@ class DistCheckpointReader:
                 regions[(key, torch.Size((0,) * len(size)))] = out[name][row : row + size[0]]
                 row += size[0]
         try:
-            with _quiet():
+            with _quiet(), weights_only_loads():
                 dcp.load(
                     {},
                     storage_reader=self.reader,

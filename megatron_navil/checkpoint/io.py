@@ -37,6 +37,7 @@ from megatron_navil.checkpoint.optimizer_keys import (
     match_stored_keys,
     request_leaves,
 )
+from megatron_navil.checkpoint.safe_load import weights_only_loads
 from megatron_navil.checkpoint.tokenizer import copy_tokenizer, tokenizer_digest
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.errors import JobError
@@ -288,9 +289,10 @@ def load(
                 extra,
             )
     try:
-        state = dist_checkpointing.load(
-            sharded_state, str(d), strict=StrictHandling.ASSUME_OK_UNEXPECTED
-        )
+        with weights_only_loads():  # no pickle in the directory may name a callable
+            state = dist_checkpointing.load(
+                sharded_state, str(d), strict=StrictHandling.ASSUME_OK_UNEXPECTED
+            )
     except (Exception, CheckpointException) as e:  # several types, one a BaseException
         raise _load_failed(d, storage, e) from e
     return state, meta

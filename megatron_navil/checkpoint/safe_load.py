@@ -6,7 +6,8 @@ files (our RNG state, Transformer Engine's `_extra_state`). torch.distributed.ch
 `DefaultLoadPlanner.load_bytes`, which Megatron's load planner inherits, reads those bytes with
 `torch.load(weights_only=False)`: a checkpoint directory from elsewhere can run code on every
 rank that resumes from it. (The `.metadata` file is torch.distributed.checkpoint's own plain
-pickle; it is not covered here.)
+pickle: checkpoint/integrity.py reads it with an allow-list first.) checkpoint/io.load and the
+streaming reader (dist_io) load inside `weights_only_loads()`.
 
 `weights_only_loads()` makes every `torch.load` inside it weights-only, the explicit
 `weights_only=False` ones included, through torch's own switch (TORCH_FORCE_WEIGHTS_ONLY_LOAD),

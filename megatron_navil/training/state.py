@@ -7,13 +7,15 @@ optimizer          Megatron optimizer state, one tensor per parameter and kind (
                    (training/optimizer_state.py)
 scheduler          LR/WD scheduler (common)
 train              step, consumed samples/tokens, skipped counters (common)
-data               the data loader's resume state (common: the loader plans globally)
+data               the data loader's resume state as a JSON string (common: the loader plans
+                   globally; JSON so no loader state is ever unpickled)
 rng_state          per-rank RNG states (python, numpy, torch, Megatron's tracker); restored
                    only when the layout (world size) is unchanged, else re-seeded
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any, Optional
 
@@ -72,7 +74,7 @@ def train_sharded_state(
     if train is not None:
         state["train"] = train
     if data is not None:
-        state["data"] = data
+        state["data"] = json.dumps(data)
     if include_rng:
         world, rank = _world()
         state["rng_state"] = ShardedObject(
@@ -88,6 +90,12 @@ def capture_optimizer_template(request: dict) -> Optional[optimizer_state.Optimi
         return None
     model = {k: v for k, v in request.items() if k.startswith("model")}
     return optimizer_state.capture(request["optimizer"], model)
+
+
+def loaded_data_state(loaded: dict) -> dict:
+    """The loader state of a loaded train state (JSON; checkpoints before 2026-12 hold a dict)."""
+    data = loaded["data"]
+    return json.loads(data) if isinstance(data, str) else data
 
 
 def restore(

@@ -38,7 +38,12 @@ from megatron_navil.training.optimizer import (
 from megatron_navil.training.optimizer_state import master_copy_is_model_weight
 from megatron_navil.training.signals import ExitSignalHandler
 from megatron_navil.training.stages import apply_stage, experts_trainable
-from megatron_navil.training.state import capture_optimizer_template, restore, train_sharded_state
+from megatron_navil.training.state import (
+    capture_optimizer_template,
+    loaded_data_state,
+    restore,
+    train_sharded_state,
+)
 from megatron_navil.training.step import forward_backward, wrap_ddp
 from megatron_navil.utils.distributed import any_rank, initialize_model_parallel, lost_peer
 from megatron_navil.utils.dtypes import torch_dtype
@@ -158,7 +163,7 @@ class Trainer:
             return
         self.step = int(loaded["train"]["step"])
         self.counters.update({k: v for k, v in loaded["train"].items() if k != "step"})
-        self.train_loader.load_state_dict(loaded["data"])
+        self.train_loader.load_state_dict(loaded_data_state(loaded))
         log.info(
             "resumed from %s at step %d%s",
             path,

@@ -7,7 +7,8 @@ of a marker directory. Proves: inside `weights_only_loads()` the RNG state and t
 load exactly, while loading either hostile entry fails and never runs the call, also when the
 user has set TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD; outside it, Megatron's load of the ShardedObject
 does run it (torch.distributed.checkpoint reads ShardedObject bytes with weights_only=False),
-which is why checkpoint loads must be wrapped (see the module docstring for where).
+which is why checkpoint loads must be wrapped; `megatron_navil.checkpoint.load` is, and refuses
+the hostile object with a CheckpointError.
 """
 
 from __future__ import annotations
@@ -103,3 +104,18 @@ def test_checkpoint_pickles_load_weights_only(tmp_path, megatron_single_process,
     # Why the wrapper exists: Megatron's own load runs the ShardedObject's pickle.
     dist_checkpointing.load(_request(saved, "hostile"), str(d))
     assert obj_marker.is_dir()
+
+
+def test_navil_checkpoint_load_refuses_a_hostile_object(tmp_path, megatron_single_process):
+    """The wrapper is in place where the trainer (and every tool) loads: checkpoint.load
+    refuses the hostile ShardedObject with a CheckpointError naming the checkpoint, unrun."""
+    import json
+
+    from megatron_navil import checkpoint
+
+    marker, d = tmp_path / "pwned", tmp_path / "iter_0000001"
+    saved = _save(d, marker_obj=marker)
+    (d / checkpoint.METADATA).write_text(json.dumps({"format_version": 1, "step": 1}))
+    with pytest.raises(checkpoint.CheckpointError, match=f"cannot load {d}"):
+        checkpoint.load(d, _request(saved, "hostile"))
+    assert not marker.exists()
