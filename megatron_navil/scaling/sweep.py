@@ -120,12 +120,21 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def cell_model(spec: SweepSpec, cell: Cell):
+    """The model a cell trains, as navil-pretrain resolves it (the vocabulary follows the
+    tokenizer with real data)."""
+    from megatron_navil.config.pretrain import PretrainConfig
+    from megatron_navil.data.tokenizer import configured_vocabulary
+
+    run = PretrainConfig(model=spec.sections()[(cell.llm, cell.vit)], tokenizer=spec.tokenizer)
+    return run.resolved_model(configured_vocabulary(spec.tokenizer))
+
+
 def build_row(
     spec: SweepSpec, cell: Cell, records: list[dict], rc: int, log_tail: str, wall: float
 ) -> dict:
     """One JSONL row of a finished (or failed) cell from its metrics records."""
-    cfg = next(s for k, s in spec.sections().items() if k == (cell.llm, cell.vit)).resolve()
-    llm_params, vit_params = model_sizes(cfg)
+    llm_params, vit_params = model_sizes(cell_model(spec, cell))
     samples = tokens = 0
     evals = []
     for r in records:
