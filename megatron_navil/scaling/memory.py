@@ -23,7 +23,7 @@ per-backend coefficients (`COEFFICIENTS`; t = TP, s = TP under sequence parallel
 A pipeline stage holds min(PP - s, micro-batches) micro-batches in flight (1F1B), plus one
 layer's activations as backward working memory (the gradients flowing through a layer).
 Checked against real runs on CPU (tests/scaling/test_memory_measured.py: autograd's saved
-tensors and resident memory) and on the GPU machine (benchmarks/scaling_gpu_memory.py).
+tensors and resident memory); prepared for the GPU machine: benchmarks/scaling_gpu_memory.py.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ from dataclasses import asdict, dataclass, field
 
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.parallel import ParallelConfig
+from megatron_navil.config.training import PARTS, StageConfig
 from megatron_navil.scaling.inventory import rank_params, stage_layers
 from megatron_navil.scaling.spec import WorkloadSpec
 
-PARTS_TRAINED = {
-    "full": ("vision", "connector", "visual_experts", "text", "special_tokens"),
-    "stage2": ("vision", "connector", "visual_experts", "text", "special_tokens"),
-    "stage1": ("vision", "connector", "visual_experts", "special_tokens"),
-}
-"""Parts each workload stage trains (config.training.StageConfig presets)."""
+
+def trained_parts(preset: str) -> tuple[str, ...]:
+    """The parts a navil-pretrain stage preset trains (StageConfig decides, one source)."""
+    stage = StageConfig(preset=preset)
+    return tuple(p for p in PARTS if stage.trains(p))
 
 
 @dataclass(frozen=True)
@@ -206,7 +206,7 @@ def stage_memory(
     pp, sp = parallel.pipeline_model_parallel_size, parallel.sequence_parallel
     pb = w.param_bytes
     a = pb  # activations in the model dtype
-    trained = PARTS_TRAINED[w.stage]
+    trained = trained_parts(w.stage)
     rp = rank_params(cfg, parallel, stage)
     opt_bytes = 12 if pb == 2 else 8  # (fp32 master +) Adam m, v
     shard_dense = dp if w.use_distributed_optimizer else 1

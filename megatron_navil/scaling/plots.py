@@ -44,24 +44,36 @@ def plot_data(fits: list[dict], path: Path) -> None:
 
 
 def plot_vit(fits: list[dict], path: Path) -> None:
-    """(b) validation loss vs ViT size per LLM and budget, parabola and V_opt."""
+    """(b) validation loss vs ViT size, one panel per LLM (its own loss scale: the encoder's
+    effect is small next to the LLM's), one series per budget, parabola and V_opt."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for i, f in enumerate(fits):
-        color = f"C{i % 10}"
-        label = f"{f['llm']} @ {f['budget_samples']:g}"
-        ax.plot(f["vit_params"], f["losses"], "o", color=color, label=label)
-        if "parabola" in f:
-            c0, c1, c2 = f["parabola"]
-            u = np.linspace(np.log(min(f["vit_params"])), np.log(max(f["vit_params"])), 50)
-            ax.plot(np.exp(u), c0 + c1 * u + c2 * u**2, color=color, lw=1)
-        if f["v_opt"] is not None:
-            ax.plot([f["v_opt"]], [f["loss_opt"]], "*", color=color, ms=12)
-    ax.set_xscale("log")
-    ax.set_xlabel("ViT parameters")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("(b) loss vs ViT size (star: interior optimum)")
-    ax.legend(fontsize=6)
+    llms = sorted(
+        {f["llm"] for f in fits}, key=lambda n: min(g["llm_params"] for g in fits if g["llm"] == n)
+    )
+    fig, axes = plt.subplots(1, len(llms), figsize=(4.2 * len(llms), 4), squeeze=False)
+    budgets = sorted({f["budget_samples"] for f in fits})
+    for ax, llm in zip(axes[0], llms):
+        for f in (f for f in fits if f["llm"] == llm):
+            color = f"C{budgets.index(f['budget_samples']) % 10}"
+            ax.plot(
+                f["vit_params"],
+                f["losses"],
+                "o",
+                color=color,
+                label=f"{f['budget_samples']:g} samples",
+            )
+            if "parabola" in f:
+                c0, c1, c2 = f["parabola"]
+                u = np.linspace(np.log(min(f["vit_params"])), np.log(max(f["vit_params"])), 50)
+                ax.plot(np.exp(u), c0 + c1 * u + c2 * u**2, color=color, lw=1)
+            if f["v_opt"] is not None:
+                ax.plot([f["v_opt"]], [f["loss_opt"]], "*", color=color, ms=12)
+        ax.set_xscale("log")
+        ax.set_xlabel("ViT parameters")
+        ax.set_title(f"LLM {llm}")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("final validation loss")
+    fig.suptitle("(b) loss vs ViT size (star: interior optimum; none: optimum outside the grid)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.scaling.inventory import rank_params, stage_layers
 from megatron_navil.scaling.layouts import Layout
-from megatron_navil.scaling.memory import PARTS_TRAINED, MicroBatch
+from megatron_navil.scaling.memory import MicroBatch, trained_parts
 from megatron_navil.scaling.spec import ClusterSpec, WorkloadSpec
 from megatron_navil.scaling.throughput import ThroughputTable, collective_s
 from megatron_navil.training.flops import llm_flops, lm_head_flops, vision_flops
@@ -93,7 +93,7 @@ def predict_step(
     pipeline = (m + pp - 1) * slowest[0]
     # DP: reduce-scatter of the fp32 gradients + all-gather of the updated parameters
     # (distributed optimizer), else an all-reduce of the gradients (twice the data).
-    trained = PARTS_TRAINED[w.stage]
+    trained = trained_parts(w.stage)
     elems = sum(
         n for part, n in rank_params(cfg, layout.parallel(), 0).by_part.items() if part in trained
     )
