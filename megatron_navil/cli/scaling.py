@@ -18,6 +18,15 @@ from pathlib import Path
 from megatron_navil.config.flags import add_flags, flag_values
 
 DEFAULT_THROUGHPUT = Path("benchmarks/layer_throughput.json")
+"""A measured table the planner uses when present: here, or in the checkout this package runs
+from (an editable install)."""
+
+
+def _default_throughput() -> str | None:
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (base / DEFAULT_THROUGHPUT).exists():
+            return str(base / DEFAULT_THROUGHPUT)
+    return None
 
 
 def _parser() -> tuple[argparse.ArgumentParser, list]:
@@ -104,9 +113,7 @@ def _plan(args, fields) -> int:
     section, notes = planned_model(
         args.model, args.llm_size, args.family, args.vision_from_law, law
     )
-    path = args.throughput
-    if path is None and DEFAULT_THROUGHPUT.exists():
-        path = str(DEFAULT_THROUGHPUT)
+    path = args.throughput or _default_throughput()
     result = plan(section, settings.cluster, settings.workload, ThroughputTable.load(path), notes)
     if args.json == "-":
         print(json.dumps(result.to_dict(), indent=1))

@@ -56,6 +56,27 @@ class Choice:
         }
 
 
+def pretrain_args(section: ModelSection, w: WorkloadSpec, choice: Choice) -> list[str]:
+    """The navil-pretrain arguments that run the planned model at this choice (data, schedule
+    and checkpoint flags are the user's)."""
+    args = ["--model", section.flavor]
+    args += [f"model.{k}={v}" for k, v in sorted(section.explicit.items())]
+    args += choice.layout.flags()
+    args += ["--seq-length", str(w.seq_length), "--global-batch-size", str(w.global_batch_size)]
+    args += ["--micro-batch-size", str(choice.micro_batch_size)]
+    if choice.recompute:
+        args += ["--recompute-granularity", "full"]
+    if w.dtype == "bfloat16":
+        args.append("--bf16")
+    if w.stage != "full":
+        args.append(f"stage.preset={w.stage}")
+    if not w.use_distributed_optimizer:
+        args.append("--no-use-distributed-optimizer")
+    if w.overlap_grad_reduce:
+        args.append("--overlap-grad-reduce")
+    return args
+
+
 def _breakdown(s: StageMemory) -> dict:
     return {
         "parameters": s.parameters,
@@ -101,7 +122,13 @@ class Plan:
             "cluster": self.cluster.to_dict(),
             "workload": self.workload.to_dict(),
             "throughput_source": self.throughput_source,
-            "ranked": [c.to_dict() for c in self.ranked],
+            "ranked": [
+                {
+                    **c.to_dict(),
+                    "navil_pretrain_args": pretrain_args(self.section, self.workload, c),
+                }
+                for c in self.ranked
+            ],
             "refused": [{"layout": k, "reason": r} for k, r in self.refused],
             "too_big": [{"layout": k, "min_peak_gib": g, "with": w} for k, g, w in self.too_big],
             "notes": self.notes,

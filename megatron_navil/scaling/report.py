@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from megatron_navil.scaling.planner import Plan
+from megatron_navil.scaling.planner import Plan, pretrain_args
 from megatron_navil.scaling.spec import GIB
 
 
@@ -72,6 +72,9 @@ def plan_table(p: Plan, top: int = 10, show_refused: bool = False) -> str:
     lines += [_row(r, widths) for r in rows]
     if len(p.ranked) > top:
         lines.append(f"... {len(p.ranked) - top} more runnable layouts in the JSON")
+    if p.ranked:
+        best = " ".join(pretrain_args(p.section, p.workload, p.ranked[0]))
+        lines.append(f"rank 1 as navil-pretrain arguments: {best}")
     lines.append(
         "memory is the fullest pipeline stage's, per GPU; ViT share = the encoder's + "
         "connector's state and in-flight activations"

@@ -9,6 +9,8 @@
   predicted MFU uses the trainer's own FLOP count (megatron_navil/training/flops.py), so for a
   real packed batch the planner's FLOPs equal what navil-pretrain reports (to 1e-9).
 - A measured throughput file replaces the defaults; a malformed one is one error naming it.
+- The navil-pretrain arguments printed for a choice build exactly the planned model at that
+  layout, micro-batch and recompute (parsed by navil-pretrain's own parser).
 On failure look at megatron_navil/scaling/planner.py, steptime.py and throughput.py.
 """
 
@@ -119,6 +121,31 @@ def test_measured_throughput_file_replaces_defaults(tmp_path):
     f.write_text("[1, 2")
     with pytest.raises(ThroughputError, match="is not a throughput table"):
         ThroughputTable.load(str(f))
+
+
+def test_the_plan_prints_arguments_navil_pretrain_runs_as_planned(monkeypatch):
+    from megatron_navil.cli.args import parse_config
+    from megatron_navil.scaling.planner import pretrain_args
+    from megatron_navil.scaling.shapes import planned_model
+
+    section, _ = planned_model(llm_size=3.0)  # a model that is not a flavor
+    w = WorkloadSpec(seq_length=4096, global_batch_size=64, stage="stage1")
+    p = plan(section, ClusterSpec(num_gpus=16, gpu_memory_gb=40), w)
+    for choice in p.ranked[:5] + [c for c in p.ranked if c.recompute][:1]:
+        cfg = parse_config(pretrain_args(section, w, choice) + ["--mock-data"])
+        assert cfg.model.resolve() == section.resolve()
+        par, lay = cfg.parallel, choice.layout
+        assert (
+            par.tensor_model_parallel_size,
+            par.pipeline_model_parallel_size,
+            par.expert_model_parallel_size,
+        ) == (lay.tp, lay.pp, lay.ep)
+        assert par.sequence_parallel == (lay.tp > 1)
+        assert cfg.training.micro_batch_size == choice.micro_batch_size
+        assert par.recompute_granularity == ("full" if choice.recompute else None)
+        assert cfg.precision.params_dtype == "bfloat16" and cfg.stage.preset == "stage1"
+        cfg.validate()
+        assert cfg.training.num_microbatches(lay.dp) == choice.num_microbatches
 
 
 def test_plan_json_has_every_breakdown(plan_2b):
