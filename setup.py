@@ -34,6 +34,7 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "matplotlib",  # navil-scaling fit's plots (Agg backend)
     ],
     extras_require={
         # Transformer Engine for the GPU backend (Megatron-Core 0.16.1 supports >=2.9,<2.12).
@@ -49,6 +50,7 @@ setup(
             "navil-demo=megatron_navil.cli.demo:main",
             "navil-pretrain=megatron_navil.cli.pretrain:main",
             "navil-caption=megatron_navil.cli.caption:main",
+            "navil-scaling=megatron_navil.cli.scaling:main",
             "navil-make-captions=data_tools.synthetic_captions:main",
             "navil-preprocess=data_tools.preprocess:main",
             "navil-tokenizer=data_tools.tokenizer_cli:main",

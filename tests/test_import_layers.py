@@ -25,6 +25,7 @@ LAYERS = [
     {"models", "reference"},
     {"conversion", "inference"},
     {"training"},
+    {"scaling"},
     {"cli"},
     {"checkpoint_tools", "data_tools"},
 ]

@@ -5,15 +5,18 @@
 - `navil-2b`, `navil-9b`: the published LLM shapes. The released ViT sizes are unknown; we pick
   encoders near the paper's ~0.6B and ~1.2B with 128-wide heads (see docs/model.md).
 
-`propose_vision_size(llm_params)` follows the paper's joint scaling law: the optimal encoder size
-grows log-linearly with the LLM size. We fit log(V) = a + b log(L) by least squares through the
-paper's read-off points (0.5B -> 0.3B, 1.8B -> 0.6B, 7B -> 1.2B); b comes out near 0.5.
+`propose_vision_size(llm_params)` follows the joint scaling law: the optimal encoder size grows
+log-linearly with the LLM size. By default log(V) = a + b log(L) is fitted by least squares
+through the paper's read-off points (0.5B -> 0.3B, 1.8B -> 0.6B, 7B -> 1.2B; b comes out near
+0.5); a law fitted by `navil-scaling fit` can be passed instead (`ScalingLaw`,
+megatron_navil.scaling.law.load_law).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 from megatron_navil.backbones import get_backbone
 from megatron_navil.config.base import ConfigError
@@ -128,31 +131,67 @@ def get_flavor(name: str) -> NaViLModelConfig:
     return cfg
 
 
-def _fit() -> tuple[float, float]:
-    xs = [math.log(llm) for llm, _ in SCALING_LAW_POINTS]
-    ys = [math.log(v) for _, v in SCALING_LAW_POINTS]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return my - b * mx, b
+@dataclass(frozen=True)
+class ScalingLaw:
+    """The joint vision/LLM law log(V_opt) = a + b log(L), sizes in billions of parameters.
+
+    The built-in one is fitted through the paper's read-off points (`PAPER_LAW`);
+    `megatron_navil.scaling.law.load_law` reads one that `navil-scaling fit` wrote."""
+
+    a: float
+    """Intercept (natural log of billions)."""
+    b: float
+    """Slope: V_opt grows as L^b."""
+    llm_range: tuple[float, float]
+    """Smallest and largest LLM size (billions) the law was fitted on: outside it, it
+    extrapolates."""
+    source: str = "paper"
+    """Where the coefficients come from (`paper`, or the fitted JSON's path)."""
+
+    @classmethod
+    def from_points(cls, points, source: str = "paper") -> "ScalingLaw":
+        """Least squares through (L, V_opt) pairs (billions), in log-log space."""
+        xs = [math.log(llm) for llm, _ in points]
+        ys = [math.log(v) for _, v in points]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        llms = [llm for llm, _ in points]
+        return cls(my - b * mx, b, (min(llms), max(llms)), source)
+
+    def vision_size(self, llm_params_billion: float) -> float:
+        """V_opt (billions) for an LLM of the given size (billions)."""
+        if llm_params_billion <= 0:
+            raise ConfigError(f"LLM size must be positive, got {llm_params_billion}")
+        return math.exp(self.a + self.b * math.log(llm_params_billion))
+
+    def extrapolates(self, llm_params_billion: float) -> bool:
+        """True when the LLM size lies outside the sizes the law was fitted on."""
+        lo, hi = self.llm_range
+        return not lo <= llm_params_billion <= hi
 
 
-def propose_vision_size(llm_params_billion: float) -> float:
-    """Optimal encoder size (billions of parameters) for an LLM of the given size (billions)."""
-    if llm_params_billion <= 0:
-        raise ConfigError(f"LLM size must be positive, got {llm_params_billion}")
-    a, b = _fit()
-    return math.exp(a + b * math.log(llm_params_billion))
+PAPER_LAW = ScalingLaw.from_points(SCALING_LAW_POINTS)
+"""The law through the paper's read-off points (b near 0.5)."""
 
 
-def propose_vision_config(llm_params_billion: float, head_dim: int = 128) -> VisionConfig:
+def propose_vision_size(llm_params_billion: float, law: Optional[ScalingLaw] = None) -> float:
+    """Optimal encoder size (billions of parameters) for an LLM of the given size (billions),
+    by `law` (default: the paper's points). Callers say when `law.extrapolates(...)`."""
+    return (law or PAPER_LAW).vision_size(llm_params_billion)
+
+
+def propose_vision_config(
+    llm_params_billion: float, head_dim: int = 128, law: Optional[ScalingLaw] = None
+) -> VisionConfig:
     """A VisionConfig near the scaling-law size: FFN = 4x width, heads of `head_dim`.
 
     Depth and width barely matter at a fixed budget (paper finding 3), so we pick the width whose
-    depth lands closest to 24 layers, the depth of the paper's mid-size encoders.
+    depth lands closest to 24 layers, the depth of the paper's mid-size encoders. Widths are
+    multiples of 4 heads, so the encoder splits over TP = 1, 2 or 4.
     """
-    target = propose_vision_size(llm_params_billion) * 1e9
+    target = propose_vision_size(llm_params_billion, law) * 1e9
     best = None
-    for width in range(2 * head_dim, 8192 + 1, head_dim):
+    for width in range(4 * head_dim, 8192 + 1, 4 * head_dim):
         per_layer = VisionConfig(
             hidden_size=width,
             num_layers=1,

@@ -123,6 +123,39 @@ class PrecisionConfig(ConfigBase):
         return self.fp8_padding_multiple or FP8_ROW_MULTIPLE[self.fp8]
 
 
+def check_pipeline_split(num_layers: int, parallel: ParallelConfig) -> None:
+    """Can `num_layers` LLM layers be split over the pipeline stages of `parallel`? The rules of
+    Megatron-Core's `get_num_layers_to_build` (which only asserts, deep inside model building):
+    an even split needs num_layers % PP == 0; with `num_layers_in_first_pipeline_stage` the
+    remaining layers split evenly over the other stages; with virtual stages each stage's layers
+    split evenly over its chunks. Raises ConfigError naming the numbers."""
+    pp, vp = parallel.pipeline_model_parallel_size, parallel.virtual_pipeline_model_parallel_size
+    first = parallel.num_layers_in_first_pipeline_stage
+    if num_layers < pp:
+        raise ConfigError(
+            f"{num_layers} LLM layers cannot fill --pipeline-model-parallel-size {pp} stages"
+        )
+    if first is not None and pp > 1:
+        rest = num_layers - first
+        if first < 0 or rest < 0 or rest % (pp - 1):
+            raise ConfigError(
+                f"--decoder-first-pipeline-num-layers {first}: the other {rest} of {num_layers} "
+                f"LLM layers must split evenly over the remaining {pp - 1} pipeline stages"
+            )
+        return
+    if num_layers % pp:
+        raise ConfigError(
+            f"{num_layers} LLM layers do not split evenly over --pipeline-model-parallel-size "
+            f"{pp} (Megatron builds num_layers // PP per stage); pick a PP that divides "
+            f"{num_layers} or set --decoder-first-pipeline-num-layers"
+        )
+    if vp is not None and pp > 1 and (num_layers // pp) % vp:
+        raise ConfigError(
+            f"{num_layers // pp} LLM layers per pipeline stage do not split over "
+            f"--virtual-pipeline-model-parallel-size {vp} chunks"
+        )
+
+
 def pad_multiple_for(
     tensor_model_parallel_size: int = 1, sequence_parallel: bool = False, fp8_row_multiple: int = 1
 ) -> int:

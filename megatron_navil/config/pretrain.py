@@ -23,7 +23,12 @@ from megatron_navil.config.data import DataConfig
 from megatron_navil.config.flags import flag
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.model_section import ModelSection
-from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig, pad_multiple_for
+from megatron_navil.config.parallel import (
+    ParallelConfig,
+    PrecisionConfig,
+    check_pipeline_split,
+    pad_multiple_for,
+)
 from megatron_navil.config.training import (
     CheckpointConfig,
     LoggingConfig,
@@ -117,6 +122,8 @@ class PretrainConfig(ConfigBase):
         model = self.model.resolve()
         if self.tokenizer is None:  # else resolved_model validates it with the vocabulary
             model.validate()
+        # Megatron only asserts this while building the model: refuse it here, in one line.
+        check_pipeline_split(model.llm.num_layers, self.parallel)
         t = self.training
         seq = t.seq_length * t.micro_batch_size
         if seq > model.llm.max_sequence_length:

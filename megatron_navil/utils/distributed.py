@@ -70,6 +70,30 @@ def init_process_group(timeout_minutes: float = 30.0) -> None:
 _SLURM_NAMES = {"RANK": "PROCID", "WORLD_SIZE": "NTASKS", "LOCAL_RANK": "LOCALID"}
 
 
+def data_parallel_size(parallel: ParallelConfig, world: int) -> int:
+    """DP size of `parallel` on `world` processes; ConfigError when Megatron's group set-up would
+    refuse the combination (world not a multiple of TP x PP, EP not dividing DP). The one
+    check the trainer and the scaling planner share."""
+    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if world % model_parallel:
+        raise ConfigError(
+            f"world size {world} is not divisible by TP x PP = {model_parallel}; launch a "
+            "multiple of that many processes or change the parallel sizes",
+            same_on_every_rank=True,
+        )
+    dp = world // model_parallel
+    # Megatron's expert groups are TP x EP x PP ranks (expert TP = TP), so EP must divide DP;
+    # parallel_state.initialize_model_parallel raises a RuntimeError otherwise.
+    if dp % parallel.expert_model_parallel_size:
+        raise ConfigError(
+            f"expert parallel size {parallel.expert_model_parallel_size} must divide the "
+            f"data-parallel size {dp} (world {world} / TP x PP {model_parallel}): Megatron "
+            "places the experts on TP x EP x PP ranks",
+            same_on_every_rank=True,
+        )
+    return dp
+
+
 def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> None:
     """Create Megatron's TP/PP/EP/DP groups and seed every RNG that matters."""
     from megatron.core import parallel_state, tensor_parallel
@@ -79,20 +103,7 @@ def initialize_model_parallel(parallel: ParallelConfig, seed: int = 1234) -> Non
     cpu_compat.activate()
     init_process_group()
     world = torch.distributed.get_world_size()
-    model_parallel = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
-    if world % model_parallel:
-        raise ConfigError(
-            f"world size {world} is not divisible by TP x PP = {model_parallel}; launch a "
-            "multiple of that many processes or change the parallel sizes",
-            same_on_every_rank=True,
-        )
-    dp = world // model_parallel
-    if (dp * parallel.tensor_model_parallel_size) % parallel.expert_model_parallel_size:
-        raise ConfigError(
-            f"expert parallel size {parallel.expert_model_parallel_size} must divide "
-            f"DP x TP = {dp * parallel.tensor_model_parallel_size}",
-            same_on_every_rank=True,
-        )
+    dp = data_parallel_size(parallel, world)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
