@@ -2,11 +2,13 @@
 
     navil-preprocess --input 'data/*.jsonl' --image-root data/images --output shards/ \
         --num-workers 8 [--num-partitions 64 --partition-index $SLURM_ARRAY_TASK_ID]
+    navil-preprocess --reindex shards/ [--num-workers 8]   # binary index from the JSON indexes
 
 Flow: discover inputs -> this partition's records (data_tools.inputs) -> worker processes parse,
 decode and convert (data_tools.worker) -> results in input order -> optional dedup -> shards
 (data_tools.shards) -> partition report, merged report when all partitions are done
-(data_tools.report). Re-running the same command resumes: committed segments are skipped.
+(data_tools.report) and the binary index (data_tools.reindex). Re-running the same command
+resumes: committed segments are skipped.
 The on-disk format is specified in docs/data_format.md.
 """
 
@@ -26,6 +28,7 @@ from data_tools.cli_common import UsageError, write_text
 from data_tools.images import ImageLimits
 from data_tools.inputs import discover, iter_records, partition_bounds
 from data_tools.parallel import ordered_map
+from data_tools.reindex import build_index, reindex_summary
 from data_tools.report import summary_text, try_merge, write_partition_report
 from data_tools.resume import load_finished
 from data_tools.shards import Segment, ShardWriter, sample_entry, sample_key
@@ -64,12 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input",
         nargs="+",
-        required=True,
         metavar="PATH",
         help="JSONL/JSON file(s), glob(s) (quote them) or folder(s): a folder of "
         ".jsonl/.json files, or of images with same-name .txt captions",
     )
-    p.add_argument("--output", required=True, help="output directory (created if missing)")
+    p.add_argument("--output", help="output directory (created if missing)")
+    p.add_argument(
+        "--reindex",
+        metavar="DIR",
+        default=None,
+        help="instead of preprocessing: (re)build DIR/index/, the binary index the training "
+        "loader opens, from DIR's JSON indexes (never reads the tars); for outputs made before "
+        "it existed or after an index.json was edited",
+    )
     p.add_argument(
         "--image-root",
         default=None,
@@ -156,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a: argparse.Namespace) -> None:
+    if not a.input or not a.output:
+        raise UsageError("--input and --output are required (or use --reindex DIR)")
     if a.num_partitions < 1 or not 0 <= a.partition_index < a.num_partitions:
         raise UsageError(
             f"--partition-index {a.partition_index} must be in 0.."
@@ -204,6 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     a = build_parser().parse_args(argv)
+    if a.reindex is not None:
+        return _reindex(a)
     _check_args(a)
     root, files = discover(a.input)
     tok = _tokenizer_info(a.tokenizer)
@@ -272,7 +286,20 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         )
     write_partition_report(a.output, a.partition_index, report, job.rejected_rows())
     merged = try_merge(a.output, a.num_partitions)
+    if merged is not None:  # the last partition: concatenate the shards' pieces
+        build_index(a.output, use_pieces=True)
     write_text(summary_text(report, merged, a.output))
+    return 0
+
+
+def _reindex(a: argparse.Namespace) -> int:
+    if a.input or a.output:
+        raise UsageError("--reindex DIR takes no --input/--output")
+    if not os.path.isdir(a.reindex):
+        raise UsageError(f"--reindex {a.reindex!r} is not a directory")
+    t0 = time.monotonic()
+    meta = build_index(a.reindex, use_pieces=False, num_workers=max(a.num_workers, 0))
+    write_text(reindex_summary(meta, a.reindex, time.monotonic() - t0))
     return 0
 
 

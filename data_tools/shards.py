@@ -2,7 +2,8 @@
 
 A *segment* is a contiguous run of one partition's input records; it ends when its shard is full
 (or the input ends). Its files are written under temporary names and renamed in this order:
-`.tar`, `.idx` (DALI), and LAST `.index.json`, which is the commit marker: a segment is finished
+`.tar`, `.idx` (DALI), `.cols.npz` (its columns for the binary index, data_tools/reindex.py),
+and LAST `.index.json`, which is the commit marker: a segment is finished
 iff its `.index.json` exists. A killed job can leave `*.tmp*` files or a tar without its
 `.index.json`; the next run deletes and redoes those. Tar headers use fixed metadata (mtime 0,
 uid 0) so re-running over the same input gives byte-identical shards.
@@ -17,6 +18,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from megatron_navil.data.columns import PieceBuilder
 from megatron_navil.utils.files import write_json_atomic, write_text_atomic
 
 DALI_INDEX_VERSION = "v1.2"
@@ -147,6 +149,15 @@ class Segment:
         }
 
     def commit(self, out_dir: str, format_version: int) -> None:
+        """Write the shard's columns piece (for the binary index), then its index.json: the
+        commit marker, last."""
+        if self.tar is not None:
+            builder = PieceBuilder(self.tar_bytes)
+            for smp in self.samples:
+                builder.add(smp)
+            path = os.path.join(out_dir, f"{self.stem}.cols.npz")
+            builder.finish().save(path + ".tmp")
+            os.replace(path + ".tmp", path)
         write_json_atomic(
             os.path.join(out_dir, f"{self.stem}.index.json"), self.to_json(format_version)
         )

@@ -24,7 +24,8 @@ from megatron_navil.batch import NaViLBatch
 from megatron_navil.data.builder import PackBuilder
 from megatron_navil.data.cuda_handoff import CudaHandoff
 from megatron_navil.data.index import DataError
-from megatron_navil.data.planner import EpochPlan, GlobalCosts, PlanParams, epoch_order
+from megatron_navil.data.order import EpochOrder
+from megatron_navil.data.planner import Costs, EpochPlan, PlanParams
 from megatron_navil.data.state import COUNTER_NAMES, LoaderState, LoaderStateError
 from megatron_navil.utils.logging import get_logger
 
@@ -55,7 +56,7 @@ class NaViLDataLoader:
     def __init__(
         self,
         builder: PackBuilder,
-        costs: GlobalCosts,
+        costs: Costs,
         params: PlanParams,
         schedule: Schedule,
         prefetch_depth: int,
@@ -141,6 +142,7 @@ class NaViLDataLoader:
         self._shutdown()
         self.builder.decoder.close()
         self.builder.data.close()
+        self.builder.costs.close()
 
     def __del__(self):  # best effort: never leave a producer thread behind
         try:
@@ -159,7 +161,7 @@ class NaViLDataLoader:
         hint = (state.chunk, state.chunk_first_pack)
         unit = sch.dp_size * sch.micro_batches_per_step
         while True:
-            order = epoch_order(
+            order = EpochOrder(
                 sch.sizes, sch.weights, sch.samples_per_epoch, sch.seed, epoch, sch.shuffle
             )
             plan = EpochPlan(order, self.costs, self.params, start, unit, *hint)

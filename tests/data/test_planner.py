@@ -18,6 +18,7 @@ from megatron_navil.data.planner import (
     SKIP_IMAGE_TOO_LONG,
     SKIP_OVERLONG,
     SKIP_TOO_MANY_IMAGES,
+    EpochOrder,
     EpochPlan,
     GlobalCosts,
     PlanParams,
@@ -56,7 +57,8 @@ def test_packs_respect_budget_and_lose_no_sample(policy):
     c = _costs(n)
     p = PlanParams(SEQ, CAP, window=4, chunk=700, overlong_policy=policy)
     order = epoch_order([n], (), None, seed=3, epoch=0, shuffle=True)
-    packs = [pk for i in range(0, n, p.chunk) for pk in pack_chunk(order[i : i + p.chunk], c, p)]
+    chunks = [order[i : i + p.chunk] for i in range(0, n, p.chunk)]
+    packs = [pk for ids in chunks for pk in pack_chunk(ids, c.window(ids), p)[0]]
     seen, skipped = [], {}
     for pk in packs:
         assert 0 < pk.tokens <= SEQ
@@ -66,6 +68,7 @@ def test_packs_respect_budget_and_lose_no_sample(policy):
             assert c.length[pk.samples[0]] > SEQ
         else:
             assert pk.tokens == sum(int(c.length[s]) for s in pk.samples)
+        assert pk.lengths == tuple(int(c.length[s]) for s in pk.samples)
         seen += pk.samples
         skipped.update(dict(pk.skipped))
     assert len(seen) == len(set(seen))
@@ -101,7 +104,7 @@ def test_dp_ranks_disjoint_equal_and_complete(dp_size, mbps):
     n = 2000
     c = _costs(n, seed=1)
     p = PlanParams(SEQ, CAP, window=8, chunk=300, overlong_policy="truncate")
-    order = epoch_order([n], (), None, seed=5, epoch=1, shuffle=True)
+    order = EpochOrder([n], (), None, seed=5, epoch=1, shuffle=True)
     total = EpochPlan(order, c, p, 0, 1).total_packs()
     unit = dp_size * mbps
     per_rank = []
@@ -122,7 +125,7 @@ def test_plan_from_chunk_hint_equals_fresh_plan():
     n = 1500
     c = _costs(n, seed=2)
     p = PlanParams(SEQ, CAP, window=8, chunk=200, overlong_policy="truncate")
-    order = epoch_order([n], (), None, seed=9, epoch=0, shuffle=True)
+    order = EpochOrder([n], (), None, seed=9, epoch=0, shuffle=True)
     fresh = EpochPlan(order, c, p, 0, 2)
     packs = []
     g = 0
