@@ -6,7 +6,9 @@ epoch every sample is packed exactly once or skipped for a reason an independent
 get packs of their own; blend quotas are exact; the order is a function of (seed, epoch) only;
 DP ranks get disjoint packs in equal numbers (a multiple of micro-batches per step) whose union
 is every pack but a tail shorter than one unit; a plan restarted from a chunk hint yields the
-same packs. All comparisons are exact (integers).
+same packs; the windowed epoch order equals the whole order sliced, is a permutation per pass,
+costs only its window at 10^12 samples and is pinned to fixed values; skips of a chunk that
+yields no pack are not lost. All comparisons are exact (integers).
 """
 
 from __future__ import annotations
@@ -137,3 +139,52 @@ def test_plan_from_chunk_hint_equals_fresh_plan():
     for g in range(len(packs) // 2, len(packs)):
         assert resumed.get(g) == packs[g]
     assert resumed.get(len(packs)) is None
+
+
+def test_order_windows_are_slices_of_one_permutation():
+    """The windowed order equals the whole-epoch order sliced, for blends with repeats and
+    subsets, and every dataset's draws are whole permutations (each sample once per pass)."""
+    sizes, weights = [7, 50, 300], (5.0, 1.0, 1.0)
+    order = EpochOrder(sizes, weights, 600, seed=4, epoch=1, shuffle=True)
+    whole = order.window(0, len(order))
+    for a, b in [(0, 1), (3, 97), (250, 600), (599, 700)]:
+        assert np.array_equal(order.window(a, b), whole[a:b])
+    d0 = whole[whole < 7]
+    assert np.bincount(d0, minlength=7).max() - np.bincount(d0, minlength=7).min() <= 1
+    for n in (1, 2, 3, 5, 64, 1000, 4097):
+        assert sorted(epoch_order([n], (), None, 9, 0, True).tolist()) == list(range(n))
+
+
+def test_order_of_a_huge_epoch_costs_only_its_window():
+    """10^12 samples: a window in the middle is computed directly (no whole-epoch array would
+    fit in memory), its ids are distinct and in range, and it is pinned to fixed values: the
+    order is integer arithmetic, the same on every numpy version and machine."""
+    order = EpochOrder([10**12], (), None, seed=1, epoch=0, shuffle=True)
+    w = order.window(5 * 10**11, 5 * 10**11 + 4096)
+    assert len(set(w.tolist())) == 4096 and w.min() >= 0 and w.max() < 10**12
+    small = EpochOrder([3, 5], (), None, seed=1, epoch=0, shuffle=True).window(0, 8)
+    assert small.tolist() == GOLDEN_ORDER
+
+
+GOLDEN_ORDER = [5, 7, 2, 1, 4, 0, 6, 3]
+"""EpochOrder([3, 5], seed 1, epoch 0): changes only with the algorithm (then refuse old
+states: the loader's fingerprint names the order)."""
+
+
+def test_skips_of_a_chunk_without_packs_are_not_lost():
+    """A chunk whose samples are all refused yields no pack; its skips ride on a neighbouring
+    pack, so the epoch's skipped count is exact."""
+    n, chunk = 600, 50
+    c = _costs(n, seed=3)
+    order = EpochOrder([n], (), None, seed=2, epoch=0, shuffle=True)
+    refused = np.zeros(n, np.int8)
+    for k in (0, 5, 11):  # the first, a middle and the last chunk
+        refused[order.window(k * chunk, (k + 1) * chunk)] = 1
+    c.refused = refused
+    p = PlanParams(SEQ, CAP, window=8, chunk=chunk, overlong_policy="truncate")
+    plan, g, skipped = EpochPlan(order, c, p, 0, 1), 0, []
+    while (got := plan.get(g)) is not None:
+        skipped += [sid for sid, _ in got[0].skipped]
+        g += 1
+    expected = {s for s in range(n) if refused[s] or _expected_reason(c, s, "truncate")}
+    assert sorted(skipped) == sorted(expected)
