@@ -51,6 +51,7 @@ setup(
             "navil-caption=megatron_navil.cli.caption:main",
             "navil-make-captions=data_tools.synthetic_captions:main",
             "navil-preprocess=data_tools.preprocess:main",
+            "navil-dedup=data_tools.dedup:main",
             "navil-tokenizer=data_tools.tokenizer_cli:main",
             "navil-inspect=data_tools.inspector:main",
             "navil-convert=checkpoint_tools.cli:main",
