@@ -3,6 +3,7 @@
     navil-preprocess --input 'data/*.jsonl' --image-root data/images --output shards/ \
         --num-workers 8 [--num-partitions 64 --partition-index $SLURM_ARRAY_TASK_ID]
     navil-preprocess --reindex shards/ [--num-workers 8]   # binary index from the JSON indexes
+    navil-preprocess --energon shards/                     # + Megatron-Energon's .nv-meta/
 
 Flow: discover inputs -> this partition's records (data_tools.inputs) -> worker processes parse,
 decode and convert (data_tools.worker) -> results in input order -> optional dedup -> shards
@@ -25,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 from data_tools import FORMAT_VERSION
 from data_tools.cli_common import UsageError, write_text
+from data_tools.energon import energon_prepare
 from data_tools.images import ImageLimits
 from data_tools.inputs import discover, iter_records, partition_bounds
 from data_tools.parallel import ordered_map
@@ -79,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="instead of preprocessing: (re)build DIR/index/, the binary index the training "
         "loader opens, from DIR's JSON indexes (never reads the tars); for outputs made before "
         "it existed or after an index.json was edited",
+    )
+    p.add_argument(
+        "--energon",
+        metavar="DIR",
+        default=None,
+        help="instead of preprocessing: make DIR (a finished output) a Megatron-Energon "
+        "dataset by writing its .nv-meta/ with `energon prepare` (needs megatron-energon)",
     )
     p.add_argument(
         "--image-root",
@@ -218,6 +227,9 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     a = build_parser().parse_args(argv)
     if a.reindex is not None:
         return _reindex(a)
+    if a.energon is not None:
+        write_text(f"Megatron-Energon metadata: {energon_prepare(a.energon, a.num_workers)}")
+        return 0
     _check_args(a)
     root, files = discover(a.input)
     tok = _tokenizer_info(a.tokenizer)
