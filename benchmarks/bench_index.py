@@ -17,9 +17,11 @@ opens the dataset (load_dataset: binary or JSON), builds the planner's state (ne
 the windowed epoch order; old: refuse_images + sample_costs + GlobalCosts + the whole-epoch
 permutation), plans the first window (plan_chunk_samples = 65536, seq_length 8192, navil-2b
 image rules), then plans --windows more windows (sampling throughput: samples/s the planner
-decides). Memory from /proc/self/smaps_rollup: `Anonymous` (the rank's own heap: what cannot be
-shared) and Private_Clean + Private_Dirty (USS), as deltas over the process before opening,
-and Rss. Medians over ranks; results JSON (--results).
+decides; shuffle blocks of 1024 as DataConfig's default). Binary sizes run with --ranks ranks
+and with 1 (the per-rank cost without CPU contention). Memory from /proc/self/smaps_rollup:
+`Anonymous` (the rank's own heap: what cannot be shared) and Private_Clean + Private_Dirty
+(USS), as deltas over the process before opening, and Rss (mostly the index's shared
+page-cache pages the rank touched). Medians over ranks; results JSON (--results).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES_PER_SHARD = 1000
+SHUFFLE_BLOCK = 1024
+"""DataConfig.shuffle_block_samples' default."""
 REAL_TARS, REAL_SAMPLES = 4, 256
 TOKENIZER_SHA = "bench-tokenizer"
 IMAGE_META = {
@@ -232,7 +236,7 @@ def rank_main(root: str, impl: str, windows: int) -> dict:
         from megatron_navil.data.order import EpochOrder
 
         costs = CostModel([ds], sizer, True, 100_000_000, 64)
-        order = EpochOrder([len(ds)], (), None, 1234, 0, True)
+        order = EpochOrder([len(ds)], (), None, 1234, 0, True, params.chunk, SHUFFLE_BLOCK)
     else:  # the loader before the binary index: whole-corpus arrays and permutation
         from megatron_navil.data.planner import GlobalCosts, epoch_order
         from megatron_navil.data.sizing import sample_costs
@@ -342,13 +346,18 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
         build_s = make_binary(root, real_dir, tars, n)
         disk = os.path.getsize(os.path.join(root, "index", "columns.bin"))
-        row = {"index": "binary index", **run_ranks(root, "new", a.ranks, a.windows, REPO)}
-        row.update(build_s=build_s, index_bytes=disk, shards=-(-n // SAMPLES_PER_SHARD))
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for ranks in sorted({1, a.ranks}):  # alone: the per-rank cost without CPU contention
+            row = {"index": "binary index", **run_ranks(root, "new", ranks, a.windows, REPO)}
+            row.update(build_s=build_s, index_bytes=disk, shards=-(-n // SAMPLES_PER_SHARD))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
         if not a.keep:
             shutil.rmtree(root)
-    same = [r for r in rows if r["index"] == "binary index" and r["samples"] == a.json_size]
+    same = [
+        r
+        for r in rows
+        if r["index"] == "binary index" and r["samples"] == a.json_size and r["ranks"] == a.ranks
+    ]
     ratio = None
     if a.json_size and same:
         ratio = {k: rows[0][k] / max(same[0][k], 1e-9) for k in ("ready_s", "anon_first_window_mb")}

@@ -114,6 +114,7 @@ class IndexWriter:
         self.n = self.m = self.num_shards = 0
         self.str_base = dict.fromkeys(STRING_COLUMNS, 0)
         self.detail: dict[int, str] = {}
+        self._ident = hashlib.sha256()
         for s in STRING_COLUMNS:
             sink.append(f"{s}.offsets", np.zeros(1, np.int64))
         sink.append("image_start", np.zeros(1, np.int64))
@@ -139,9 +140,16 @@ class IndexWriter:
         self.sink.append("shard_tar_bytes", np.asarray([tar_bytes]))
         self.sink.append("shard_num_samples", np.asarray([num_samples]))
         self.detail.update({self.n + i: t for i, t in piece.detail.items()})
+        self._ident.update(f"{tar}:{num_samples}:{tar_bytes};".encode())
         self.n += k
         self.m += len(a["image_offset"])
         self.num_shards += 1
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the dataset: sha256 over `tar:num_samples:tar_bytes;` per shard (the
+        same whichever index a dataset is read from; a resumed run checks it)."""
+        return self._ident.hexdigest()[:16]
 
 
 def columns_from(arrays: dict[str, np.ndarray], detail: dict[int, str]) -> Columns:
@@ -190,6 +198,7 @@ def write_index(
             "num_samples": writer.n,
             "num_images": writer.m,
             "num_shards": writer.num_shards,
+            "fingerprint": writer.fingerprint,
             "settings": settings,
             "tokenizer": tokenizer,
             "entry_detail": {str(i): t for i, t in sorted(writer.detail.items())},

@@ -152,17 +152,20 @@ def _open_binary(root: str, manifest_path: str, meta: dict) -> DatasetIndex:
         cols = open_columns(root, meta)
     except IndexFormatError as e:
         raise DataError(f"{e}; run navil-preprocess --reindex {root}") from None
-    bad = next((n for n in cols.strings["shard_tar"].to_list() if not safe_file_name(n)), None)
+    bad = _unsafe_name(cols.strings["shard_tar"])
     if bad is not None:
         raise DataError(
             f"{os.path.join(root, INDEX_DIR)}: names shard {bad!r}, not a plain file name "
             "inside the dataset directory; refused: this index was not written by navil-preprocess"
         )
     settings = meta.get("settings") or {}
+    fingerprint = meta.get("fingerprint")
+    if not isinstance(fingerprint, str) or len(fingerprint) != 16:
+        raise DataError(f"{os.path.join(root, INDEX_DIR)}: no fingerprint; run --reindex {root}")
     return DatasetIndex(
         root,
         cols,
-        _fingerprint(cols),
+        fingerprint,
         max_json_bytes(settings),
         "binary",
         settings,
@@ -183,6 +186,7 @@ def _read_json_index(root: str, manifest_path: str) -> DatasetIndex:
     for tar, tar_bytes, num_samples, piece in json_pieces(root, manifest, manifest_path):
         writer.add_shard(tar, tar_bytes, num_samples, piece)
     cols = columns_from(sink.arrays(), writer.detail)
+    fingerprint = writer.fingerprint
     if len(cols.arrays["kind"]) >= JSON_SLOW_SAMPLES:
         log.warning(
             "%s: read %d samples from the JSON index (no binary index/): every rank parses "
@@ -194,7 +198,7 @@ def _read_json_index(root: str, manifest_path: str) -> DatasetIndex:
     return DatasetIndex(
         root,
         cols,
-        _fingerprint(cols),
+        fingerprint,
         max_json_bytes(settings),
         "json",
         settings,
@@ -220,24 +224,46 @@ def json_pieces(root: str, manifest: dict, manifest_path: str):
         yield entry["tar"], entry["tar_bytes"], entry["num_samples"], builder.finish()
 
 
-def _fingerprint(cols: Columns) -> str:
-    """sha256 over `tar:num_samples:tar_bytes;` per shard (the same for both index sources)."""
-    ident = hashlib.sha256()
-    names = cols.strings["shard_tar"]
-    for s, (k, b) in enumerate(
-        zip(cols.arrays["shard_num_samples"].tolist(), cols.arrays["shard_tar_bytes"].tolist())
-    ):
-        ident.update(f"{names[s]}:{k}:{b};".encode())
-    return ident.hexdigest()[:16]
+_NAME_BYTES = np.zeros(256, dtype=bool)
+for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-":
+    _NAME_BYTES[_c] = True
+
+
+def _unsafe_name(names) -> Optional[str]:
+    """The first name of a StringTable that members.safe_file_name refuses (vectorised over the
+    bytes: O(shards) without a Python string per shard), or None."""
+    off, data = np.asarray(names.offsets), np.asarray(names.data)
+    lengths = np.diff(off)
+    ok_table = len(off) >= 1 and off[0] == 0 and off[-1] == len(data) and (lengths >= 0).all()
+    if not ok_table:
+        return "<damaged name table>"
+    bad = (lengths < 1) | (lengths > 255)
+    starts = np.minimum(off[:-1], max(len(data) - 1, 0))
+    if len(data):
+        bad |= data[starts] == ord(".")  # hidden files, and the start of any ".."
+        bad_byte = ~_NAME_BYTES[data]
+        dots = np.zeros(len(data), bool)
+        dots[1:] = (data[1:] == ord(".")) & (data[:-1] == ord("."))
+        owner = np.searchsorted(off, np.nonzero(bad_byte | dots)[0], side="right") - 1
+        bad[owner[(owner >= 0) & (owner < len(bad))]] = True
+    first = np.nonzero(bad)[0]
+    return names[int(first[0])] if len(first) else None
 
 
 def _check_shards(manifest_path: str, ds: DatasetIndex) -> None:
-    """Every shard tar exists with the size the manifest recorded (one stat per shard)."""
-    sizes = ds.cols.arrays["shard_tar_bytes"].tolist()
-    for s, want in enumerate(sizes):
+    """Every shard tar exists with the size the manifest recorded (one stat per distinct tar)."""
+    names = ds.cols.strings["shard_tar"]
+    raw, off = bytes(np.asarray(names.data)), np.asarray(names.offsets).tolist()
+    root = os.fsencode(ds.root)
+    seen: dict[bytes, int] = {}
+    for s, want in enumerate(ds.cols.arrays["shard_tar_bytes"].tolist()):
+        name = raw[off[s] : off[s + 1]]
+        got = seen.get(name)
+        if got == want:
+            continue
         tar = ds.tars[s]
         try:
-            got = os.stat(tar).st_size
+            got = seen[name] = os.stat(os.path.join(root, name)).st_size
         except OSError as e:
             raise DataError(
                 f"{manifest_path}: shard {tar} is missing ({e.strerror}); the dataset changed "

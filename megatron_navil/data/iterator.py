@@ -44,6 +44,7 @@ class Schedule:
     dp_rank: int
     dp_size: int
     micro_batches_per_step: int
+    shuffle_block: int = 1
 
 
 class _Stop(Exception):
@@ -162,7 +163,14 @@ class NaViLDataLoader:
         unit = sch.dp_size * sch.micro_batches_per_step
         while True:
             order = EpochOrder(
-                sch.sizes, sch.weights, sch.samples_per_epoch, sch.seed, epoch, sch.shuffle
+                sch.sizes,
+                sch.weights,
+                sch.samples_per_epoch,
+                sch.seed,
+                epoch,
+                sch.shuffle,
+                self.params.chunk,  # the order's shuffle windows are the planner's chunks
+                sch.shuffle_block,
             )
             plan = EpochPlan(order, self.costs, self.params, start, unit, *hint)
             while True:

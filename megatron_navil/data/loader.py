@@ -229,6 +229,7 @@ def _build(
         dp_rank,
         dp_size,
         micro_batches_per_step,
+        data_cfg.shuffle_block_samples,
     )
     fingerprint = blended_fingerprint(
         datasets,
@@ -240,7 +241,8 @@ def _build(
             plan=list(dataclasses.astuple(params)),
             # the windowed epoch order (order.py) replaced whole-epoch numpy permutations:
             # states saved under the old order are refused, not silently resumed elsewhere
-            order="feistel-1",
+            order="feistel-blocks-1",
+            shuffle_block=data_cfg.shuffle_block_samples,
             multiscale=data_cfg.multiscale,
             min_patch=cfg.min_dynamic_patch,
             max_patch=cfg.max_dynamic_patch,

@@ -4,7 +4,16 @@ A blended epoch of Q positions: dataset d owns Q_d of them (largest-remainder qu
 `total * w_d`, summing to Q exactly); its j-th draw is sample `P_{d,r}(j mod n_d)` of its n_d
 samples, r = j // n_d (a fresh permutation per repetition: fewer draws than samples = a random
 subset, more = repeats, each sample once per repetition). With `shuffle` the Q draws are then
-placed by a permutation P of [0, Q), keyed by (seed, epoch); without, in dataset order.
+placed by a permutation of [0, Q), keyed by (seed, epoch); without, in dataset order.
+
+Locality: the permutations move *blocks* of `block` consecutive samples (draws), and positions
+are then shuffled inside each window of `window` positions (the planner's chunk). So a window
+holds whole blocks of consecutive index rows and shard members (window / block of them, from
+anywhere in the corpus, in random order): planning it touches a few pages of the index per
+block instead of a page per sample (at 10^8 samples a per-sample permutation would touch the
+whole index every window), and the loader reads tar members in runs. Small sets use smaller
+blocks (at least 256 blocks per dataset and per epoch; 1 = a per-sample permutation), so
+subsets and shuffles of small data stay fine-grained.
 
 The permutations are keyed Feistel networks on the smallest even-bit domain covering n,
 cycle-walked back into [0, n): a bijection whose value at any position is computed directly, so
@@ -83,6 +92,34 @@ def quotas(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[i
     return q.tolist()
 
 
+MIN_BLOCKS = 256
+"""A permutation moves at least this many blocks (smaller data: smaller blocks)."""
+
+
+def _block(n, block: int):
+    """The block size used for a domain of n (array or scalar)."""
+    return np.maximum(1, np.minimum(block, np.asarray(n, dtype=np.int64) // MIN_BLOCKS))
+
+
+def permute_blocks(x: np.ndarray, n, b, keys: np.ndarray) -> np.ndarray:
+    """A bijection of [0, n): blocks of b consecutive values permuted (keyed Feistel over the
+    ceil(n / b) blocks), offsets inside a block kept; cycle-walked past the last partial block."""
+    x = np.asarray(x, dtype=np.int64)
+    n = np.broadcast_to(np.asarray(n, dtype=np.int64), x.shape)
+    b = np.broadcast_to(np.asarray(b, dtype=np.int64), x.shape)
+    keys = np.asarray(keys, dtype=np.uint64)
+    if keys.ndim == 1:
+        keys = np.broadcast_to(keys[:, None], (ROUNDS, len(x)))
+    nb = -(-n // b)
+    out = x.copy()
+    todo = np.arange(len(x))
+    while len(todo):
+        v, bb = out[todo], b[todo]
+        out[todo] = permute(v // bb, nb[todo], keys[:, todo]) * bb + v % bb
+        todo = todo[out[todo] >= n[todo]]
+    return out
+
+
 class EpochOrder:
     """The training order of one blended epoch, computed a window at a time."""
 
@@ -94,6 +131,8 @@ class EpochOrder:
         seed: int,
         epoch: int,
         shuffle: bool,
+        window: int = 65536,
+        block: int = 1,
     ):
         self.sizes = np.asarray(sizes, dtype=np.int64)
         total = int(self.sizes.sum()) if total is None else int(total)
@@ -107,6 +146,8 @@ class EpochOrder:
             else None
         )
         self.blend_keys = round_keys(seed, epoch, -1) if shuffle else None
+        self.window_keys = round_keys(seed, epoch, -2) if shuffle else None
+        self.window_size, self.block = max(1, int(window)), max(1, int(block))
 
     def __len__(self) -> int:
         return self.total
@@ -117,16 +158,29 @@ class EpochOrder:
         if stop <= start:
             return np.zeros(0, np.int64)
         pos = np.arange(start, stop, dtype=np.int64)
-        draw = permute(pos, self.total, self.blend_keys) if self.shuffle else pos
+        if self.shuffle:
+            # inside its window, then whole blocks of draws across the epoch
+            w = pos // self.window_size
+            first = w * self.window_size
+            length = np.minimum(self.window_size, self.total - first)
+            pos = first + permute(pos - first, length, _keyed(self.window_keys, w))
+            b = _block(self.total, self.block)
+            draw = permute_blocks(pos, self.total, b, self.blend_keys)
+        else:
+            draw = pos
         d = np.searchsorted(self.draw_offsets, draw, side="right") - 1
         j = draw - self.draw_offsets[d]
         n = self.sizes[d]
         rep, k = j // n, j % n
-        if self.shuffle:
-            # per-repetition round keys: the dataset's keys mixed with r
+        if self.shuffle:  # per-repetition round keys: the dataset's keys mixed with r
             keys = _mix(self.keys[d].T ^ (_mix(rep.astype(np.uint64) + _U(1)) * _GOLDEN))
-            k = permute(k, n, keys)
+            k = permute_blocks(k, n, _block(n, self.block), keys)
         return self.sample_offsets[d] + k
+
+
+def _keyed(keys: np.ndarray, tweak: np.ndarray) -> np.ndarray:
+    """[ROUNDS, len(tweak)] round keys: `keys` mixed with a per-element tweak."""
+    return _mix(keys[:, None] ^ (_mix(tweak.astype(np.uint64) + _U(1)) * _GOLDEN))
 
 
 def epoch_order(
