@@ -2,7 +2,7 @@
 
 Two sources, one writer (megatron_navil.data.binindex.write_index):
 - after the last partition finishes, navil-preprocess concatenates the per-shard pieces
-  (`shard-*.cols.npz`) its partitions wrote when they committed each shard: no JSON is parsed
+  (`shard-*.cols.npy`) its partitions wrote when they committed each shard: no JSON is parsed
   again (a shard without a piece, e.g. from a run before pieces existed, is parsed from its
   index.json);
 - `navil-preprocess --reindex DIR` rebuilds it from the JSON indexes alone, never reading a tar
@@ -26,8 +26,8 @@ from megatron_navil.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-PIECE_SUFFIX = ".cols.npz"
-"""A committed shard's columns, next to its tar: `shard-p00000-000000.cols.npz`."""
+PIECE_SUFFIX = ".cols.npy"
+"""A committed shard's columns, next to its tar: `shard-p00000-000000.cols.npy`."""
 
 
 def piece_path(out_dir: str, stem: str) -> str:

@@ -260,6 +260,9 @@ def open_columns(root: str, meta: dict) -> Columns:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        if size and hasattr(mmap, "MADV_RANDOM"):
+            # planner windows read runs of rows: no kernel readahead of megabytes around each
+            buf.madvise(mmap.MADV_RANDOM)
     except OSError as e:
         raise IndexFormatError(f"{path}: {e}") from None
     layout = meta.get("columns")

@@ -228,8 +228,24 @@ class Piece:
     def __len__(self) -> int:
         return len(self.arrays["kind"])
 
+    FIELDS = (
+        *SAMPLE_COLUMNS,
+        *IMAGE_COLUMNS,
+        "num_images",
+        "digest",
+        "key_offsets",
+        "key_bytes",
+        "member_offsets",
+        "member_bytes",
+        "detail_rows",
+        "detail_offsets",
+        "detail_text",
+    )
+    """What a saved piece holds, in file order."""
+
     def save(self, path: str) -> None:
-        """As an uncompressed .npz (navil-preprocess writes one per committed shard)."""
+        """As .npy records back to back in FIELDS order (navil-preprocess writes one per
+        committed shard; the same piece gives the same bytes, so re-runs stay identical)."""
         rows = sorted(self.detail)
         details = StringTable.of([self.detail[i] for i in rows])
         extra = {
@@ -238,28 +254,25 @@ class Piece:
             "member_offsets": self.image_member.offsets,
             "member_bytes": self.image_member.data,
             "detail_rows": np.asarray(rows, dtype=np.int64),
-            "detail_text": details.data,
             "detail_offsets": details.offsets,
+            "detail_text": details.data,
         }
         with open(path, "wb") as f:
-            np.savez(f, **self.arrays, **extra)
+            for name in self.FIELDS:
+                np.save(f, {**self.arrays, **extra}[name], allow_pickle=False)
 
     @classmethod
     def load(cls, path: str) -> Optional["Piece"]:
         """A saved piece, or None when the file is missing or not a complete piece."""
         try:
-            with np.load(path, allow_pickle=False) as z:
-                d = {k: z[k] for k in z.files}
-        except (OSError, ValueError, KeyError):
+            with open(path, "rb") as f:
+                d = {name: np.load(f, allow_pickle=False) for name in cls.FIELDS}
+        except (OSError, ValueError, EOFError):
             return None
-        names = (*SAMPLE_COLUMNS, *IMAGE_COLUMNS, "num_images", "digest", "key_offsets")
-        if not all(k in d for k in names):
-            return None
-        details = StringTable(d.pop("detail_offsets"), d.pop("detail_text"))
-        rows = d.pop("detail_rows").tolist()
+        details = StringTable(d["detail_offsets"], d["detail_text"])
         return cls(
             {k: d[k] for k in (*SAMPLE_COLUMNS, *IMAGE_COLUMNS, "num_images", "digest")},
             StringTable(d["key_offsets"], d["key_bytes"]),
             StringTable(d["member_offsets"], d["member_bytes"]),
-            {r: details[j] for j, r in enumerate(rows)},
+            {r: details[j] for j, r in enumerate(d["detail_rows"].tolist())},
         )
