@@ -12,9 +12,9 @@ Proves: every such sample is skipped and counted (`skipped_samples` for what the
 refuses, `corrupt_samples` / `skipped_images` for what its bytes give away), every other sample
 still trains, each refusal is logged once with the key (and the tar file and member for header
 problems), nothing is decoded past the pixel limit, and training does not stop, whether the
-loader reads the tampered indexes converted to the binary index (--reindex) or the JSON indexes. Also: a
-manifest naming a file outside the dataset directory is refused as a whole, and the JSON member
-limit a manifest records is applied before reading. If this fails, see
+loader reads the tampered indexes converted to the binary index (--reindex) or the JSON
+indexes. Also: a manifest naming a file outside the dataset directory is refused as a whole,
+and the JSON member limit a manifest records is applied before reading. If this fails, see
 megatron_navil/data/members.py, image_header.py, limits.py and index.py (`REFUSALS`).
 """
 
