@@ -43,7 +43,16 @@ setup(
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # transformers: tests load our HF tokenizer exports with AutoTokenizer (library code
         # never imports it). ruff: tests/test_lint.py (lint + format check, pyproject.toml).
-        "test": ["pytest", "scikit-image", "transformers", "ruff"],
+        # webdataset, megatron-energon: tests/data_tools/test_interop.py (other readers of our
+        # shards; `navil-preprocess --energon` needs megatron-energon too)
+        "test": [
+            "pytest",
+            "scikit-image",
+            "transformers",
+            "ruff",
+            "webdataset",
+            "megatron-energon>=7,<8",
+        ],
     },
     entry_points={
         "console_scripts": [
@@ -53,6 +62,7 @@ setup(
             "navil-scaling=megatron_navil.cli.scaling:main",
             "navil-make-captions=data_tools.synthetic_captions:main",
             "navil-preprocess=data_tools.preprocess:main",
+            "navil-dedup=data_tools.dedup:main",
             "navil-tokenizer=data_tools.tokenizer_cli:main",
             "navil-inspect=data_tools.inspector:main",
             "navil-convert=checkpoint_tools.cli:main",

@@ -25,6 +25,7 @@ import tempfile
 import time
 
 import numpy as np
+import psutil
 import skimage.data as sd
 from PIL import Image
 
@@ -68,11 +69,15 @@ def pil_baseline(d: str, names: list[str]) -> float:
     return len(names) / (time.perf_counter() - t)
 
 
-def run_preprocess(jsonl: str, img_dir: str, out: str, workers: int) -> tuple[float, float]:
+def run_preprocess(
+    jsonl: str, img_dir: str, out: str, workers: int, code: str = REPO
+) -> tuple[float, float, object]:
     """(samples/s end to end incl. process start, steady-state samples/s the job reports:
-    from its first results to the end, i.e. without interpreter/worker start-up)."""
+    from its first results to the end, i.e. without interpreter/worker start-up, the main
+    process's CPU ms per sample, start-up included, sampled every 20 ms). `code`: the tree
+    whose navil-preprocess runs (this checkout, or an older one from git)."""
     shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, "PYTHONPATH": code + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [
         sys.executable,
         "-m",
@@ -89,12 +94,40 @@ def run_preprocess(jsonl: str, img_dir: str, out: str, workers: int) -> tuple[fl
         "64",
     ]
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # cwd outside the checkout: `-m` puts the cwd first on sys.path, before `code`
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=os.path.dirname(out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    watch, cpu = psutil.Process(proc.pid), 0.0
+    while proc.poll() is None:  # the main process's own CPU time (its workers not included)
+        try:
+            times = watch.cpu_times()
+            cpu = times.user + times.system
+        except psutil.Error:
+            break
+        time.sleep(0.02)
+    if proc.wait():
+        raise SystemExit(f"navil-preprocess failed ({code})")
     wall = time.perf_counter() - t
     with open(os.path.join(out, "partitions", "p00000.json")) as f:
         part = json.load(f)
     assert part["counts"]["written"] == part["counts"]["read"], "benchmark images must all pass"
-    return part["counts"]["read"] / wall, part["this_run"]["steady_samples_per_s"]
+    run = part["this_run"]
+    parent = 1000 * cpu / max(run["read"], 1)  # includes interpreter start-up and imports
+    return part["counts"]["read"] / wall, run["steady_samples_per_s"], parent
+
+
+def old_tree(work: str, commit: str) -> str:
+    """data_tools + megatron_navil as of `commit`, extracted under `work`."""
+    dst = os.path.join(work, f"old-{commit}")
+    os.makedirs(dst)
+    tar = subprocess.run(
+        ["git", "-C", REPO, "archive", commit, "data_tools", "megatron_navil"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", dst], input=tar, check=True)
+    return dst
 
 
 def main() -> None:
@@ -102,6 +135,12 @@ def main() -> None:
     p.add_argument("--num-images", type=int, default=120, help="JPEGs to generate and process")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="--num-workers to try")
     p.add_argument("--repeats", type=int, default=2, help="runs per config; the best is kept")
+    p.add_argument(
+        "--old-commit",
+        default=None,
+        help="also run navil-preprocess as of this git commit (e.g. 4aa4776: the parent wrote "
+        "the tars) side by side",
+    )
     p.add_argument(
         "--results",
         default=os.path.join(REPO, "benchmarks", "bench_preprocess_results.json"),
@@ -128,24 +167,33 @@ def main() -> None:
                 "pipeline_samples_per_s": base,
             }
         )
-        for w in a.workers:
-            best = max(
-                (
-                    run_preprocess(jsonl, img_dir, os.path.join(tmp, "out"), w)
-                    for _ in range(a.repeats)
-                ),
-                key=lambda x: x[0],
-            )
-            rows.append(
-                {
-                    "config": f"navil-preprocess --num-workers {w}",
-                    "workers": w,
-                    "samples_per_s": best[0],
-                    "pipeline_samples_per_s": best[1],
-                }
-            )
-        one = next((r for r in rows[1:] if r["workers"] == 1), rows[1])
+        codes = [("", REPO)]
+        if a.old_commit:
+            codes.append((f" (as of {a.old_commit})", old_tree(tmp, a.old_commit)))
+        for label, code in codes:
+            for w in a.workers:  # alternate the sides' repeats so load changes hit both
+                best = max(
+                    (
+                        run_preprocess(jsonl, img_dir, os.path.join(tmp, "out"), w, code)
+                        for _ in range(a.repeats)
+                    ),
+                    key=lambda x: x[1],
+                )
+                rows.append(
+                    {
+                        "config": f"navil-preprocess --num-workers {w}{label}",
+                        "code": label.strip(" ()") or "this checkout",
+                        "workers": w,
+                        "samples_per_s": best[0],
+                        "pipeline_samples_per_s": best[1],
+                        "parent_cpu_ms_per_sample": best[2],
+                    }
+                )
         for r in rows:
+            one = next(
+                (x for x in rows[1:] if x["workers"] == 1 and x.get("code") == r.get("code")),
+                rows[1],
+            )
             steady = r["pipeline_samples_per_s"]
             r["per_worker"] = steady / r["workers"]
             r["vs_pil_loop"] = steady / base
@@ -166,13 +214,15 @@ def main() -> None:
         lines = [
             f"{a.num_images} JPEGs, mean {mp:.2f} MP / {mb:.2f} MB, {os.cpu_count()} CPUs",
             "| config | samples/s end to end | samples/s steady | steady per worker | vs PIL loop "
-            "| scaling vs 1 worker |",
-            "|---|---|---|---|---|---|",
+            "| scaling vs 1 worker | parent CPU ms/sample |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in rows:
+            cpu = r.get("parent_cpu_ms_per_sample")
             lines.append(
                 f"| {r['config']} | {r['samples_per_s']:.1f} | {r['pipeline_samples_per_s']:.1f} | "
-                f"{r['per_worker']:.1f} | {r['vs_pil_loop']:.2f} | {r['scaling_vs_1_worker']:.2f} |"
+                f"{r['per_worker']:.1f} | {r['vs_pil_loop']:.2f} | {r['scaling_vs_1_worker']:.2f} "
+                f"| {'-' if cpu is None else f'{cpu:.2f}'} |"
             )
         sys.stdout.write("\n".join(lines) + "\n")
     finally:

@@ -22,12 +22,15 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from data_tools.samples import Reject
+
+if TYPE_CHECKING:
+    from data_tools.shards import SpoolRef
 from megatron_navil.data.image_header import ImageHeaderError, header_size
 
 # We enforce our own pixel limit before decoding; PIL's global guard would raise at 2x its
@@ -66,8 +69,9 @@ class ImageLimits:
 class StoredImage:
     """What goes into the shard for one image, plus its index metadata."""
 
-    data: bytes
-    """Bytes written to the tar member."""
+    data: Union[bytes, "SpoolRef"]
+    """Bytes written to the tar member; once the worker has spooled them, where they are
+    (data_tools.shards.SpoolRef: the parent never receives image bytes)."""
     ext: str
     """Member extension: jpg | png | webp."""
     width: int

@@ -2,11 +2,15 @@
 
     navil-preprocess --input 'data/*.jsonl' --image-root data/images --output shards/ \
         --num-workers 8 [--num-partitions 64 --partition-index $SLURM_ARRAY_TASK_ID]
+    navil-preprocess --reindex shards/ [--num-workers 8]   # binary index from the JSON indexes
+    navil-preprocess --energon shards/                     # + Megatron-Energon's .nv-meta/
 
 Flow: discover inputs -> this partition's records (data_tools.inputs) -> worker processes parse,
-decode and convert (data_tools.worker) -> results in input order -> optional dedup -> shards
-(data_tools.shards) -> partition report, merged report when all partitions are done
-(data_tools.report). Re-running the same command resumes: committed segments are skipped.
+decode, convert and spool the image bytes (data_tools.worker) -> results (metadata only) in
+input order -> optional dedup, shard boundaries and keys (data_tools.assemble) -> a worker
+writes each finished shard (data_tools.shards.write_segment) -> partition report, merged report
+when all partitions are done (data_tools.report) and the binary index (data_tools.reindex).
+Re-running the same command resumes: committed segments are skipped.
 The on-disk format is specified in docs/data_format.md.
 """
 
@@ -16,25 +20,25 @@ import argparse
 import hashlib
 import json
 import os
-import tarfile
 import time
-from collections import Counter
 from typing import Any, Optional, Sequence
 
 from data_tools import FORMAT_VERSION
+from data_tools.assemble import Job
 from data_tools.cli_common import UsageError, write_text
+from data_tools.energon import energon_prepare
 from data_tools.images import ImageLimits
 from data_tools.inputs import discover, iter_records, partition_bounds
-from data_tools.parallel import ordered_map
+from data_tools.parallel import WorkerPool
+from data_tools.reindex import build_index, reindex_summary
 from data_tools.report import summary_text, try_merge, write_partition_report
 from data_tools.resume import load_finished
-from data_tools.shards import Segment, ShardWriter, sample_entry, sample_key
-from data_tools.worker import Result, WorkerConfig, init_worker, process_chunk
+from data_tools.shards import spool_dir
+from data_tools.worker import WorkerConfig, init_worker, process_chunk
 from megatron_navil.data.chat_template import CHAT_ENCODING_VERSION
 from megatron_navil.data.limits import (
     DEFAULT_MAX_JSON_BYTES,
     MAX_JSON_BYTES_CAP,
-    implausible_tokens,
 )
 from megatron_navil.utils.cli import run_cli
 from megatron_navil.utils.logging import get_logger
@@ -42,7 +46,6 @@ from megatron_navil.utils.progress import Progress
 
 logger = get_logger(__name__)
 
-_TAR_END = tarfile.RECORDSIZE  # tarfile pads a closed archive to a multiple of this
 _FORMATS = {
     "auto": None,
     "caption": "caption",
@@ -64,12 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--input",
         nargs="+",
-        required=True,
         metavar="PATH",
         help="JSONL/JSON file(s), glob(s) (quote them) or folder(s): a folder of "
         ".jsonl/.json files, or of images with same-name .txt captions",
     )
-    p.add_argument("--output", required=True, help="output directory (created if missing)")
+    p.add_argument("--output", help="output directory (created if missing)")
+    p.add_argument(
+        "--reindex",
+        metavar="DIR",
+        default=None,
+        help="instead of preprocessing: (re)build DIR/index/, the binary index the training "
+        "loader opens, from DIR's JSON indexes (never reads the tars); for outputs made before "
+        "it existed or after an index.json was edited",
+    )
+    p.add_argument(
+        "--energon",
+        metavar="DIR",
+        default=None,
+        help="instead of preprocessing: make DIR (a finished output) a Megatron-Energon "
+        "dataset by writing its .nv-meta/ with `energon prepare` (needs megatron-energon)",
+    )
     p.add_argument(
         "--image-root",
         default=None,
@@ -156,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(a: argparse.Namespace) -> None:
+    if not a.input or not a.output:
+        raise UsageError("--input and --output are required (or use --reindex DIR)")
     if a.num_partitions < 1 or not 0 <= a.partition_index < a.num_partitions:
         raise UsageError(
             f"--partition-index {a.partition_index} must be in 0.."
@@ -204,6 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     a = build_parser().parse_args(argv)
+    if a.reindex is not None:
+        return _reindex(a)
+    if a.energon is not None:
+        write_text(f"Megatron-Energon metadata: {energon_prepare(a.energon, a.num_workers)}")
+        return 0
     _check_args(a)
     root, files = discover(a.input)
     tok = _tokenizer_info(a.tokenizer)
@@ -242,27 +266,30 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     )
 
     state = load_finished(a.output, a.partition_index, fingerprint)
-    job = _Job(a, fingerprint, state)
     records = iter_records(files, lo, hi, a.image_root, a.max_json_bytes)
     cfg = WorkerConfig(forced, limits, a.tokenizer, a.chat_template)
     progress = Progress(f"p{a.partition_index}", log_every_s=a.log_every)
+    spools = spool_dir(a.output, a.partition_index)
+    os.makedirs(spools, exist_ok=True)
     t0 = time.monotonic()
     first: Optional[tuple[float, int]] = None  # (time, records) when the first results arrived
-    try:
-        for results in ordered_map(
-            process_chunk, init_worker, (cfg,), _chunks(records, state.records_done), a.num_workers
-        ):
-            if first is None:
-                first = (time.monotonic(), len(results))
-            for r in results:
-                job.consume(r)
-            progress.update(len(results), written=job.written, rejected=job.rejected_now)
-    except BaseException:
-        job.abort_open()  # drop the unfinished tar; the next run redoes that segment
-        raise
-    finally:
-        progress.close()
-    job.close_segment(job.next_ordinal)
+    with WorkerPool(init_worker, (cfg,), a.num_workers) as pool:
+        job = Job(a, fingerprint, state, pool)
+        try:
+            chunks = _chunks(records, state.records_done, spools)
+            for results in pool.ordered(process_chunk, chunks):
+                if first is None:
+                    first = (time.monotonic(), len(results))
+                for r in results:
+                    job.consume(r)
+                job.chunk_done(results[0].spool if results else None)
+                progress.update(len(results), written=job.written, rejected=job.rejected_now)
+            job.finish()  # the last segment, and every write still running
+        except BaseException:
+            job.abort()  # unfinished segments are redone by the next run
+            raise
+        finally:
+            progress.close()
     t1 = time.monotonic()
     report = job.partition_report(settings, tok, t1 - t0)
     if first is not None:  # steady state: without worker start-up (what the benchmark reports)
@@ -272,166 +299,37 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         )
     write_partition_report(a.output, a.partition_index, report, job.rejected_rows())
     merged = try_merge(a.output, a.num_partitions)
+    if merged is not None:  # the last partition: concatenate the shards' pieces
+        build_index(a.output, use_pieces=True)
     write_text(summary_text(report, merged, a.output))
     return 0
 
 
-def _chunks(records, skip: int, size: int = 8):
+def _reindex(a: argparse.Namespace) -> int:
+    if a.input or a.output:
+        raise UsageError("--reindex DIR takes no --input/--output")
+    if not os.path.isdir(a.reindex):
+        raise UsageError(f"--reindex {a.reindex!r} is not a directory")
+    t0 = time.monotonic()
+    meta = build_index(a.reindex, use_pieces=False, num_workers=max(a.num_workers, 0))
+    write_text(reindex_summary(meta, a.reindex, time.monotonic() - t0))
+    return 0
+
+
+def _chunks(records, skip: int, spools: str, size: int = 8):
     """Group records into small chunks (amortises inter-process overhead for text-only data),
-    skipping the ones finished segments already consumed."""
-    chunk = []
+    skipping the ones finished segments already consumed; each chunk gets the spool file its
+    worker writes the accepted images to (the parent never receives image bytes)."""
+    chunk, n = [], 0
     for rec in records:
         if rec.ordinal < skip:
             continue
         chunk.append(rec)
         if len(chunk) == size:
-            yield chunk
-            chunk = []
+            yield chunk, os.path.join(spools, f"{n:09d}.bin")
+            chunk, n = [], n + 1
     if chunk:
-        yield chunk
-
-
-def _oversized(json_member: bytes, text_tokens: Optional[int], limit: int):
-    """(reason, detail) for a sample too big to write, else (None, ""); megatron_navil/data/
-    limits.py has the rules the loader applies to the same numbers."""
-    if len(json_member) > limit:
-        return (
-            "json_too_large",
-            f"sample JSON of {len(json_member)} bytes > --max-json-bytes {limit}",
-        )
-    if text_tokens is not None and implausible_tokens(text_tokens, len(json_member)):
-        return (
-            "implausible_tokens",
-            f"{text_tokens} text tokens from a JSON of {len(json_member)} bytes: the tokenizer "
-            "emits more ids than bytes",
-        )
-    return None, ""
-
-
-class _Job:
-    """Assembles results (in input order) into segments and shards; holds the accounting."""
-
-    def __init__(self, a: argparse.Namespace, fingerprint: str, state):
-        self.a, self.fp, self.state = a, fingerprint, state
-        self.segments: list[dict] = state.segments  # committed index.json contents, in order
-        self.seen: dict[str, str] = state.seen_digests
-        self.next_segment = len(self.segments)
-        self.next_ordinal = state.records_done
-        self.seg: Optional[Segment] = None
-        self.writer: Optional[ShardWriter] = None
-        self.written = sum(s["counts"]["written"] for s in self.segments)
-        self.rejected_now = self.read_now = self.written_now = 0
-
-    def _open(self, ordinal: int) -> Segment:
-        if self.seg is None:
-            self.seg = Segment(self.a.partition_index, self.next_segment, self.fp, ordinal, ordinal)
-        return self.seg
-
-    def consume(self, r: Result) -> None:
-        self.read_now += 1
-        self.next_ordinal = r.ordinal + 1
-        if r.reason is None and self.a.dedup and r.digest in self.seen:
-            r.reason, r.detail = "duplicate", f"same content as sample {self.seen[r.digest]}"
-        seg = self._open(r.ordinal)
-        if r.reason is None:
-            key = sample_key(seg.stem, len(seg.samples))
-            members, meta = sample_entry(key, r)
-            r.reason, r.detail = _oversized(members[-1][1], r.text_tokens, self.a.max_json_bytes)
-        if r.reason is not None:
-            seg.read += 1
-            seg.rejected[r.reason] = seg.rejected.get(r.reason, 0) + 1
-            seg.rejected_samples.append(
-                {"source": r.source, "reason": r.reason, "detail": r.detail}
-            )
-            self.rejected_now += 1
-            return
-        if (
-            self.writer is not None
-            and seg.samples
-            and self.writer.nbytes + ShardWriter.sample_bytes(members) + _TAR_END
-            > self.a.max_shard_bytes
-        ):
-            self.close_segment(r.ordinal)  # this sample starts the next shard
-            seg = self._open(r.ordinal)
-            key = sample_key(seg.stem, 0)
-            members, meta = sample_entry(key, r)
-        if self.writer is None:
-            self.writer = ShardWriter(self.a.output, seg.stem)
-        placed = self.writer.add(members)
-        meta["members"] = {m.name.split(".", 1)[1]: [m.offset, m.size] for m in placed}
-        seg.read += 1
-        seg.samples.append(meta)
-        self.written += 1
-        self.written_now += 1
-        if self.a.dedup:
-            self.seen[r.digest] = key
-        if len(seg.samples) >= self.a.samples_per_shard:
-            self.close_segment(r.ordinal + 1)
-
-    def close_segment(self, records_end: int) -> None:
-        seg = self.seg
-        if seg is None:
-            return
-        seg.records_end = records_end
-        if self.writer is not None:
-            seg.tar, seg.idx, seg.tar_bytes = self.writer.finish()
-        seg.commit(self.a.output, FORMAT_VERSION)  # the commit point of this segment
-        self.segments.append(seg.to_json(FORMAT_VERSION))
-        self.seg, self.writer = None, None
-        self.next_segment += 1
-
-    def abort_open(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-        self.seg, self.writer = None, None
-
-    def rejected_rows(self) -> list[dict]:
-        return [row for s in self.segments for row in s["rejected"]]
-
-    def partition_report(self, settings: dict, tok: Optional[dict], elapsed: float) -> dict:
-        rejected: Counter = Counter()
-        kinds: Counter = Counter()
-        shards, images, read, written = [], 0, 0, 0
-        for s in self.segments:
-            rejected.update(s["counts"]["rejected"])
-            read += s["counts"]["read"]
-            written += s["counts"]["written"]
-            for smp in s["samples"]:
-                kinds[smp["kind"]] += 1
-                images += smp["num_images"]
-            if s["tar"]:
-                shards.append(
-                    {
-                        "tar": s["tar"],
-                        "dali_index": s["dali_index"],
-                        "index": f"{s['shard']}.index.json",
-                        "num_samples": s["counts"]["written"],
-                        "tar_bytes": s["tar_bytes"],
-                    }
-                )
-        return {
-            "partition": self.a.partition_index,
-            "num_partitions": self.a.num_partitions,
-            "settings_fingerprint": self.fp,
-            "settings": settings,
-            "tokenizer": tok,
-            "counts": {
-                "read": read,
-                "written": written,
-                "rejected": dict(sorted(rejected.items())),
-            },
-            "num_images": images,
-            "kinds": dict(kinds),
-            "shards": shards,
-            "resumed_segments": self.state.num_resumed,
-            "this_run": {
-                "read": self.read_now,
-                "written": self.written_now,
-                "elapsed_s": elapsed,
-                "samples_per_s": self.read_now / max(elapsed, 1e-9),
-                "num_workers": self.a.num_workers,
-            },
-        }
+        yield chunk, os.path.join(spools, f"{n:09d}.bin")
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from data_tools.cli_common import UsageError
 from data_tools.report import PARTITIONS_DIR
-from data_tools.shards import load_segment, shard_stem
+from data_tools.shards import load_segment, shard_stem, spool_dir
 from megatron_navil.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -89,6 +90,9 @@ def _remove_leftovers(out_dir: str, partition: int, first_unfinished: int) -> No
         if seg >= first_unfinished or ".tmp" in name:
             os.remove(path)
             removed += 1
+    spools = spool_dir(out_dir, partition)  # image bytes a killed run had not written yet
+    if os.path.isdir(spools):
+        shutil.rmtree(spools)
     report = os.path.join(out_dir, PARTITIONS_DIR, f"p{partition:05d}.json")
     if os.path.exists(report):
         os.remove(report)  # rewritten when this run finishes

@@ -2,7 +2,8 @@
 
 A *segment* is a contiguous run of one partition's input records; it ends when its shard is full
 (or the input ends). Its files are written under temporary names and renamed in this order:
-`.tar`, `.idx` (DALI), and LAST `.index.json`, which is the commit marker: a segment is finished
+`.tar`, `.idx` (DALI), `.cols.npy` (its columns for the binary index, data_tools/reindex.py),
+and LAST `.index.json`, which is the commit marker: a segment is finished
 iff its `.index.json` exists. A killed job can leave `*.tmp*` files or a tar without its
 `.index.json`; the next run deletes and redoes those. Tar headers use fixed metadata (mtime 0,
 uid 0) so re-running over the same input gives byte-identical shards.
@@ -15,8 +16,9 @@ import json
 import os
 import tarfile
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+from megatron_navil.data.columns import PieceBuilder
 from megatron_navil.utils.files import write_json_atomic, write_text_atomic
 
 DALI_INDEX_VERSION = "v1.2"
@@ -32,6 +34,34 @@ def shard_stem(partition: int, segment: int) -> str:
 
 def sample_key(stem: str, i: int) -> str:
     return f"{stem[len('shard-') :]}-{i:06d}"
+
+
+def spool_dir(out_dir: str, partition: int) -> str:
+    """Where a partition's workers spool image bytes until a writer puts them in a tar."""
+    return os.path.join(out_dir, f".spool-p{partition:05d}")
+
+
+@dataclass(frozen=True)
+class SpoolRef:
+    """Bytes a worker spooled: `size` bytes at `offset` of the file `path`."""
+
+    path: str
+    offset: int
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            data = os.pread(f.fileno(), self.size, self.offset)
+        if len(data) != self.size:
+            raise OSError(f"{self.path}: spool file cut short at {self.offset}")
+        return data
+
+
+Payload = Union[bytes, SpoolRef]
+"""A member's bytes, or where a worker spooled them."""
 
 
 @dataclass
@@ -61,13 +91,15 @@ class ShardWriter:
         return self._f.tell()
 
     @staticmethod
-    def sample_bytes(members: list[tuple[str, bytes]]) -> int:
+    def sample_bytes(members: list[tuple[str, Payload]]) -> int:
         """Tar bytes a sample adds (header + data padded to 512 per member)."""
         return sum(_BLOCK + -(-len(d) // _BLOCK) * _BLOCK for _, d in members)
 
-    def add(self, members: list[tuple[str, bytes]]) -> list[Member]:
+    def add(self, members: list[tuple[str, Payload]]) -> list[Member]:
         out = []
         for name, data in members:
+            if isinstance(data, SpoolRef):
+                data = data.read()
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644
             info.uname = info.gname = ""
@@ -147,9 +179,47 @@ class Segment:
         }
 
     def commit(self, out_dir: str, format_version: int) -> None:
+        """Write the shard's columns piece (for the binary index), then its index.json: the
+        commit marker, last."""
+        if self.tar is not None:
+            builder = PieceBuilder(self.tar_bytes)
+            for smp in self.samples:
+                builder.add(smp)
+            path = os.path.join(out_dir, f"{self.stem}.cols.npy")
+            builder.finish().save(path + ".tmp")
+            os.replace(path + ".tmp", path)
         write_json_atomic(
             os.path.join(out_dir, f"{self.stem}.index.json"), self.to_json(format_version)
         )
+
+
+@dataclass
+class SegmentTask:
+    """A finished segment for a worker to write: its samples' index entries (without member
+    offsets) and, per sample, its members (JSON bytes, image bytes or spool references)."""
+
+    out_dir: str
+    format_version: int
+    segment: Segment
+    members: list[list[tuple[str, Payload]]]
+
+
+def write_segment(task: SegmentTask) -> dict[str, Any]:
+    """Write a segment's tar, .idx, piece and (last, the commit) index.json; returns the
+    index.json content. Runs in a worker; the tar layout is the one ShardWriter always writes."""
+    seg = task.segment
+    if task.members:
+        writer = ShardWriter(task.out_dir, seg.stem)
+        try:
+            for meta, members in zip(seg.samples, task.members):
+                placed = writer.add(members)
+                meta["members"] = {m.name.split(".", 1)[1]: [m.offset, m.size] for m in placed}
+            seg.tar, seg.idx, seg.tar_bytes = writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+    seg.commit(task.out_dir, task.format_version)
+    return seg.to_json(task.format_version)
 
 
 def load_segment(path: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from data_tools.images import ImageLimits, StoredImage, process_image
 from data_tools.inputs import RawRecord
 from data_tools.samples import Reject, parse_record
+from data_tools.shards import SpoolRef
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Result:
     text_tokens: Optional[int] = None
     digest: str = ""
     """Content hash (text + original image bytes) for --dedup."""
+    spool: Optional[str] = None
+    """The spool file of this result's chunk (its images' bytes are there)."""
 
 
 _CFG: Optional[WorkerConfig] = None
@@ -62,8 +65,21 @@ def init_worker(cfg: WorkerConfig) -> None:
         _TOK = NaViLTokenizer.load(cfg.tokenizer)
 
 
-def process_chunk(records: list[RawRecord]) -> list[Result]:
-    return [process_record(r) for r in records]
+def process_chunk(job: tuple[list[RawRecord], Optional[str]]) -> list[Result]:
+    """Process a chunk; the accepted images' bytes go to the spool file (when given) and the
+    results carry references to them, so only small objects travel back to the parent."""
+    records, spool = job
+    results = [process_record(r) for r in records]
+    for r in results:
+        r.spool = spool
+    if spool is not None and any(r.reason is None and r.images for r in results):
+        with open(spool, "wb") as f:
+            for r in results:
+                for im in r.images if r.reason is None else ():
+                    offset = f.tell()
+                    f.write(im.data)
+                    im.data = SpoolRef(spool, offset, len(im.data))
+    return results
 
 
 def process_record(rec: RawRecord) -> Result:

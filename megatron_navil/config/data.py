@@ -63,6 +63,11 @@ class DataConfig(ConfigBase):
     """Samples in one blended epoch; None = the sum of the train datasets' sizes."""
     shuffle: bool = True
     """Shuffle the training samples every epoch (the validation loader never shuffles)."""
+    shuffle_block_samples: int = 1024
+    """The epoch shuffle moves blocks of this many consecutive samples (fewer for small
+    datasets: at least 256 blocks each) and shuffles samples inside each planner chunk, so a
+    chunk reads its index rows and tar members in runs instead of one page per sample. 1 = a
+    per-sample permutation of the whole epoch."""
     max_images_per_pack: int = 64
     """Most images one micro-batch may hold (bounds the decode batch and ViT memory). A sample
     with more images than this is skipped and counted."""
@@ -119,6 +124,7 @@ class DataConfig(ConfigBase):
             "pack_window",
             "plan_chunk_samples",
             "num_decode_threads",
+            "shuffle_block_samples",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1")

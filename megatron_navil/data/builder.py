@@ -7,8 +7,9 @@ cut are not decoded). Then all images of the pack are decoded in one DALI call. 
 JSON or any image fails (storage garbage that slipped past preprocessing, a tar member that is
 not the regular file its index names, an image header over the pixel limit) is dropped whole,
 so the pack's token layout always matches the images it carries; each failing image is counted
-and logged once per key. Samples the index refused (index.REFUSALS) never get here: the planner
-skips them, and the builder logs each key once when its skip is handed out.
+and logged once per key. Samples the index refused (columns.REFUSALS) never get here: the planner
+skips them, and the builder logs each key once when its skip is handed out (with the detail
+costs.py recomputes for it; duplicates marked by navil-dedup are counted, not logged).
 Collation follows megatron_navil/batch.py:
 - labels[t] = tokens[t+1] inside a sample; pad_id at a sample's last position and on padding;
 - loss_mask[t] = 1 iff tokens[t+1] is a training target of the sample (samples.py), so a
@@ -27,13 +28,15 @@ import torch
 
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.data.columns import REFUSALS
+from megatron_navil.data.costs import CostModel
 from megatron_navil.data.decode import (
     DaliImageDecoder,
     DecodeFailure,
     ImageJob,
     normalize_pixels,
 )
-from megatron_navil.data.index import REFUSALS, DatasetIndex, ShardReader
+from megatron_navil.data.index import DatasetIndex, FdCache, ShardReader
 from megatron_navil.data.layout import image_token_ids
 from megatron_navil.data.members import UnsafeMember
 from megatron_navil.data.planner import PlannedPack
@@ -55,20 +58,21 @@ class _Sample:
 
 
 class Datasets:
-    """Several DatasetIndex objects addressed by one global sample id."""
+    """Several DatasetIndex objects addressed by one global sample id; their readers share one
+    cache of open tar files (hundreds of datasets never hold more than `max_open`)."""
 
-    def __init__(self, datasets: list[DatasetIndex]):
+    def __init__(self, datasets: list[DatasetIndex], max_open: int = 64):
         self.items = datasets
         self.offsets = np.concatenate([[0], np.cumsum([len(d) for d in datasets])]).astype(np.int64)
-        self.readers = [ShardReader(d.tars) for d in datasets]
+        self.files = FdCache(max_open)
+        self.readers = [ShardReader(d.tars, self.files) for d in datasets]
 
     def locate(self, gid: int) -> tuple[int, int]:
         d = int(np.searchsorted(self.offsets, gid, side="right")) - 1
         return d, gid - int(self.offsets[d])
 
     def close(self) -> None:
-        for r in self.readers:
-            r.close()
+        self.files.close()
 
 
 class PackBuilder:
@@ -79,7 +83,7 @@ class PackBuilder:
     def __init__(
         self,
         datasets: Datasets,
-        planned_length: np.ndarray,
+        costs: CostModel,
         sizer: ImageSizer,
         decoder: DaliImageDecoder,
         cfg: NaViLModelConfig,
@@ -89,7 +93,7 @@ class PackBuilder:
         seq_length: int,
         pixel_dtype: torch.dtype = torch.float32,
     ):
-        self.data, self.planned_length, self.sizer = datasets, planned_length, sizer
+        self.data, self.costs, self.sizer = datasets, costs, sizer
         self.decoder, self.cfg, self.tok = decoder, cfg, tokenizer
         self.chat_style, self.add_bos, self.seq_length = chat_style, add_bos, seq_length
         self.pad_id, self.pixel_dtype = tokenizer.pad_id, pixel_dtype
@@ -100,10 +104,10 @@ class PackBuilder:
             self._logged.add(key)
             log.warning(msg, *args)
 
-    def _prepare(self, gid: int, truncate: bool) -> Optional[_Sample]:
+    def _prepare(self, gid: int, planned: int, truncate: bool) -> Optional[_Sample]:
         d, i = self.data.locate(gid)
         ds, reader = self.data.items[d], self.data.readers[d]
-        key = ds.keys[i]
+        key = ds.key(i)
         shard = int(ds.shard[i])
         rows = range(int(ds.image_start[i]), int(ds.image_start[i + 1]))
         scales = [self.sizer.scales(int(ds.image_height[r]), int(ds.image_width[r])) for r in rows]
@@ -125,16 +129,16 @@ class PackBuilder:
                 key, "sample %s (%s): unreadable JSON, skipped: %s", key, ds.tars[shard], e
             )
             return None
-        if len(tokens.ids) != int(self.planned_length[gid]):
+        if len(tokens.ids) != planned:
             raise RuntimeError(
                 f"sample {key} of {ds.root} has {len(tokens.ids)} tokens but its index implies "
-                f"{int(self.planned_length[gid])}: the index's text_tokens were counted with "
+                f"{planned}: the index's text_tokens were counted with "
                 "another tokenizer or template. Re-run navil-preprocess with this tokenizer"
             )
         kept = tokens.truncate(self.seq_length) if truncate else len(rows)
         s = _Sample(key, tokens)
         for r, sc in list(zip(rows, scales))[:kept]:
-            name = f"{key}.{ds.image_member[r]}"
+            name = f"{key}.{ds.image_member(r)}"
             try:
                 data = reader.read_member(
                     shard, int(ds.image_offset[r]), int(ds.image_size[r]), name
@@ -149,11 +153,13 @@ class PackBuilder:
     def _log_refusals(self, pack: PlannedPack) -> None:
         """Name each sample the index refused (planned as a skip) once, with the reason."""
         for gid, reason in pack.skipped:
-            if reason in REFUSALS:
+            if reason in REFUSALS and reason != "duplicate":
                 d, i = self.data.locate(gid)
                 ds = self.data.items[d]
-                key = ds.keys[i]
-                detail = ds.refusal_detail.get(i, "")
+                key = ds.key(i)
+                if key in self._logged:
+                    continue
+                detail = self.costs.why(gid)  # recomputed only for a first log line
                 self._warn_once(
                     key, "sample %s of %s refused (%s: %s), skipped", key, ds.root, reason, detail
                 )
@@ -168,8 +174,8 @@ class PackBuilder:
         self._log_refusals(pack)
         truncated = set(pack.truncated)
         samples = []
-        for gid in pack.samples:
-            s = self._prepare(gid, gid in truncated)
+        for gid, planned in zip(pack.samples, pack.lengths):
+            s = self._prepare(gid, planned, gid in truncated)
             if s is None:
                 stats["corrupt_samples"] += 1
             else:

@@ -240,6 +240,9 @@ class DaliImageDecoder:
             ) from error
 
     def _run(self, jobs: Sequence[ImageJob]) -> list[DecodeResult]:
+        need = max(len(j.scales) for j in jobs)
+        if need > self.num_scales:  # a multi-scale image with more scales than seen so far
+            self.num_scales, self._pipe = need, None
         if self._pipe is None:
             self._pipe = self._build()
         p = self._pipe

@@ -24,7 +24,8 @@ from megatron_navil.batch import NaViLBatch
 from megatron_navil.data.builder import PackBuilder
 from megatron_navil.data.cuda_handoff import CudaHandoff
 from megatron_navil.data.index import DataError
-from megatron_navil.data.planner import EpochPlan, GlobalCosts, PlanParams, epoch_order
+from megatron_navil.data.order import EpochOrder
+from megatron_navil.data.planner import Costs, EpochPlan, PlanParams
 from megatron_navil.data.state import COUNTER_NAMES, LoaderState, LoaderStateError
 from megatron_navil.utils.logging import get_logger
 
@@ -43,6 +44,7 @@ class Schedule:
     dp_rank: int
     dp_size: int
     micro_batches_per_step: int
+    shuffle_block: int = 1
 
 
 class _Stop(Exception):
@@ -55,7 +57,7 @@ class NaViLDataLoader:
     def __init__(
         self,
         builder: PackBuilder,
-        costs: GlobalCosts,
+        costs: Costs,
         params: PlanParams,
         schedule: Schedule,
         prefetch_depth: int,
@@ -141,6 +143,7 @@ class NaViLDataLoader:
         self._shutdown()
         self.builder.decoder.close()
         self.builder.data.close()
+        self.builder.costs.close()
 
     def __del__(self):  # best effort: never leave a producer thread behind
         try:
@@ -159,8 +162,15 @@ class NaViLDataLoader:
         hint = (state.chunk, state.chunk_first_pack)
         unit = sch.dp_size * sch.micro_batches_per_step
         while True:
-            order = epoch_order(
-                sch.sizes, sch.weights, sch.samples_per_epoch, sch.seed, epoch, sch.shuffle
+            order = EpochOrder(
+                sch.sizes,
+                sch.weights,
+                sch.samples_per_epoch,
+                sch.seed,
+                epoch,
+                sch.shuffle,
+                self.params.chunk,  # the order's shuffle windows are the planner's chunks
+                sch.shuffle_block,
             )
             plan = EpochPlan(order, self.costs, self.params, start, unit, *hint)
             while True:

@@ -36,19 +36,18 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
-import numpy as np
-
 from megatron_navil.config.base import ConfigError
 from megatron_navil.config.data import DataConfig
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.data.builder import Datasets, PackBuilder
+from megatron_navil.data.costs import CostModel
 from megatron_navil.data.cuda_handoff import CudaHandoff
 from megatron_navil.data.decode import DaliImageDecoder, cuda_available
 from megatron_navil.data.image_header import image_pixel_limit
-from megatron_navil.data.index import REFUSALS, DataError, blended_fingerprint, load_dataset
+from megatron_navil.data.index import DataError, blended_fingerprint, load_dataset
 from megatron_navil.data.iterator import NaViLDataLoader, Schedule
-from megatron_navil.data.planner import GlobalCosts, PlanParams
-from megatron_navil.data.sizing import ImageSizer, sample_costs
+from megatron_navil.data.planner import PlanParams
+from megatron_navil.data.sizing import ImageSizer
 from megatron_navil.utils.dtypes import torch_dtype
 from megatron_navil.utils.logging import get_logger
 
@@ -177,19 +176,19 @@ def _build(
         raise ValueError("dp_size and micro_batches_per_step must be >= 1")
     check_tokenizer(tokenizer, cfg)
     style, add_bos = data_cfg.resolved_chat_style(cfg), data_cfg.resolved_add_bos(cfg)
+    # O(1) per dataset with a binary index: nothing per sample is read or kept here; costs and
+    # refusals are computed per planner window (costs.py)
     datasets = [load_dataset(p, tokenizer, style, data_cfg.recount_tokens) for p in paths]
     max_pixels = image_pixel_limit(cfg, data_cfg.max_image_pixels)
-    for ds in datasets:
-        ds.refuse_images(max_pixels)
-        _log_refused(ds, max_pixels)
     sizer = ImageSizer(cfg, data_cfg.multiscale)
-    per = [sample_costs(ds, sizer, add_bos) for ds in datasets]
-    costs = GlobalCosts(
-        *(
-            np.concatenate([getattr(c, f) for c in per])
-            for f in ("length", "num_images", "max_image_tokens")
-        ),
-        refused=np.concatenate([ds.refused for ds in datasets]),
+    costs = CostModel(
+        datasets,
+        sizer,
+        add_bos,
+        max_pixels,
+        data_cfg.max_images_per_pack,
+        tokenizer,
+        style,
     )
     params = PlanParams(
         seq_length,
@@ -201,7 +200,7 @@ def _build(
     device = resolve_decode_device(data_cfg.decode_device)
     decoder = DaliImageDecoder(
         max_batch=data_cfg.max_images_per_pack,
-        num_scales=max(c.max_scales for c in per),
+        num_scales=1,  # grows with the first multi-scale image that needs more
         num_threads=data_cfg.num_decode_threads,
         device=device,
         patch_size=cfg.vision.patch_size,
@@ -211,7 +210,7 @@ def _build(
     data = Datasets(datasets)
     builder = PackBuilder(
         data,
-        costs.length,
+        costs,
         sizer,
         decoder,
         cfg,
@@ -230,6 +229,7 @@ def _build(
         dp_rank,
         dp_size,
         micro_batches_per_step,
+        data_cfg.shuffle_block_samples,
     )
     fingerprint = blended_fingerprint(
         datasets,
@@ -239,6 +239,10 @@ def _build(
             shuffle=shuffle,
             seed=seed,
             plan=list(dataclasses.astuple(params)),
+            # the windowed epoch order (order.py) replaced whole-epoch numpy permutations:
+            # states saved under the old order are refused, not silently resumed elsewhere
+            order="feistel-blocks-1",
+            shuffle_block=data_cfg.shuffle_block_samples,
             multiscale=data_cfg.multiscale,
             min_patch=cfg.min_dynamic_patch,
             max_patch=cfg.max_dynamic_patch,
@@ -252,8 +256,8 @@ def _build(
     log.info(
         "data: %d dataset(s), %d samples, %d images, seq_length %d, decode on %s, rank %d/%d",
         len(datasets),
-        len(costs.length),
-        int(costs.num_images.sum()),
+        len(costs),
+        sum(ds.num_images for ds in datasets),
         seq_length,
         device,
         dp_rank,
@@ -271,20 +275,6 @@ def _build(
         restart_on_iter=restart_on_iter,
         handoff=CudaHandoff(decoder.device_id),
     )
-
-
-def _log_refused(ds, max_pixels: int) -> None:
-    """One line per dataset that has refused samples (each key is logged when skipped)."""
-    codes = np.bincount(ds.refused, minlength=len(REFUSALS))
-    if codes[1:].any():
-        log.warning(
-            "%s: %d samples refused as untrusted input (%s; image limit %d px); they are "
-            "skipped and counted in skipped_samples",
-            ds.root,
-            int(codes[1:].sum()),
-            ", ".join(f"{REFUSALS[c]}: {int(n)}" for c, n in enumerate(codes) if c and n),
-            max_pixels,
-        )
 
 
 __all__ += ["check_tokenizer", "resolve_decode_device", "DataError"]

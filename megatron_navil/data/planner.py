@@ -1,17 +1,19 @@
 """Deterministic pack planning: (seed, epoch, DP rank/size) -> the packs this rank trains on.
 
-1. Epoch order (`epoch_order`): dataset d contributes quota_d = round(N * w_d) samples (largest
+1. Epoch order (order.py): dataset d contributes quota_d = round(N * w_d) samples (largest
    remainder, so the quotas sum to N): fresh permutations of its samples, concatenated and cut
-   to the quota (fewer than it has = a new random subset each epoch, more = repeats). The blended
-   list is then shuffled with (seed, epoch). Global sample id = dataset offset + local index.
-2. Packing (`pack_chunk`): the order is cut into chunks of `chunk` samples packed independently
-   (so a restored loader re-plans one chunk, not the epoch). Inside a chunk: best fit among at
+   to the quota (fewer than it has = a new random subset each epoch, more = repeats), the blended
+   draws placed by a permutation keyed by (seed, epoch). Global sample id = dataset offset +
+   local index. The order is computed one window (chunk) at a time, never for the whole epoch.
+2. Packing (`pack_chunk`): the order is cut into chunks (windows) of `chunk` samples packed
+   independently, each with its costs computed when it is planned (costs.py), so planning costs
+   O(chunk) and a restored loader re-plans one chunk. Inside a chunk: best fit among at
    most `window` open packs (budget: seq_length tokens, max_images images); a pack that is
    exactly full, or the fullest one when a new pack would exceed the window, is emitted; the rest
    at chunk end. A sample is never split. Over-long samples: `skip`, or `truncate` = a pack of
    its own, cut to seq_length by the builder. Samples with more images than max_images, or one
    image longer than seq_length, are always skipped, and so are samples the index refused
-   (`GlobalCosts.refused`: untrusted input, index.py), with the refusal as the reason. Skips
+   (`refused` codes: untrusted input, duplicates; costs.py), with the refusal as the reason. Skips
    ride on the next emitted pack (`PlannedPack.skipped`) so counters advance with the batches
    the trainer sees.
 3. Dealing (`EpochPlan`): global pack g goes to DP rank (g - start) % dp_size. Every rank gets the
@@ -22,14 +24,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Protocol
 
 import numpy as np
 
-from megatron_navil.data.index import REFUSALS
+from megatron_navil.data.columns import REFUSALS
+from megatron_navil.data.costs import WindowCosts
+from megatron_navil.data.order import EpochOrder, epoch_order
+
+__all__ = ["EpochOrder", "epoch_order", "EpochPlan", "GlobalCosts", "PlanParams", "pack_chunk"]
 
 SKIP_TOO_MANY_IMAGES = "too_many_images"
 SKIP_IMAGE_TOO_LONG = "image_longer_than_seq_length"
@@ -42,6 +49,8 @@ class PlannedPack:
 
     samples: tuple[int, ...]
     """Global sample ids in pack order."""
+    lengths: tuple[int, ...]
+    """Planned (untruncated) token length of each sample: the builder checks them."""
     tokens: int
     """Planned tokens (<= seq_length; truncated samples count as seq_length)."""
     truncated: tuple[int, ...] = ()
@@ -63,72 +72,58 @@ class PlanParams:
     overlong_policy: str  # "truncate" | "skip"
 
 
+class Costs(Protocol):
+    """What the planner needs of the data: costs of a window of global ids (costs.CostModel)."""
+
+    def window(self, gids: np.ndarray) -> WindowCosts: ...
+
+
 @dataclass
 class GlobalCosts:
-    """Per global sample id: planned length, image count, largest image's tokens."""
+    """Costs given as whole-corpus arrays by global id (tests, small synthetic data)."""
 
     length: np.ndarray
     num_images: np.ndarray
     max_image_tokens: np.ndarray
     refused: Optional[np.ndarray] = None
-    """int8 code per sample, index.REFUSALS (0: usable); None: nothing refused."""
+    """int8 code per sample, columns.REFUSALS (0: usable); None: nothing refused."""
+
+    def window(self, gids: np.ndarray) -> WindowCosts:
+        refused = np.zeros(len(gids), np.int8) if self.refused is None else self.refused[gids]
+        return WindowCosts(
+            self.length[gids], self.num_images[gids], self.max_image_tokens[gids], refused
+        )
 
 
-def _quotas(sizes: Sequence[int], weights: Sequence[float], total: int) -> list[int]:
-    w = np.asarray(weights if len(weights) else sizes, dtype=np.float64)
-    exact = total * w / w.sum()
-    q = np.floor(exact).astype(np.int64)
-    # Largest remainder (ties: lower dataset index) makes the quotas sum to `total` exactly.
-    for d in np.argsort(-(exact - q), kind="stable")[: total - int(q.sum())]:
-        q[d] += 1
-    return q.tolist()
-
-
-def epoch_order(
-    sizes: Sequence[int],
-    weights: Sequence[float],
-    total: Optional[int],
-    seed: int,
-    epoch: int,
-    shuffle: bool,
-) -> np.ndarray:
-    """Global sample ids of one blended epoch, in training order (int64)."""
-    total = int(sum(sizes)) if total is None else total
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    parts = []
-    for d, (n, q) in enumerate(zip(sizes, _quotas(sizes, weights, total))):
-        if shuffle:
-            reps = [
-                np.random.default_rng([seed, epoch, d, r]).permutation(n)
-                for r in range(math.ceil(q / n))
-            ]
-            local = np.concatenate(reps)[:q] if reps else np.zeros(0, np.int64)
-        else:
-            local = np.arange(q, dtype=np.int64) % n
-        parts.append(offsets[d] + local)
-    order = np.concatenate(parts).astype(np.int64)
-    if shuffle:
-        order = np.random.default_rng([seed, epoch, 1 << 20]).permutation(order)
-    return order
-
-
-def pack_chunk(ids: np.ndarray, costs: GlobalCosts, p: PlanParams) -> list[PlannedPack]:
-    """Pack one chunk of the epoch order (see the module docstring for the rules)."""
+def pack_chunk(
+    ids: np.ndarray, costs: WindowCosts, p: PlanParams
+) -> tuple[list[PlannedPack], tuple[tuple[int, str], ...]]:
+    """Pack one chunk of the epoch order; `costs` are aligned with `ids` (see the module
+    docstring for the rules). Returns (packs, orphan skips): the skips of a chunk that yields
+    no pack at all, for the caller to attach to a neighbouring pack."""
     out: list[list] = []  # [samples, tokens, truncated, skipped]
     bins: list[list] = []  # open: [tokens, images, samples]
     skips: list[tuple[int, str]] = []
+    length_of: dict[int, int] = {}
 
     def emit(samples: list[int], tokens: int, truncated: tuple = ()) -> None:
         out.append([tuple(samples), tokens, truncated, tuple(skips)])
         skips.clear()
 
-    for sid in ids.tolist():
-        length, n_img = int(costs.length[sid]), int(costs.num_images[sid])
-        if costs.refused is not None and costs.refused[sid]:
-            skips.append((sid, REFUSALS[int(costs.refused[sid])]))
+    rows = zip(
+        ids.tolist(),
+        costs.length.tolist(),
+        costs.num_images.tolist(),
+        costs.max_image_tokens.tolist(),
+        costs.refused.tolist(),
+    )
+    for sid, length, n_img, max_img, refused in rows:
+        length_of[sid] = length
+        if refused:
+            skips.append((sid, REFUSALS[refused]))
         elif n_img > p.max_images:
             skips.append((sid, SKIP_TOO_MANY_IMAGES))
-        elif int(costs.max_image_tokens[sid]) > p.seq_length:
+        elif max_img > p.seq_length:
             skips.append((sid, SKIP_IMAGE_TOO_LONG))
         elif length > p.seq_length:
             if p.overlong_policy == "skip":
@@ -161,7 +156,8 @@ def pack_chunk(ids: np.ndarray, costs: GlobalCosts, p: PlanParams) -> list[Plann
         emit(b[2], b[0])
     if skips and out:  # skips after the chunk's last pack ride on that pack
         out[-1][3] = out[-1][3] + tuple(skips)
-    return [PlannedPack(s, t, tr, sk) for s, t, tr, sk in out]
+    packs = [PlannedPack(s, tuple(length_of[i] for i in s), t, tr, sk) for s, t, tr, sk in out]
+    return packs, () if out else tuple(skips)
 
 
 class EpochPlan:
@@ -169,8 +165,8 @@ class EpochPlan:
 
     def __init__(
         self,
-        order: np.ndarray,
-        costs: GlobalCosts,
+        order: EpochOrder,
+        costs: Costs,
         params: PlanParams,
         start: int,
         unit: int,
@@ -182,6 +178,7 @@ class EpochPlan:
         self.num_chunks = math.ceil(len(order) / params.chunk)
         self.next_chunk, self.known = first_chunk, first_pack
         self.buffer: deque = deque()  # (chunk index, global index of its first pack, packs)
+        self.carry: tuple = ()  # skips of packless chunks before the epoch's first pack
 
     @property
     def done(self) -> bool:
@@ -193,7 +190,18 @@ class EpochPlan:
 
     def _plan_next(self) -> None:
         c, k = self.next_chunk, self.p.chunk
-        packs = pack_chunk(self.order[c * k : (c + 1) * k], self.costs, self.p)
+        ids = self.order.window(c * k, (c + 1) * k)
+        packs, orphans = pack_chunk(ids, self.costs.window(ids), self.p)
+        last = next((b[2] for b in reversed(self.buffer) if b[2]), None)
+        if orphans and last is not None:
+            # a chunk without packs (all skipped): its skips ride on the previous pack, which
+            # get() has not handed out yet (it always plans one pack ahead)
+            last[-1] = dataclasses.replace(last[-1], skipped=last[-1].skipped + orphans)
+        elif orphans:
+            self.carry += orphans
+        if packs and self.carry:
+            packs[0] = dataclasses.replace(packs[0], skipped=self.carry + packs[0].skipped)
+            self.carry = ()
         self.buffer.append((c, self.known, packs))
         self.known += len(packs)
         self.next_chunk += 1
@@ -201,7 +209,8 @@ class EpochPlan:
     def get(self, g: int) -> Optional[tuple[PlannedPack, int, int]]:
         """(pack, its chunk, the chunk's first global pack index), or None past the epoch's
         dealt packs. Calls must not go backwards past an already dropped chunk."""
-        while g >= self._limit() and not self.done:
+        # one pack ahead: a following packless chunk's skips can still join pack g
+        while (g >= self._limit() or self.known <= g + 1) and not self.done:
             self._plan_next()
         if g >= self._limit():
             return None

@@ -181,3 +181,18 @@ def epochs(loader, n: int):
             return out, counters
         out.append(batch)
         counters = loader.counters
+
+
+def reindex(root: str) -> None:
+    """Rebuild `root/index/` (the binary index) from its JSON indexes, as a user would after
+    editing them: `navil-preprocess --reindex root`."""
+    from data_tools.preprocess import main
+
+    assert main(["--reindex", root, "--num-workers", "0"]) == 0
+
+
+def drop_binary_index(root: str) -> None:
+    """Make `root` an output from before the binary index: the loader reads its JSON indexes."""
+    import shutil
+
+    shutil.rmtree(os.path.join(root, "index"))

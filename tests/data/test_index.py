@@ -18,7 +18,7 @@ import pytest
 
 from megatron_navil.config.base import ConfigError
 from megatron_navil.data.index import DataError
-from tests.data.corpus import all_index_samples, epochs, model_config, sentence
+from tests.data.corpus import all_index_samples, epochs, model_config, reindex, sentence
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +91,7 @@ def test_lying_index_is_caught(dataset, make_loader, tmp_path):
     index["samples"][0]["text_tokens"] += 3
     with open(index_path, "w") as f:
         json.dump(index, f)
+    reindex(root)  # the loader reads the binary index made from the edited JSON
     loader = make_loader([root], prefetch_depth=0)
     with pytest.raises(RuntimeError, match="another tokenizer or template"):
         epochs(loader, 1)
@@ -121,11 +122,13 @@ def test_old_chat_encoding_is_recounted(dataset, make_loader, tmp_path, navil_lo
     del manifest["settings"]["chat_encoding"]
     with open(path, "w") as f:
         json.dump(manifest, f)
+    reindex(root)
     fresh = load_dataset(dataset.root, tok, "internlm2")
     navil_logs.clear()
     old = load_dataset(root, tok, "internlm2")
     assert any("chat encoding version 1" in r.getMessage() for r in navil_logs.records)
-    assert (old.text_tokens == fresh.text_tokens).all()
+    assert old.recount_conversations and not old.recount_all
+    assert not fresh.recount_conversations and not fresh.recount_all
     batches, _ = epochs(make_loader([root]), 1)
     assert batches
     with pytest.raises(DataError, match="chat encoding version 1"):

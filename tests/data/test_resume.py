@@ -2,7 +2,8 @@
 
 Proves: a fresh loader restored from `state_dict()` taken after k batches yields batches
 bit-identical (every tensor, torch.equal) to batches k+1.. of an uninterrupted loader, with the
-background prefetcher running ahead in both, across chunk and epoch boundaries; the state is a
+background prefetcher running ahead in both, across chunk and epoch boundaries and exactly at a
+planner window's edge; the state is a
 JSON-able dict and counters continue; DP ranks see disjoint packs in equal numbers whose union is
 the single-rank epoch minus a tail shorter than dp_size; a state restored at another DP size
 continues with the first pack the old world had not reached (nothing repeated, nothing lost);
@@ -63,6 +64,25 @@ def test_restore_yields_identical_batches(dataset, make_loader):
     ref.load_state_dict(states[6])
     assert_same_batch(next(ref), batches[7])
     assert ref.counters == states[7]["counters"]
+
+
+def test_restore_at_a_window_boundary(dataset, make_loader):
+    """States taken at the last pack of a planner window (chunk) and at the first pack of the
+    next one restore exactly: the restored loader plans from its window, not the epoch start."""
+    ref = make_loader([dataset.root], prefetch_depth=1, plan_chunk_samples=8)
+    batches, states = [], []
+    for _ in range(14):
+        batches.append(next(ref))
+        states.append(json.loads(json.dumps(ref.state_dict())))
+    chunks = [s["chunk"] for s in states]
+    edges = [k for k in range(len(states) - 1) if chunks[k + 1] != chunks[k]]
+    assert len(edges) >= 2, chunks  # several windows are crossed
+    for k in (edges[0], edges[0] + 1, edges[-1]):
+        resumed = make_loader([dataset.root], prefetch_depth=1, plan_chunk_samples=8)
+        resumed.load_state_dict(states[k])
+        for i in range(k + 1, len(batches)):
+            assert_same_batch(next(resumed), batches[i])
+            assert resumed.state_dict() == states[i]
 
 
 def test_synchronous_and_prefetching_loaders_agree(dataset, make_loader):

@@ -11,9 +11,10 @@ A copy of the test shards is tampered with the way a malicious or broken produce
 Proves: every such sample is skipped and counted (`skipped_samples` for what the index alone
 refuses, `corrupt_samples` / `skipped_images` for what its bytes give away), every other sample
 still trains, each refusal is logged once with the key (and the tar file and member for header
-problems), nothing is decoded past the pixel limit, and training does not stop. Also: a
-manifest naming a file outside the dataset directory is refused as a whole, and the JSON member
-limit a manifest records is applied before reading. If this fails, see
+problems), nothing is decoded past the pixel limit, and training does not stop, whether the
+loader reads the tampered indexes converted to the binary index (--reindex) or the JSON
+indexes. Also: a manifest naming a file outside the dataset directory is refused as a whole,
+and the JSON member limit a manifest records is applied before reading. If this fails, see
 megatron_navil/data/members.py, image_header.py, limits.py and index.py (`REFUSALS`).
 """
 
@@ -28,7 +29,7 @@ import tarfile
 import pytest
 
 from megatron_navil.data.index import DataError
-from tests.data.corpus import all_index_samples, epochs
+from tests.data.corpus import all_index_samples, drop_binary_index, epochs, reindex
 
 
 def _tar_of(root: str, key: str) -> str:
@@ -115,11 +116,17 @@ def _tamper(src: str, dst: str) -> tuple[dict[str, str], dict[str, str]]:
     return by_index, by_bytes
 
 
-def test_tampered_shards_skip_only_the_bad_samples(dataset, make_loader, tmp_path, navil_logs):
+@pytest.mark.parametrize("source", ["binary", "json"])
+def test_tampered_shards_skip_only_the_bad_samples(
+    dataset, make_loader, tmp_path, navil_logs, source
+):
+    """`binary`: the tampered JSON indexes converted by --reindex (the loader checks the binary
+    columns); `json`: read directly from the JSON indexes (an output without index/)."""
     clean_loader = make_loader([dataset.root], seq_length=256)
     _, clean = epochs(clean_loader, 1)
     root = str(tmp_path / "tampered")
     by_index, by_bytes = _tamper(dataset.root, root)
+    reindex(root) if source == "binary" else drop_binary_index(root)
     all_keys = {s["key"] for s in all_index_samples(root)}
     loader = make_loader([root], seq_length=256)
     batches, counters = epochs(loader, 2)
@@ -163,9 +170,12 @@ def test_manifest_naming_files_outside_the_dataset_is_refused(dataset, make_load
         manifest["shards"][0]["tar"] = bad
         with open(path, "w") as f:
             json.dump(manifest, f)
+        drop_binary_index(root)  # the JSON path reads the manifest's shard list
         with pytest.raises(DataError, match="not a plain file name") as e:
             make_loader([root], seq_length=256)
         assert path in str(e.value) and bad in str(e.value)
+        with pytest.raises(AssertionError):  # --reindex refuses it too (exit status 2)
+            reindex(root)
 
 
 def test_json_member_limit_from_the_manifest(dataset, make_loader, tmp_path, navil_logs):
@@ -182,6 +192,7 @@ def test_json_member_limit_from_the_manifest(dataset, make_loader, tmp_path, nav
     manifest["settings"]["max_json_bytes"] = limit
     with open(path, "w") as f:
         json.dump(manifest, f)
+    reindex(root)
     big = {s["key"] for s in samples if s["members"]["json"][1] > limit}
     assert 0 < len(big) < len(samples)
     batches, _ = epochs(make_loader([root], seq_length=256), 1)
