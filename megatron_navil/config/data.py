@@ -68,6 +68,11 @@ class DataConfig(ConfigBase):
     datasets: at least 256 blocks each) and shuffles samples inside each planner chunk, so a
     chunk reads its index rows and tar members in runs instead of one page per sample. 1 = a
     per-sample permutation of the whole epoch."""
+    balance_dp_ranks: bool = flag(True, "--balance-dp-ranks")
+    """Deal each step's packs to the data-parallel ranks so that their model FLOPs (vision
+    encoder included) are about equal, instead of round-robin (data/dealing.py). The step trains
+    on the same packs either way; only which rank computes which pack changes. Needs more than
+    one micro-batch per rank per step to have any effect."""
     max_images_per_pack: int = 64
     """Most images one micro-batch may hold (bounds the decode batch and ViT memory). A sample
     with more images than this is skipped and counted."""

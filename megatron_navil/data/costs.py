@@ -40,6 +40,16 @@ _KEY_BYTES = np.zeros(256, dtype=bool)
 for _c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-":
     _KEY_BYTES[_c] = True
 _CONVERSATION = KINDS.index("conversation")
+_FIELDS = (
+    "length",
+    "num_images",
+    "max_image_tokens",
+    "refused",
+    "visual_tokens",
+    "patches",
+    "square_patches",
+    "image_tokens",
+)
 
 
 @dataclass
@@ -54,6 +64,27 @@ class WindowCosts:
     """int64: tokens of the sample's largest image (0 without images)."""
     refused: np.ndarray
     """int8: REFUSALS code (0: usable)."""
+    visual_tokens: Optional[np.ndarray] = None
+    """int64: tokens of the sample that go to the visual experts (<img> + <IMG_CONTEXT> of
+    every image); None: not known (the planner then assumes no vision work)."""
+    patches: Optional[np.ndarray] = None
+    """int64: vision-encoder patches of all the sample's images (every scale)."""
+    square_patches: Optional[np.ndarray] = None
+    """float64: sum over the sample's images and scales of patches^2 (the encoder's
+    bidirectional attention pairs)."""
+    image_tokens: Optional[np.ndarray] = None
+    """int64: tokens of all the sample's images (markers, line breaks included)."""
+
+    def vision(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(visual_tokens, patches, square_patches, image_tokens), zeros where unknown."""
+        k = len(self.length)
+        zero = np.zeros(k, np.int64)
+        return (
+            zero if self.visual_tokens is None else self.visual_tokens,
+            zero if self.patches is None else self.patches,
+            zero.astype(np.float64) if self.square_patches is None else self.square_patches,
+            zero if self.image_tokens is None else self.image_tokens,
+        )
 
 
 class CostModel:
@@ -98,12 +129,16 @@ class CostModel:
             np.zeros(k, np.int64),
             np.zeros(k, np.int64),
             np.zeros(k, np.int8),
+            np.zeros(k, np.int64),
+            np.zeros(k, np.int64),
+            np.zeros(k, np.float64),
+            np.zeros(k, np.int64),
         )
         where = self.locate(gids)
         for d in np.unique(where).tolist():
             sel = np.nonzero(where == d)[0]
             got = self._costs(d, gids[sel] - self.offsets[d])
-            for f in ("length", "num_images", "max_image_tokens", "refused"):
+            for f in _FIELDS:
                 getattr(out, f)[sel] = getattr(got, f)
             self._report(d, got.refused)
         return out
@@ -159,7 +194,7 @@ class CostModel:
         big = side | (np.where(side, 0, ih * iw) > self.max_pixels)
         big |= isz > max_image_bytes(self.max_pixels)
         _set(code, owner[big], CODE["image_too_large"])
-        tokens, unsizable = self._image_tokens(ih, iw, code[owner] == 0)
+        tokens, unsizable, vision = self._image_tokens(ih, iw, code[owner] == 0)
         _set(code, owner[unsizable], CODE["image_unsizable"])
         if ds.duplicate is not None:
             code[(code == 0) & (ds.duplicate[i] != 0)] = CODE["duplicate"]
@@ -168,27 +203,43 @@ class CostModel:
         max_img = np.zeros(len(i), np.int64)
         np.maximum.at(max_img, owner, tokens)
         extra = (kind != _CONVERSATION).astype(np.int64) * (1 + int(self.add_bos))
-        return WindowCosts(tt + image_sum + extra, n_img.astype(np.int64), max_img, code)
+        per_sample = [np.bincount(owner, weights=v, minlength=len(i)) for v in vision]
+        return WindowCosts(
+            tt + image_sum + extra,
+            n_img.astype(np.int64),
+            max_img,
+            code,
+            per_sample[0].astype(np.int64),
+            per_sample[1].astype(np.int64),
+            per_sample[2],
+            image_sum,
+        )
 
     def _image_tokens(self, h: np.ndarray, w: np.ndarray, live: np.ndarray):
-        """Tokens per image row (0 for rows of refused samples) and which rows NaViL's resize
-        rule cannot size; each distinct (h, w) is sized once."""
+        """Tokens per image row (0 for rows of refused samples), which rows NaViL's resize
+        rule cannot size, and the rows' vision work (visual tokens, patches, patches^2 summed
+        over scales: sizing.ImageSizer.vision); each distinct (h, w) is sized once."""
         tokens = np.zeros(len(h), np.int64)
         unsizable = np.zeros(len(h), bool)
+        vision = (np.zeros(len(h), np.int64), np.zeros(len(h), np.int64), np.zeros(len(h)))
         rows = np.nonzero(live)[0]
         if not len(rows):
-            return tokens, unsizable
+            return tokens, unsizable, vision
         uniq, inverse = np.unique(np.stack([h[rows], w[rows]], 1), axis=0, return_inverse=True)
         per, bad = np.zeros(len(uniq), np.int64), np.zeros(len(uniq), bool)
+        work = np.zeros((len(uniq), 3))
         for u, (hh, ww) in enumerate(uniq.tolist()):
             try:
                 per[u] = self.sizer.tokens(hh, ww)
+                work[u] = self.sizer.vision(hh, ww)
                 self.max_scales = max(self.max_scales, len(self.sizer.scales(hh, ww)))
             except ValueError:  # aspect ratio > 200
                 bad[u] = True
         inverse = inverse.reshape(-1)
         tokens[rows], unsizable[rows] = per[inverse], bad[inverse]
-        return tokens, unsizable
+        for v, col in zip(vision, work.T):
+            v[rows] = col[inverse]
+        return tokens, unsizable, vision
 
     def _recount(self, d: int, i: int) -> Optional[int]:
         ds = self.datasets[d]

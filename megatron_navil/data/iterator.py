@@ -1,6 +1,7 @@
 """NaViLDataLoader: plan -> build -> bounded prefetch, with exact (epoch, position) state.
 
-Flow: planner.EpochPlan (which packs, dealt to DP ranks) -> builder.PackBuilder (tokens, DALI
+Flow: planner.EpochPlan (which packs) -> dealing.Dealer (which rank gets which pack of a
+step: balanced by pack cost, or round-robin) -> builder.PackBuilder (tokens, DALI
 decode, collate) -> a background thread keeps up to `prefetch_depth` finished micro-batches in a
 bounded queue (the loader holds at most prefetch_depth + 1). The state is that of the last
 batch handed out, so prefetching never changes what a restored loader yields. Built by
@@ -23,6 +24,7 @@ import torch
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.data.builder import PackBuilder
 from megatron_navil.data.cuda_handoff import CudaHandoff
+from megatron_navil.data.dealing import Dealer, PackCost
 from megatron_navil.data.index import DataError
 from megatron_navil.data.order import EpochOrder
 from megatron_navil.data.planner import Costs, EpochPlan, PlanParams
@@ -45,6 +47,8 @@ class Schedule:
     dp_size: int
     micro_batches_per_step: int
     shuffle_block: int = 1
+    pack_cost: Optional[PackCost] = None
+    """Cost of a planned pack for balanced dealing (dealing.py); None: round-robin."""
 
 
 class _Stop(Exception):
@@ -70,7 +74,11 @@ class NaViLDataLoader:
         self.builder, self.costs, self.params, self.schedule = builder, costs, params, schedule
         self.prefetch_depth, self.restart_on_iter = prefetch_depth, restart_on_iter
         self.handoff = handoff if handoff is not None else CudaHandoff(None)
-        self._state = LoaderState(dp_size=schedule.dp_size, fingerprint=fingerprint)
+        self._state = LoaderState(
+            dp_size=schedule.dp_size,
+            fingerprint=fingerprint,
+            micro_batches_per_step=schedule.micro_batches_per_step,
+        )
         self._initial = self._state.to_dict()
         self._gen: Optional[Iterator] = None
         self._thread: Optional[threading.Thread] = None
@@ -127,17 +135,35 @@ class NaViLDataLoader:
                 "planner settings changed. Restore the original data config, or start the "
                 "loader fresh (do not load its state)"
             )
-        if s.dp_size != self.schedule.dp_size:
+        sch = self.schedule
+        old, new = (s.dp_size, s.micro_batches_per_step), (sch.dp_size, sch.micro_batches_per_step)
+        if old != new and s.micro_batches_per_step:
+            log.warning(
+                "data loader state saved at dp_size %d x %d micro-batches per step, restoring "
+                "at %d x %d: dealing resumes at global pack %d of epoch %d",
+                *old,
+                *new,
+                s.start + s.position * s.dp_size,
+                s.epoch,
+            )
+            if s.mid_step() and sch.pack_cost is not None:
+                log.warning(
+                    "the state was saved inside a step (position %d is not a multiple of %d): "
+                    "under balanced dealing some packs of that step may repeat or be left out",
+                    s.position,
+                    s.micro_batches_per_step,
+                )
+        elif s.dp_size != sch.dp_size:  # a state from before micro_batches_per_step was saved
             log.warning(
                 "data loader state saved at dp_size %d, restoring at %d: dealing "
                 "resumes at global pack %d of epoch %d",
                 s.dp_size,
-                self.schedule.dp_size,
+                sch.dp_size,
                 s.start + s.position * s.dp_size,
                 s.epoch,
             )
         self._shutdown()
-        self._state = s.remapped(self.schedule.dp_size)
+        self._state = s.remapped(sch.dp_size, sch.micro_batches_per_step)
 
     def close(self) -> None:
         self._shutdown()
@@ -173,21 +199,33 @@ class NaViLDataLoader:
                 sch.shuffle_block,
             )
             plan = EpochPlan(order, self.costs, self.params, start, unit, *hint)
+            dealer = Dealer(plan, start, sch.dp_size, sch.micro_batches_per_step, sch.pack_cost)
             while True:
-                g = start + k * sch.dp_size + sch.dp_rank
-                got = plan.get(g)
+                got = dealer.get(k, sch.dp_rank)
                 if got is None:
                     break
-                pack, chunk, first = got
+                pack, chunk, first, g = got
                 # the stream context ends before the yield: a suspended generator must not leave
                 # the private stream current in the thread that resumes it (depth 0: the trainer)
                 with self.handoff.building():
                     batch = self.builder.build(pack)
                 ready = self.handoff.seal(batch)
                 batch.metadata.update(epoch=epoch, position=k, global_pack=g)
+                if sch.pack_cost is not None:  # what dealing balanced (the trainer may log it)
+                    batch.metadata["planned_cost"] = sch.pack_cost(pack)
                 k += 1
                 yield (
-                    LoaderState(epoch, k, start, sch.dp_size, chunk, first, state.fingerprint, {}),
+                    LoaderState(
+                        epoch,
+                        k,
+                        start,
+                        sch.dp_size,
+                        chunk,
+                        first,
+                        state.fingerprint,
+                        sch.micro_batches_per_step,
+                        {},
+                    ),
                     batch,
                     ready,
                 )

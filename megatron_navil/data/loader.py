@@ -42,6 +42,7 @@ from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.data.builder import Datasets, PackBuilder
 from megatron_navil.data.costs import CostModel
 from megatron_navil.data.cuda_handoff import CudaHandoff
+from megatron_navil.data.dealing import PackCost
 from megatron_navil.data.decode import DaliImageDecoder, cuda_available
 from megatron_navil.data.image_header import image_pixel_limit
 from megatron_navil.data.index import DataError, blended_fingerprint, load_dataset
@@ -66,9 +67,12 @@ def build_train_loader(
     *,
     seq_length: int,
     seed: int,
+    pack_cost: Optional[PackCost] = None,
 ) -> NaViLDataLoader:
     """Shuffled, blended, infinite training loader for this data-parallel rank: packs of exactly
-    `seq_length` tokens, epoch orders and blend draws from `seed`."""
+    `seq_length` tokens, epoch orders and blend draws from `seed`. `pack_cost` (the trainer
+    passes a planned pack's model FLOPs) balances each step's packs over the DP ranks when
+    data_cfg.balance_dp_ranks is set (data/dealing.py); without it packs are dealt round-robin."""
     if not data_cfg.train_paths:
         raise ConfigError(
             "data.train_paths is empty: give the navil-preprocess output directories to train on"
@@ -87,6 +91,7 @@ def build_train_loader(
         seq_length,
         seed,
         restart_on_iter=False,
+        pack_cost=pack_cost if data_cfg.balance_dp_ranks else None,
     )
 
 
@@ -162,6 +167,7 @@ def _build(
     seq_length: int,
     seed: int,
     restart_on_iter: bool,
+    pack_cost: Optional[PackCost] = None,
 ) -> NaViLDataLoader:
     data_cfg.validate()
     cfg = model_cfg  # its min/max_dynamic_patch size the images
@@ -230,6 +236,7 @@ def _build(
         dp_size,
         micro_batches_per_step,
         data_cfg.shuffle_block_samples,
+        pack_cost,
     )
     fingerprint = blended_fingerprint(
         datasets,

@@ -57,6 +57,20 @@ class PlannedPack:
     """Samples (global ids) the builder cuts to seq_length."""
     skipped: tuple[tuple[int, str], ...] = ()
     """(global id, reason) of plan-time skips attributed to this pack."""
+    visual_tokens: int = 0
+    """Planned tokens that go to the visual experts (costs.WindowCosts.visual_tokens)."""
+    patches: int = 0
+    """Vision-encoder patches of the pack's images."""
+    square_patches: float = 0.0
+    """Sum of patches^2 over the pack's images and scales (encoder attention pairs)."""
+    image_tokens: int = 0
+    """Planned tokens of the pack's images (markers and line breaks included)."""
+
+    def causal_pairs(self, seq_length: int) -> float:
+        """Sum over samples of len * (len + 1) / 2, truncated samples cut to seq_length: the
+        query-key pairs of the LLM's causal attention within each sample."""
+        cut = [min(n, seq_length) for n in self.lengths]
+        return float(sum(n * (n + 1) // 2 for n in cut))
 
 
 @dataclass(frozen=True)
@@ -87,11 +101,30 @@ class GlobalCosts:
     max_image_tokens: np.ndarray
     refused: Optional[np.ndarray] = None
     """int8 code per sample, columns.REFUSALS (0: usable); None: nothing refused."""
+    visual_tokens: Optional[np.ndarray] = None
+    """Per sample, as WindowCosts.visual_tokens; None: no vision work known."""
+    patches: Optional[np.ndarray] = None
+    """Per sample, as WindowCosts.patches."""
+    square_patches: Optional[np.ndarray] = None
+    """Per sample, as WindowCosts.square_patches."""
+    image_tokens: Optional[np.ndarray] = None
+    """Per sample, as WindowCosts.image_tokens."""
 
     def window(self, gids: np.ndarray) -> WindowCosts:
         refused = np.zeros(len(gids), np.int8) if self.refused is None else self.refused[gids]
+
+        def take(a):
+            return None if a is None else a[gids]
+
         return WindowCosts(
-            self.length[gids], self.num_images[gids], self.max_image_tokens[gids], refused
+            self.length[gids],
+            self.num_images[gids],
+            self.max_image_tokens[gids],
+            refused,
+            take(self.visual_tokens),
+            take(self.patches),
+            take(self.square_patches),
+            take(self.image_tokens),
         )
 
 
@@ -105,6 +138,8 @@ def pack_chunk(
     bins: list[list] = []  # open: [tokens, images, samples]
     skips: list[tuple[int, str]] = []
     length_of: dict[int, int] = {}
+    visual, patches, square, image_tokens = costs.vision()
+    vision_of: dict[int, tuple[int, int, float, int]] = {}
 
     def emit(samples: list[int], tokens: int, truncated: tuple = ()) -> None:
         out.append([tuple(samples), tokens, truncated, tuple(skips)])
@@ -117,8 +152,14 @@ def pack_chunk(
         costs.max_image_tokens.tolist(),
         costs.refused.tolist(),
     )
-    for sid, length, n_img, max_img, refused in rows:
+    for row, (sid, length, n_img, max_img, refused) in enumerate(rows):
         length_of[sid] = length
+        vision_of[sid] = (
+            int(visual[row]),
+            int(patches[row]),
+            float(square[row]),
+            int(image_tokens[row]),
+        )
         if refused:
             skips.append((sid, REFUSALS[refused]))
         elif n_img > p.max_images:
@@ -156,7 +197,20 @@ def pack_chunk(
         emit(b[2], b[0])
     if skips and out:  # skips after the chunk's last pack ride on that pack
         out[-1][3] = out[-1][3] + tuple(skips)
-    packs = [PlannedPack(s, tuple(length_of[i] for i in s), t, tr, sk) for s, t, tr, sk in out]
+    packs = [
+        PlannedPack(
+            s,
+            tuple(length_of[i] for i in s),
+            t,
+            tr,
+            sk,
+            sum(vision_of[i][0] for i in s),
+            sum(vision_of[i][1] for i in s),
+            sum(vision_of[i][2] for i in s),
+            sum(vision_of[i][3] for i in s),
+        )
+        for s, t, tr, sk in out
+    ]
     return packs, () if out else tuple(skips)
 
 

@@ -42,6 +42,15 @@ class ImageSizer:
             ),
         )
 
+    def vision(self, height: int, width: int) -> tuple[int, int, int]:
+        """(visual tokens, patches, sum of patches^2 over scales) of one image: the tokens
+        `NaViLModelConfig.visual_token_mask` sends to the visual experts (<img> and every
+        <IMG_CONTEXT>), and the encoder's work (one grid_thw row per scale)."""
+        m = self.merge
+        grids = [s.grid for s in self.scales(height, width)]
+        visual = 1 + sum((g[0] // m) * (g[1] // m) for g in grids)
+        return visual, sum(g[0] * g[1] for g in grids), sum((g[0] * g[1]) ** 2 for g in grids)
+
     def tokens(self, height: int, width: int) -> int:
         """len(layout.image_token_ids(cfg, grids)) without building the list."""
         m = self.merge

@@ -4,9 +4,12 @@
 the prefetcher has built). DP rank r's k-th micro-batch of an epoch is global pack
 `start + k * dp_size + r`, so (epoch, start, position) fixes the next batch on every rank; the
 state is the same on all DP ranks except `counters` (rank-local metrics) and the planner hint.
-Restoring with another dp_size remaps deterministically: the new world resumes dealing at the
-first global pack the old world had not reached (start' = start + position * dp_size_old,
-position' = 0), so no pack is repeated or lost. `fingerprint` identifies the data and every
+Restoring with another dp_size (or another micro_batches_per_step: a step's unit of packs is
+dp_size x micro_batches_per_step, and balanced dealing, dealing.py, permutes packs inside a unit)
+remaps deterministically: the new world resumes dealing at the first global pack the old world had
+not reached (start' = start + position * dp_size_old, position' = 0), so no pack is repeated or
+lost. Under balanced dealing that holds for a state saved at a step boundary (position a multiple
+of micro_batches_per_step), which is where the trainer saves. `fingerprint` identifies the data and every
 setting that shapes the plan; a state from other data/settings is refused.
 """
 
@@ -58,6 +61,9 @@ class LoaderState:
     """Global index of that chunk's first pack."""
     fingerprint: str = ""
     """Identity of the data and plan settings."""
+    micro_batches_per_step: int = 0
+    """Micro-batches per rank per step the positions refer to (0: a state saved before this
+    was recorded, by round-robin dealing)."""
     counters: dict = field(default_factory=lambda: {k: 0 for k in COUNTER_NAMES})
 
     def to_dict(self) -> dict:
@@ -78,14 +84,20 @@ class LoaderState:
             **{k: v for k, v in d.items() if k in fields and k != "counters"}, counters=counters
         )
 
-    def remapped(self, dp_size: int) -> "LoaderState":
-        """This state for a world of `dp_size` data-parallel ranks (see the module docstring)."""
-        if dp_size == self.dp_size:
+    def remapped(self, dp_size: int, micro_batches_per_step: int) -> "LoaderState":
+        """This state for a world of `dp_size` data-parallel ranks taking
+        `micro_batches_per_step` packs each per step (see the module docstring)."""
+        if (dp_size, micro_batches_per_step) == (self.dp_size, self.micro_batches_per_step):
             return dataclasses.replace(self, counters=dict(self.counters))
         return dataclasses.replace(
             self,
             start=self.start + self.position * self.dp_size,
             position=0,
             dp_size=dp_size,
+            micro_batches_per_step=micro_batches_per_step,
             counters=dict(self.counters),
         )
+
+    def mid_step(self) -> bool:
+        """Saved inside a step (not by the trainer): a remap of a balanced unit is inexact."""
+        return self.micro_batches_per_step > 1 and self.position % self.micro_batches_per_step != 0

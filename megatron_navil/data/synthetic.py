@@ -77,3 +77,65 @@ def synthetic_batch(
         grid_thw=grid_thw if grids else None,
         metadata={"samples": len(samples), "tokens": len(tokens) - pad},
     )
+
+
+def synthetic_corpus_costs(
+    cfg: NaViLModelConfig,
+    num_image_samples: int,
+    visual_share: float,
+    seed: int = 0,
+    multiscale: bool = False,
+) -> "GlobalCosts":
+    """Planner costs of a synthetic web-like corpus, for measuring dealing and packing at a
+    real model shape without images or shards (benchmarks/bench_dp_balance.py, the DP balance
+    tests). Sizes go through the real ImageSizer (NaViL's resize rules for `cfg`).
+
+    Image-bearing samples, 60% captions (one image, 10-80 text tokens), 25% conversations (one
+    image, 40-600 tokens), 15% interleaved (2-6 images, 100-1500 tokens); image areas
+    log-normal around 0.35 MP (0.03-4 MP), aspect ratios log-normal (sigma 0.35, within 1:4).
+    Text-only samples (log-normal around 600 tokens, 20-8000) are added until visual tokens
+    make up `visual_share` of all tokens, then the samples are shuffled."""
+    import numpy as np
+
+    from megatron_navil.data.planner import GlobalCosts
+    from megatron_navil.data.sizing import ImageSizer
+
+    if not 0 < visual_share < 1:
+        raise ValueError(f"visual_share must be in (0, 1), got {visual_share}")
+    rng = np.random.default_rng(seed)
+    sizer = ImageSizer(cfg, multiscale)
+    kind = rng.choice(3, size=num_image_samples, p=[0.6, 0.25, 0.15])
+    n_img = np.where(kind == 2, rng.integers(2, 7, num_image_samples), 1)
+    text_lo = np.array([10, 40, 100])[kind]
+    text_hi = np.array([80, 600, 1500])[kind]
+    text = rng.integers(text_lo, text_hi + 1)
+    rows = []
+    for count, t in zip(n_img.tolist(), text.tolist()):
+        area = np.clip(rng.lognormal(np.log(0.35e6), 0.8, count), 0.03e6, 4e6)
+        aspect = np.clip(rng.lognormal(0.0, 0.35, count), 0.25, 4.0)
+        h = np.maximum(np.sqrt(area / aspect).astype(np.int64), 1)
+        w = np.maximum((area / h).astype(np.int64), 1)
+        tokens = [sizer.tokens(a, b) for a, b in zip(h.tolist(), w.tolist())]
+        vis = np.array([sizer.vision(a, b) for a, b in zip(h.tolist(), w.tolist())], np.float64)
+        rows.append((t + 2 + sum(tokens), count, max(tokens), *vis.sum(axis=0), sum(tokens)))
+    arr = np.array(rows, dtype=np.float64)
+    visual = arr[:, 3].sum()
+    need = visual * (1 - visual_share) / visual_share - (arr[:, 0].sum() - visual)
+    texts = []
+    while need > 0:
+        t = int(np.clip(rng.lognormal(np.log(600), 1.0), 20, 8000))
+        texts.append((t + 2, 0, 0, 0, 0, 0, 0))
+        need -= t + 2
+    if texts:
+        arr = np.concatenate([arr, np.array(texts, dtype=np.float64)])
+    arr = arr[rng.permutation(len(arr))]
+    return GlobalCosts(
+        arr[:, 0].astype(np.int64),
+        arr[:, 1].astype(np.int64),
+        arr[:, 2].astype(np.int64),
+        None,
+        arr[:, 3].astype(np.int64),
+        arr[:, 4].astype(np.int64),
+        arr[:, 5],
+        arr[:, 6].astype(np.int64),
+    )
