@@ -7,8 +7,8 @@ Corpus: data/synthetic.py's web-like mix (captions, conversations, interleaved d
 log-normal image areas around 0.35 MP, text-only samples added to reach the visual-token share)
 sized with the real NaViL resize rules of the model flavor; packs planned by the real planner
 (seq_length 8192, 32 images per pack); pack cost = training/pack_cost.py (model FLOPs, vision
-encoder included). For each (dp_size, micro-batches per rank per step) the epoch's steps are
-dealt both ways and the table reports, over the epoch: sum of the slowest rank's FLOPs / sum of
+encoder included). For each (dp_size, micro-batches per rank per step, balance_window_steps)
+the epoch's steps are dealt both ways and the table reports, over the epoch: sum of the slowest rank's FLOPs / sum of
 the mean rank's - 1 (time lost waiting, if time follows FLOPs), the worst single step, and the
 dealing cost per step (the loader thread computes it once per step on every rank).
 """
@@ -31,7 +31,22 @@ from megatron_navil.utils.logging import get_logger
 
 log = get_logger("bench_dp_balance")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYOUTS = ((8, 32), (8, 8), (8, 4), (8, 2), (8, 1), (64, 16), (64, 8), (64, 4), (256, 4))
+# (dp_size, micro-batches per rank per step, balance_window_steps)
+LAYOUTS = (
+    (8, 32, 1),
+    (8, 8, 1),
+    (8, 4, 1),
+    (8, 2, 1),
+    (8, 2, 16),
+    (8, 1, 1),
+    (8, 1, 16),
+    (8, 1, 64),
+    (64, 16, 1),
+    (64, 8, 1),
+    (64, 4, 1),
+    (64, 1, 64),
+    (256, 4, 1),
+)
 
 
 def measure(flavor: str, share: float, image_samples: int, seq: int, layouts, seed: int):
@@ -41,13 +56,19 @@ def measure(flavor: str, share: float, image_samples: int, seq: int, layouts, se
     cost = planned_pack_flops(cfg, seq)
     n = len(costs.length)
     rows = []
-    for dp, mb in layouts:
-        row = {"flavor": flavor, "visual_share": share, "dp_size": dp, "micro_batches": mb}
+    for dp, mb, window in layouts:
+        row = {
+            "flavor": flavor,
+            "visual_share": share,
+            "dp_size": dp,
+            "micro_batches": mb,
+            "window_steps": window,
+        }
         for balanced in (False, True):
             order = EpochOrder([n], [1.0], None, seed, 0, True, params.chunk, 64)
             plan = EpochPlan(order, costs, params, 0, dp * mb)
             t = time.perf_counter()
-            steps = epoch_step_loads(plan, dp, mb, cost, balanced)
+            steps = epoch_step_loads(plan, dp, mb, cost, balanced, None, window)
             dt = time.perf_counter() - t
             lost, worst = imbalance(steps)
             name = "balanced" if balanced else "round_robin"
@@ -55,12 +76,13 @@ def measure(flavor: str, share: float, image_samples: int, seq: int, layouts, se
             row["steps"] = len(steps)
         rows.append(row)
         log.info(
-            "%s %.0f%% visual, %d ranks x %d: round-robin %.1f%% (worst %.1f%%), "
+            "%s %.0f%% visual, %d ranks x %d, window %d: round-robin %.1f%% (worst %.1f%%), "
             "balanced %.2f%% (worst %.2f%%), %d steps",
             flavor,
             100 * share,
             dp,
             mb,
+            window,
             100 * row["round_robin"]["over_mean"],
             100 * row["round_robin"]["worst_step"],
             100 * row["balanced"]["over_mean"],
@@ -72,15 +94,16 @@ def measure(flavor: str, share: float, image_samples: int, seq: int, layouts, se
 
 def table(rows) -> str:
     out = [
-        "| flavor | visual tokens | ranks x micro-batches | steps | round-robin: over mean (worst step) "
-        "| balanced: over mean (worst step) |",
-        "|---|---|---|---|---|---|",
+        "| flavor | visual tokens | ranks x micro-batches | window steps | steps | round-robin: "
+        "over mean (worst step) | balanced: over mean (worst step) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         rr, b = r["round_robin"], r["balanced"]
         out.append(
             f"| {r['flavor']} | {100 * r['visual_share']:.0f}% | {r['dp_size']} x "
-            f"{r['micro_batches']} | {r['steps']} | {100 * rr['over_mean']:.1f}% "
+            f"{r['micro_batches']} | {r['window_steps']} | {r['steps']} | "
+            f"{100 * rr['over_mean']:.1f}% "
             f"({100 * rr['worst_step']:.1f}%) | {100 * b['over_mean']:.2f}% "
             f"({100 * b['worst_step']:.2f}%) |"
         )

@@ -72,7 +72,13 @@ class DataConfig(ConfigBase):
     """Deal each step's packs to the data-parallel ranks so that their model FLOPs (vision
     encoder included) are about equal, instead of round-robin (data/dealing.py). The step trains
     on the same packs either way; only which rank computes which pack changes. Needs more than
-    one micro-batch per rank per step to have any effect."""
+    one micro-batch per rank per step to have any effect, or balance_window_steps > 1."""
+    balance_window_steps: int = flag(1, "--balance-window-steps")
+    """With balance_dp_ranks: 1 keeps every pack in the step round-robin gives it (only the
+    rank changes). W > 1 also moves packs between the W steps of a window: each step gets packs
+    of similar cost, which is the only way to balance with 1-2 micro-batches per rank per step
+    (16-64 recommended there), but steps then differ in composition (image-heavy and text-heavy
+    steps, in shuffled order; every pack is still trained once per epoch)."""
     max_images_per_pack: int = 64
     """Most images one micro-batch may hold (bounds the decode batch and ViT memory). A sample
     with more images than this is skipped and counted."""
@@ -130,6 +136,7 @@ class DataConfig(ConfigBase):
             "plan_chunk_samples",
             "num_decode_threads",
             "shuffle_block_samples",
+            "balance_window_steps",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1")

@@ -26,6 +26,7 @@ micro_batches_per_step on resume rebases dealing at the first pack not yet consu
 from __future__ import annotations
 
 import heapq
+import random
 from typing import Callable, Optional, Sequence
 
 from megatron_navil.data.planner import EpochPlan, PlannedPack
@@ -94,9 +95,16 @@ def step_loads(costs: Sequence[float], slots: Sequence[int], dp_size: int) -> li
 
 
 class Dealer:
-    """The pack of each (rank, micro-batch) slot of an epoch, balanced per unit when a cost is
-    given, else round-robin. Wraps an EpochPlan; slots must be asked in order (each rank asks
-    for its own k = 0, 1, ...)."""
+    """The pack of each (rank, micro-batch) slot of an epoch: balanced when a cost is given,
+    else round-robin. Wraps an EpochPlan; slots must be asked in order (each rank asks for its
+    own k = 0, 1, ...).
+
+    `window_steps` W > 1 also moves packs between the W steps of a window (W consecutive units
+    from `start`): the window's packs are sorted by cost and cut into W strata of one unit, each
+    stratum is one step (so a step's packs cost alike and its ranks can be balanced even with one
+    micro-batch each), the steps' order inside the window is shuffled (keyed by the window's first
+    pack, so the same on every rank) so that heavy steps do not come first. A window at the end
+    of the epoch may hold fewer units."""
 
     def __init__(
         self,
@@ -105,41 +113,71 @@ class Dealer:
         dp_size: int,
         micro_batches_per_step: int,
         cost: Optional[PackCost] = None,
+        window_steps: int = 1,
     ):
+        if window_steps < 1:
+            raise ValueError(f"window_steps must be >= 1, got {window_steps}")
         self.plan, self.start, self.dp = plan, start, dp_size
         self.per_rank = micro_batches_per_step
         self.unit = dp_size * micro_batches_per_step
-        self.cost = cost
-        self._unit = -1
+        self.cost, self.window_steps = cost, window_steps
+        self._window = -1
         self._packs: list[tuple[PlannedPack, int, int]] = []
-        self._slots: list[int] = []
+        self._slots: list[list[int]] = []  # per step of the window: slot -> index in _packs
+
+    @property
+    def balanced(self) -> bool:
+        """False where there is nothing to choose: no cost, one rank, or one micro-batch per
+        rank without moving packs between steps."""
+        return (
+            self.cost is not None
+            and self.dp > 1
+            and (self.per_rank > 1 or self.window_steps > 1)
+        )
 
     def get(self, k: int, rank: int) -> Optional[tuple[PlannedPack, int, int, int]]:
         """(pack, planner hint chunk, hint first pack, global pack index) for rank `rank`'s
         k-th micro-batch of the epoch, or None past the epoch's dealt packs. The hint is where a
-        restore must re-plan from: the pack's own chunk (round-robin) or that of its unit's first
-        pack (balanced: a restore inside the unit needs the whole unit)."""
+        restore must re-plan from: the pack's own chunk (round-robin) or that of its window's
+        first pack (balanced: a restore inside the window needs the whole window)."""
         s = k * self.dp + rank
-        if self.cost is None or self.dp == 1 or self.per_rank == 1:  # nothing to choose
+        if not self.balanced:
             got = self.plan.get(self.start + s)
             return None if got is None else (*got, self.start + s)
         u, j = divmod(s, self.unit)
-        if u != self._unit and not self._load_unit(u):
+        w, step = divmod(u, self.window_steps)
+        if w != self._window and not self._load_window(w):
             return None
-        i = self._slots[j]
+        if step >= len(self._slots):  # a short last window: the epoch ends here
+            return None
+        i = self._slots[step][j]
         _, chunk, first = self._packs[0]
-        return self._packs[i][0], chunk, first, self.start + u * self.unit + i
+        base = self.start + w * self.window_steps * self.unit
+        return self._packs[i][0], chunk, first, base + i
 
-    def _load_unit(self, u: int) -> bool:
-        base = self.start + u * self.unit
+    def _load_window(self, w: int) -> bool:
+        base = self.start + w * self.window_steps * self.unit
         packs = []
-        for g in range(base, base + self.unit):  # in order: the plan drops chunks behind it
-            got = self.plan.get(g)
-            if got is None:  # the epoch's dealt packs are whole units: none of this one
-                return False
+        for g in range(base, base + self.window_steps * self.unit):  # in order: the plan
+            got = self.plan.get(g)  # drops chunks behind it
+            if got is None:  # the epoch's dealt packs are whole units
+                break
             packs.append(got)
-        self._unit, self._packs = u, packs
-        self._slots = balance([self.cost(p) for p, _, _ in packs], self.dp, self.per_rank)
+        steps = len(packs) // self.unit
+        if not steps:
+            return False
+        costs = [self.cost(p) for p, _, _ in packs]
+        if self.window_steps == 1:
+            strata = [list(range(self.unit))]
+        else:
+            order = sorted(range(len(packs)), key=lambda i: (-costs[i], i))
+            strata = [sorted(order[t * self.unit : (t + 1) * self.unit]) for t in range(steps)]
+            random.Random(base).shuffle(strata)
+        self._slots = []
+        for members in strata:
+            slots = balance([costs[i] for i in members], self.dp, self.per_rank)
+            self._slots.append([members[x] for x in slots])
+        self._window, self._packs = w, packs
         return True
 
 
@@ -150,10 +188,13 @@ def epoch_step_loads(
     cost: PackCost,
     balanced: bool,
     max_steps: Optional[int] = None,
+    window_steps: int = 1,
 ) -> list[list[float]]:
     """Per step, each rank's summed pack cost over one epoch's plan (from global pack 0),
     dealt balanced or round-robin: what benchmarks and tests measure dealing with."""
-    dealer = Dealer(plan, 0, dp_size, micro_batches_per_step, cost if balanced else None)
+    dealer = Dealer(
+        plan, 0, dp_size, micro_batches_per_step, cost if balanced else None, window_steps
+    )
     steps: list[list[float]] = []
     while max_steps is None or len(steps) < max_steps:
         loads = [0.0] * dp_size

@@ -49,6 +49,8 @@ class Schedule:
     shuffle_block: int = 1
     pack_cost: Optional[PackCost] = None
     """Cost of a planned pack for balanced dealing (dealing.py); None: round-robin."""
+    window_steps: int = 1
+    """Steps per dealing window (dealing.Dealer): > 1 moves packs between those steps."""
 
 
 class _Stop(Exception):
@@ -78,6 +80,7 @@ class NaViLDataLoader:
             dp_size=schedule.dp_size,
             fingerprint=fingerprint,
             micro_batches_per_step=schedule.micro_batches_per_step,
+            window_steps=schedule.window_steps,
         )
         self._initial = self._state.to_dict()
         self._gen: Optional[Iterator] = None
@@ -136,17 +139,30 @@ class NaViLDataLoader:
                 "loader fresh (do not load its state)"
             )
         sch = self.schedule
-        old, new = (s.dp_size, s.micro_batches_per_step), (sch.dp_size, sch.micro_batches_per_step)
+        old = (s.dp_size, s.micro_batches_per_step, s.window_steps)
+        new = (sch.dp_size, sch.micro_batches_per_step, sch.window_steps)
         if old != new and s.micro_batches_per_step:
+            skip, left_out = s.consumed_packs()
             log.warning(
-                "data loader state saved at dp_size %d x %d micro-batches per step, restoring "
-                "at %d x %d: dealing resumes at global pack %d of epoch %d",
+                "data loader state saved at dp_size %d x %d micro-batches per step (dealing "
+                "windows of %d steps), restoring at %d x %d (%d): dealing resumes at global pack "
+                "%d of epoch %d",
                 *old,
                 *new,
-                s.start + s.position * s.dp_size,
+                s.start + skip,
                 s.epoch,
             )
-            if s.mid_step() and sch.pack_cost is not None:
+            if left_out:
+                log.warning(
+                    "the state was saved inside a dealing window of %d steps: the %d packs of "
+                    "that window not yet handed out are left out of epoch %d (remap at a "
+                    "multiple of %d steps to lose none)",
+                    s.window_steps,
+                    left_out,
+                    s.epoch,
+                    s.window_steps,
+                )
+            elif s.mid_step() and sch.pack_cost is not None:
                 log.warning(
                     "the state was saved inside a step (position %d is not a multiple of %d): "
                     "under balanced dealing some packs of that step may repeat or be left out",
@@ -163,7 +179,7 @@ class NaViLDataLoader:
                 s.epoch,
             )
         self._shutdown()
-        self._state = s.remapped(sch.dp_size, sch.micro_batches_per_step)
+        self._state = s.remapped(*new)
 
     def close(self) -> None:
         self._shutdown()
@@ -199,7 +215,14 @@ class NaViLDataLoader:
                 sch.shuffle_block,
             )
             plan = EpochPlan(order, self.costs, self.params, start, unit, *hint)
-            dealer = Dealer(plan, start, sch.dp_size, sch.micro_batches_per_step, sch.pack_cost)
+            dealer = Dealer(
+                plan,
+                start,
+                sch.dp_size,
+                sch.micro_batches_per_step,
+                sch.pack_cost,
+                sch.window_steps,
+            )
             while True:
                 got = dealer.get(k, sch.dp_rank)
                 if got is None:
@@ -224,6 +247,7 @@ class NaViLDataLoader:
                         first,
                         state.fingerprint,
                         sch.micro_batches_per_step,
+                        sch.window_steps,
                         {},
                     ),
                     batch,

@@ -237,7 +237,21 @@ def _build(
         micro_batches_per_step,
         data_cfg.shuffle_block_samples,
         pack_cost,
+        data_cfg.balance_window_steps if pack_cost is not None else 1,
     )
+    if (
+        pack_cost is not None
+        and dp_size > 1
+        and micro_batches_per_step <= 2
+        and data_cfg.balance_window_steps == 1
+        and not restart_on_iter
+    ):
+        log.info(
+            "balanced dealing with %d micro-batch(es) per rank per step can hardly even out the "
+            "ranks' vision work; data.balance_window_steps 16-64 moves packs between steps so "
+            "that each step's packs cost alike (docs/data_loader.md, Dealing)",
+            micro_batches_per_step,
+        )
     fingerprint = blended_fingerprint(
         datasets,
         dict(

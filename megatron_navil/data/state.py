@@ -9,7 +9,9 @@ dp_size x micro_batches_per_step, and balanced dealing, dealing.py, permutes pac
 remaps deterministically: the new world resumes dealing at the first global pack the old world had
 not reached (start' = start + position * dp_size_old, position' = 0), so no pack is repeated or
 lost. Under balanced dealing that holds for a state saved at a step boundary (position a multiple
-of micro_batches_per_step), which is where the trainer saves. `fingerprint` identifies the data and every
+of micro_batches_per_step), which is where the trainer saves, and, when packs move between the
+steps of a window (balance_window_steps > 1), at a window boundary: a remap inside such a window
+resumes after it and leaves the window's undealt packs out (logged with their number). `fingerprint` identifies the data and every
 setting that shapes the plan; a state from other data/settings is refused.
 """
 
@@ -64,6 +66,8 @@ class LoaderState:
     micro_batches_per_step: int = 0
     """Micro-batches per rank per step the positions refer to (0: a state saved before this
     was recorded, by round-robin dealing)."""
+    window_steps: int = 1
+    """Steps per dealing window (data.balance_window_steps; dealing.Dealer)."""
     counters: dict = field(default_factory=lambda: {k: 0 for k in COUNTER_NAMES})
 
     def to_dict(self) -> dict:
@@ -84,19 +88,38 @@ class LoaderState:
             **{k: v for k, v in d.items() if k in fields and k != "counters"}, counters=counters
         )
 
-    def remapped(self, dp_size: int, micro_batches_per_step: int) -> "LoaderState":
+    def remapped(
+        self, dp_size: int, micro_batches_per_step: int, window_steps: int = 1
+    ) -> "LoaderState":
         """This state for a world of `dp_size` data-parallel ranks taking
-        `micro_batches_per_step` packs each per step (see the module docstring)."""
-        if (dp_size, micro_batches_per_step) == (self.dp_size, self.micro_batches_per_step):
+        `micro_batches_per_step` packs each per step, dealing windows of `window_steps` steps
+        (see the module docstring)."""
+        new = (dp_size, micro_batches_per_step, window_steps)
+        if new == (self.dp_size, self.micro_batches_per_step, self.window_steps):
             return dataclasses.replace(self, counters=dict(self.counters))
         return dataclasses.replace(
             self,
-            start=self.start + self.position * self.dp_size,
+            start=self.start + self.consumed_packs()[0],
             position=0,
             dp_size=dp_size,
             micro_batches_per_step=micro_batches_per_step,
+            window_steps=window_steps,
             counters=dict(self.counters),
         )
+
+    def consumed_packs(self) -> tuple[int, int]:
+        """(global packs past `start` that a remapped world must not deal again, how many of
+        them were never handed out). All dealt packs form a prefix except inside a dealing
+        window of several steps (dealing.Dealer), whose packs are spread over its steps: a
+        remap in the middle of one skips the rest of that window (the second number)."""
+        dealt = self.position * self.dp_size
+        if self.window_steps <= 1 or self.micro_batches_per_step < 1:
+            return dealt, 0
+        unit = self.dp_size * self.micro_batches_per_step
+        steps = -(-self.position // self.micro_batches_per_step)  # a partial step counts
+        windows = -(-steps // self.window_steps)
+        end = windows * self.window_steps * unit
+        return end, end - dealt
 
     def mid_step(self) -> bool:
         """Saved inside a step (not by the trainer): a remap of a balanced unit is inexact."""
