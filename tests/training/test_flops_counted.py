@@ -18,6 +18,11 @@ multiply-add and nothing else, the same scope as our convention (norms, softmax,
 embedding lookups are uncounted on both sides). Both sides are integer counts well below 2^53,
 so the tolerance is float64 round-off (rel 1e-12): any rule error (padding counted, a frozen
 wgrad counted, a window counted as the whole image) is off by far more.
+The Megatron model itself (local backend, CPU) is checked too, for its weight GEMMs: it runs
+the padding through every layer and computes masked full squares in attention (kernel work, not
+model work), so its mm/addmm FLOPs must equal our count with `include_padding=True` and the
+attention pairs left out, forward and backward: Megatron's linears skip the same gradient GEMMs
+our rule skips.
 Where to look on failure: which assert (forward or backward) and which `trained` set; the
 rules are in training/flop_rules.py, the op lists in training/flops.py.
 """
@@ -37,7 +42,13 @@ from megatron_navil.config.training import StageConfig
 from megatron_navil.data.synthetic import synthetic_batch
 from megatron_navil.reference import NaViLReference
 from megatron_navil.reference.common import attention, segment_ids
-from megatron_navil.training.flops import ALL_PARTS, micro_batch_count, trained_parts
+from megatron_navil.training.flops import (
+    ALL_PARTS,
+    batch_counts,
+    count_flops,
+    micro_batch_count,
+    trained_parts,
+)
 
 SEQ = 256
 # An image sample with two scales, a text-only sample, a two-image sample; the grids are large
@@ -175,3 +186,48 @@ def test_forward_backward_matches_flop_counter(config, trained, exact):
     assert micro_batch_count(cfg, batch, TRAINED[trained]).total == pytest.approx(
         counted, rel=1e-12
     )
+
+
+WEIGHT_OPS, ATTENTION_OPS = {"aten.mm", "aten.addmm"}, {"aten.bmm"}
+
+
+def _by_kind(counter: FlopCounterMode) -> tuple[float, float]:
+    """(weight GEMM, attention) FLOPs of a counter; an unknown op kind fails loudly."""
+    ops = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    assert set(ops) <= WEIGHT_OPS | ATTENTION_OPS, f"new op kinds {set(ops)}: classify them"
+    return float(sum(ops.get(k, 0) for k in WEIGHT_OPS)), float(ops.get("aten.bmm", 0))
+
+
+@pytest.mark.parametrize(
+    "stage",
+    [
+        StageConfig(),
+        StageConfig(preset="stage1"),
+        StageConfig(train_vision=False, train_connector=False),
+    ],
+    ids=["full", "stage1", "frozen_vit_at_input"],
+)
+def test_megatron_model_weight_gemms_match_the_padded_count(megatron_single_process, stage):
+    from megatron_navil.config import ParallelConfig, PrecisionConfig
+    from megatron_navil.models.navil import NaViLModel
+    from megatron_navil.training.stages import apply_stage, experts_trainable
+
+    cfg = get_flavor("debug-qwen3")
+    batch = synthetic_batch(cfg, SEQ, torch.Generator().manual_seed(0), SAMPLES)
+    model = NaViLModel(
+        cfg, ParallelConfig(), PrecisionConfig(), experts_trainable=experts_trainable(stage)
+    )
+    apply_stage([model], stage)
+    with FlopCounterMode(display=False) as forward:
+        per_position = model(**batch.model_inputs())
+    with FlopCounterMode(display=False) as backward:
+        per_position.sum().backward()
+    no_pairs = dataclasses.replace(
+        batch_counts(cfg, batch, include_padding=True),
+        causal_pairs=0.0,
+        full_pairs=0.0,
+        window_pairs=0.0,
+    )
+    ours = count_flops(cfg, no_pairs, trained_parts(stage))
+    assert _by_kind(forward)[0] == pytest.approx(ours.forward, rel=1e-12)
+    assert _by_kind(backward)[0] == pytest.approx(ours.backward, rel=1e-12)
