@@ -268,6 +268,7 @@ def summarize_run(
         "tokens_per_s": _median(steady, "tokens_per_s"),
         "tflops_per_gpu": _median(steady, "tflops_per_gpu"),
         "mfu": _median(steady, "mfu"),
+        "mfu_fp8": _median(steady, "mfu_fp8"),  # FP8 runs: against the dense FP8 peak
         "mem_gb": max(mem) if mem else None,
         "stdout": _rel(res.stdout, log_root),
         "stderr": _rel(res.stderr, log_root),

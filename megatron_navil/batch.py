@@ -15,6 +15,8 @@ sample. Images of all samples are concatenated the same way on the vision side.
 | grid_thw       | long [n_grids, 3]        | (t=1, h, w) in patches per image or per scale, in the order their `<IMG_CONTEXT>` runs appear in tokens |
 | modality_mask  | bool [T] or None         | visual tokens (`<IMG_CONTEXT>` and `<img>`); derived from tokens when None |
 
+`metadata["padding_tokens"]` (one pack) or `["padding_segments"]` (concatenated packs) marks
+the padding segments (`padding_segments`): the FLOP count leaves them out (training/flops.py).
 T is fixed per run (the loader pads to `--seq-length`, a multiple of 16 for FP8 and of the TP
 size for sequence parallelism); N_patches is free.
 """
@@ -109,3 +111,20 @@ def check_packed_sequence(
             f"token ids range {int(tokens.min())}..{int(tokens.max())} outside the model vocab "
             f"0..{cfg.llm.vocab_size - 1}; the tokenizer and model config disagree"
         )
+
+
+def padding_segments(batch: NaViLBatch) -> list[int]:
+    """Indices (into cu_seqlens) of the padding segments: `metadata["padding_segments"]`
+    (concatenated packs), else the last segment when `metadata["padding_tokens"]` > 0 (the
+    loader's and synthetic packs); a batch without this metadata has no known padding."""
+    meta = batch.metadata
+    if "padding_segments" in meta:
+        return [int(i) for i in meta["padding_segments"]]
+    pad = int(meta.get("padding_tokens", 0))
+    if not pad:
+        return []
+    cu = batch.cu_seqlens
+    last = int(cu[-1] - cu[-2])
+    if last != pad:
+        raise ValueError(f"metadata says {pad} padding tokens but the last segment has {last}")
+    return [len(cu) - 2]

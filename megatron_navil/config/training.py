@@ -187,3 +187,6 @@ class LoggingConfig(ConfigBase):
     """tqdm bar on an interactive terminal; periodic log lines otherwise."""
     peak_tflops: Optional[float] = None
     """Per-device dense bf16 peak used for MFU (None = known GPU models' spec, else no MFU)."""
+    fp8_peak_tflops: Optional[float] = None
+    """Per-device dense FP8 peak for the second MFU figure of FP8 runs, `mfu_fp8` (None = known
+    GPU models' spec: 1979 on H100/H200; else none). Unused without precision.fp8."""

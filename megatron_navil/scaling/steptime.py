@@ -10,7 +10,8 @@ from megatron_navil.scaling.layouts import Layout
 from megatron_navil.scaling.memory import MicroBatch, trained_parts
 from megatron_navil.scaling.spec import ClusterSpec, WorkloadSpec
 from megatron_navil.scaling.throughput import ThroughputTable, collective_s
-from megatron_navil.training.flops import llm_flops, lm_head_flops, vision_flops
+from megatron_navil.training.flop_rules import FlopCount
+from megatron_navil.training.flops import BatchCounts, part_counts, window_pairs_estimate
 
 
 @dataclass
@@ -34,7 +35,8 @@ class StepTime:
     dp_exposed_s: float
     """Data-parallel gradient/parameter traffic not hidden behind backward."""
     model_flops: float
-    """Model FLOPs of the whole step (fwd + bwd, no recompute), for MFU."""
+    """Model FLOPs of the whole step (fwd + bwd of the trained parts, no recompute: the
+    trainer's convention, training/flops.py), for MFU."""
     tokens_per_s: float
     mfu: float
 
@@ -61,33 +63,52 @@ def predict_step(
     a = w.param_bytes
     mb = MicroBatch.of(cfg, w, micro_batch_size)
     sample = min(w.tokens_per_sample, mb.tokens)
-    causal_pairs = mb.tokens * (sample + 1) / 2
-    layer_f = llm_flops(cfg, mb.tokens, mb.visual, causal_pairs, 0.0, num_layers=1)
-    head_f = lm_head_flops(cfg, mb.tokens - mb.visual)
-    vis_f = vision_flops(cfg, mb.patches, mb.square_patches) if mb.patches else 0.0
+    # The trainer's count (training/flops.py) with this workload's trained parts: a frozen part
+    # does no weight-gradient GEMMs, a frozen ViT at the input no backward at all.
+    counts = part_counts(
+        cfg,
+        BatchCounts(
+            tokens=mb.tokens,
+            visual=mb.visual,
+            causal_pairs=mb.tokens * (sample + 1) / 2,
+            counted=mb.tokens - mb.visual,
+            special=mb.visual > 0,
+            patches=mb.patches,
+            full_pairs=mb.square_patches,
+            window_pairs=window_pairs_estimate(cfg, mb.patches, mb.square_patches),
+        ),
+        frozenset(trained_parts(w.stage)),
+    )
     h, c = cfg.llm.hidden_size, cfg.vision.hidden_size
     bw_tp, bw_ep = _bw(cluster, tp), _bw(cluster, tp * ep)
     bw_pp = _bw(cluster, layout.world)
     # Megatron's rank order is TP fastest, then DP, then PP: a DP group spans TP x DP ranks.
     bw_dp = _bw(cluster, tp * dp)
-    fb = 4.0 if recompute else 3.0  # forward + backward (+ the recomputed forward)
     coll = 12 if recompute else 8  # TP collectives per layer (recompute repeats the forward's 4)
     split = stage_layers(cfg.llm.num_layers, layout.parallel())
-    stages = []
+    stages, backward_s = [], []
     for s in range(pp):
         n = len(split[s])
-        compute = fb * n * layer_f / tp / (table.tflops("llm", h, tp) * 1e12)
+        layers = [counts.layers[i] for i in split[s]]
+        flops = sum(_executed(f, recompute) for f in layers)
+        compute = flops / tp / (table.tflops("llm", h, tp) * 1e12)
+        bwd = sum(f.backward for f in layers) / tp / (table.tflops("llm", h, tp) * 1e12)
         tp_comm = n * coll * collective_s(mb.tokens * h * a, tp, bw_tp)
         ep_comm = n * 4 * (mb.tokens / 2 * h * a / (bw_ep * 1e9)) if ep > 1 else 0.0
-        if s == 0 and vis_f:
-            compute += fb * vis_f / tp / (table.tflops("vision", c, tp) * 1e12)
+        if s == 0 and mb.patches:
+            speed = table.tflops("vision", c, tp) * 1e12
+            compute += _executed(counts.vision, recompute) / tp / speed
+            bwd += counts.vision.backward / tp / speed
             tp_comm += cfg.vision.num_layers * coll * collective_s(mb.patches * c * a, tp, bw_tp)
         if s == pp - 1:
-            compute += 3.0 * head_f / tp / (table.tflops("lm_head", h, tp) * 1e12)
+            speed = table.tflops("lm_head", h, tp) * 1e12
+            compute += counts.head.total / tp / speed
+            bwd += counts.head.backward / tp / speed
         pp_comm = 0.0
         if pp > 1:  # activations forward, their gradients backward, per stage boundary
             pp_comm = 2 * mb.tokens * h * a / (tp if tp > 1 else 1) / (bw_pp * 1e9)
         stages.append((compute + tp_comm + ep_comm + pp_comm, compute, tp_comm, ep_comm, pp_comm))
+        backward_s.append(bwd)
     slowest = max(stages)
     m = num_microbatches
     pipeline = (m + pp - 1) * slowest[0]
@@ -99,10 +120,10 @@ def predict_step(
     )
     per_gpu = elems * ((4 + a) if w.use_distributed_optimizer else 2 * 4)
     dp_s = collective_s(per_gpu, dp, bw_dp)
-    backward = m * slowest[1] * 2 / fb
+    backward = m * backward_s[stages.index(slowest)]
     exposed = max(0.0, dp_s - backward) if w.overlap_grad_reduce else dp_s
     step = pipeline + exposed
-    model_flops = 3.0 * (cfg.llm.num_layers * layer_f + head_f + vis_f) * m * dp
+    model_flops = counts.total.total * m * dp
     tokens = w.global_batch_size * w.seq_length
     return StepTime(
         step_s=step,
@@ -117,3 +138,9 @@ def predict_step(
         tokens_per_s=tokens / step,
         mfu=model_flops / (step * layout.world * cluster.peak_tflops * 1e12),
     )
+
+
+def _executed(count: FlopCount, recompute: bool) -> float:
+    """FLOPs a component runs: forward + backward, plus the recomputed forward where there is a
+    backward to recompute for (a frozen ViT at the input keeps no activations to recompute)."""
+    return count.total + (count.forward if recompute and count.backward else 0.0)

@@ -6,11 +6,12 @@ deadlocks otherwise); every pipeline stage of a DP rank reads the same stream.
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Optional
 
 import torch
 
-from megatron_navil.batch import NaViLBatch
+from megatron_navil.batch import NaViLBatch, padding_segments
 from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.data.synthetic import synthetic_batch
@@ -85,10 +86,16 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
         [packs[0].cu_seqlens] + [p.cu_seqlens[1:] + int(o) for p, o in zip(packs[1:], offsets[1:])]
     )
     images = [p for p in packs if p.pixel_values is not None]
+    segment_offsets = [0] + list(itertools.accumulate(len(p.cu_seqlens) - 1 for p in packs))
     cat = lambda name: torch.cat([getattr(p, name) for p in packs])  # noqa: E731
     meta = {
         "samples": sum(int(p.metadata.get("samples", 0)) for p in packs),
         "skipped_images": sum(int(p.metadata.get("skipped_images", 0)) for p in packs),
+        "padding_tokens": sum(int(p.metadata.get("padding_tokens", 0)) for p in packs),
+        # each pack's padding segment, renumbered: the FLOP count leaves padding out
+        "padding_segments": [
+            i + first for p, first in zip(packs, segment_offsets) for i in padding_segments(p)
+        ],
     }
     return NaViLBatch(
         tokens=cat("tokens"),

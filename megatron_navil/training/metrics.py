@@ -2,10 +2,14 @@
 
 Every rank calls `StepMetrics.gather` (one small all-reduce); only global rank 0 writes.
 JSONL fields (one object per step; documented in README):
-    step, loss, grad_norm, lr, tokens_per_s, samples_per_s, tflops_per_gpu, mfu,
-    step_time_s, num_tokens, num_samples, skipped_images, skipped_steps, mem_gb, valid_loss
-`loss` is the mean next-token CE over the step's counted text tokens (all DP ranks); `mfu` is
-null when the device's peak is unknown (CPU without --peak-tflops).
+    step, loss, grad_norm, lr, tokens_per_s, samples_per_s, tflops_per_gpu,
+    padded_tflops_per_gpu, mfu, mfu_fp8, step_time_s, num_tokens, num_samples, skipped_images,
+    skipped_steps, mem_gb, valid_loss
+`loss` is the mean next-token CE over the step's counted text tokens (all DP ranks).
+`tflops_per_gpu` counts model FLOPs (convention: training/flops.py; padding out, frozen parts'
+weight gradients out); `padded_tflops_per_gpu` the same with the padding tokens in. `mfu` is
+against the dense bf16 peak, null when it is unknown (CPU without logging.peak_tflops); `mfu_fp8`
+against the dense FP8 peak, only for FP8 runs.
 """
 
 from __future__ import annotations
@@ -123,8 +127,11 @@ def format_record(r: dict) -> str:
         f"{r['tokens_per_s']:.0f} tok/s",
         _rate(r["tflops_per_gpu"]),
     ]
+    # Say which peak: an FP8 run's MFU against the bf16 peak alone would flatter it.
     if r.get("mfu") is not None:
-        parts.append(f"MFU {100 * r['mfu']:.1f}%")
+        parts.append(f"MFU {100 * r['mfu']:.1f}% (bf16 peak)")
+    if r.get("mfu_fp8") is not None:
+        parts.append(f"MFU {100 * r['mfu_fp8']:.1f}% (FP8 peak)")
     if r.get("skipped_images"):
         parts.append(f"skipped img {r['skipped_images']}")
     if r.get("skipped_steps"):

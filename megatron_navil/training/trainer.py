@@ -27,7 +27,12 @@ from megatron_navil.data.tokenizer import configured_vocabulary
 from megatron_navil.errors import JobError, UserError
 from megatron_navil.models.navil import build_model
 from megatron_navil.training.data import build_loaders, concat_packs
-from megatron_navil.training.flops import micro_batch_flops, peak_tflops
+from megatron_navil.training.flops import (
+    CONVENTION,
+    micro_batch_count,
+    peak_tflops,
+    trained_parts,
+)
 from megatron_navil.training.metrics import MetricsWriter, memory_gb, reduce_step_sums
 from megatron_navil.training.optimizer import (
     build_optimizer,
@@ -109,7 +114,14 @@ class Trainer:
 
             self.async_queue = AsyncCallsQueue()
         self._maybe_resume()
+        # MFU convention (training/flops.py): model FLOPs of the parts this stage trains, padding
+        # out; against the dense bf16 peak, and FP8 runs also against the dense FP8 peak.
+        self.trained = trained_parts(cfg.stage)
         self.peak = peak_tflops(cfg.logging.peak_tflops)
+        self.fp8_peak = (
+            peak_tflops(cfg.logging.fp8_peak_tflops, fp8=True) if cfg.precision.fp8 else None
+        )
+        log.info("%s; trained parts %s", CONVENTION, sorted(self.trained))
 
     # ------------------------------------------------------------------ checkpoints
     def _resume_path(self) -> Optional[str]:
@@ -289,13 +301,16 @@ class Trainer:
         batches = self._next_batches()
         seq = self.cfg.training.seq_length * self.cfg.training.micro_batch_size
         reports = forward_backward(self.chunks, batches, seq)
-        flops = sum(micro_batch_flops(self.model_cfg, b) for b in batches)
+        flops = sum(micro_batch_count(self.model_cfg, b, self.trained).total for b in batches)
+        padded = sum(
+            micro_batch_count(self.model_cfg, b, self.trained, include_padding=True).total
+            for b in batches
+        )
         samples = sum(int(b.metadata.get("samples", 0)) for b in batches)
         tokens = sum(b.num_tokens for b in batches)
         skipped = int(self.train_loader.counters.get("skipped_images", 0))
-        loss_sum, counted, flops_all, samples_all, tokens_all, skipped_all = reduce_step_sums(
-            reports, [flops, samples, tokens, skipped]
-        )
+        sums = reduce_step_sums(reports, [flops, padded, samples, tokens, skipped])
+        loss_sum, counted, flops_all, padded_all, samples_all, tokens_all, skipped_all = sums
         loss = loss_sum / max(counted, 1.0)
 
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
@@ -326,7 +341,9 @@ class Trainer:
             "tokens_per_s": tokens_all / dt,
             "samples_per_s": samples_all / dt,
             "tflops_per_gpu": tflops,
+            "padded_tflops_per_gpu": padded_all / dt / world / 1e12,
             "mfu": tflops / self.peak if self.peak else None,
+            "mfu_fp8": tflops / self.fp8_peak if self.fp8_peak else None,
             "step_time_s": dt,
             "num_tokens": int(tokens_all),
             "num_samples": int(samples_all),

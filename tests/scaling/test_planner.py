@@ -86,19 +86,57 @@ def test_step_time_behaves_like_hardware():
 
 
 def test_planner_flops_are_the_trainers():
-    from megatron_navil.scaling.memory import MicroBatch
+    from megatron_navil.batch import padding_segments
     from megatron_navil.training.data import MockPackLoader
-    from megatron_navil.training.flops import llm_flops, micro_batch_flops, vision_flops
+    from megatron_navil.training.flops import llm_flops, micro_batch_count, vision_flops
 
     cfg = get_flavor("debug-qwen3")
     batch = next(MockPackLoader(cfg, 1024, 3, 0, 1))
-    mb = MicroBatch.from_batch(cfg, batch)
+    (pad,) = padding_segments(batch)  # padding is not model work: leave it out by hand
     lens = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).double()
+    lens[pad] = 0
+    tokens = float(lens.sum())
+    visual = float(cfg.visual_token_mask(batch.tokens).sum())
     counted = float(((batch.loss_mask != 0) & (batch.tokens != cfg.img_context_id)).sum())
-    ours = llm_flops(cfg, mb.tokens, mb.visual, float((lens * (lens + 1) / 2).sum()), counted)
-    ours += vision_flops(cfg, mb.patches, mb.square_patches)
-    assert 3 * ours == pytest.approx(micro_batch_flops(cfg, batch), rel=1e-9)
+    n = batch.grid_thw.prod(dim=1).double()
+    ours = llm_flops(cfg, tokens, visual, float((lens * (lens + 1) / 2).sum()), counted)
+    ours += vision_flops(cfg, float(n.sum()), float((n**2).sum()))
+    assert ours == pytest.approx(micro_batch_count(cfg, batch).forward, rel=1e-12)
     assert isinstance(batch.tokens, torch.Tensor)
+
+
+def test_frozen_parts_cost_no_weight_gradients_in_the_plan():
+    """stage1 freezes the text LLM: the plan counts (and times) no text wgrad, exactly the
+    trainer's rule (training/flop_rules.py), instead of 3x forward for every part."""
+    import dataclasses
+
+    from megatron_navil.config.training import StageConfig
+    from megatron_navil.scaling.memory import MicroBatch
+    from megatron_navil.training.flops import BatchCounts, count_flops, trained_parts
+
+    cfg, table = get_flavor("navil-2b"), ThroughputTable()
+    lay, stage1 = Layout(2, 1, 1, 8), dataclasses.replace(W, stage="stage1")
+
+    def t(w):
+        return predict_step(cfg, lay, w, ClusterSpec(num_gpus=16), table, 1, 16, False)
+
+    full, frozen = t(W), t(stage1)
+    assert frozen.model_flops < full.model_flops and frozen.compute_s < full.compute_s
+    mb = MicroBatch.of(cfg, stage1, 1)
+    sample = min(stage1.tokens_per_sample, mb.tokens)
+    # the planner's micro-batch: images of one size, no windows in navil-2b
+    c = BatchCounts(
+        tokens=mb.tokens,
+        visual=mb.visual,
+        causal_pairs=mb.tokens * (sample + 1) / 2,
+        counted=mb.tokens - mb.visual,
+        special=True,
+        patches=mb.patches,
+        full_pairs=mb.square_patches,
+        window_pairs=mb.square_patches,
+    )
+    step = count_flops(cfg, c, trained_parts(StageConfig(preset="stage1"))).total * 16 * lay.dp
+    assert frozen.model_flops == pytest.approx(step, rel=1e-12)
 
 
 def test_measured_throughput_file_replaces_defaults(tmp_path):
