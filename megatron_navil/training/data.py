@@ -122,6 +122,7 @@ def build_loaders(
         return train, valid
     from megatron_navil.data.loader import build_train_loader, build_valid_loader
     from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError
+    from megatron_navil.training.flops import trained_parts
     from megatron_navil.training.pack_cost import planned_pack_flops
 
     try:
@@ -138,7 +139,7 @@ def build_loaders(
         dp_rank=dp_rank,
         dp_size=dp_size,
         micro_batches_per_step=packs_per_step,
-        pack_cost=planned_pack_flops(model_cfg, t.seq_length),
+        pack_cost=planned_pack_flops(model_cfg, t.seq_length, trained_parts(cfg.stage)),
         **geometry,
     )
     if not cfg.data.valid_paths:

@@ -19,6 +19,8 @@ Proves:
   (round-robin: > 20%); the real loader restores a state saved inside a window exactly, and a
   remap inside a window resumes after it, leaving out exactly the window's undealt packs and
   repeating none;
+- the fast per-pack cost (linear per gradient-flow pattern) equals flops.count_flops on the
+  planned sizes (rel 1e-9), for the full and the stage-1 trained parts;
 - the planner's cost of a pack (training/pack_cost.py, from the index alone) equals the model FLOPs
   counted from the built batch's tensors (padding left out) in every term but the LM head, whose
   rows it may over-count by a conversation's user turns (no loss, not in the index): a whole
@@ -34,15 +36,21 @@ import pytest
 import torch
 
 from megatron_navil.config.data import DataConfig
+from megatron_navil.config.training import StageConfig
 from megatron_navil.config.flavors import get_flavor
 from megatron_navil.data.dealing import Dealer, balance, epoch_step_loads, imbalance, step_loads
 from megatron_navil.data.loader import build_train_loader
 from megatron_navil.data.order import EpochOrder
 from megatron_navil.data.planner import EpochPlan, PlanParams
 from megatron_navil.data.synthetic import synthetic_corpus_costs
-from megatron_navil.training.flops import llm_flops, lm_head_flops, vision_flops
-from megatron_navil.training.pack_cost import planned_pack_flops
-from megatron_navil.training.step import counted_positions
+from megatron_navil.training.flops import (
+    count_flops,
+    lm_head_flops,
+    micro_batch_flops,
+    trained_parts,
+    vision_flops,
+)
+from megatron_navil.training.pack_cost import planned_counts, planned_pack_flops
 from tests.data.corpus import epochs
 
 SEQ = 256
@@ -132,21 +140,8 @@ def _loader(tok, cfg, root, dp_rank, dp_size, mbps, balanced, window_steps=1):
 
 
 def _batch_flops(cfg, batch) -> float:
-    """Model FLOPs of a built batch from its tensors, the padding sample left out."""
-    pad = batch.metadata.get("padding_tokens", 0)
-    cu = batch.cu_seqlens
-    lens = (cu[1:] - cu[:-1]).to(torch.float64)
-    if pad:
-        lens = lens[:-1]
-    real = int(lens.sum())
-    tokens = batch.tokens[:real]
-    visual = int(cfg.visual_token_mask(tokens).sum())
-    counted = int(counted_positions(batch, cfg.img_context_id)[:real].sum())
-    flops = llm_flops(cfg, real, visual, float((lens * (lens + 1) / 2).sum()), counted)
-    if batch.grid_thw is not None and batch.grid_thw.numel():
-        n = batch.grid_thw.prod(dim=1).to(torch.float64)
-        flops += vision_flops(cfg, float(n.sum()), float((n**2).sum()))
-    return 3.0 * flops
+    """Model FLOPs of a built batch from its tensors (training/flops.py, padding left out)."""
+    return micro_batch_flops(cfg, batch)
 
 
 @pytest.fixture
@@ -302,3 +297,17 @@ def test_loader_windows_restore_and_remap(loaders, navil_logs):
     assert got == list(range(len(window), len(window) + len(got)))  # after the window
     left = len(window - dealt)
     assert f"the {left} packs of that window not yet handed out are left out" in navil_logs.text
+
+
+@pytest.mark.parametrize("preset", ["stage1", "full"])
+def test_fast_pack_cost_equals_the_full_count(preset):
+    cfg = get_flavor("navil-2b")
+    trained = trained_parts(StageConfig(preset=preset))
+    costs = synthetic_corpus_costs(cfg, 400, 0.4, seed=3)
+    plan = _plan(costs, PlanParams(8192, 32, 32, 4096, "truncate"), 1)
+    packs = [plan.get(g)[0] for g in range(plan.total_packs())]
+    assert any(p.patches == 0 for p in packs) and any(p.patches for p in packs)
+    fast = planned_pack_flops(cfg, 8192, trained)
+    for p in packs:
+        want = count_flops(cfg, planned_counts(cfg, p, 8192), trained).total
+        assert fast(p) == pytest.approx(want, rel=1e-9)
