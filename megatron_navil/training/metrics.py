@@ -3,8 +3,8 @@
 Every rank calls `StepMetrics.gather` (one small all-reduce); only global rank 0 writes.
 JSONL fields (one object per step; documented in README):
     step, loss, grad_norm, lr, tokens_per_s, samples_per_s, tflops_per_gpu,
-    padded_tflops_per_gpu, mfu, mfu_fp8, step_time_s, num_tokens, num_samples, skipped_images,
-    skipped_steps, mem_gb, valid_loss
+    padded_tflops_per_gpu, mfu, mfu_fp8, dp_imbalance, step_time_s, num_tokens, num_samples,
+    skipped_images, skipped_steps, mem_gb, valid_loss
 `loss` is the mean next-token CE over the step's counted text tokens (all DP ranks).
 `tflops_per_gpu` counts model FLOPs (convention: training/flops.py; padding out, frozen parts'
 weight gradients out); `padded_tflops_per_gpu` the same with the padding tokens in. `mfu` is
@@ -44,6 +44,19 @@ def reduce_step_sums(loss_reports: list[dict], extras: list[float]) -> list[floa
         # extras are per model-parallel group (e.g. tokens of this DP rank): de-duplicate.
         t[2:] /= tp * parallel_state.get_pipeline_model_parallel_world_size()
     return t.cpu().tolist()
+
+
+def dp_imbalance(local_flops: float, flops_all: float, dp_size: int) -> float:
+    """Slowest DP rank's model FLOPs this step over the mean DP rank's, minus 1 (0 = every rank
+    had the same work; what balanced dealing, data/dealing.py, keeps small). `flops_all` is the
+    de-duplicated sum over DP ranks (reduce_step_sums); TP/PP peers of a DP rank hold the same
+    batches, so the max over the world is the max over DP ranks. One more tiny all-reduce."""
+    t = torch.tensor([local_flops], dtype=torch.float64)
+    if torch.distributed.is_initialized():
+        t = t.to(torch.cuda.current_device()) if torch.cuda.is_available() else t
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    mean = flops_all / max(dp_size, 1)
+    return float(t.item()) / mean - 1.0 if mean > 0 else 0.0
 
 
 class MetricsWriter:

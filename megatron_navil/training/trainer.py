@@ -33,7 +33,7 @@ from megatron_navil.training.flops import (
     peak_tflops,
     trained_parts,
 )
-from megatron_navil.training.metrics import MetricsWriter, memory_gb, reduce_step_sums
+from megatron_navil.training.metrics import MetricsWriter, dp_imbalance, memory_gb, reduce_step_sums
 from megatron_navil.training.optimizer import (
     build_optimizer,
     build_scheduler,
@@ -312,6 +312,7 @@ class Trainer:
         sums = reduce_step_sums(reports, [flops, padded, samples, tokens, skipped])
         loss_sum, counted, flops_all, padded_all, samples_all, tokens_all, skipped_all = sums
         loss = loss_sum / max(counted, 1.0)
+        imbalance = dp_imbalance(flops, flops_all, self.dp_size)
 
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
         ok, grad_norm = guarded_step(self.optimizer, math.isfinite(loss))
@@ -344,6 +345,7 @@ class Trainer:
             "padded_tflops_per_gpu": padded_all / dt / world / 1e12,
             "mfu": tflops / self.peak if self.peak else None,
             "mfu_fp8": tflops / self.fp8_peak if self.fp8_peak else None,
+            "dp_imbalance": imbalance,
             "step_time_s": dt,
             "num_tokens": int(tokens_all),
             "num_samples": int(samples_all),

@@ -78,6 +78,12 @@ def test_parallel_layouts_same_losses(tmp_path, layout):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for s in a:
         assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a[s], b[s])
+    # the slowest DP rank's FLOPs over the mean: 0 with one DP rank (TP/PP peers hold the same
+    # batches and must not count twice), >= 0 with two
+    dp2 = "--expert-model-parallel-size" in layout
+    for r in metrics(par):
+        assert r["dp_imbalance"] >= 0 if dp2 else r["dp_imbalance"] == pytest.approx(0, abs=1e-12)
+    assert all(r["dp_imbalance"] == pytest.approx(0, abs=1e-12) for r in metrics(single))
 
 
 def test_sigkill_and_rerun_reproduces_losses(tmp_path):
