@@ -75,5 +75,5 @@ def synthetic_batch(
         cu_seqlens=torch.tensor([0] + seqlens).cumsum(0).to(torch.int32),
         pixel_values=pixel_values,
         grid_thw=grid_thw if grids else None,
-        metadata={"samples": len(samples), "tokens": len(tokens) - pad},
+        metadata={"samples": len(samples), "tokens": len(tokens) - pad, "padding_tokens": pad},
     )
