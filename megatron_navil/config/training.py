@@ -106,18 +106,27 @@ class OptimizerSettings(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
-        if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ConfigError(
-                "optimizer.overlap_param_gather overlaps the distributed optimizer's parameter "
-                "all-gather, so it needs --use-distributed-optimizer (or drop "
-                "--overlap-param-gather)"
-            )
-        if self.overlap_param_gather and not self.overlap_grad_reduce:
-            raise ConfigError(
-                "optimizer.overlap_param_gather needs --overlap-grad-reduce as well (Megatron "
-                "supports the parameter-gather overlap only together with it), or drop "
-                "--overlap-param-gather"
-            )
+        check_overlap_param_gather(
+            self.overlap_param_gather, self.use_distributed_optimizer, self.overlap_grad_reduce
+        )
+
+
+def check_overlap_param_gather(
+    overlap_param_gather: bool, use_distributed_optimizer: bool, overlap_grad_reduce: bool
+) -> None:
+    """Megatron's requirements of the parameter-gather overlap, as one ConfigError naming the fix
+    (Megatron itself only asserts, deep inside DDP and the optimizer)."""
+    if overlap_param_gather and not use_distributed_optimizer:
+        raise ConfigError(
+            "optimizer.overlap_param_gather overlaps the distributed optimizer's parameter "
+            "all-gather, so it needs --use-distributed-optimizer (or drop --overlap-param-gather)"
+        )
+    if overlap_param_gather and not overlap_grad_reduce:
+        raise ConfigError(
+            "optimizer.overlap_param_gather needs --overlap-grad-reduce as well (Megatron "
+            "supports the parameter-gather overlap only together with it), or drop "
+            "--overlap-param-gather"
+        )
 
 
 # Parts of the model a training stage can freeze or give its own learning rate.

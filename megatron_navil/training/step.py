@@ -25,9 +25,8 @@ from megatron.core.distributed import (
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_navil.batch import NaViLBatch
-from megatron_navil.config.base import ConfigError
 from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig, pad_multiple_for
-from megatron_navil.config.training import TrainingConfig
+from megatron_navil.config.training import TrainingConfig, check_overlap_param_gather
 
 # Trimmed micro-batches keep a multiple of this many tokens (TE/cuBLAS GEMM-friendly shapes).
 TRIM_MULTIPLE = 16
@@ -92,19 +91,9 @@ def ddp_config(
     bucket_size: Optional[int] = None,
     grad_reduce_in_fp32: bool = True,
 ) -> DistributedDataParallelConfig:
-    """Megatron DDP's config. Refuses what Megatron cannot do (its own checks are asserts deep
-    inside the optimizer): the parameter-gather overlap exists only with the distributed
-    optimizer, and Megatron supports it only together with the grad-reduce overlap."""
-    if overlap_param_gather and not use_distributed_optimizer:
-        raise ConfigError(
-            "overlap_param_gather overlaps the distributed optimizer's parameter all-gather: "
-            "it needs --use-distributed-optimizer (or drop --overlap-param-gather)"
-        )
-    if overlap_param_gather and not overlap_grad_reduce:
-        raise ConfigError(
-            "overlap_param_gather needs --overlap-grad-reduce as well (or drop "
-            "--overlap-param-gather)"
-        )
+    """Megatron DDP's config; refuses a parameter-gather overlap Megatron cannot do (without the
+    distributed optimizer or the grad-reduce overlap) in one line naming the fix."""
+    check_overlap_param_gather(overlap_param_gather, use_distributed_optimizer, overlap_grad_reduce)
     return DistributedDataParallelConfig(
         grad_reduce_in_fp32=grad_reduce_in_fp32,
         overlap_grad_reduce=overlap_grad_reduce,
@@ -117,13 +106,13 @@ def ddp_config(
 def wrap_ddp(chunks: list, **ddp_kwargs) -> list[DistributedDataParallel]:
     """Wrap model chunks in Megatron DDP (contiguous grad buffers, bucketed reduction);
     `ddp_kwargs` are `ddp_config`'s."""
-    config_ = ddp_config(**ddp_kwargs)
+    ddp_cfg = ddp_config(**ddp_kwargs)
     wrapped = []
     for i, chunk in enumerate(chunks):
         wrapped.append(
             DistributedDataParallel(
                 config=chunk.config,
-                ddp_config=config_,
+                ddp_config=ddp_cfg,
                 module=chunk,
                 # Only the first chunk starts its grad reduce while later chunks still compute.
                 disable_bucketing=i > 0,
@@ -131,7 +120,7 @@ def wrap_ddp(chunks: list, **ddp_kwargs) -> list[DistributedDataParallel]:
         )
     config = chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
-    if config_.overlap_grad_reduce:
+    if ddp_cfg.overlap_grad_reduce:
         config.no_sync_func = [m.no_sync for m in wrapped]
         if len(wrapped) == 1:
             config.no_sync_func = config.no_sync_func[0]
