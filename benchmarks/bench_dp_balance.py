@@ -8,9 +8,10 @@ log-normal image areas around 0.35 MP, text-only samples added to reach the visu
 sized with the real NaViL resize rules of the model flavor; packs planned by the real planner
 (seq_length 8192, 32 images per pack); pack cost = training/pack_cost.py (model FLOPs, vision
 encoder included). For each (dp_size, micro-batches per rank per step, balance_window_steps)
-the epoch's steps are dealt both ways and the table reports, over the epoch: sum of the slowest rank's FLOPs / sum of
-the mean rank's - 1 (time lost waiting, if time follows FLOPs), the worst single step, and the
-dealing cost per step (the loader thread computes it once per step on every rank).
+the epoch's steps are dealt both ways and the table reports, over the epoch: sum of the slowest
+rank's FLOPs / sum of the mean rank's - 1 (time lost waiting, if time follows FLOPs), the worst
+single step, and the dealing cost per step (the loader thread computes it once per step on every
+rank).
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ def measure(flavor: str, share: float, image_samples: int, seq: int, layouts, se
             dt = time.perf_counter() - t
             lost, worst = imbalance(steps)
             name = "balanced" if balanced else "round_robin"
-            row[name] = {"over_mean": lost, "worst_step": worst, "ms_per_step": 1e3 * dt / len(steps)}
+            row[name] = {
+                "over_mean": lost,
+                "worst_step": worst,
+                "ms_per_step": 1e3 * dt / len(steps),
+            }
             row["steps"] = len(steps)
         rows.append(row)
         log.info(

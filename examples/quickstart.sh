@@ -8,6 +8,8 @@
 # Usage: bash examples/quickstart.sh [WORKDIR]   (default ./workdir). Re-running resumes.
 # Leaves in WORKDIR: data/ (shards), tokenizer.model, checkpoints/, metrics.jsonl, captions.jsonl
 set -euo pipefail
+# One hardware queue per GPU: Megatron's TP comm/compute overlap needs it (harmless on CPU).
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 work=$(mkdir -p "${1:-$root/workdir}" && cd "${1:-$root/workdir}" && pwd)
 shift $(( $# > 0 ? 1 : 0 ))  # the rest goes to navil-pretrain (e.g. --train-iters 50)

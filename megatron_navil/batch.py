@@ -18,7 +18,9 @@ sample. Images of all samples are concatenated the same way on the vision side.
 `metadata["padding_tokens"]` (one pack) or `["padding_segments"]` (concatenated packs) marks
 the padding segments (`padding_segments`): the FLOP count leaves them out (training/flops.py).
 T is fixed per run (the loader pads to `--seq-length`, a multiple of 16 for FP8 and of the TP
-size for sequence parallelism); N_patches is free.
+size for sequence parallelism); N_patches is free. With pipeline size 1 the training step trims
+the padding again (`trim_padding`, config training.trim_padding): T is then the real tokens
+rounded up to a multiple of 16 (and of the FP8 row multiple / TP size under SP).
 """
 
 from __future__ import annotations
@@ -57,6 +59,47 @@ class NaViLBatch:
             if isinstance(v, torch.Tensor):
                 moved[k] = v.to(device, non_blocking=True)
         return NaViLBatch(**moved)
+
+    def trim_padding(self, multiple: int) -> "NaViLBatch":
+        """This batch with its trailing padding cut so T becomes the smallest multiple of
+        `multiple` that keeps every real token (the batch itself when nothing can go).
+
+        The padding is the final cu_seqlens "sample" of `metadata["padding_tokens"]` tokens
+        (the loader's record; a batch without it is returned unchanged: a zero-loss final
+        sample may be real, e.g. an image whose encoder output is needed). The kept part of
+        the padding stays its own sample (positions from 0, loss_mask 0), so no real sample's
+        attention, loss or gradient changes; an emptied padding sample is dropped."""
+        pad = int(self.metadata.get("padding_tokens") or 0)
+        t = self.num_tokens
+        last = int(self.cu_seqlens[-1] - self.cu_seqlens[-2]) if self.cu_seqlens.numel() > 1 else 0
+        if pad <= 0 or pad > last:  # no padding, or it is not one final sample: leave as is
+            return self
+        used = t - pad
+        keep = -(-used // multiple) * multiple
+        if keep >= t:
+            return self
+        cu = self.cu_seqlens[:-1] if keep == used else self.cu_seqlens.clone()
+        if keep != used:
+            cu[-1] = keep
+        mask = None if self.modality_mask is None else self.modality_mask[:keep]
+        return dataclasses.replace(
+            self,
+            tokens=self.tokens[:keep],
+            labels=self.labels[:keep],
+            loss_mask=self.loss_mask[:keep],
+            position_ids=self.position_ids[:keep],
+            cu_seqlens=cu,
+            modality_mask=mask,
+            metadata=self._trimmed_metadata(keep - used, len(self.cu_seqlens) - 2),
+        )
+
+    def _trimmed_metadata(self, pad: int, last_segment: int) -> dict:
+        """Metadata after trim_padding: the trailing padding's new size, and the padding
+        segment list (concatenated packs) without the last segment once it is emptied."""
+        meta = {**self.metadata, "padding_tokens": pad}
+        if "padding_segments" in meta and not pad:
+            meta["padding_segments"] = [i for i in meta["padding_segments"] if i != last_segment]
+        return meta
 
     def model_inputs(self) -> dict[str, Any]:
         """Keyword arguments of NaViLModel.forward."""

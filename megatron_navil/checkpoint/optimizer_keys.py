@@ -29,7 +29,15 @@ OPTIMIZER_SHARDING = {
     "chained_optim_avoid_prefix": True,
     **SHARDING_METADATA,
 }
-"""`metadata` of every optimizer.sharded_state_dict call (save and load)."""
+"""`metadata` of every optimizer.sharded_state_dict call (save and load).
+
+NOTE: `fully_reshardable` all-gathers each DP group's optimizer state onto all of its ranks at
+every save (issue 11). The fully sharded alternatives do not fit in Megatron-Core 0.16.1:
+`fully_sharded_model_space` refuses to save ("ShardedTensor.flattened_range is not supported",
+tried on the debug model), and `dp_reshardable` reshards only along DP (no TP/PP/EP change, no
+switch between optimizer kinds). `distrib_optim_fully_reshardable_mem_efficient` gathers onto DP
+rank 0 only, but over gloo (CPU) and with the write serialised there: not clearly faster, and
+unmeasured; left off."""
 
 MAIN_PARAM = "optimizer.state.param."
 """Key prefix of the optimizer's fp32 master copy of a parameter (canonical spelling)."""

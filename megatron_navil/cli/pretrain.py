@@ -17,6 +17,10 @@ def _main(argv) -> int:
     except ConfigError as e:
         e.same_on_every_rank = True  # every rank parses the same command line: reported once
         raise
+    from megatron_navil.utils.cuda_env import ensure_max_connections
+
+    # before the trainer creates the first CUDA context, which reads the variable
+    ensure_max_connections(cfg.parallel.tensor_model_parallel_size)
     from megatron_navil.training.trainer import Trainer
     from megatron_navil.utils import lifetime
 

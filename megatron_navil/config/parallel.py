@@ -17,6 +17,13 @@ from megatron_navil.config.flags import flag
 FP8_ROW_MULTIPLE = {"delayed": 16, "tensorwise": 16, "blockwise": 16, "mxfp8": 32}
 
 
+GRAD_ACCUM_FUSION_NEEDS_TE = (
+    "precision.gradient_accumulation_fusion needs the transformer_engine backend (its fused "
+    "wgrad GEMMs; the local backend's would need apex's CUDA extension): set "
+    "precision.backend=transformer_engine on a GPU with TE, or --no-gradient-accumulation-fusion"
+)
+
+
 @dataclass
 class ParallelConfig(ConfigBase):
     """How the model is split over processes."""
@@ -98,6 +105,18 @@ class PrecisionConfig(ConfigBase):
     fp8_padding_multiple: Optional[int] = None
     """With FP8 every GEMM's row count is padded to a multiple of this (None = what the recipe
     needs: 32 for mxfp8, 16 otherwise; an explicit value must be a multiple of that)."""
+    bias_swiglu_fusion: Optional[bool] = flag(None, "--bias-swiglu-fusion")
+    """Run the LLM's SwiGLU (dense MLP and both FFN experts) as Megatron's fused kernel
+    (TransformerConfig.bias_activation_fusion; torch.compile'd, no TE needed). None = on with the
+    transformer_engine backend, off with local (the unfused reference; on CPU the compile costs
+    about 15 s per process). The ViT's exact GELU is never fused: Megatron's fused GELU is the
+    tanh approximation, and the released encoder uses erf."""
+    gradient_accumulation_fusion: Optional[bool] = flag(None, "--gradient-accumulation-fusion")
+    """Accumulate weight gradients straight into Megatron DDP's fp32 main_grad inside the wgrad
+    GEMM (TE's fuse_wgrad_accumulation) instead of a separate grad tensor plus an add. None = on
+    when navil-pretrain trains on the transformer_engine backend (Megatron DDP provides
+    main_grad); off for a bare model (demo, tools: no DDP, no main_grad). Needs Transformer
+    Engine: refused with the local backend."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
     hidden_dropout: float = 0.0
@@ -105,6 +124,8 @@ class PrecisionConfig(ConfigBase):
 
     def validate(self) -> None:
         super().validate()
+        if self.gradient_accumulation_fusion and self.backend == "local":
+            raise ConfigError(GRAD_ACCUM_FUSION_NEEDS_TE)
         if self.fp8 is not None and self.backend == "local":
             raise ConfigError("precision.fp8 needs backend transformer_engine (or auto on a GPU)")
         if self.fp8 is not None and self.fp8_padding_multiple is not None:

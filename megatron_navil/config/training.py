@@ -32,6 +32,12 @@ class TrainingConfig(ConfigBase):
     """Evaluate on the validation data every this many steps (0 = never)."""
     eval_iters: int = flag(4, "--eval-iters")
     """Validation micro-batches per evaluation (the same ones every time)."""
+    trim_padding: bool = flag(True, "--trim-padding")
+    """Cut each micro-batch's trailing padding down to the next multiple of 16 (of the FP8 row
+    multiple and of the TP size under SP, if larger) before it enters the model, so padding
+    tokens do not run through every layer; loss and gradients are unchanged. Applies with
+    pipeline size 1 only: with PP > 1 the stages exchange activations of the fixed
+    `seq_length` shape, so the full pack is kept (said once at start-up)."""
     max_skipped_steps_in_a_row: int = 3
     """Stop the run (with a message) after this many consecutive steps with a non-finite loss
     or gradient norm; each such step is skipped (no update) and counted."""
@@ -92,9 +98,35 @@ class OptimizerSettings(ConfigBase):
     overlap_grad_reduce: bool = flag(False, "--overlap-grad-reduce")
     """Overlap DDP gradient reduce-scatter/all-reduce with backward (GPU)."""
     overlap_param_gather: bool = flag(False, "--overlap-param-gather")
-    """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
+    """Overlap the distributed optimizer's parameter all-gather with the next forward (Megatron
+    DDP's forward pre-hooks wait for each bucket) instead of gathering right after the step.
+    Needs --use-distributed-optimizer and --overlap-grad-reduce (Megatron's requirements)."""
     bucket_size: Optional[int] = None
     """DDP bucket size in elements (None = Megatron's default)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_overlap_param_gather(
+            self.overlap_param_gather, self.use_distributed_optimizer, self.overlap_grad_reduce
+        )
+
+
+def check_overlap_param_gather(
+    overlap_param_gather: bool, use_distributed_optimizer: bool, overlap_grad_reduce: bool
+) -> None:
+    """Megatron's requirements of the parameter-gather overlap, as one ConfigError naming the fix
+    (Megatron itself only asserts, deep inside DDP and the optimizer)."""
+    if overlap_param_gather and not use_distributed_optimizer:
+        raise ConfigError(
+            "optimizer.overlap_param_gather overlaps the distributed optimizer's parameter "
+            "all-gather, so it needs --use-distributed-optimizer (or drop --overlap-param-gather)"
+        )
+    if overlap_param_gather and not overlap_grad_reduce:
+        raise ConfigError(
+            "optimizer.overlap_param_gather needs --overlap-grad-reduce as well (Megatron "
+            "supports the parameter-gather overlap only together with it), or drop "
+            "--overlap-param-gather"
+        )
 
 
 # Parts of the model a training stage can freeze or give its own learning rate.

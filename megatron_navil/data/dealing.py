@@ -130,9 +130,7 @@ class Dealer:
         """False where there is nothing to choose: no cost, one rank, or one micro-batch per
         rank without moving packs between steps."""
         return (
-            self.cost is not None
-            and self.dp > 1
-            and (self.per_rank > 1 or self.window_steps > 1)
+            self.cost is not None and self.dp > 1 and (self.per_rank > 1 or self.window_steps > 1)
         )
 
     def get(self, k: int, rank: int) -> Optional[tuple[PlannedPack, int, int, int]]:

@@ -11,8 +11,9 @@ not reached (start' = start + position * dp_size_old, position' = 0), so no pack
 lost. Under balanced dealing that holds for a state saved at a step boundary (position a multiple
 of micro_batches_per_step), which is where the trainer saves, and, when packs move between the
 steps of a window (balance_window_steps > 1), at a window boundary: a remap inside such a window
-resumes after it and leaves the window's undealt packs out (logged with their number). `fingerprint` identifies the data and every
-setting that shapes the plan; a state from other data/settings is refused.
+resumes after it and leaves the window's undealt packs out (logged with their number).
+`fingerprint` identifies the data and every setting that shapes the plan; a state from other
+data/settings is refused.
 """
 
 from __future__ import annotations

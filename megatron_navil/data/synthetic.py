@@ -7,13 +7,16 @@ several images and sizes per sample, text-only samples, padding sample at the en
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.data.layout import image_token_ids
+
+if TYPE_CHECKING:
+    from megatron_navil.data.planner import GlobalCosts
 
 
 def synthetic_batch(

@@ -178,6 +178,13 @@ class NaViLLanguageModel(MegatronModule):
 def _without_sequence_parallel(config):
     import copy
 
+    from megatron.core.tensor_parallel.layers import _grad_accum_fusion_available
+
     out = copy.copy(config)
     out.sequence_parallel = False
+    # The head is Megatron's own linear, whose fused wgrad needs apex's CUDA extension (TE's
+    # linears elsewhere do not): without apex the head accumulates unfused.
+    out.gradient_accumulation_fusion = (
+        config.gradient_accumulation_fusion and _grad_accum_fusion_available
+    )
     return out

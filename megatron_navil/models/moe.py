@@ -97,7 +97,12 @@ class ModalityMoELayer(MoELayer):
         s, b, h = x.shape
         grouped = routing.group(x.reshape(s * b, h))  # [n_text, h] ++ [n_visual, h]
         tokens_per_expert = torch.tensor(routing.padded, dtype=torch.long)
-        probs = grouped.new_ones(grouped.shape[0], dtype=torch.float32)
+        # Probs of 1 in the activation dtype: the experts scale their SwiGLU output by them, and
+        # fp32 probs would promote that product to an fp32 copy of the whole [rows, ffn]
+        # intermediate (fused or not). x * 1 is exact in any dtype, so the output is bitwise
+        # the same. (The EP > 1 path keeps the router's fp32 probs: Megatron's dispatchers run
+        # their TP reduce-scatter in the probs' dtype, a precision choice.)
+        probs = grouped.new_ones(grouped.shape[0])
         out, bias = self.experts(grouped, tokens_per_expert, probs)
         if bias is not None:
             raise ValueError("modality experts have no bias")

@@ -12,10 +12,32 @@ import torch.nn.functional as F
 from megatron.core.enums import Fp8Recipe
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import NaViLModelConfig
-from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
+from megatron_navil.config.parallel import (
+    GRAD_ACCUM_FUSION_NEEDS_TE,
+    ParallelConfig,
+    PrecisionConfig,
+)
 from megatron_navil.utils import cpu_compat
 from megatron_navil.utils.dtypes import torch_dtype
+
+
+def gradient_accumulation_fusion(precision: PrecisionConfig, backend: str) -> bool:
+    """The resolved switch for a model built on `backend`. None (auto) is off here: only the
+    trainer, which wraps the model in Megatron DDP (the owner of main_grad), turns it on
+    (training/step.ddp_precision)."""
+    if precision.gradient_accumulation_fusion and backend != "transformer_engine":
+        raise ConfigError(GRAD_ACCUM_FUSION_NEEDS_TE)
+    return bool(precision.gradient_accumulation_fusion)
+
+
+def bias_swiglu_fusion(precision: PrecisionConfig, backend: str) -> bool:
+    """The resolved switch: explicit value, else on with TE (the fused kernel is torch.compile'd
+    and runs on either backend, but the local backend is the unfused reference)."""
+    if precision.bias_swiglu_fusion is None:
+        return backend == "transformer_engine"
+    return precision.bias_swiglu_fusion
 
 
 def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) -> dict:
@@ -39,7 +61,7 @@ def _common(parallel: ParallelConfig, precision: PrecisionConfig, backend: str) 
         bias_dropout_fusion=te,
         apply_rope_fusion=te,
         masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=gradient_accumulation_fusion(precision, backend),
         persist_layer_norm=False,
         calculate_per_token_loss=True,
         recompute_granularity=parallel.recompute_granularity,
@@ -84,6 +106,9 @@ def llm_transformer_config(
         qk_layernorm=llm.qk_layernorm,
         gated_linear_unit=True,
         activation_func=F.silu,
+        # SwiGLU of the dense MLP and of both experts (models/moe.py passes probs in the
+        # activation dtype, so the weighted kernel keeps no fp32 copy of the intermediate).
+        bias_activation_fusion=bias_swiglu_fusion(precision, backend),
         add_bias_linear=False,
         add_qkv_bias=False,
         init_method_std=llm.init_method_std,
@@ -128,6 +153,8 @@ def vision_transformer_config(
         qk_layernorm=False,
         gated_linear_unit=False,
         activation_func=F.gelu,  # exact (erf) GELU, as the released encoder
+        # NOTE: never fused: Megatron's fused bias-GELU is the tanh approximation.
+        bias_activation_fusion=False,
         add_bias_linear=True,
         add_qkv_bias=v.qkv_bias,
         init_method_std=v.init_method_std,

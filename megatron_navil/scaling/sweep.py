@@ -318,6 +318,8 @@ def write_sbatch(
         "# One grid cell per array task; a task whose cell already has a row exits at once,",
         "# so re-submitting this file finishes the grid (resumable).",
         "set -euo pipefail",
+        "# TP communication overlaps compute only with one hardware queue per GPU",
+        "export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}",
         f"navil-scaling sweep {shlex.quote(str(Path(spec_path).resolve()))} "
         f'--out {shlex.quote(str(out.resolve()))} --cell "$SLURM_ARRAY_TASK_ID"',
     ]

@@ -91,7 +91,8 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
     meta = {
         "samples": sum(int(p.metadata.get("samples", 0)) for p in packs),
         "skipped_images": sum(int(p.metadata.get("skipped_images", 0)) for p in packs),
-        "padding_tokens": sum(int(p.metadata.get("padding_tokens", 0)) for p in packs),
+        # the last pack's padding is the final sample of the concatenation (trim_padding)
+        "padding_tokens": int(packs[-1].metadata.get("padding_tokens", 0)),
         # each pack's padding segment, renumbered: the FLOP count leaves padding out
         "padding_segments": [
             i + first for p, first in zip(packs, segment_offsets) for i in padding_segments(p)

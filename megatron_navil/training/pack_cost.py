@@ -51,9 +51,10 @@ def planned_pack_flops(
 
     count_flops walks every layer's GEMMs (about 0.5 ms at the 2B shape), too slow for the
     loader thread at thousands of packs per step. For a given pattern of which gradients flow
-    (special tokens, visual tokens, images present or not) the count is linear in the sizes, so it is taken
-    once per pattern at a base point and at one unit step of each size, and a pack costs a dot
-    product (equal to count_flops to ~1e-12 relative: tests/data/test_dp_balance.py)."""
+    (special tokens, visual tokens, images present or not) the count is linear in the sizes,
+    so it is taken once per pattern at a base point and at one unit step of each size, and a
+    pack costs a dot product (equal to count_flops to 1e-9 relative:
+    tests/data/test_dp_balance.py)."""
     linear: dict[tuple[bool, bool, bool], tuple[float, list[float], list[float]]] = {}
     # sizes that are 0 in a pattern stay 0 (a zero count can stop gradients from flowing)
     zero_without = {"visual": 1, "patches": 2, "full_pairs": 2, "window_pairs": 2}

@@ -25,6 +25,7 @@ from megatron_navil.config.base import ConfigError
 from megatron_navil.config.pretrain import PretrainConfig
 from megatron_navil.data.tokenizer import configured_vocabulary
 from megatron_navil.errors import JobError, UserError
+from megatron_navil.models.backends import resolve_backend
 from megatron_navil.models.navil import build_model
 from megatron_navil.training.data import build_loaders, concat_packs
 from megatron_navil.training.flops import (
@@ -49,7 +50,13 @@ from megatron_navil.training.state import (
     restore,
     train_sharded_state,
 )
-from megatron_navil.training.step import forward_backward, wrap_ddp
+from megatron_navil.training.step import (
+    ddp_precision,
+    forward_backward,
+    padding_trim_multiple,
+    params_gathered,
+    wrap_ddp,
+)
 from megatron_navil.utils.distributed import any_rank, initialize_model_parallel, lost_peer
 from megatron_navil.utils.dtypes import torch_dtype
 from megatron_navil.utils.logging import get_logger
@@ -83,7 +90,7 @@ class Trainer:
         chunks = build_model(
             self.model_cfg,
             cfg.parallel,
-            cfg.precision,
+            ddp_precision(cfg.precision, resolve_backend(cfg.precision)),
             experts_trainable=experts_trainable(cfg.stage),
             vision_every_micro_batch=cfg.optimizer.overlap_grad_reduce and vision_trains,
         )
@@ -94,9 +101,17 @@ class Trainer:
         self.chunks = wrap_ddp(
             chunks,
             overlap_grad_reduce=cfg.optimizer.overlap_grad_reduce,
+            overlap_param_gather=cfg.optimizer.overlap_param_gather,
             use_distributed_optimizer=cfg.optimizer.use_distributed_optimizer,
             bucket_size=cfg.optimizer.bucket_size,
         )
+        self.trim_multiple = padding_trim_multiple(cfg.training, cfg.parallel, cfg.precision)
+        if cfg.training.trim_padding and self.trim_multiple is None:
+            log.info(
+                "training.trim_padding does not apply with pipeline size %d: pipeline stages "
+                "exchange activations of the full --seq-length",
+                cfg.parallel.pipeline_model_parallel_size,
+            )
         self.optimizer = build_optimizer(self.chunks, cfg.optimizer, cfg.stage, cfg.precision)
         self.scheduler = build_scheduler(self.optimizer, cfg.optimizer, cfg.training)
         self.train_loader, self.valid_batches = build_loaders(
@@ -236,16 +251,17 @@ class Trainer:
                 self._export_hf(path)
             ckpt.prune(c.save, c.keep_last)
 
-        ckpt.save(
-            c.save,
-            self.step,
-            state,
-            self.model_cfg,
-            meta,
-            self.async_queue,
-            on_complete,
-            tokenizer=self.cfg.tokenizer,
-        )
+        with params_gathered(self.chunks):  # the step's update on every rank before saving
+            ckpt.save(
+                c.save,
+                self.step,
+                state,
+                self.model_cfg,
+                meta,
+                self.async_queue,
+                on_complete,
+                tokenizer=self.cfg.tokenizer,
+            )
 
     def _export_hf(self, path: Path) -> None:
         """Rank 0, once the checkpoint is complete: write its HF copy to `<save>/hf_<iter dir>`
@@ -300,7 +316,7 @@ class Trainer:
         self.optimizer.zero_grad()  # forward_backward zeroes the DDP grad buffers
         batches = self._next_batches()
         seq = self.cfg.training.seq_length * self.cfg.training.micro_batch_size
-        reports = forward_backward(self.chunks, batches, seq)
+        reports = forward_backward(self.chunks, batches, seq, trim_multiple=self.trim_multiple)
         flops = sum(micro_batch_count(self.model_cfg, b, self.trained).total for b in batches)
         padded = sum(
             micro_batch_count(self.model_cfg, b, self.trained, include_padding=True).total
@@ -361,9 +377,14 @@ class Trainer:
         for c in self.chunks:
             c.eval()
         batches = list(itertools.islice(self.valid_batches(), self.cfg.training.eval_iters))
-        reports = forward_backward(
-            self.chunks, batches, self.cfg.training.seq_length, forward_only=True
-        )
+        with params_gathered(self.chunks):
+            reports = forward_backward(
+                self.chunks,
+                batches,
+                self.cfg.training.seq_length,
+                forward_only=True,
+                trim_multiple=self.trim_multiple,
+            )
         for c in self.chunks:
             c.train()
         loss_sum, counted = reduce_step_sums(reports, [])

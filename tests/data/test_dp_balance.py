@@ -36,8 +36,8 @@ import pytest
 import torch
 
 from megatron_navil.config.data import DataConfig
-from megatron_navil.config.training import StageConfig
 from megatron_navil.config.flavors import get_flavor
+from megatron_navil.config.training import StageConfig
 from megatron_navil.data.dealing import Dealer, balance, epoch_step_loads, imbalance, step_loads
 from megatron_navil.data.loader import build_train_loader
 from megatron_navil.data.order import EpochOrder
@@ -180,7 +180,9 @@ def test_loader_balances_within_each_step(loaders, cfg):
         assert len(packs) == len(set(packs)) == dp * mb
     for balanced, per_rank in runs.items():
         for t in range(len(bal)):
-            loads = [sum(_batch_flops(cfg, b) for b in bs[t * mb : (t + 1) * mb]) for bs in per_rank]
+            loads = [
+                sum(_batch_flops(cfg, b) for b in bs[t * mb : (t + 1) * mb]) for bs in per_rank
+            ]
             slow[balanced] += max(loads)
     assert slow[True] < slow[False]
 
