@@ -108,8 +108,16 @@ class NaViLLanguageModel(MegatronModule):
             )
 
     # ------------------------------------------------------------------ first stage
-    def embed(self, input_ids: torch.Tensor, vision_embeds: Optional[torch.Tensor]) -> torch.Tensor:
-        """input_ids [T] -> [T (/tp under SP), 1, D] with special tokens and vision features."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        vision_embeds: Optional[torch.Tensor],
+        image_slots: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """input_ids [T] -> [T (/tp under SP), 1, D] with special tokens and vision features.
+
+        `image_slots`: positions of the <IMG_CONTEXT> tokens (pack_meta.py); None finds them
+        here (a nonzero: one host sync)."""
         x = self.embedding(input_ids[None, :]).transpose(0, 1)  # [1, T, D] -> [T, 1, D]
         first = self.cfg.llm.first_special_token_id
         rows = input_ids - first
@@ -117,7 +125,9 @@ class NaViLLanguageModel(MegatronModule):
         special = self.special_token_embedding(rows.clamp(0, len(SPECIAL_TOKENS) - 1))
         x = torch.where(is_special[:, None, None], special[:, None, :].to(x.dtype), x)
 
-        slots = (input_ids == self.cfg.img_context_id).nonzero().squeeze(1)
+        slots = image_slots
+        if slots is None:
+            slots = (input_ids == self.cfg.img_context_id).nonzero().squeeze(1)
         n_feat = 0 if vision_embeds is None else vision_embeds.shape[0]
         if slots.numel() != n_feat:
             raise ValueError(
@@ -140,7 +150,10 @@ class NaViLLanguageModel(MegatronModule):
         routing: ModalityRouting,
         labels: Optional[torch.Tensor] = None,
         loss_mask: Optional[torch.Tensor] = None,
+        loss_rows: Optional[torch.Tensor] = None,
     ):
+        """`loss_rows`: positions that take loss (pack_meta.py); None finds them here (a
+        nonzero: one host sync)."""
         freqs = rope_1d(position_ids, self.cfg.llm.kv_channels, self.cfg.llm.rope_theta)
         h = self.decoder(
             hidden, rotary_freqs=freqs, packed_seq_params=packed_seq_params, routing=routing
@@ -156,7 +169,9 @@ class NaViLLanguageModel(MegatronModule):
         weights = (
             torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         )
-        rows = ((weights != 0) & not_image).nonzero().squeeze(1)
+        rows = loss_rows
+        if rows is None:
+            rows = ((weights != 0) & not_image).nonzero().squeeze(1)
         logits = self._logits(h.index_select(0, rows)).float()  # [n, 1, V/tp]
         ce = self.tp_region.cross_entropy(logits, labels.index_select(0, rows)[:, None])
         # Per-position weighted loss over the whole pack (0 where no loss is taken).

@@ -14,6 +14,7 @@ from megatron_navil.batch import NaViLBatch
 from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.data.synthetic import synthetic_batch
+from megatron_navil.pack_meta import PackMeta
 
 MOCK_LAYOUTS = (
     [[24, [(8, 8)], 40], [60], [10, [(4, 6), (8, 12)], 30]],
@@ -28,10 +29,17 @@ class MockPackLoader:
     patches in 2-3 samples per pack)."""
 
     def __init__(
-        self, cfg: NaViLModelConfig, seq_length: int, seed: int, dp_rank: int, dp_size: int
+        self,
+        cfg: NaViLModelConfig,
+        seq_length: int,
+        seed: int,
+        dp_rank: int,
+        dp_size: int,
+        pack_metadata: bool = False,
     ):
         self.cfg, self.seq_length, self.seed = cfg, seq_length, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.pack_metadata = pack_metadata  # data.host_pack_metadata, as the shard loader
         self.position = 0
 
     def __iter__(self):
@@ -47,7 +55,10 @@ class MockPackLoader:
             samples.pop()
         self.position += 1
         # Text drawn from 64 ids: a distribution the model can learn (the loss drops).
-        return synthetic_batch(self.cfg, self.seq_length, g, samples, text_vocab=64)
+        batch = synthetic_batch(self.cfg, self.seq_length, g, samples, text_vocab=64)
+        if self.pack_metadata:
+            batch.pack_meta = PackMeta.build(self.cfg, batch)
+        return batch
 
     def state_dict(self) -> dict:
         # Global packs consumed, so a run resumed at another DP size continues the same stream.
@@ -76,8 +87,9 @@ def _tokens(cfg: NaViLModelConfig, parts) -> int:
     return sum(p if isinstance(p, int) else len(image_token_ids(cfg, p)) for p in parts)
 
 
-def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
-    """Several packs -> one longer THD sequence (micro_batch_size > 1)."""
+def concat_packs(packs: list[NaViLBatch], cfg: Optional[NaViLModelConfig] = None) -> NaViLBatch:
+    """Several packs -> one longer THD sequence (micro_batch_size > 1). When every pack came
+    with host metadata and `cfg` is given, the joined pack gets its own (built on the CPU)."""
     if len(packs) == 1:
         return packs[0]
     offsets = torch.tensor([0] + [p.num_tokens for p in packs[:-1]]).cumsum(0)
@@ -90,7 +102,7 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
         "samples": sum(int(p.metadata.get("samples", 0)) for p in packs),
         "skipped_images": sum(int(p.metadata.get("skipped_images", 0)) for p in packs),
     }
-    return NaViLBatch(
+    joined = NaViLBatch(
         tokens=cat("tokens"),
         labels=cat("labels"),
         loss_mask=cat("loss_mask"),
@@ -101,6 +113,9 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
         modality_mask=None,
         metadata=meta,
     )
+    if cfg is not None and all(p.pack_meta is not None for p in packs):
+        joined.pack_meta = PackMeta.build(cfg, joined)
+    return joined
 
 
 def build_loaders(
@@ -110,9 +125,12 @@ def build_loaders(
     call, or None without validation data)."""
     t = cfg.training
     if cfg.mock_data:
-        train = MockPackLoader(model_cfg, t.seq_length, t.seed, dp_rank, dp_size)
-        valid = lambda: MockPackLoader(model_cfg, t.seq_length, t.seed + 1, dp_rank, dp_size)  # noqa: E731
-        return train, valid
+
+        def mock(seed: int) -> MockPackLoader:
+            meta = cfg.data.host_pack_metadata
+            return MockPackLoader(model_cfg, t.seq_length, seed, dp_rank, dp_size, meta)
+
+        return mock(t.seed), lambda: mock(t.seed + 1)
     from megatron_navil.data.loader import build_train_loader, build_valid_loader
     from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError
 

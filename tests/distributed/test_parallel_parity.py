@@ -5,6 +5,9 @@ A 1-process run of the debug model saves its weights and, after one step of two 
 dist checkpoints. Each parallel layout is a real multi-process gloo job that loads those weights
 resharded by dist_checkpointing, runs the same step through Megatron's pipeline schedule and
 DDP, loads the reference gradients resharded the same way and compares every local shard.
+The `_pack_meta` layouts give the parallel run's batches the loader's host-side metadata
+(data.host_pack_metadata, megatron_navil/pack_meta.py) while the reference computes it in the
+model, so they also prove the switch changes nothing under TP, SP and PP.
 
 Tolerance: losses to 1e-5 relative and gradients to 1e-4 of each tensor's largest entry. All
 runs are fp32 on CPU with dropout 0; the only differences come from the order of floating-point
@@ -33,6 +36,10 @@ LAYOUTS = {
     "pp2_vpp2_interleaved": (2, ["--pp", "2", "--vpp", "2"]),
     "pp2_recompute_full": (2, ["--pp", "2", "--recompute", "full"]),
     "tp2_recompute_selective": (2, ["--tp", "2", "--recompute", "selective"]),
+    # data.host_pack_metadata: the model takes the loader's host ints / indices instead of
+    # computing them (the single-process reference computes them itself)
+    "tp2_sp_pack_meta": (2, ["--tp", "2", "--sp", "--pack-meta"]),
+    "tp2_pp2_pack_meta": (4, ["--tp", "2", "--pp", "2", "--pack-meta"]),
 }
 CASES = (
     [("debug-internlm2", name) for name in LAYOUTS]

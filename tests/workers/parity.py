@@ -3,6 +3,8 @@
 `--mode reference` (1 process): builds the model, saves its weights as a dist checkpoint, runs
 the step, saves the gradients as a second dist checkpoint (gradients written into the weight
 slots) and the per-micro-batch losses.
+`--pack-meta` gives the batches the loader's host-side metadata (the reference is run without:
+the comparison then also covers the switch).
 `--mode parallel` (N processes): loads the reference weights at the requested TP/PP/EP layout
 (Megatron's dist_checkpointing reshards), runs the same step through the pipeline schedule and
 Megatron DDP, loads the reference gradients resharded the same way, and writes per-rank
@@ -33,6 +35,11 @@ def _args():
     p.add_argument("--seq-length", type=int, default=96)
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--override", action="append", default=[])
+    p.add_argument(
+        "--pack-meta",
+        action="store_true",
+        help="attach the loader's host-side pack metadata (data.host_pack_metadata) to the batches",
+    )
     return p.parse_args()
 
 
@@ -103,6 +110,11 @@ def main():
             "rank of an expert-parallel group runs the same number of micro-batches"
         )
     batches = test_batches(cfg, a.seq_length, a.micro_batches)[dp_rank::dp]
+    if a.pack_meta:  # as the loader does; the reference run computes the same in the model
+        from megatron_navil.pack_meta import PackMeta
+
+        for b in batches:
+            b.pack_meta = PackMeta.build(cfg, b)
     reports = forward_backward(ddp, batches, a.seq_length)
     losses = [(r["lm loss"][0] / r["lm loss"][1]).item() for r in reports]
     grads = {
