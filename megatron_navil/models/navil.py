@@ -170,7 +170,8 @@ class NaViLModel(MegatronModule):
         else:  # the loader checked the values (PackMeta.build); shapes cost no device read
             check_packed_shapes(self.cfg, tokens, position_ids, cu_seqlens)
             meta.check_matches(tokens.numel(), cu_seqlens.numel())
-            packed = thd_params(cu_seqlens.to(torch.int32), meta.host_cu_seqlens)
+            cu = cu_seqlens.to(torch.int32)  # a no-op for the loader's int32 offsets
+            packed = thd_params(cu, meta.host_cu_seqlens, meta.max_seqlen)
         routing = self.routing(tokens, modality_mask, None if meta is None else meta.num_visual)
         hidden = None
         if self.pre_process:
@@ -194,7 +195,8 @@ class NaViLModel(MegatronModule):
             routing=routing,
             labels=None if labels is None else labels.reshape(-1),
             loss_mask=None if loss_mask is None else loss_mask.reshape(-1),
-            loss_rows=None if meta is None or labels is None else meta.loss_rows,
+            # the metadata's rows were taken from the batch's loss_mask: only with that mask
+            loss_rows=None if meta is None or loss_mask is None else meta.loss_rows,
         )
 
     def _blank_image_features(self, device, host_meta: bool = False) -> torch.Tensor:

@@ -34,11 +34,15 @@ def packed_params(seqlens: list[int], device) -> HostPackedSeqParams:
     return thd_params(cu, tuple(host))
 
 
-def thd_params(cu_seqlens: torch.Tensor, host_cu_seqlens: Sequence[int]) -> HostPackedSeqParams:
+def thd_params(
+    cu_seqlens: torch.Tensor, host_cu_seqlens: Sequence[int], max_seqlen: Optional[int] = None
+) -> HostPackedSeqParams:
     """THD parameters from offsets already on the device and the same offsets as host ints (no
-    copy, no device read)."""
+    copy, no device read); `max_seqlen` None: the longest segment of `host_cu_seqlens`."""
     host = tuple(host_cu_seqlens)
-    longest = max((b - a for a, b in zip(host[:-1], host[1:])), default=0)
+    longest = max_seqlen
+    if longest is None:
+        longest = max((b - a for a, b in zip(host[:-1], host[1:])), default=0)
     return HostPackedSeqParams(
         qkv_format="thd",
         cu_seqlens_q=cu_seqlens,

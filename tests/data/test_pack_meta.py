@@ -139,3 +139,25 @@ def test_stale_metadata_is_refused(megatron_single_process):
     batch.pack_meta = PackMeta.build(cfg, other)  # 4 segments for a batch of 3
     with pytest.raises(ValueError, match="changed after its metadata was built"):
         model(**batch.model_inputs())
+
+
+def test_mock_and_joined_packs_follow_the_switch():
+    """The trainer's other pack sources: MockPackLoader (--mock-data) attaches metadata when the
+    switch is on; concat_packs (micro_batch_size > 1) rebuilds it for the joined pack only when
+    every pack had one, and the joined metadata is the packs' metadata laid end to end."""
+    from megatron_navil.training.data import MockPackLoader, concat_packs
+
+    cfg = get_flavor("debug-internlm2")
+    assert next(MockPackLoader(cfg, 256, 5, 0, 1)).pack_meta is None
+    loader = MockPackLoader(cfg, 256, 5, 0, 1, pack_metadata=True)
+    a, b = next(loader), next(loader)
+    joined = concat_packs([a, b], cfg).pack_meta
+    ma, mb = a.pack_meta, b.pack_meta
+    assert joined.seqlens == ma.seqlens + mb.seqlens
+    assert joined.num_visual == ma.num_visual + mb.num_visual > 0
+    t = a.num_tokens
+    assert torch.equal(joined.image_slots, torch.cat([ma.image_slots, mb.image_slots + t]))
+    assert torch.equal(joined.loss_rows, torch.cat([ma.loss_rows, mb.loss_rows + t]))
+    assert joined.vision.grids == ma.vision.grids + (mb.vision.grids if mb.vision else ())
+    assert concat_packs([a, dataclasses.replace(b, pack_meta=None)], cfg).pack_meta is None
+    assert concat_packs([a, b]).pack_meta is None  # no model config given: the model computes it
