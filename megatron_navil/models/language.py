@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.utils import VocabUtility
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
@@ -65,7 +67,7 @@ class NaViLLanguageModel(MegatronModule):
         )
         d = cfg.llm.hidden_size
         if pre_process:
-            self.embedding = VocabParallelEmbedding(
+            self.embedding = SyncFreeVocabParallelEmbedding(
                 self.padded_vocab_size,
                 d,
                 init_method=config.init_method,
@@ -188,6 +190,26 @@ class NaViLLanguageModel(MegatronModule):
         start, _ = VocabUtility.vocab_range_from_global_vocab_size(self.padded_vocab_size, rank, tp)
         cols = torch.arange(logits.shape[-1], device=logits.device) + start
         return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
+
+
+class SyncFreeVocabParallelEmbedding(VocabParallelEmbedding):
+    """Megatron's VocabParallelEmbedding, the same values, with `masked_fill_` where it assigns
+    through a boolean mask under TP > 1: `x[mask] = 0` is an index_put with a boolean index,
+    which runs a nonzero (a host sync on a GPU) twice in forward and once in backward, every
+    micro-batch. tests/workers/tp_regions.py compares the two bit for bit at TP = 2."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.tp_group.size() == 1 or self.reduce_scatter_embeddings:
+            return super().forward(input_)  # no mask (TP = 1), or a layout we never build
+        # ids outside this rank's vocab slice look up row 0 and are zeroed after the lookup
+        input_mask = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+        masked_input = (input_.clone() - self.vocab_start_index).masked_fill_(input_mask, 0)
+        if self.deterministic_mode:
+            output_parallel = self.weight[masked_input]
+        else:
+            output_parallel = F.embedding(masked_input, self.weight)
+        output_parallel.masked_fill_(input_mask[..., None], 0.0)  # [b, s, h]
+        return reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
 
 
 def _without_sequence_parallel(config):

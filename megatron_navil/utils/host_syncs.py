@@ -260,15 +260,27 @@ class HostSyncCounter:
     def __init__(self):
         self._state = _State()
         self._modes: list = []
+        self._rng_state = torch.get_rng_state  # restored on exit (see __enter__)
 
     def __enter__(self) -> "HostSyncCounter":
         # dispatch first: the function layer's calls reach aten through it
         self._modes = [_DispatchLayer(self._state), _FunctionLayer(self._state)]
         for m in self._modes:
             m.__enter__()
+        # torch.get_rng_state() returns the CPU generator's state, a host tensor on any machine,
+        # without passing through a torch function: tag it (Megatron's RNG tracker compares it)
+        self._rng_state = torch.get_rng_state
+
+        def get_rng_state(*args, **kwargs):
+            state = self._rng_state(*args, **kwargs)
+            _tag_host(state)
+            return state
+
+        torch.get_rng_state = get_rng_state
         return self
 
     def __exit__(self, *exc) -> None:
+        torch.get_rng_state = self._rng_state
         for m in reversed(self._modes):
             m.__exit__(*exc)
         self._modes = []

@@ -11,6 +11,9 @@
   vocab_parallel_cross_entropy (which reads the global group) at TP = 1, loss and gradient,
   and its sync-free predicted-logits step (masked_fill instead of boolean-mask assignment) is
   bit-identical to Megatron's step on a vocab slice that leaves some targets out.
+- The language model's vocab-parallel embedding (masked_fill instead of boolean-mask
+  assignment: no host sync) equals Megatron's bit for bit at TP = 2, output and weight gradient
+  (in the TP = 2 worker).
 Where to look on failure: megatron_navil/models/tp_regions.py.
 """
 
@@ -35,7 +38,9 @@ def test_tp2_crossings_match_plain_collectives(tmp_path):
     out = tmp_path / "regions"
     launch("tests.workers.tp_regions", 2, ["--out", str(out)])
     ranks = [json.load(open(f)) for f in sorted(glob.glob(f"{out}.rank*.json"))]
-    assert [r["checked"] for r in ranks] == [["sp=False", "sp=True", "cross_entropy"]] * 2
+    assert [r["checked"] for r in ranks] == [
+        ["sp=False", "sp=True", "cross_entropy", "embedding"]
+    ] * 2
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])

@@ -10,6 +10,8 @@ the host on a GPU, so a zero from it means something (tests/data/test_pack_meta.
   are `h2d` events; a device-side factory (`torch.arange(n, device=)`) and ops on device
   tensors are not.
 - Syncs the autograd engine runs itself in backward (a boolean-index gradient) are counted.
+- The CPU generator's state (torch.get_rng_state, read by Megatron's RNG tracker) is a host
+  tensor.
 Where to look on failure: the rule tables at the top of host_syncs.py.
 """
 
@@ -87,3 +89,11 @@ def test_engine_run_backward_syncs_are_counted():
         w[mask].sum().backward()  # forward: a boolean index; backward: index_put with it
     assert [e.op for e in c.syncs] == ["__getitem__[bool]", "aten.index_put"]
     assert c.syncs[1].site == "autograd"
+
+
+def test_cpu_rng_state_is_a_host_tensor():
+    with HostSyncCounter() as c:
+        state = torch.get_rng_state()
+        assert bool((state == torch.get_rng_state()).all())
+    assert c.events == [] and torch.get_rng_state is not None
+    assert not is_host_tensor(torch.get_rng_state())  # the wrapper is gone after the counter

@@ -67,6 +67,7 @@ def main():
     from megatron_navil.models.navil import build_model
     from megatron_navil.training.step import forward_backward, wrap_ddp
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
+    from megatron_navil.utils.host_syncs import HostSyncCounter
 
     cfg = get_flavor(a.flavor)
     if a.override:
@@ -115,7 +116,8 @@ def main():
 
         for b in batches:
             b.pack_meta = PackMeta.build(cfg, b)
-    reports = forward_backward(ddp, batches, a.seq_length)
+    with HostSyncCounter() as counter:
+        reports = forward_backward(ddp, batches, a.seq_length)
     losses = [(r["lm loss"][0] / r["lm loss"][1]).item() for r in reports]
     grads = {
         (i, n): p.main_grad.detach().clone()
@@ -131,6 +133,8 @@ def main():
         "sequence_parallel": model.config.sequence_parallel,
         "pp_last": parallel_state.is_pipeline_last_stage(),
         "grad_diff": {},
+        # calls that would block the host on a GPU, by file:line (utils/host_syncs.py)
+        "host_syncs": counter.by_site(),
     }
     if a.mode == "reference":
         with torch.no_grad():
