@@ -130,6 +130,9 @@ class PackMeta:
     loss_rows: torch.Tensor
     """long [n]: positions that take loss (loss_mask != 0 and input not <IMG_CONTEXT>): the only
     rows that go through the LM head in training."""
+    text_rows: torch.Tensor
+    """long [m]: positions whose input is not <IMG_CONTEXT>: the rows that get logits without
+    labels (inference, generation)."""
     vision: Optional[VisionMeta] = None
     """The vision encoder's metadata; None for a pack without images."""
 
@@ -160,8 +163,19 @@ class PackMeta:
             num_visual=int(mask.reshape(-1).sum()),
             image_slots=(~not_image).nonzero().squeeze(1),
             loss_rows=loss_rows,
+            text_rows=not_image.nonzero().squeeze(1),
             vision=vision,
         )
+
+    def head_rows(
+        self, labels: Optional[torch.Tensor], loss_mask: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """The LM head's rows for a forward with these arguments: `text_rows` without labels,
+        `loss_rows` with labels and the batch's loss_mask (they were taken from it), None (the
+        model finds them) for labels without a mask."""
+        if labels is None:
+            return self.text_rows
+        return None if loss_mask is None else self.loss_rows
 
     def to(self, device: Any) -> "PackMeta":
         """Tensors moved (asynchronously from pinned memory); host ints unchanged."""

@@ -152,10 +152,11 @@ class NaViLLanguageModel(MegatronModule):
         routing: ModalityRouting,
         labels: Optional[torch.Tensor] = None,
         loss_mask: Optional[torch.Tensor] = None,
-        loss_rows: Optional[torch.Tensor] = None,
+        head_rows: Optional[torch.Tensor] = None,
     ):
-        """`loss_rows`: positions that take loss (pack_meta.py); None finds them here (a
-        nonzero: one host sync)."""
+        """`head_rows`: the positions whose hidden states go through the LM head (pack_meta.py):
+        those that take loss with `labels`, every non-<IMG_CONTEXT> one without. None finds them
+        here (a nonzero: one host sync)."""
         freqs = rope_1d(position_ids, self.cfg.llm.kv_channels, self.cfg.llm.rope_theta)
         h = self.decoder(
             hidden, rotary_freqs=freqs, packed_seq_params=packed_seq_params, routing=routing
@@ -165,13 +166,13 @@ class NaViLLanguageModel(MegatronModule):
         h = self.tp_region.gather_sequence(h)  # [T / tp, 1, D] -> [T, 1, D] (SP)
         not_image = input_ids != self.cfg.img_context_id
         if labels is None:
-            rows = not_image.nonzero().squeeze(1)
+            rows = head_rows if head_rows is not None else not_image.nonzero().squeeze(1)
             logits = self._logits(h.index_select(0, rows))  # [n, 1, V / tp]
             return self.tp_region.gather_last_dim(logits)[:, 0], rows
         weights = (
             torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         )
-        rows = loss_rows
+        rows = head_rows
         if rows is None:
             rows = ((weights != 0) & not_image).nonzero().squeeze(1)
         logits = self._logits(h.index_select(0, rows)).float()  # [n, 1, V/tp]

@@ -195,8 +195,7 @@ class NaViLModel(MegatronModule):
             routing=routing,
             labels=None if labels is None else labels.reshape(-1),
             loss_mask=None if loss_mask is None else loss_mask.reshape(-1),
-            # the metadata's rows were taken from the batch's loss_mask: only with that mask
-            loss_rows=None if meta is None or loss_mask is None else meta.loss_rows,
+            head_rows=None if meta is None else meta.head_rows(labels, loss_mask),
         )
 
     def _blank_image_features(self, device, host_meta: bool = False) -> torch.Tensor:

@@ -7,9 +7,9 @@ changes no number and removes every host sync from the model's forward and backw
   same facts itself). Per-position losses, the counted-token loss and every parameter gradient
   are bit-identical (torch.equal): both runs do the same floating-point ops in the same order on
   the same values; only where the segment lengths, indices and RoPE angles come from differs.
-  Inference logits (and their row indices) likewise. More model variants (window attention in
-  both output orders, Qwen3, the blank image of text-only packs) run on synthetic packs whose
-  metadata comes from the same PackMeta.build the loader calls.
+  Inference logits (and their row indices) likewise, also without host syncs. More model
+  variants (window attention in both output orders, Qwen3, the blank image of text-only packs)
+  run on synthetic packs whose metadata comes from the same PackMeta.build the loader calls.
 - Host syncs (utils/host_syncs.py, the calls that would block the host on a GPU): with the
   metadata one micro-batch's forward + backward has none and no pageable host->device copy;
   without it there are several (so this test can fail).
@@ -63,9 +63,11 @@ def _assert_same_step(model, batch):
     assert len(off[3].syncs) >= 3, off[3].by_site()  # grids/segments, visual count, nonzeros
     with torch.no_grad():  # inference: logits at every non-<IMG_CONTEXT> row
         inputs = dict(batch.model_inputs(), labels=None, loss_mask=None)
-        logits_on, rows_on = model(**inputs)
+        with HostSyncCounter() as counter:
+            logits_on, rows_on = model(**inputs)
         logits_off, rows_off = model(**dict(inputs, pack_meta=None))
     assert torch.equal(rows_on, rows_off) and torch.equal(logits_on, logits_off)
+    assert counter.events == [], counter.by_site()
     return on[3], off[3]
 
 
@@ -161,3 +163,17 @@ def test_mock_and_joined_packs_follow_the_switch():
     assert joined.vision.grids == ma.vision.grids + (mb.vision.grids if mb.vision else ())
     assert concat_packs([a, dataclasses.replace(b, pack_meta=None)], cfg).pack_meta is None
     assert concat_packs([a, b]).pack_meta is None  # no model config given: the model computes it
+
+
+def test_switch_is_a_flag_default_on():
+    """data.host_pack_metadata: on by default, --no-host-pack-metadata turns it off."""
+    import argparse
+
+    from megatron_navil.config.flags import add_flags, flag_values
+    from megatron_navil.config.pretrain import PretrainConfig
+
+    parser = argparse.ArgumentParser()
+    fields = add_flags(parser, PretrainConfig)
+    assert PretrainConfig().data.host_pack_metadata is True
+    got = flag_values(parser.parse_args(["--no-host-pack-metadata"]), fields)
+    assert got == {"data.host_pack_metadata": False}
