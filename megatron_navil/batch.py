@@ -14,6 +14,7 @@ sample. Images of all samples are concatenated the same way on the vision side.
 | pixel_values   | float [N_patches, 3*P*P] | patches of every image/scale, each flattened (c, ph, pw), merge-block order (h/2, w/2, 2, 2), normalised to [-1, 1]; None for text-only packs |
 | grid_thw       | long [n_grids, 3]        | (t=1, h, w) in patches per image or per scale, in the order their `<IMG_CONTEXT>` runs appear in tokens |
 | modality_mask  | bool [T] or None         | visual tokens (`<IMG_CONTEXT>` and `<img>`); derived from tokens when None |
+| pack_meta      | PackMeta or None         | the same facts as host ints / precomputed indices (megatron_navil/pack_meta.py), made by the loader so the model reads no device tensor on the host; computed by the model when None |
 
 `metadata["padding_tokens"]` (one pack) or `["padding_segments"]` (concatenated packs) marks
 the padding segments (`padding_segments`): the FLOP count leaves them out (training/flops.py).
@@ -32,6 +33,7 @@ from typing import Any, Optional
 import torch
 
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.pack_meta import PackMeta
 
 
 @dataclass
@@ -46,6 +48,9 @@ class NaViLBatch:
     pixel_values: Optional[torch.Tensor] = None
     grid_thw: Optional[torch.Tensor] = None
     modality_mask: Optional[torch.Tensor] = None
+    pack_meta: Optional[PackMeta] = None
+    """Host-side metadata of this pack (megatron_navil/pack_meta.py); None: the model computes
+    it. Built from the fields above: rebuild it (PackMeta.build) after changing them."""
     metadata: dict = dataclasses.field(default_factory=dict)
     """Loader bookkeeping (sample keys, skipped images, ...); never read by the model."""
 
@@ -58,6 +63,8 @@ class NaViLBatch:
         for k, v in moved.items():
             if isinstance(v, torch.Tensor):
                 moved[k] = v.to(device, non_blocking=True)
+            elif isinstance(v, PackMeta):
+                moved[k] = v.to(device)  # its tensors move non_blocking too
         return NaViLBatch(**moved)
 
     def trim_padding(self, multiple: int) -> "NaViLBatch":
@@ -112,6 +119,7 @@ class NaViLBatch:
             pixel_values=self.pixel_values,
             grid_thw=self.grid_thw,
             modality_mask=self.modality_mask,
+            pack_meta=self.pack_meta,
         )
 
     def validate(self, cfg: NaViLModelConfig) -> None:
@@ -124,13 +132,13 @@ class NaViLBatch:
                 )
 
 
-def check_packed_sequence(
+def check_packed_shapes(
     cfg: NaViLModelConfig,
     tokens: torch.Tensor,
     position_ids: torch.Tensor,
     cu_seqlens: torch.Tensor,
 ) -> None:
-    """Clear errors for a packed sequence the model cannot take."""
+    """The checks of `check_packed_sequence` that read no tensor value (shapes and sizes)."""
     if tokens.ndim != 1:
         raise ValueError(f"tokens must be one packed sequence [T], got shape {tuple(tokens.shape)}")
     t = tokens.numel()
@@ -143,6 +151,20 @@ def check_packed_sequence(
         raise ValueError(
             f"position_ids {tuple(position_ids.shape)} != tokens {tuple(tokens.shape)}"
         )
+    if cu_seqlens.ndim != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be [n_samples + 1], got {tuple(cu_seqlens.shape)}")
+
+
+def check_packed_sequence(
+    cfg: NaViLModelConfig,
+    tokens: torch.Tensor,
+    position_ids: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+) -> None:
+    """Clear errors for a packed sequence the model cannot take (reads the values: host syncs
+    on a GPU; the loader runs it on the CPU when it builds the pack's metadata)."""
+    check_packed_shapes(cfg, tokens, position_ids, cu_seqlens)
+    t = tokens.numel()
     if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != t:
         raise ValueError(
             f"cu_seqlens must run from 0 to the {t} packed tokens, got {cu_seqlens.tolist()}"

@@ -109,6 +109,12 @@ class DataConfig(ConfigBase):
     operators; `auto`: gpu when CUDA is available."""
     pixel_dtype: Literal["float32", "bfloat16"] = "float32"
     """dtype of pixel_values in the batches."""
+    host_pack_metadata: bool = flag(True, "--host-pack-metadata")
+    """Compute each pack's host-side metadata (segment lengths, visual token count, image
+    grids, <IMG_CONTEXT>, loss and logit positions, vision RoPE angles and window order) in the
+    loader thread and send it with the batch, pinned when CUDA is available, so the model's
+    forward reads no device tensor on the host (megatron_navil/pack_meta.py). Off: the model
+    computes the same values on the device, with host syncs; numerics are identical either way."""
     recount_tokens: bool = True
     """When a dataset's index counted text tokens with another tokenizer (manifest hash differs)
     or chat style, recount them from the samples' JSON at start-up (slow on big data; logged).

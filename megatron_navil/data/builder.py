@@ -15,6 +15,8 @@ Collation follows megatron_navil/batch.py:
 - loss_mask[t] = 1 iff tokens[t+1] is a training target of the sample (samples.py), so a
   sample's last position, image tokens, user turns and padding get 0;
 - position_ids restart at 0 per sample; padding to seq_length is a final "sample" (loss 0).
+With `pack_metadata` (data.host_pack_metadata) the pack's host-side metadata (pack_meta.py) is
+computed here too, so the model reads nothing back from the GPU.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from megatron_navil.data.members import UnsafeMember
 from megatron_navil.data.planner import PlannedPack
 from megatron_navil.data.samples import SampleTokens, build_sample_tokens
 from megatron_navil.data.sizing import ImageSizer
+from megatron_navil.pack_meta import PackMeta
 from megatron_navil.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -92,11 +95,13 @@ class PackBuilder:
         add_bos: bool,
         seq_length: int,
         pixel_dtype: torch.dtype = torch.float32,
+        pack_metadata: bool = True,
     ):
         self.data, self.costs, self.sizer = datasets, costs, sizer
         self.decoder, self.cfg, self.tok = decoder, cfg, tokenizer
         self.chat_style, self.add_bos, self.seq_length = chat_style, add_bos, seq_length
         self.pad_id, self.pixel_dtype = tokenizer.pad_id, pixel_dtype
+        self.pack_metadata = pack_metadata  # data.host_pack_metadata
         self._logged: set[str] = set()
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
@@ -239,7 +244,7 @@ class PackBuilder:
         # the caller's current stream (the loader's private one, cuda_handoff.py), like the
         # decoder's allocations, so the whole pack is ordered on one stream
         pixel_values = normalize_pixels(torch.cat(pixels), self.pixel_dtype) if pixels else None
-        return NaViLBatch(
+        batch = NaViLBatch(
             tokens=t,
             labels=torch.tensor(labels, dtype=torch.long),
             loss_mask=torch.tensor(loss, dtype=torch.float32),
@@ -250,3 +255,6 @@ class PackBuilder:
             modality_mask=self.cfg.visual_token_mask(t),
             metadata=stats,
         )
+        if self.pack_metadata:  # here, on the CPU in the loader thread, not in the model
+            batch.pack_meta = PackMeta.build(self.cfg, batch)
+        return batch

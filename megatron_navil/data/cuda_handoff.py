@@ -27,8 +27,10 @@ keeps it off the training stream:
   have yet to read it.
 
 On the CPU path (`device=None`) there is no stream and no event: `building()` is a null context,
-`seal` returns None and `accept` returns the batch unchanged, so the CPU loader does no extra
-work.
+`seal` returns None and `accept` returns the batch unchanged. With `pin_device` (CPU decode on a
+CUDA machine, data.host_pack_metadata on) `seal` still pins the batch's CPU tensors and its
+pack metadata in the producer thread, for the same asynchronous copy; without it the CPU loader
+does no extra work.
 """
 
 from __future__ import annotations
@@ -54,15 +56,28 @@ def _tensors(batch: NaViLBatch) -> list[torch.Tensor]:
     ]
 
 
+def _pin(batch: NaViLBatch, device: torch.device) -> None:
+    """Replace the batch's CPU tensors (its pack metadata's too) by page-locked copies."""
+    with torch.cuda.device(device):  # pinned memory is allocated through this device
+        for f in dataclasses.fields(batch):
+            v = getattr(batch, f.name)
+            if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.is_pinned():
+                setattr(batch, f.name, v.pin_memory())
+        if batch.pack_meta is not None:
+            batch.pack_meta = batch.pack_meta.pin_memory()
+
+
 class CudaHandoff:
     """Producer stream + ready event + consumer-stream bookkeeping for one loader's batches.
 
     `device`: the CUDA device index the batches' GPU tensors live on (the decoder's), or None
-    for the CPU path (then every method is a no-op)."""
+    for the CPU path (then every method is a no-op, except pinning for `pin_device`).
+    `pin_device`: CPU path only: the CUDA device (the trainer's) to pin batches for, or None."""
 
-    def __init__(self, device: Optional[int]):
+    def __init__(self, device: Optional[int], pin_device: Optional[int] = None):
         self.device: Optional[torch.device] = None
         self.stream: Optional[torch.cuda.Stream] = None
+        self.pin_device = pin_device
         if device is not None:
             self.device = torch.device("cuda", device)
             self.stream = torch.cuda.Stream(device=self.device)
@@ -88,12 +103,10 @@ class CudaHandoff:
         pinned copies and return an event recorded on the private stream. CPU path: None, the
         batch untouched."""
         if self.stream is None:
+            if self.pin_device is not None:
+                _pin(batch, torch.device("cuda", self.pin_device))
             return None
-        with torch.cuda.device(self.device):  # pinned memory is allocated through this device
-            for f in dataclasses.fields(batch):
-                v = getattr(batch, f.name)
-                if isinstance(v, torch.Tensor) and v.device.type == "cpu" and not v.is_pinned():
-                    setattr(batch, f.name, v.pin_memory())
+        _pin(batch, self.device)
         ready = torch.cuda.Event()  # no timing: the cheapest event to record and wait on
         ready.record(self.stream)
         return ready

@@ -22,7 +22,9 @@ decode_device gpu (or auto on a CUDA machine), where pixel_values are made and k
 current CUDA device (build the loader after torch.cuda.set_device). They are built on the
 loader's own CUDA stream, and `next()` makes the caller's current stream wait for them: use them
 on the stream that was current at `next()` (or synchronise it first). The CPU tensors are then
-pinned, so `batch.to(device, non_blocking=True)` is asynchronous. Every DP rank yields the same
+pinned, so `batch.to(device, non_blocking=True)` is asynchronous; with CPU decode they are pinned
+too on a CUDA machine when data.host_pack_metadata is on (the default), which also attaches
+`batch.pack_meta` (megatron_navil/pack_meta.py). Every DP rank yields the same
 number of micro-batches per epoch (a multiple of micro_batches_per_step), so expert-parallel
 collectives never wait on a rank that ran dry. Ranks of one DP group (TP/PP/EP peers) build
 identical loaders and get identical batches.
@@ -225,6 +227,7 @@ def _build(
         add_bos,
         seq_length,
         torch_dtype(data_cfg.pixel_dtype),
+        pack_metadata=data_cfg.host_pack_metadata,
     )
     schedule = Schedule(
         tuple(len(d) for d in datasets),
@@ -294,8 +297,21 @@ def _build(
         data_cfg.prefetch_depth,
         fingerprint,
         restart_on_iter=restart_on_iter,
-        handoff=CudaHandoff(decoder.device_id),
+        handoff=CudaHandoff(decoder.device_id, pin_device=_pin_device(data_cfg, device)),
     )
+
+
+def _pin_device(data_cfg: DataConfig, decode_device: str) -> Optional[int]:
+    """The CUDA device to pin CPU-decoded batches for (the trainer's current one), or None.
+
+    GPU decode pins in any case (cuda_handoff.py); with CPU decode on a CUDA machine, pinning is
+    part of data.host_pack_metadata: the batch and its metadata then reach the GPU by
+    asynchronous copies instead of staged pageable ones."""
+    if decode_device == "gpu" or not data_cfg.host_pack_metadata or not cuda_available():
+        return None
+    import torch
+
+    return torch.cuda.current_device()
 
 
 __all__ += ["check_tokenizer", "resolve_decode_device", "DataError"]

@@ -53,7 +53,10 @@ class VarlenDotProductAttention(MegatronModule):
             value = value.repeat_interleave(heads // groups, dim=1)
         scale = self.softmax_scale if self.softmax_scale is not None else 1.0 / math.sqrt(d)
         dropout = self.dropout_p if self.training else 0.0
-        cu = packed_seq_params.cu_seqlens_q.tolist()
+        # host boundaries when the caller has them (models/packing.py): no device read
+        cu = getattr(packed_seq_params, "host_cu_seqlens", None)
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q.tolist()
         if cu[0] != 0 or cu[-1] != t:
             raise ValueError(f"cu_seqlens {cu[0]}..{cu[-1]} do not cover the {t} packed tokens")
         outs = []

@@ -16,9 +16,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, VocabParallelEmbedding
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 from megatron.core.tensor_parallel.utils import VocabUtility
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import get_num_layers_to_build
@@ -65,7 +67,7 @@ class NaViLLanguageModel(MegatronModule):
         )
         d = cfg.llm.hidden_size
         if pre_process:
-            self.embedding = VocabParallelEmbedding(
+            self.embedding = SyncFreeVocabParallelEmbedding(
                 self.padded_vocab_size,
                 d,
                 init_method=config.init_method,
@@ -108,8 +110,16 @@ class NaViLLanguageModel(MegatronModule):
             )
 
     # ------------------------------------------------------------------ first stage
-    def embed(self, input_ids: torch.Tensor, vision_embeds: Optional[torch.Tensor]) -> torch.Tensor:
-        """input_ids [T] -> [T (/tp under SP), 1, D] with special tokens and vision features."""
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        vision_embeds: Optional[torch.Tensor],
+        image_slots: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """input_ids [T] -> [T (/tp under SP), 1, D] with special tokens and vision features.
+
+        `image_slots`: positions of the <IMG_CONTEXT> tokens (pack_meta.py); None finds them
+        here (a nonzero: one host sync)."""
         x = self.embedding(input_ids[None, :]).transpose(0, 1)  # [1, T, D] -> [T, 1, D]
         first = self.cfg.llm.first_special_token_id
         rows = input_ids - first
@@ -117,7 +127,9 @@ class NaViLLanguageModel(MegatronModule):
         special = self.special_token_embedding(rows.clamp(0, len(SPECIAL_TOKENS) - 1))
         x = torch.where(is_special[:, None, None], special[:, None, :].to(x.dtype), x)
 
-        slots = (input_ids == self.cfg.img_context_id).nonzero().squeeze(1)
+        slots = image_slots
+        if slots is None:
+            slots = (input_ids == self.cfg.img_context_id).nonzero().squeeze(1)
         n_feat = 0 if vision_embeds is None else vision_embeds.shape[0]
         if slots.numel() != n_feat:
             raise ValueError(
@@ -140,7 +152,11 @@ class NaViLLanguageModel(MegatronModule):
         routing: ModalityRouting,
         labels: Optional[torch.Tensor] = None,
         loss_mask: Optional[torch.Tensor] = None,
+        head_rows: Optional[torch.Tensor] = None,
     ):
+        """`head_rows`: the positions whose hidden states go through the LM head (pack_meta.py):
+        those that take loss with `labels`, every non-<IMG_CONTEXT> one without. None finds them
+        here (a nonzero: one host sync)."""
         freqs = rope_1d(position_ids, self.cfg.llm.kv_channels, self.cfg.llm.rope_theta)
         h = self.decoder(
             hidden, rotary_freqs=freqs, packed_seq_params=packed_seq_params, routing=routing
@@ -150,13 +166,15 @@ class NaViLLanguageModel(MegatronModule):
         h = self.tp_region.gather_sequence(h)  # [T / tp, 1, D] -> [T, 1, D] (SP)
         not_image = input_ids != self.cfg.img_context_id
         if labels is None:
-            rows = not_image.nonzero().squeeze(1)
+            rows = head_rows if head_rows is not None else not_image.nonzero().squeeze(1)
             logits = self._logits(h.index_select(0, rows))  # [n, 1, V / tp]
             return self.tp_region.gather_last_dim(logits)[:, 0], rows
         weights = (
             torch.ones_like(labels, dtype=torch.float32) if loss_mask is None else loss_mask.float()
         )
-        rows = ((weights != 0) & not_image).nonzero().squeeze(1)
+        rows = head_rows
+        if rows is None:
+            rows = ((weights != 0) & not_image).nonzero().squeeze(1)
         logits = self._logits(h.index_select(0, rows)).float()  # [n, 1, V/tp]
         ce = self.tp_region.cross_entropy(logits, labels.index_select(0, rows)[:, None])
         # Per-position weighted loss over the whole pack (0 where no loss is taken).
@@ -173,6 +191,26 @@ class NaViLLanguageModel(MegatronModule):
         start, _ = VocabUtility.vocab_range_from_global_vocab_size(self.padded_vocab_size, rank, tp)
         cols = torch.arange(logits.shape[-1], device=logits.device) + start
         return logits.masked_fill(cols >= self.vocab_size, float("-inf"))
+
+
+class SyncFreeVocabParallelEmbedding(VocabParallelEmbedding):
+    """Megatron's VocabParallelEmbedding, the same values, with `masked_fill_` where it assigns
+    through a boolean mask under TP > 1: `x[mask] = 0` is an index_put with a boolean index,
+    which runs a nonzero (a host sync on a GPU) twice in forward and once in backward, every
+    micro-batch. tests/workers/tp_regions.py compares the two bit for bit at TP = 2."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        if self.tp_group.size() == 1 or self.reduce_scatter_embeddings:
+            return super().forward(input_)  # no mask (TP = 1), or a layout we never build
+        # ids outside this rank's vocab slice look up row 0 and are zeroed after the lookup
+        input_mask = (input_ < self.vocab_start_index) | (input_ >= self.vocab_end_index)
+        masked_input = (input_.clone() - self.vocab_start_index).masked_fill_(input_mask, 0)
+        if self.deterministic_mode:
+            output_parallel = self.weight[masked_input]
+        else:
+            output_parallel = F.embedding(masked_input, self.weight)
+        output_parallel.masked_fill_(input_mask[..., None], 0.0)  # [b, s, h]
+        return reduce_from_tensor_model_parallel_region(output_parallel, group=self.tp_group)
 
 
 def _without_sequence_parallel(config):

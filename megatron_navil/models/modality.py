@@ -62,11 +62,19 @@ class ModalityRouting:
 
     @classmethod
     def build(
-        cls, mask: torch.Tensor, row_multiple: int = 1, sp_size: int = 1, sp_rank: int = 0
+        cls,
+        mask: torch.Tensor,
+        row_multiple: int = 1,
+        sp_size: int = 1,
+        sp_rank: int = 0,
+        num_visual: Optional[int] = None,
     ) -> "ModalityRouting":
+        """`num_visual`: the mask's popcount as a host int (pack_meta.py); None reads it from
+        the mask (one host sync per micro-batch, shared by every layer). Everything else is
+        elementwise on the mask's device."""
         mask = mask.reshape(-1).bool()
         n = mask.numel()
-        n_vis = int(mask.sum())  # one host sync per micro-batch, shared by every layer
+        n_vis = int(mask.sum()) if num_visual is None else num_visual
         n_txt = n - n_vis
         padded = (group_rows(n_txt, row_multiple), group_rows(n_vis, row_multiple))
         vis = mask.long()

@@ -28,7 +28,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_navil.batch import check_packed_sequence
+from megatron_navil.batch import check_packed_sequence, check_packed_shapes
 from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.config.parallel import ParallelConfig, PrecisionConfig
@@ -36,13 +36,14 @@ from megatron_navil.models.backends import get_backend, resolve_backend, use_gro
 from megatron_navil.models.fp8 import check_device_fp8
 from megatron_navil.models.language import NaViLLanguageModel
 from megatron_navil.models.modality import ModalityRouting
-from megatron_navil.models.packing import packed_params
+from megatron_navil.models.packing import packed_params, thd_params
 from megatron_navil.models.tp_regions import TPRegion
 from megatron_navil.models.transformer_config import (
     llm_transformer_config,
     vision_transformer_config,
 )
 from megatron_navil.models.vision import Connector, VisionEncoder
+from megatron_navil.pack_meta import PackMeta, VisionMeta
 
 
 def default_process_groups() -> ProcessGroupCollection:
@@ -110,6 +111,8 @@ class NaViLModel(MegatronModule):
             cfg, self.config, backend, pre_process, post_process, pg_collection, vp_stage
         )
         self.vision_every_micro_batch = vision_every_micro_batch
+        # device -> (grid_thw, VisionMeta) of the blank image (_blank_image_features)
+        self._blank_meta: dict[str, tuple[torch.Tensor, VisionMeta]] = {}
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = False  # NaViL's LM head is untied
 
@@ -120,7 +123,10 @@ class NaViLModel(MegatronModule):
         self.language_model.decoder.set_input_tensor(input_tensor)
 
     def routing(
-        self, tokens: torch.Tensor, modality_mask: Optional[torch.Tensor] = None
+        self,
+        tokens: torch.Tensor,
+        modality_mask: Optional[torch.Tensor] = None,
+        num_visual: Optional[int] = None,
     ) -> ModalityRouting:
         if modality_mask is None:
             modality_mask = self.cfg.visual_token_mask(tokens)
@@ -130,6 +136,7 @@ class NaViLModel(MegatronModule):
             row_multiple=self.backend.fp8_row_multiple,
             sp_size=sp_size,
             sp_rank=sp_rank,
+            num_visual=num_visual,
         )
 
     def forward(
@@ -142,26 +149,41 @@ class NaViLModel(MegatronModule):
         pixel_values: Optional[torch.Tensor] = None,
         grid_thw: Optional[torch.Tensor] = None,
         modality_mask: Optional[torch.Tensor] = None,
+        pack_meta: Optional[PackMeta] = None,
     ):
         """One packed micro-batch (see megatron_navil/batch.py for the field contract).
+
+        `pack_meta`: the pack's host-side metadata on the batch's device (pack_meta.py, made by
+        the loader); with it the forward reads no device tensor on the host. None: the same
+        values are computed here from the tensors (a few host syncs per micro-batch).
 
         Returns, on the last stage: the per-position weighted loss [T] when `labels` are given,
         else (logits [n, vocab], row indices of the n positions that got logits). On other
         stages: the hidden states for the next stage.
         """
         tokens, position_ids = tokens.reshape(-1), position_ids.reshape(-1)
-        check_packed_sequence(self.cfg, tokens, position_ids, cu_seqlens)
-        routing = self.routing(tokens, modality_mask)
-        seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        packed = packed_params(seqlens, tokens.device)
+        meta = pack_meta
+        if meta is None:
+            check_packed_sequence(self.cfg, tokens, position_ids, cu_seqlens)
+            seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            packed = packed_params(seqlens, tokens.device)
+        else:  # the loader checked the values (PackMeta.build); shapes cost no device read
+            check_packed_shapes(self.cfg, tokens, position_ids, cu_seqlens)
+            meta.check_matches(tokens.numel(), cu_seqlens.numel())
+            cu = cu_seqlens.to(torch.int32)  # a no-op for the loader's int32 offsets
+            packed = thd_params(cu, meta.host_cu_seqlens, meta.max_seqlen)
+        routing = self.routing(tokens, modality_mask, None if meta is None else meta.num_visual)
         hidden = None
         if self.pre_process:
             vision = blank = None
             if pixel_values is not None and pixel_values.shape[0] > 0:
-                vision = self.connector(self.vision_model(pixel_values, grid_thw))
+                vision_meta = None if meta is None else meta.vision
+                vision = self.connector(self.vision_model(pixel_values, grid_thw, vision_meta))
             elif self.vision_every_micro_batch and self.training and torch.is_grad_enabled():
-                blank = self._blank_image_features(tokens.device)  # same module order as images
-            hidden = self.language_model.embed(tokens, vision)
+                # same module order as packs with images
+                blank = self._blank_image_features(tokens.device, host_meta=meta is not None)
+            slots = None if meta is None else meta.image_slots
+            hidden = self.language_model.embed(tokens, vision, slots)
             if blank is not None:
                 # exactly 0 added; the encoder's parameters get (zero) gradients like on any pack
                 hidden = hidden + 0.0 * blank.sum()
@@ -173,10 +195,14 @@ class NaViLModel(MegatronModule):
             routing=routing,
             labels=None if labels is None else labels.reshape(-1),
             loss_mask=None if loss_mask is None else loss_mask.reshape(-1),
+            head_rows=None if meta is None else meta.head_rows(labels, loss_mask),
         )
 
-    def _blank_image_features(self, device) -> torch.Tensor:
-        """Connector output for one blank merge block (the smallest image the encoder takes)."""
+    def _blank_image_features(self, device, host_meta: bool = False) -> torch.Tensor:
+        """Connector output for one blank merge block (the smallest image the encoder takes).
+
+        `host_meta`: use the blank image's metadata made once and kept on `device` (no host
+        read, no copy after the first call), as for packs that come with metadata."""
         m, p = self.cfg.connector.merge_size, self.cfg.vision.patch_size
         pixels = torch.zeros(
             m * m,
@@ -184,8 +210,18 @@ class NaViLModel(MegatronModule):
             device=device,
             dtype=self.config.params_dtype,
         )
-        grid = torch.tensor([[1, m, m]], device=device)
-        return self.connector(self.vision_model(pixels, grid))
+        if not host_meta:
+            grid = torch.tensor([[1, m, m]], device=device)
+            return self.connector(self.vision_model(pixels, grid))
+        key = str(device)
+        if key not in self._blank_meta:
+            grids = ((1, m, m),)
+            self._blank_meta[key] = (
+                torch.tensor(grids, device=device),
+                VisionMeta.build(self.cfg, grids).to(device),
+            )
+        grid, vision_meta = self._blank_meta[key]
+        return self.connector(self.vision_model(pixels, grid, vision_meta))
 
 
 def build_model(

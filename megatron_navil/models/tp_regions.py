@@ -141,8 +141,8 @@ class _VocabParallelCE(torch.autograd.Function):
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
             logits.size(-1), region.rank, region.size
         )
-        target_mask, masked_target_1d, predicted, sum_exp, exp_logits = (
-            steps.calculate_predicted_logits(logits, target, logits_max, start, end)
+        target_mask, masked_target_1d, predicted, sum_exp, exp_logits = _predicted_logits(
+            logits, target, logits_max, start, end
         )
         _all_reduce(predicted, region)
         _all_reduce(sum_exp, region)
@@ -161,6 +161,23 @@ class _VocabParallelCE(torch.autograd.Function):
             grad_2d, arange_1d, masked_target_1d, update, grad_input, grad_output
         )
         return grad, None, None
+
+
+def _predicted_logits(logits, target, logits_max, start: int, end: int):
+    """Megatron's `VocabParallelCrossEntropy.calculate_predicted_logits`, the same values, with
+    `masked_fill_` where it assigns through a boolean mask: `x[mask] = 0` is an index_put with a
+    boolean index, which runs a nonzero first (a host sync per micro-batch on a GPU, twice).
+    tests/models/test_tp_regions.py compares the two bit for bit."""
+    logits -= logits_max.unsqueeze(dim=-1)  # in place, as Megatron: saves memory
+    target_mask = (target < start) | (target >= end)  # targets outside this rank's vocab slice
+    masked_target = (target.clone() - start).masked_fill_(target_mask, 0)
+    logits_2d = logits.view(-1, logits.size(-1))  # [n, V / tp]
+    masked_target_1d = masked_target.view(-1)
+    rows = torch.arange(logits_2d.size(0), device=logits_2d.device)
+    predicted = logits_2d[rows, masked_target_1d].clone().contiguous().view_as(target)
+    predicted.masked_fill_(target_mask, 0.0)
+    exp_logits = torch.exp(logits, out=logits)
+    return target_mask, masked_target_1d, predicted, exp_logits.sum(dim=-1), exp_logits
 
 
 def _all_reduce(t: torch.Tensor, region: TPRegion, op=torch.distributed.ReduceOp.SUM) -> None:

@@ -12,6 +12,8 @@ connector:
 
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -20,19 +22,25 @@ from megatron.core.transformer.module import MegatronModule
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.models.backends import Backend
 from megatron_navil.models.layer import NaViLTransformerBlock
-from megatron_navil.models.packing import packed_params
-from megatron_navil.models.rope import rope_2d
+from megatron_navil.models.packing import append_segment, thd_params
 from megatron_navil.models.specs import block_submodules, vision_layer_spec
 from megatron_navil.models.tp_regions import TPRegion
 from megatron_navil.models.window import WindowPlan
+from megatron_navil.pack_meta import VisionMeta
 
 
 def _device(config):
     return None if config.use_cpu_initialization else torch.cuda.current_device()
 
 
-def check_grid(cfg: NaViLModelConfig, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> None:
-    """Clear errors for inputs the encoder cannot take."""
+def check_grid(
+    cfg: NaViLModelConfig,
+    pixel_values: torch.Tensor,
+    grid_thw: torch.Tensor,
+    grids: Optional[Sequence[Sequence[int]]] = None,
+) -> Sequence[Sequence[int]]:
+    """Clear errors for inputs the encoder cannot take. `grids`: grid_thw as host ints (from
+    the pack metadata); None reads them from grid_thw (a device read). Returns the grids."""
     v, m = cfg.vision, cfg.connector.merge_size
     if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
         raise ValueError(
@@ -43,7 +51,9 @@ def check_grid(cfg: NaViLModelConfig, pixel_values: torch.Tensor, grid_thw: torc
         raise ValueError(
             f"pixel_values must be [num_patches, {patch_dim}], got {tuple(pixel_values.shape)}"
         )
-    for i, (t, h, w) in enumerate(grid_thw.tolist()):
+    if grids is None:
+        grids = grid_thw.tolist()
+    for i, (t, h, w) in enumerate(grids):
         if h < m or w < m:
             raise ValueError(
                 f"image {i} is {h}x{w} patches ({h * v.patch_size}x{w * v.patch_size} px), smaller "
@@ -55,11 +65,12 @@ def check_grid(cfg: NaViLModelConfig, pixel_values: torch.Tensor, grid_thw: torc
             raise ValueError(
                 f"image {i}: grid {h}x{w} is not a multiple of the {m}x{m} merge block"
             )
-    expected = int(grid_thw.prod(dim=1).sum())
+    expected = sum(t * h * w for t, h, w in grids)
     if pixel_values.shape[0] != expected:
         raise ValueError(
             f"pixel_values has {pixel_values.shape[0]} patches but grid_thw describes {expected}"
         )
+    return grids
 
 
 class VisionEncoder(MegatronModule):
@@ -103,15 +114,22 @@ class VisionEncoder(MegatronModule):
         self.row_multiple = backend.fp8_row_multiple
         self.window = WindowPlan.from_config(cfg) if v.window_size else None
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        check_grid(self.cfg, pixel_values, grid_thw)
-        v = self.cfg.vision
-        device = pixel_values.device
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        grid_thw: torch.Tensor,
+        meta: Optional[VisionMeta] = None,
+    ) -> torch.Tensor:
+        """`meta`: the pack's vision metadata on pixel_values' device (pack_meta.py); None:
+        made here from grid_thw (one read of grid_thw and pageable copies to the device)."""
+        if meta is None:
+            grids = check_grid(self.cfg, pixel_values, grid_thw)
+            meta = VisionMeta.build(self.cfg, grids).to(pixel_values.device)
+        else:
+            check_grid(self.cfg, pixel_values, grid_thw, meta.grids)
         x = self.patch_embed(pixel_values.to(self.config.params_dtype))  # [N, C]
-        freqs = rope_2d(grid_thw, v.head_dim, v.rope_theta, self.cfg.connector.merge_size).to(
-            device
-        )
-        seqlens = grid_thw.prod(dim=1).tolist()
+        freqs = meta.rope  # [N, 1, 1, head_dim] float32
+        cu, host_cu = meta.cu_seqlens, meta.host_cu_seqlens
         n = x.shape[0]
 
         chunks, _ = self.tp_region.sequence_chunk
@@ -120,11 +138,20 @@ class VisionEncoder(MegatronModule):
         if pad:  # the padding rows form their own segment, so no real patch attends to them
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
             freqs = torch.cat([freqs, freqs.new_zeros((pad,) + freqs.shape[1:])])
-            seqlens = seqlens + [pad]
-        packed = packed_params(seqlens, device)
+            cu, host_cu = append_segment(cu, host_cu, pad)
+        packed = thd_params(cu, host_cu)
         window_packed = perm = None
         if self.window is not None:
-            x, freqs, window_packed, perm = self.window.enter(x, freqs, grid_thw, pad)
+            perm, wcu, host_wcu = (
+                meta.window_perm,
+                meta.window_cu_seqlens,
+                meta.host_window_cu_seqlens,
+            )
+            if pad:  # the padding segment stays last and whole in window order too
+                perm = torch.cat([perm, torch.arange(n, n + pad, device=perm.device)])
+                wcu, host_wcu = append_segment(wcu, host_wcu, pad)
+            x, freqs = self.window.enter(x, freqs, perm)
+            window_packed = thd_params(wcu, host_wcu)
 
         h = self.tp_region.scatter_sequence(x[:, None, :])  # [N, 1, C] -> [N / tp, 1, C] (SP)
         h = self.decoder(

@@ -12,11 +12,11 @@ reproduces that; otherwise `leave` restores row order after the encoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
 from megatron_navil.config.model import NaViLModelConfig
-from megatron_navil.models.packing import packed_params
 
 
 def window_order(h_m: int, w_m: int, ws: int) -> tuple[torch.Tensor, list[int]]:
@@ -41,10 +41,10 @@ class WindowPlan:
     """Window attention of the vision encoder for one model config: which patch order and which
     attention segments the windowed layers use.
 
-    `enter` permutes a packed patch sequence (all images, plus the trailing padding segment)
-    into window order and returns the window segments; `leave` undoes the permutation after the
-    encoder unless the released window order is kept. Full-attention layers keep using the
-    per-image segments (NaViLTransformerLayer picks one or the other).
+    `plan` gives the window-order permutation of a packed patch sequence (all images, plus the
+    trailing padding segment) and the window segments; `enter` applies it; `leave` undoes the
+    permutation after the encoder unless the released window order is kept. Full-attention
+    layers keep using the per-image segments (NaViLTransformerLayer picks one or the other).
     """
 
     window_merged: int
@@ -61,11 +61,13 @@ class WindowPlan:
             cfg.vision.window_size // (m * cfg.vision.patch_size), m, cfg.vision.keep_window_order
         )
 
-    def plan(self, grid_thw: torch.Tensor, pad: int) -> tuple[torch.Tensor, list[int]]:
-        """Patch permutation (including trailing padding rows) and window segment lengths."""
+    def plan(self, grids: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, list[int]]:
+        """Patch permutation (including trailing padding rows) and window segment lengths, on
+        the CPU from host grids (t, h, w): the loader precomputes it (pack_meta.py), the model
+        only when it gets no metadata."""
         unit = self.merge * self.merge
         perms, seqlens, offset = [], [], 0
-        for t, h, w in grid_thw.tolist():
+        for t, h, w in grids:
             for _ in range(t):
                 order, sizes = window_order(h // self.merge, w // self.merge, self.window_merged)
                 # merged-token order -> patch order: each merged token owns `unit` patches
@@ -78,13 +80,11 @@ class WindowPlan:
             seqlens.append(pad)
         return torch.cat(perms), seqlens
 
-    def enter(self, x: torch.Tensor, freqs: torch.Tensor, grid_thw: torch.Tensor, pad: int):
-        """Permute patches (and RoPE angles) into window order; returns the window segments and
-        the permutation, which the caller hands back to `leave`."""
-        perm, seqlens = self.plan(grid_thw, pad)
-        perm = perm.to(x.device)
-        x, freqs = x.index_select(0, perm), freqs.index_select(0, perm)
-        return x, freqs, packed_params(seqlens, x.device), perm
+    @staticmethod
+    def enter(x: torch.Tensor, freqs: torch.Tensor, perm: torch.Tensor):
+        """Permute patches (and RoPE angles) into window order with `perm` (on x's device; the
+        caller keeps it for `leave`)."""
+        return x.index_select(0, perm), freqs.index_select(0, perm)
 
     def leave(self, h: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         """Back to row order (out[perm[i]] = h[i]) unless the released window order is kept."""

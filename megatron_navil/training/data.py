@@ -15,6 +15,7 @@ from megatron_navil.batch import NaViLBatch, padding_segments
 from megatron_navil.config.base import ConfigError
 from megatron_navil.config.model import NaViLModelConfig
 from megatron_navil.data.synthetic import synthetic_batch
+from megatron_navil.pack_meta import PackMeta
 
 MOCK_LAYOUTS = (
     [[24, [(8, 8)], 40], [60], [10, [(4, 6), (8, 12)], 30]],
@@ -29,10 +30,17 @@ class MockPackLoader:
     patches in 2-3 samples per pack)."""
 
     def __init__(
-        self, cfg: NaViLModelConfig, seq_length: int, seed: int, dp_rank: int, dp_size: int
+        self,
+        cfg: NaViLModelConfig,
+        seq_length: int,
+        seed: int,
+        dp_rank: int,
+        dp_size: int,
+        pack_metadata: bool = False,
     ):
         self.cfg, self.seq_length, self.seed = cfg, seq_length, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.pack_metadata = pack_metadata  # data.host_pack_metadata, as the shard loader
         self.position = 0
 
     def __iter__(self):
@@ -48,7 +56,10 @@ class MockPackLoader:
             samples.pop()
         self.position += 1
         # Text drawn from 64 ids: a distribution the model can learn (the loss drops).
-        return synthetic_batch(self.cfg, self.seq_length, g, samples, text_vocab=64)
+        batch = synthetic_batch(self.cfg, self.seq_length, g, samples, text_vocab=64)
+        if self.pack_metadata:
+            batch.pack_meta = PackMeta.build(self.cfg, batch)
+        return batch
 
     def state_dict(self) -> dict:
         # Global packs consumed, so a run resumed at another DP size continues the same stream.
@@ -77,8 +88,9 @@ def _tokens(cfg: NaViLModelConfig, parts) -> int:
     return sum(p if isinstance(p, int) else len(image_token_ids(cfg, p)) for p in parts)
 
 
-def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
-    """Several packs -> one longer THD sequence (micro_batch_size > 1)."""
+def concat_packs(packs: list[NaViLBatch], cfg: Optional[NaViLModelConfig] = None) -> NaViLBatch:
+    """Several packs -> one longer THD sequence (micro_batch_size > 1). When every pack came
+    with host metadata and `cfg` is given, the joined pack gets its own (built on the CPU)."""
     if len(packs) == 1:
         return packs[0]
     offsets = torch.tensor([0] + [p.num_tokens for p in packs[:-1]]).cumsum(0)
@@ -98,7 +110,7 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
             i + first for p, first in zip(packs, segment_offsets) for i in padding_segments(p)
         ],
     }
-    return NaViLBatch(
+    joined = NaViLBatch(
         tokens=cat("tokens"),
         labels=cat("labels"),
         loss_mask=cat("loss_mask"),
@@ -109,6 +121,9 @@ def concat_packs(packs: list[NaViLBatch]) -> NaViLBatch:
         modality_mask=None,
         metadata=meta,
     )
+    if cfg is not None and all(p.pack_meta is not None for p in packs):
+        joined.pack_meta = PackMeta.build(cfg, joined)
+    return joined
 
 
 def build_loaders(
@@ -118,9 +133,12 @@ def build_loaders(
     call, or None without validation data)."""
     t = cfg.training
     if cfg.mock_data:
-        train = MockPackLoader(model_cfg, t.seq_length, t.seed, dp_rank, dp_size)
-        valid = lambda: MockPackLoader(model_cfg, t.seq_length, t.seed + 1, dp_rank, dp_size)  # noqa: E731
-        return train, valid
+
+        def mock(seed: int) -> MockPackLoader:
+            meta = cfg.data.host_pack_metadata
+            return MockPackLoader(model_cfg, t.seq_length, seed, dp_rank, dp_size, meta)
+
+        return mock(t.seed), lambda: mock(t.seed + 1)
     from megatron_navil.data.loader import build_train_loader, build_valid_loader
     from megatron_navil.data.tokenizer import NaViLTokenizer, TokenizerError
     from megatron_navil.training.flops import trained_parts

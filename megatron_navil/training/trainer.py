@@ -309,7 +309,7 @@ class Trainer:
                 f"cannot read the training data at step {self.step + 1}: {why[:300]}; {saved}; "
                 "make the data readable again and re-run the same command to resume"
             )
-        return [concat_packs(packs[i : i + mbs]) for i in range(0, len(packs), mbs)]
+        return [concat_packs(packs[i : i + mbs], self.model_cfg) for i in range(0, len(packs), mbs)]
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()

@@ -8,7 +8,8 @@ Runs only on a CUDA machine (skipped elsewhere with "needs CUDA"). Proves:
   like the CPU one, so we allow mean <= 1 level and max <= 24 levels (8-bit levels; 1 level =
   2/255 after normalisation), and exactly -1 in the padding;
 - a loader with decode_device gpu yields pixel_values on the GPU (everything else on the CPU,
-  pinned) that satisfy the batch contract;
+  pinned, the pack metadata's tensors too) that satisfy the batch contract; with decode_device
+  cpu, data.host_pack_metadata pins the batch and its metadata (off: nothing pinned);
 - `CudaHandoff` on CUDA: the build runs on the private stream (not the caller's), the caller's
   stream is restored after it, and `accept` orders the consumer after the producer's work;
 - the real loader with prefetch ON (depth 2) while the training (default) stream is kept busy
@@ -114,6 +115,28 @@ def test_gpu_loader_keeps_pixels_on_device(dataset, make_loader, cfg):
             assert batch.pixel_values.is_cuda and not batch.tokens.is_cuda
             n = int((batch.grid_thw[:, 1] * batch.grid_thw[:, 2]).sum())
             assert batch.pixel_values.shape == (n, 768)
+
+        meta = batch.pack_meta  # data.host_pack_metadata (on): its tensors are pinned too
+        assert meta is not None and meta.image_slots.is_pinned() and meta.loss_rows.is_pinned()
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_cpu_decode_pins_batches_with_host_pack_metadata(dataset, make_loader, on):
+    """CPU decode on a CUDA machine: data.host_pack_metadata pins the batch and its metadata in
+    the producer thread (so batch.to(cuda, non_blocking=True) is asynchronous); off: as before,
+    pageable tensors and no metadata."""
+    loader = make_loader([dataset.root], decode_device="cpu", host_pack_metadata=on)
+    for _ in range(3):
+        batch = next(loader)
+        assert batch.tokens.is_pinned() == on and batch.cu_seqlens.is_pinned() == on
+        assert (batch.pack_meta is not None) == on
+        if on:
+            assert batch.pack_meta.loss_rows.is_pinned()
+            if batch.pack_meta.vision is not None:
+                assert batch.pack_meta.vision.rope.is_pinned()
+            moved = batch.to(torch.cuda.current_device())
+            assert moved.pack_meta.image_slots.is_cuda
+            assert moved.pack_meta.seqlens == batch.pack_meta.seqlens
 
 
 def test_handoff_orders_consumer_after_private_stream():

@@ -5,6 +5,11 @@ A 1-process run of the debug model saves its weights and, after one step of two 
 dist checkpoints. Each parallel layout is a real multi-process gloo job that loads those weights
 resharded by dist_checkpointing, runs the same step through Megatron's pipeline schedule and
 DDP, loads the reference gradients resharded the same way and compares every local shard.
+The `_pack_meta` layouts give the parallel run's batches the loader's host-side metadata
+(data.host_pack_metadata, megatron_navil/pack_meta.py) while the reference computes it in the
+model, so they also prove the switch changes nothing under TP, SP and PP, and that no call of
+anything would block the host on a GPU there per micro-batch (utils/host_syncs.py, counted on
+every rank; Megatron's one check per step in finalize_model_grads is what remains).
 
 Tolerance: losses to 1e-5 relative and gradients to 1e-4 of each tensor's largest entry. All
 runs are fp32 on CPU with dropout 0; the only differences come from the order of floating-point
@@ -33,6 +38,10 @@ LAYOUTS = {
     "pp2_vpp2_interleaved": (2, ["--pp", "2", "--vpp", "2"]),
     "pp2_recompute_full": (2, ["--pp", "2", "--recompute", "full"]),
     "tp2_recompute_selective": (2, ["--tp", "2", "--recompute", "selective"]),
+    # data.host_pack_metadata: the model takes the loader's host ints / indices instead of
+    # computing them (the single-process reference computes them itself)
+    "tp2_sp_pack_meta": (2, ["--tp", "2", "--sp", "--pack-meta"]),
+    "tp2_pp2_pack_meta": (4, ["--tp", "2", "--pp", "2", "--pack-meta"]),
 }
 CASES = (
     [("debug-internlm2", name) for name in LAYOUTS]
@@ -115,3 +124,9 @@ def test_layout_matches_single_process(references, flavor, name):
             )
             nonzero += scale > 0
     assert nonzero > 10, "gradients were all zero: the comparison would prove nothing"
+    if name.endswith("_pack_meta"):
+        # with the metadata nothing blocks the host per micro-batch on any rank; what remains
+        # is Megatron's one check per step in finalize_model_grads (num_tokens > 0)
+        for r in ranks:
+            per_step = {s: n for s, n in r["host_syncs"].items() if "finalize_model_grads" in s}
+            assert r["host_syncs"] == per_step and sum(per_step.values()) <= 1, r["host_syncs"]

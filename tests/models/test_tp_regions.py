@@ -8,7 +8,12 @@
   gathered logits (1e-6: the split softmax sums in another order).
 - TP = 1 (or no group): every crossing returns its input object and issues no collective.
 - The cross entropy over an explicit group is bit-identical to Megatron's
-  vocab_parallel_cross_entropy (which reads the global group) at TP = 1, loss and gradient.
+  vocab_parallel_cross_entropy (which reads the global group) at TP = 1, loss and gradient,
+  and its sync-free predicted-logits step (masked_fill instead of boolean-mask assignment) is
+  bit-identical to Megatron's step on a vocab slice that leaves some targets out.
+- The language model's vocab-parallel embedding (masked_fill instead of boolean-mask
+  assignment: no host sync) equals Megatron's bit for bit at TP = 2, output and weight gradient
+  (in the TP = 2 worker).
 Where to look on failure: megatron_navil/models/tp_regions.py.
 """
 
@@ -33,7 +38,9 @@ def test_tp2_crossings_match_plain_collectives(tmp_path):
     out = tmp_path / "regions"
     launch("tests.workers.tp_regions", 2, ["--out", str(out)])
     ranks = [json.load(open(f)) for f in sorted(glob.glob(f"{out}.rank*.json"))]
-    assert [r["checked"] for r in ranks] == [["sp=False", "sp=True", "cross_entropy"]] * 2
+    assert [r["checked"] for r in ranks] == [
+        ["sp=False", "sp=True", "cross_entropy", "embedding"]
+    ] * 2
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True])
@@ -75,3 +82,22 @@ def test_cross_entropy_is_megatrons_at_one_tp_rank(megatron_single_process):
         losses.append(loss.detach())
         grads.append(x.grad)
     assert torch.equal(losses[0], losses[1]) and torch.equal(grads[0], grads[1])
+
+
+def test_predicted_logits_step_is_megatrons_on_a_vocab_slice():
+    """Targets outside this rank's slice [start, end) are the masked case TP = 1 never hits."""
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+
+    from megatron_navil.models.tp_regions import _predicted_logits
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(9, 1, 6, generator=g)
+    target = torch.randint(0, 18, (9, 1), generator=g)  # slice 6..12 of an 18-column vocab
+    logits_max = logits.max(dim=-1)[0]
+    ours = _predicted_logits(logits.clone(), target, logits_max, 6, 12)
+    megatron = VocabParallelCrossEntropy.calculate_predicted_logits(
+        logits.clone(), target, logits_max, 6, 12
+    )
+    assert bool(ours[0].any()) and not bool(ours[0].all())  # both cases present
+    for a, b in zip(ours, megatron):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -3,6 +3,8 @@
 `--mode reference` (1 process): builds the model, saves its weights as a dist checkpoint, runs
 the step, saves the gradients as a second dist checkpoint (gradients written into the weight
 slots) and the per-micro-batch losses.
+`--pack-meta` gives the batches the loader's host-side metadata (the reference is run without:
+the comparison then also covers the switch).
 `--mode parallel` (N processes): loads the reference weights at the requested TP/PP/EP layout
 (Megatron's dist_checkpointing reshards), runs the same step through the pipeline schedule and
 Megatron DDP, loads the reference gradients resharded the same way, and writes per-rank
@@ -33,6 +35,11 @@ def _args():
     p.add_argument("--seq-length", type=int, default=96)
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--override", action="append", default=[])
+    p.add_argument(
+        "--pack-meta",
+        action="store_true",
+        help="attach the loader's host-side pack metadata (data.host_pack_metadata) to the batches",
+    )
     return p.parse_args()
 
 
@@ -60,6 +67,7 @@ def main():
     from megatron_navil.models.navil import build_model
     from megatron_navil.training.step import forward_backward, wrap_ddp
     from megatron_navil.utils.distributed import destroy, initialize_model_parallel
+    from megatron_navil.utils.host_syncs import HostSyncCounter
 
     cfg = get_flavor(a.flavor)
     if a.override:
@@ -103,7 +111,13 @@ def main():
             "rank of an expert-parallel group runs the same number of micro-batches"
         )
     batches = test_batches(cfg, a.seq_length, a.micro_batches)[dp_rank::dp]
-    reports = forward_backward(ddp, batches, a.seq_length)
+    if a.pack_meta:  # as the loader does; the reference run computes the same in the model
+        from megatron_navil.pack_meta import PackMeta
+
+        for b in batches:
+            b.pack_meta = PackMeta.build(cfg, b)
+    with HostSyncCounter() as counter:
+        reports = forward_backward(ddp, batches, a.seq_length)
     losses = [(r["lm loss"][0] / r["lm loss"][1]).item() for r in reports]
     grads = {
         (i, n): p.main_grad.detach().clone()
@@ -119,6 +133,8 @@ def main():
         "sequence_parallel": model.config.sequence_parallel,
         "pp_last": parallel_state.is_pipeline_last_stage(),
         "grad_diff": {},
+        # calls that would block the host on a GPU, by file:line (utils/host_syncs.py)
+        "host_syncs": counter.by_site(),
     }
     if a.mode == "reference":
         with torch.no_grad():

@@ -4,7 +4,8 @@ Runs WITHOUT Megatron's parallel_state (never initialised here): the region's gr
 made by this worker, so any fallback to Megatron's global TP group would raise. For each
 method, with and without sequence parallelism, the forward output and the input gradient
 (for a random upstream gradient) are compared exactly with what the collective the docstring
-of models/tp_regions.py names gives. Writes one JSON line per rank: {"checked": [...]}.
+of models/tp_regions.py names gives. The language model's sync-free vocab-parallel embedding is
+compared exactly with Megatron's. Writes one JSON line per rank: {"checked": [...]}.
 """
 
 from __future__ import annotations
@@ -43,6 +44,32 @@ def _run(fn, x: torch.Tensor, grad_out_shape, seed: int):
     g = torch.randn(grad_out_shape, generator=torch.Generator().manual_seed(seed))
     (y * g).sum().backward()
     return y.detach(), x.grad, g
+
+
+def _check_embedding(group) -> str:
+    """The language model's sync-free vocab-parallel embedding == Megatron's, bit for bit:
+    output and weight gradient, with ids on both ranks' vocab slices."""
+    from megatron.core.tensor_parallel.layers import VocabParallelEmbedding
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_navil.models.language import SyncFreeVocabParallelEmbedding
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=6, num_attention_heads=1, use_cpu_initialization=True
+    )
+    ids = torch.randint(0, 16, (1, 12), generator=torch.Generator().manual_seed(3))
+    outs = []
+    for cls in (VocabParallelEmbedding, SyncFreeVocabParallelEmbedding):
+        torch.manual_seed(4)  # the same weights for both
+        emb = cls(16, 6, init_method=config.init_method, config=config, tp_group=group)
+        y = emb(ids)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5 + dist.get_rank()))
+        (y * g).sum().backward()
+        outs.append((y.detach(), emb.weight.grad))
+    (y0, g0), (y1, g1) = outs
+    assert torch.equal(y0, y1) and torch.equal(g0, g1), "vocab-parallel embedding"
+    assert bool((g1 == 0).all(dim=1).any()) and bool(g1.abs().sum() > 0)  # both cases ran
+    return "embedding"
 
 
 def main():
@@ -128,6 +155,8 @@ def main():
     torch.testing.assert_close(loss[:, 0], ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(mine.grad, _chunk(ref_logits.grad, group, 2), rtol=1e-6, atol=1e-6)
     checked.append("cross_entropy")
+
+    checked.append(_check_embedding(group))
 
     with open(f"{out}.rank{dist.get_rank()}.json", "w") as f:
         json.dump({"checked": checked}, f)
