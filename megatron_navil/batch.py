@@ -98,6 +98,7 @@ class NaViLBatch:
             cu_seqlens=cu,
             modality_mask=mask,
             metadata=self._trimmed_metadata(keep - used, len(self.cu_seqlens) - 2),
+            pack_meta=None if self.pack_meta is None else self.pack_meta.trimmed(keep),
         )
 
     def _trimmed_metadata(self, pad: int, last_segment: int) -> dict:

@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from megatron_navil.config.model import NaViLModelConfig
-from megatron_navil.models.rope import rope_2d
-from megatron_navil.models.window import WindowPlan
-
-if TYPE_CHECKING:  # batch.py imports this module
-    from megatron_navil.batch import NaViLBatch
+from megatron_navil.geometry.rope import rope_2d
+from megatron_navil.geometry.window import WindowPlan
 
 Grid = tuple[int, int, int]
 
@@ -68,14 +65,14 @@ class VisionMeta:
     grids: tuple[Grid, ...]
     """(t, h, w) in patches per image or scale: grid_thw as host ints."""
     rope: torch.Tensor
-    """float32 [N_patches, 1, 1, head_dim]: the 2D RoPE angles (models/rope.py rope_2d), made on
+    """float32 [N_patches, 1, 1, head_dim]: the 2D RoPE angles (geometry/rope.py rope_2d), made on
     the CPU exactly as the model would make them."""
     cu_seqlens: torch.Tensor
     """int32 [n_grids + 1]: per-image attention segments (cumulative patch counts)."""
     host_cu_seqlens: tuple[int, ...]
     """`cu_seqlens` as host ints (the CPU attention stand-in loops over them)."""
     window_perm: Optional[torch.Tensor] = None
-    """long [N_patches]: patch order of the windowed layers (models/window.py), without the
+    """long [N_patches]: patch order of the windowed layers (geometry/window.py), without the
     SP/FP8 padding segment; None without window attention."""
     window_cu_seqlens: Optional[torch.Tensor] = None
     """int32: window segments in window order (without the padding segment)."""
@@ -141,8 +138,9 @@ class PackMeta:
         return _cu(self.seqlens)
 
     @classmethod
-    def build(cls, cfg: NaViLModelConfig, batch: "NaViLBatch") -> "PackMeta":
-        """From the batch's CPU tensors (the loader's, before they move). Also runs the value
+    def build(cls, cfg: NaViLModelConfig, batch: Any) -> "PackMeta":
+        """From a NaViLBatch's CPU tensors (typed Any: batch.py sits above this module and
+        imports it) (the loader's, before they move). Also runs the value
         checks the model skips when it gets metadata (`NaViLBatch.validate`)."""
         batch.validate(cfg)
         tokens = batch.tokens.reshape(-1)
@@ -176,6 +174,26 @@ class PackMeta:
         if labels is None:
             return self.text_rows
         return None if loss_mask is None else self.loss_rows
+
+    def trimmed(self, keep: int) -> "PackMeta":
+        """This metadata for the batch cut to its first `keep` tokens by
+        NaViLBatch.trim_padding: only the trailing padding sample shrinks (or goes), and the
+        rows cut are padding, all of them text rows at the end of `text_rows`; loss rows, image
+        slots and the vision part are untouched. Host arithmetic only."""
+        total = sum(self.seqlens)
+        cut = total - keep
+        if cut <= 0:
+            return self
+        last = self.seqlens[-1] - cut
+        if last < 0:
+            raise ValueError(f"cannot cut {cut} tokens: the last segment has {self.seqlens[-1]}")
+        seqlens = self.seqlens[:-1] + ((last,) if last else ())
+        return dataclasses.replace(
+            self,
+            seqlens=seqlens,
+            max_seqlen=max(seqlens) if seqlens else 0,
+            text_rows=self.text_rows[: self.text_rows.shape[0] - cut],
+        )
 
     def to(self, device: Any) -> "PackMeta":
         """Tensors moved (asynchronously from pinned memory); host ints unchanged."""

@@ -20,6 +20,8 @@ LAYERS = [
     {"backbones"},
     {"config"},
     {"utils"},
+    {"geometry"},
+    {"pack_meta"},
     {"batch"},
     {"data", "checkpoint"},
     {"models", "reference"},

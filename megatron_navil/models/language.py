@@ -27,10 +27,10 @@ from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.utils import get_pg_rank
 
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig, padded_vocab_size
+from megatron_navil.geometry.rope import rope_1d
 from megatron_navil.models.backends import Backend
 from megatron_navil.models.layer import NaViLTransformerBlock
 from megatron_navil.models.modality import ModalityRouting
-from megatron_navil.models.rope import rope_1d
 from megatron_navil.models.specs import block_submodules, llm_layer_spec
 from megatron_navil.models.tp_regions import TPRegion
 

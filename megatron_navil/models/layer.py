@@ -73,7 +73,7 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
     ProcessGroupCollection (`pg_collection`, required: the layer's groups come from the model,
     never from parallel_state). `forward` passes the modality routing to the routed slots
     (attention's linears and q/k norms, the MLP: models/routed.py) and, in the vision encoder,
-    swaps in the window segments on layers outside `full_attention_layers` (models/window.py).
+    swaps in the window segments on layers outside `full_attention_layers` (geometry/window.py).
     """
 
     def __init__(
@@ -117,7 +117,7 @@ class NaViLTransformerLayer(MegatronModule, BaseTransformerLayer):
             submodules.mlp_layerscale, config=config, hidden_size=config.hidden_size
         )
         self.bias_dropout_add = get_bias_dropout_add
-        # Vision window attention: layers not listed attend within windows (see models/window.py).
+        # Vision window attention: layers not listed attend within windows (see geometry/window.py).
         self.windowed = (
             full_attention_layers is not None and self.layer_number - 1 not in full_attention_layers
         )

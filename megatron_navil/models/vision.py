@@ -20,12 +20,12 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_navil.config.model import NaViLModelConfig
+from megatron_navil.geometry.window import WindowPlan
 from megatron_navil.models.backends import Backend
 from megatron_navil.models.layer import NaViLTransformerBlock
 from megatron_navil.models.packing import append_segment, thd_params
 from megatron_navil.models.specs import block_submodules, vision_layer_spec
 from megatron_navil.models.tp_regions import TPRegion
-from megatron_navil.models.window import WindowPlan
 from megatron_navil.pack_meta import VisionMeta
 
 

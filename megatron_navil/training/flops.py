@@ -33,7 +33,7 @@ import torch
 from megatron_navil.batch import NaViLBatch, padding_segments
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig
 from megatron_navil.config.training import PARTS, StageConfig
-from megatron_navil.models.window import window_order
+from megatron_navil.geometry.window import window_order
 from megatron_navil.training.flop_rules import Branches, FlopCount, Op, walk
 from megatron_navil.training.step import counted_positions
 
@@ -200,7 +200,7 @@ class BatchCounts:
 
 def vision_pairs(cfg: NaViLModelConfig, grid_thw: torch.Tensor) -> tuple[float, float]:
     """(full, window) attention pairs of the ViT: each image (all its frames) is one segment;
-    windows tile each frame as models/window.py does, in whole merge blocks."""
+    windows tile each frame as geometry/window.py does, in whole merge blocks."""
     m = cfg.connector.merge_size
     full = window = 0.0
     for t, h, w in grid_thw.tolist():

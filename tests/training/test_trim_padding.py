@@ -20,6 +20,8 @@ training/data.py (concat_packs keeps the last pack's padding record).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -27,6 +29,7 @@ from megatron_navil.config import ParallelConfig, PrecisionConfig, get_flavor
 from megatron_navil.config.training import TrainingConfig
 from megatron_navil.data.synthetic import synthetic_batch
 from megatron_navil.models.navil import NaViLModel
+from megatron_navil.pack_meta import PackMeta
 from megatron_navil.training.data import concat_packs
 from megatron_navil.training.flops import micro_batch_flops
 from megatron_navil.training.step import forward_step, padding_trim_multiple
@@ -114,13 +117,16 @@ def _step(model, batch, trim):
     return loss_sum.detach(), int(num_tokens), output.shape[0], grads
 
 
+@pytest.mark.parametrize("meta", [False, True], ids=["", "pack_meta"])
 @pytest.mark.parametrize("packs", [1, 2], ids=["one_pack", "two_packs"])
-def test_loss_and_grads_equal_with_and_without_trimming(megatron_single_process, packs):
+def test_loss_and_grads_equal_with_and_without_trimming(megatron_single_process, packs, meta):
     cfg = get_flavor("debug-internlm2")
     torch.manual_seed(0)
     model = NaViLModel(cfg, ParallelConfig(), PrecisionConfig(backend="local"))
     model.train()
     batch = concat_packs([_batch(cfg, 256, seed) for seed in range(1, packs + 1)])
+    if meta:  # the loader's host metadata travels through the trim
+        batch = dataclasses.replace(batch, pack_meta=PackMeta.build(cfg, batch))
     loss_full, n_full, t_full, g_full = _step(model, batch, None)
     loss_trim, n_trim, t_trim, g_trim = _step(model, batch, 16)
     assert t_full == 256 * packs and t_trim < t_full - 16  # the model really saw fewer tokens
@@ -131,3 +137,21 @@ def test_loss_and_grads_equal_with_and_without_trimming(megatron_single_process,
     for name, g in g_full.items():
         atol = 1e-5 * max(float(g.abs().max()), 1e-12)
         torch.testing.assert_close(g_trim[name], g, atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("multiple", [16, None], ids=["partial_padding_kept", "padding_emptied"])
+def test_trimmed_pack_meta_is_the_trimmed_batchs(multiple):
+    """The host metadata travels through trimming: equal to metadata built from the trimmed
+    batch (so the model, which checks it, accepts it and reads the same rows)."""
+    cfg = get_flavor("debug-internlm2")
+    for b in (_batch(cfg), _batch(cfg, samples=[[16], [32]]), concat_packs([_batch(cfg)] * 2)):
+        b = dataclasses.replace(b, pack_meta=PackMeta.build(cfg, b))
+        used = b.num_tokens - b.metadata["padding_tokens"]
+        t = b.trim_padding(multiple or used)
+        want = PackMeta.build(cfg, dataclasses.replace(t, pack_meta=None))
+        got = t.pack_meta
+        assert got.seqlens == want.seqlens and got.max_seqlen == want.max_seqlen
+        assert got.num_visual == want.num_visual
+        for name in ("image_slots", "loss_rows", "text_rows"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        got.check_matches(t.num_tokens, t.cu_seqlens.numel())
