@@ -117,6 +117,12 @@ class PrecisionConfig(ConfigBase):
     when navil-pretrain trains on the transformer_engine backend (Megatron DDP provides
     main_grad); off for a bare model (demo, tools: no DDP, no main_grad). Needs Transformer
     Engine: refused with the local backend."""
+    lm_head_loss_chunk_rows: int = flag(4096, "--lm-head-loss-chunk-rows")
+    """Run the LM head and the cross entropy together, this many loss rows at a time, with the
+    logits recomputed in backward (models/head_loss.py): never a whole [rows, vocab] logits
+    tensor nor its fp32 copies (3 GB each at 8k rows and a 92k vocabulary), for one more head
+    GEMM. 0 = the plain path (all logits at once, Megatron's vocab-parallel cross entropy). Same
+    losses and gradients either way (tests/models/test_head_loss.py)."""
     attention_dropout: float = 0.0
     """Dropout on attention probabilities."""
     hidden_dropout: float = 0.0
@@ -126,6 +132,11 @@ class PrecisionConfig(ConfigBase):
         super().validate()
         if self.gradient_accumulation_fusion and self.backend == "local":
             raise ConfigError(GRAD_ACCUM_FUSION_NEEDS_TE)
+        if self.lm_head_loss_chunk_rows < 0:
+            raise ConfigError(
+                f"precision.lm_head_loss_chunk_rows must be >= 0 (0 = off), got "
+                f"{self.lm_head_loss_chunk_rows}"
+            )
         if self.fp8 is not None and self.backend == "local":
             raise ConfigError("precision.fp8 needs backend transformer_engine (or auto on a GPU)")
         if self.fp8 is not None and self.fp8_padding_multiple is not None:

@@ -29,6 +29,7 @@ from megatron.core.utils import get_pg_rank
 from megatron_navil.config.model import SPECIAL_TOKENS, NaViLModelConfig, padded_vocab_size
 from megatron_navil.geometry.rope import rope_1d
 from megatron_navil.models.backends import Backend
+from megatron_navil.models.head_loss import chunked_head_cross_entropy
 from megatron_navil.models.layer import NaViLTransformerBlock
 from megatron_navil.models.modality import ModalityRouting
 from megatron_navil.models.specs import block_submodules, llm_layer_spec
@@ -54,9 +55,13 @@ class NaViLLanguageModel(MegatronModule):
         post_process: bool,
         pg_collection: ProcessGroupCollection,
         vp_stage: Optional[int] = None,
+        head_loss_chunk: int = 0,
     ):
+        """`head_loss_chunk`: loss rows per chunk of the fused LM head + cross entropy
+        (models/head_loss.py, precision.lm_head_loss_chunk_rows); 0 = the plain path."""
         super().__init__(config=config)
         self.cfg = cfg
+        self.head_loss_chunk = head_loss_chunk
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = pg_collection.tp
         self.tp_region = TPRegion.of(config, self.tp_group)
@@ -175,11 +180,28 @@ class NaViLLanguageModel(MegatronModule):
         rows = head_rows
         if rows is None:
             rows = ((weights != 0) & not_image).nonzero().squeeze(1)
-        logits = self._logits(h.index_select(0, rows)).float()  # [n, 1, V/tp]
-        ce = self.tp_region.cross_entropy(logits, labels.index_select(0, rows)[:, None])
+        target = labels.index_select(0, rows)
+        if self.head_loss_chunk:
+            ce = self._chunked_loss(h.index_select(0, rows)[:, 0], target)
+        else:
+            logits = self._logits(h.index_select(0, rows)).float()  # [n, 1, V/tp]
+            ce = self.tp_region.cross_entropy(logits, target[:, None])[:, 0]
         # Per-position weighted loss over the whole pack (0 where no loss is taken).
-        return torch.zeros_like(weights).index_copy(
-            0, rows, ce[:, 0] * weights.index_select(0, rows)
+        return torch.zeros_like(weights).index_copy(0, rows, ce * weights.index_select(0, rows))
+
+    def _chunked_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-row loss through models/head_loss.py: the LM head's own region crossing first
+        (as the ColumnParallelLinear does: its input gradient is all-reduced over TP, except
+        under SP, where the sequence gather's backward already reduces it)."""
+        if not self.tp_region.sequence_parallel:
+            x = self.tp_region.enter_column(x)
+        return chunked_head_cross_entropy(
+            x,
+            self.output_layer.weight,
+            target,
+            self.tp_region,
+            self.vocab_size,
+            self.head_loss_chunk,
         )
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:

@@ -108,7 +108,14 @@ class NaViLModel(MegatronModule):
             self.vision_model = VisionEncoder(cfg, vit_config, backend, pg_collection)
             self.connector = Connector(cfg, vit_config)
         self.language_model = NaViLLanguageModel(
-            cfg, self.config, backend, pre_process, post_process, pg_collection, vp_stage
+            cfg,
+            self.config,
+            backend,
+            pre_process,
+            post_process,
+            pg_collection,
+            vp_stage,
+            head_loss_chunk=precision.lm_head_loss_chunk_rows,
         )
         self.vision_every_micro_batch = vision_every_micro_batch
         # device -> (grid_thw, VisionMeta) of the blank image (_blank_image_features)

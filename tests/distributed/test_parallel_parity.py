@@ -5,11 +5,13 @@ A 1-process run of the debug model saves its weights and, after one step of two 
 dist checkpoints. Each parallel layout is a real multi-process gloo job that loads those weights
 resharded by dist_checkpointing, runs the same step through Megatron's pipeline schedule and
 DDP, loads the reference gradients resharded the same way and compares every local shard.
-The `_pack_meta` layouts give the parallel run's batches the loader's host-side metadata
-(data.host_pack_metadata, megatron_navil/pack_meta.py) while the reference computes it in the
-model, so they also prove the switch changes nothing under TP, SP and PP, and that no call of
-anything would block the host on a GPU there per micro-batch (utils/host_syncs.py, counted on
-every rank; Megatron's one check per step in finalize_model_grads is what remains).
+The reference runs the plain LM head + cross entropy; every parallel run uses the fused, chunked one
+(models/head_loss.py: one chunk, or 5-row chunks in the `_head_chunk5` layouts), so they also prove
+that switch under TP and SP. The `_pack_meta` layouts give the parallel run's batches the loader's
+host-side metadata (data.host_pack_metadata, megatron_navil/pack_meta.py) while the reference
+computes it in the model, so they also prove the switch changes nothing under TP, SP and PP, and
+that no call of anything would block the host on a GPU there per micro-batch (utils/host_syncs.py,
+counted on every rank; Megatron's one check per step in finalize_model_grads is what remains).
 
 Tolerance: losses to 1e-5 relative and gradients to 1e-4 of each tensor's largest entry. All
 runs are fp32 on CPU with dropout 0; the only differences come from the order of floating-point
@@ -42,6 +44,10 @@ LAYOUTS = {
     # computing them (the single-process reference computes them itself)
     "tp2_sp_pack_meta": (2, ["--tp", "2", "--sp", "--pack-meta"]),
     "tp2_pp2_pack_meta": (4, ["--tp", "2", "--pp", "2", "--pack-meta"]),
+    # precision.lm_head_loss_chunk_rows: the fused head + loss in chunks of 5 rows (the others
+    # run it in one chunk; the reference runs the plain path, chunk 0)
+    "tp2_head_chunk5": (2, ["--tp", "2", "--head-chunk", "5"]),
+    "tp2_sp_head_chunk5": (2, ["--tp", "2", "--sp", "--head-chunk", "5"]),
 }
 CASES = (
     [("debug-internlm2", name) for name in LAYOUTS]
@@ -79,6 +85,8 @@ def references(tmp_path_factory):
                 [
                     "--mode",
                     "reference",
+                    "--head-chunk",
+                    "0",
                     *_model_args(flavor),
                     "--dir",
                     str(d),

@@ -40,6 +40,12 @@ def _args():
         action="store_true",
         help="attach the loader's host-side pack metadata (data.host_pack_metadata) to the batches",
     )
+    p.add_argument(
+        "--head-chunk",
+        type=int,
+        default=None,
+        help="precision.lm_head_loss_chunk_rows (0: the plain LM head + cross entropy)",
+    )
     return p.parse_args()
 
 
@@ -81,7 +87,10 @@ def main():
         virtual_pipeline_model_parallel_size=a.vpp,
     )
     initialize_model_parallel(par, seed=7)
-    chunks = build_model(cfg, par, PrecisionConfig())
+    precision = PrecisionConfig()
+    if a.head_chunk is not None:
+        precision = PrecisionConfig(lm_head_loss_chunk_rows=a.head_chunk)
+    chunks = build_model(cfg, par, precision)
     model = chunks[0]
     weights_dir, grads_dir = os.path.join(a.dir, "weights"), os.path.join(a.dir, "grads")
 
