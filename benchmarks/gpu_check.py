@@ -1,7 +1,7 @@
-"""One prepared GPU check: environment, GPU tests, short training runs, decode throughput.
+"""One prepared GPU check: environment, step benchmark, GPU tests, short training runs, decode.
 
     bash benchmarks/gpu_check.sh [--dry-run] [--out DIR] [--budget S] [--timeout NAME=S ...]
-                                 [--sections env,gpu_tests,training,decode]
+                                 [--sections env,step,gpu_tests,training,decode]
 
 Made to run ONCE on the GPU test machine right after staging (docs/gpu.md), in under 8 minutes on
 one H200, and on CPU as `--dry-run` (CI: tests/test_gpu_check.py). Sections, each in child
@@ -9,28 +9,33 @@ processes with its own timeout; one that fails or times out is recorded as such 
 moves on:
 1. env: python/torch/CUDA versions, device name + compute capability, `nvidia-smi`, and imports
    of megatron.core, transformer_engine.pytorch, nvidia.dali (version or the import error).
-2. gpu_tests: `python -m pytest -q -m gpu tests/gpu tests/data/test_gpu.py --junitxml ...`:
+2. step: benchmarks/bench_step.py (issue 11; benchmarks/gpu_check_step.py): NaViL layer vs the
+   dense Megatron TE layer, FP8 vs bf16, ViT TFLOP/s, the full NaViL-2B step (MFU, peak
+   memory), host syncs, top kernels, each optimisation switch on/off. Runs second so that its
+   measurements get their time; the sections after it share what is left of the budget.
+3. gpu_tests: `python -m pytest -q -m gpu tests/gpu tests/data/test_gpu.py --junitxml ...`:
    passed/failed/skipped counts, skip reasons, failing tests' names and first lines.
-3. training: synthetic captions -> tokenizer -> shards (as examples/quickstart.sh), then short
+4. training: synthetic captions -> tokenizer -> shards (as examples/quickstart.sh), then short
    runs of `python -m megatron_navil.cli.pretrain` under torchrun: debug model bf16 and FP8
    delayed; navil-2b widths at 2+2 layers bf16 and FP8 delayed (FP8 tensorwise: gpu_tests)
    (benchmarks/gpu_check_train.py). Per run: exit code, first/last loss, finite, falling (mean
    of the last 5 < mean of the first 5), tokens/s, TFLOP/s per GPU, MFU, peak memory, wall time.
-4. decode: benchmarks/bench_loader.py, DALI (`mixed` on GPU) beside a PIL DataLoader on the
+5. decode: benchmarks/bench_loader.py, DALI (`mixed` on GPU) beside a PIL DataLoader on the
    same JPEGs: img/s of both and the ratio, single- and multi-scale.
 `--dry-run`: the same driver on CPU: local backend, fp32, the debug run only (12 steps; FP8 and
 navil-2b runs recorded as "skipped: dry run"), DALI CPU decode of 8 images, the same pytest call
-(the GPU tests skip: their counts are recorded).
+(the GPU tests skip: their counts are recorded), bench_step's dry run (debug flavors, no FP8).
 
 Outputs under --out DIR, else $OUT (the device tool's folder), else ./gpu_check_out, three files
 only (the device tool brings back at most 8): results.json (every section; rewritten after each
 section, so a killed check still leaves what it finished), logs.tar.gz (`logs/<section>/...`:
 *.stdout.log / *.stderr.log of every child, junit.xml, the metrics JSONL of every run,
-bench_loader_results.json; results.json names these members), summary.txt (the table).
+bench_loader_results.json, bench_step_results.json; results.json names these members),
+summary.txt (the table).
 Progress lines go to stdout as sections start; the summary table is printed LAST. The process
 always exits 0.
 
-Timeouts (seconds) per step: env, gpu_tests, data (all of the data preparation), train_debug
+Timeouts (seconds) per step: env, step, gpu_tests, data (all of the data preparation), train_debug
 and train_2b (per run), decode; `--timeout NAME=S` or GPU_CHECK_TIMEOUTS="NAME=S,NAME=S".
 `--budget S` (or GPU_CHECK_BUDGET) caps the whole check: each step gets min(its timeout, what is
 left), and steps with no time left are recorded as skipped ("out of time budget").
@@ -55,12 +60,16 @@ from typing import Any, Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check_proc import REPO, Budget, run_logged  # noqa: E402
+from gpu_check_step import section_step, step_rows  # noqa: E402
 from gpu_check_train import run_training  # noqa: E402
 
 PY = sys.executable
-SECTIONS = ("env", "gpu_tests", "training", "decode")
+# step runs right after env: issue 11's measurements get their time before the correctness
+# sections, which then share what is left of the budget (docs/gpu.md).
+SECTIONS = ("env", "step", "gpu_tests", "training", "decode")
 TIMEOUTS: dict[str, float] = {
     "env": 90,
+    "step": 240,
     "gpu_tests": 210,
     "data": 60,
     "train_debug": 90,
@@ -365,6 +374,7 @@ def section_decode(logs: Path, budget: Budget, timeouts: dict[str, float], dry_r
 
 RUNNERS = {
     "env": section_env,
+    "step": section_step,
     "gpu_tests": section_gpu_tests,
     "training": section_training,
     "decode": section_decode,
@@ -443,6 +453,9 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
             )
             for run, r in s["runs"].items():
                 rows.append((f"train:{run}", r["status"], _num(r.get("wall_s")), _run_keys(r)))
+        elif name == "step" and s.get("parts"):
+            rows.append((name, s["status"], t, s.get("reason", "")))
+            rows += step_rows(s)
         elif name == "decode" and s.get("rows"):
             for mode, r in s["rows"].items():
                 rows.append(

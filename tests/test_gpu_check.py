@@ -1,7 +1,9 @@
 """The prepared GPU check (benchmarks/gpu_check.sh) works end to end on CPU, as `--dry-run`.
 
 Proves, before anyone spends GPU time on it, that the one-shot check the GPU machine runs:
-- exits 0 and writes results.json with every section (env, gpu_tests, training, decode);
+- exits 0 and writes results.json with every section (env, step, gpu_tests, training, decode);
+- runs the step benchmark (benchmarks/bench_step.py, its own tests: tests/test_bench_step.py) as
+  a section: its parts land in results.json, its JSON in the logs, one summary row per part;
 - gets through the real training path (synthetic captions -> tokenizer -> shards -> torchrun
   navil-pretrain, local backend, fp32): the dry-run debug run finishes all its steps with a
   finite, falling loss, and the FP8 / navil-2b runs are recorded as skipped for the dry run;
@@ -28,7 +30,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SECTIONS = ("env", "gpu_tests", "training", "decode")
+SECTIONS = ("env", "step", "gpu_tests", "training", "decode")
 HEADER = "== gpu_check summary"
 
 pytestmark = pytest.mark.processes  # every test here runs gpu_check.sh in a child
@@ -119,6 +121,30 @@ def test_dry_run_prints_the_table_last(dry_run):
     assert (out / "summary.txt").read_text().splitlines() == table
     names = {row.split()[0] for row in table[2:]}
     assert {"env", "gpu_tests", "training", "train:debug-fp32", "decode:single-scale"} <= names
+
+
+def test_dry_run_step_section(dry_run):
+    proc, out, results = dry_run
+    step = results["sections"]["step"]
+    assert step["exit_code"] == 0 and step["status"] == "ok", step
+    assert set(step["parts"]) == {
+        "layers",
+        "vit",
+        "fp8",
+        "step",
+        "host_syncs",
+        "profile",
+        "switches",
+    }
+    assert all(p["status"] in ("ok", "skipped") for p in step["parts"].values())
+    assert step["table"][0].startswith("## bench_step")  # the child's markdown table, kept
+    with tarfile.open(out / results["logs"]) as tar:
+        assert step["results_file"] in set(tar.getnames())
+    names = [row.split()[0] for row in _table(proc.stdout)[2:]]
+    assert {"step", "step:layers", "step:fp8", "step:vit", "step:full", "step:switches"} <= set(
+        names
+    )
+    assert names.index("step") == names.index("env") + 1  # right after env: it gets its time
 
 
 def test_section_timeout_is_recorded_and_the_check_goes_on(tmp_path):
