@@ -104,8 +104,11 @@ class Sizes:
     warmup: int
     max_iters: int
     min_iters: int
+    step_warmup: int
+    step_max_iters: int
     step_full_depth_s: float
-    """Seconds a full-depth step run (build, warm-up, timed steps) needs at least."""
+    """Seconds a full-depth step run (build, warm-up, timed steps) is expected to need: a run
+    with less time left is made at reduced_depth."""
     reduced_runs: tuple[str, ...] = ()
     """Step runs always made at reduced depth (the dry run: exercises that path and the
     extrapolation)."""
@@ -114,8 +117,10 @@ class Sizes:
         return name if self.gpu else DRY_FLAVORS[name]
 
 
-GPU_SIZES = Sizes(True, 8192, (32, 64), 2, 4, 4, 16384, (4, 4), 2, 3, 20, 3, 75.0)
-DRY_SIZES = Sizes(False, 384, (4, 8), 1, 2, 1, 256, (2, 1), 2, 1, 2, 2, 1.0, ("full+recompute",))
+GPU_SIZES = Sizes(True, 8192, (32, 64), 2, 4, 4, 16384, (4, 4), 2, 3, 20, 3, 2, 5, 35.0)
+DRY_SIZES = Sizes(
+    False, 384, (4, 8), 1, 2, 1, 256, (2, 1), 2, 1, 2, 2, 1, 2, 1.0, ("full+recompute",)
+)
 
 
 class Deadline:
@@ -683,11 +688,12 @@ def time_steps(trainer, sizes: Sizes, allowance_s: float) -> dict[str, Any]:
         chunk.train()
     records = []
     m_first = 0.0
-    for _ in range(sizes.warmup):
+    for _ in range(sizes.step_warmup):  # the first step also makes the optimizer state
         m_first = time_call(lambda: records.append(trainer.train_step()))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    iters = max(sizes.min_iters, min(sizes.max_iters, int(allowance_s * 1e3 / max(m_first, 1e-3))))
+    iters = int(allowance_s * 1e3 / max(m_first, 1e-3))
+    iters = max(sizes.min_iters, min(sizes.step_max_iters, iters))
     stream.served.clear()
     ms = [time_call(lambda: records.append(trainer.train_step())) for _ in range(iters)]
     flop = sum(
@@ -718,11 +724,13 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def release(trainer) -> None:
-    """Free the trainer's GPU memory before the next one is built."""
+def release(trainer) -> Optional[float]:
+    """Free the trainer's GPU memory before the next one is built; GiB still allocated after
+    (recorded: memory a freed trainer leaves behind would shrink the next run's room)."""
     trainer.chunks = trainer.optimizer = trainer.scheduler = None
     del trainer
     free_memory()
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
 def step_runs(sizes: Sizes) -> list[tuple[str, str, Optional[str]]]:
@@ -744,14 +752,54 @@ def extrapolate(
     return row["ms"] + micro * ((full[0] - depth[0]) * llm_ms + (full[1] - depth[1]) * vit_ms)
 
 
-def part_step(sizes: Sizes, deadline: Deadline, results: dict) -> dict[str, Any]:
-    """4. The full NaViL-2B step (stage 1, full training) through the Trainer."""
+def step_row(label: str, sizes: Sizes, depth, full_depth, recompute, fits: bool) -> dict:
+    row: dict[str, Any] = {
+        "run": label,
+        "model": sizes.flavor("navil-2b"),
+        "depth": list(depth or full_depth),
+        "full_depth": depth is None,
+        "micro_batches": sizes.micro_batches,
+        "recompute": recompute,
+    }
+    if depth is not None:
+        row["note"] = (
+            "reduced depth: full depth did not fit the time left"
+            if not fits
+            else "reduced depth (dry run: exercises the fallback)"
+        )
+    return row
+
+
+def step_extras(trainer, label: str, rec: "Recorder") -> None:
+    """Profile and host syncs on the first step run that trained (the real full-depth model
+    when it fits), so those parts need no model of their own."""
+    for name, fn in (
+        ("profile", profile_step),
+        ("host_syncs", lambda t: count_host_syncs(t, t.train_loader.packs[0])),
+    ):
+        if name not in rec.selected or name in rec.results["parts"]:
+            continue
+        t0 = time.monotonic()
+        out = guarded(lambda: fn(trainer))
+        out.update(run=label, depth=rec.results["parts"]["step"]["rows"][-1]["depth"])
+        out["seconds"] = round(time.monotonic() - t0, 2)
+        rec.put(name, out)
+
+
+def part_step(sizes: Sizes, deadline: Deadline, rec: "Recorder") -> dict[str, Any]:
+    """4. The full NaViL-2B step (stage 1, full training) through the Trainer; on the first
+    run that trains, also 5. host syncs and 6. the profile."""
     from megatron_navil.config.flavors import get_flavor
 
     full_cfg = get_flavor(sizes.flavor("navil-2b"))
     full_depth = (full_cfg.llm.num_layers, full_cfg.vision.num_layers)
     runs = step_runs(sizes)
-    rows = []
+    out: dict[str, Any] = {
+        "status": "running",
+        "rows": [],
+        "target_mfu": TARGETS["step_mfu"],
+        "full_depth": list(full_depth),
+    }
     for i, (label, preset, recompute) in enumerate(runs):
         t0 = time.monotonic()
         fits = deadline.left() >= sizes.step_full_depth_s
@@ -759,46 +807,31 @@ def part_step(sizes: Sizes, deadline: Deadline, results: dict) -> dict[str, Any]
         over = step_overrides(sizes, preset, depth)
         if recompute:
             over["parallel.recompute_granularity"] = recompute
-        row: dict[str, Any] = {
-            "run": label,
-            "model": sizes.flavor("navil-2b"),
-            "depth": list(depth or full_depth),
-            "full_depth": depth is None,
-            "micro_batches": sizes.micro_batches,
-            "recompute": recompute,
-        }
-        if depth is not None:
-            row["note"] = (
-                "reduced depth: full depth did not fit the time left"
-                if fits is False
-                else "reduced depth (dry run: exercises the fallback)"
-            )
+        row = step_row(label, sizes, depth, full_depth, recompute, fits)
+        out["rows"].append(row)
         try:
             trainer = build_trainer(over)
         except Exception as e:  # e.g. out of memory at full depth: recorded, the next run goes on
-            rows.append({**row, "status": "error", "reason": f"{type(e).__name__}: {e}"[:300]})
+            row.update(status="error", reason=f"{type(e).__name__}: {e}"[:300])
             free_memory()
+            rec.put("step", out)
             continue
         try:
             row.update(time_steps(trainer, sizes, deadline.left() / (len(runs) - i) * 0.3))
             row["status"] = "ok"
+            rec.put("step", out)
+            step_extras(trainer, label, rec)
         except Exception as e:
             row.update(status="error", reason=f"{type(e).__name__}: {e}"[:300])
         finally:
-            release(trainer)
+            row["gib_left_after_release"] = release(trainer)
         row["seconds"] = round(time.monotonic() - t0, 2)
         if depth is not None and row.get("ms"):
-            row["ms_full_depth_estimate"] = extrapolate(
-                row, depth, full_depth, per_layer_ms(results)
-            )
-        rows.append(row)
-    ok = [r for r in rows if r.get("status") == "ok"]
-    return {
-        "status": "ok" if ok else "failed",
-        "rows": rows,
-        "target_mfu": TARGETS["step_mfu"],
-        "full_depth": list(full_depth),
-    }
+            est = extrapolate(row, depth, full_depth, per_layer_ms(rec.results))
+            row["ms_full_depth_estimate"] = est
+        rec.put("step", out)  # a kill during the next run keeps this one
+    out["status"] = "ok" if any(r.get("status") == "ok" for r in out["rows"]) else "failed"
+    return out
 
 
 def per_layer_ms(results: dict) -> tuple[Optional[float], Optional[float]]:
@@ -846,16 +879,23 @@ def count_host_syncs(trainer, batch) -> dict[str, Any]:
 
 
 def profile_step(trainer) -> dict[str, Any]:
-    """One training step under torch.profiler: the 15 names with the most self device time
-    (CPU time without a GPU), with their share of the total."""
+    """One training step under torch.profiler: the 15 kernels with the most device time (ops
+    with the most self CPU time without a GPU), with their share of the total."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=acts) as prof:
         trainer.train_step()
         sync()
-    events = prof.key_averages()
+    events = list(prof.key_averages())
     gpu = torch.cuda.is_available()
+    if gpu:
+        # Kernel rows only: an operator's row also carries the device time of the kernels it
+        # launched, which would count each kernel twice in the total.
+        from torch.autograd import DeviceType
+
+        kernels = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+        events = kernels or events
 
     def self_us(e) -> float:
         if gpu:
@@ -884,7 +924,8 @@ def profile_step(trainer) -> dict[str, Any]:
 
 
 def part_syncs_and_profile(sizes: Sizes, deadline: Deadline, which: str) -> dict[str, Any]:
-    """5./6. On a reduced-depth 2B trainer (full training): host syncs or the profile."""
+    """5./6. Host syncs or the profile on a reduced-depth 2B trainer (full training), when the
+    step part made neither (it did not run, or no run of it trained)."""
     trainer = build_trainer(step_overrides(sizes, "full", sizes.reduced_depth))
     try:
         packs = step_packs(trainer, sizes)
@@ -980,62 +1021,81 @@ def part_switches(sizes: Sizes, deadline: Deadline) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- driver
-# Seconds each part needs at least on a GPU (a part with less left is skipped) and its share of
-# what is left when it starts (the iteration counts are sized from that).
+# Seconds each part needs at least on a GPU (a part with less left is skipped), and the seconds
+# it is planned to take: a part gets the time left in proportion to its plan among the parts
+# still to run (its iteration counts are sized from that). The step's three full-depth runs
+# (build ~20 s, 5-8 steps) are the largest item.
 MIN_S = {
     "layers": 25,
     "vit": 10,
     "fp8": 20,
     "step": 40,
-    "host_syncs": 15,
     "profile": 15,
+    "host_syncs": 15,
     "switches": 20,
 }
-SHARE = {
-    "layers": 0.2,
-    "vit": 0.15,
-    "fp8": 0.25,
-    "step": 0.6,
-    "host_syncs": 0.3,
-    "profile": 0.5,
-    "switches": 1.0,
+PLAN_S = {
+    "layers": 25,
+    "vit": 12,
+    "fp8": 25,
+    "step": 100,
+    "profile": 10,
+    "host_syncs": 10,
+    "switches": 50,
 }
 
 
-def run_part(name: str, sizes: Sizes, deadline: Deadline, results: dict) -> dict[str, Any]:
-    """One part under its share of the time left; an exception becomes an 'error' record."""
-    need = MIN_S[name] if sizes.gpu else 0.0
-    if deadline.left() < need:
-        return {"status": "skipped", "reason": f"out of time budget ({deadline.left():.0f} s left)"}
-    share = Deadline(deadline.left() * SHARE[name])
-    t0 = time.monotonic()
+class Recorder:
+    """The results, saved atomically whenever a part (or a row of one) is recorded, so a
+    benchmark killed at its timeout still leaves what it measured."""
+
+    def __init__(self, results: dict, path: Path, selected: list[str]):
+        self.results, self.path, self.selected = results, path, selected
+
+    def put(self, name: str, record: dict) -> None:
+        self.results["parts"][name] = record
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        os.replace(tmp, self.path)
+
+
+def guarded(fn: Callable[[], dict]) -> dict[str, Any]:
+    """fn's record, or an 'error' record: the benchmark must finish and report every part."""
     try:
-        if name == "layers":
-            rec = part_layers(sizes, share)
-        elif name == "vit":
-            rec = part_vit(sizes, share)
-        elif name == "fp8":
-            rec = part_fp8(sizes, share)
-        elif name == "step":
-            rec = part_step(sizes, share, results)
-        elif name == "switches":
-            rec = part_switches(sizes, share)
-        else:
-            rec = part_syncs_and_profile(sizes, share, name)
-    except Exception as e:  # the benchmark must finish and report every part
-        rec = {
+        return fn()
+    except Exception as e:
+        return {
             "status": "error",
             "reason": f"{type(e).__name__}: {e}"[:400],
             "traceback": traceback.format_exc().splitlines()[-8:],
         }
-    rec["seconds"] = round(time.monotonic() - t0, 2)
-    return rec
 
 
-def save(results: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    os.replace(tmp, path)
+def run_part(name: str, sizes: Sizes, deadline: Deadline, rec: Recorder) -> dict[str, Any]:
+    """One part under its planned share of the time left."""
+    done = rec.results["parts"].get(name)
+    if done is not None:  # profile / host syncs made by the step part
+        return done
+    if deadline.left() < (MIN_S[name] if sizes.gpu else 0.0):
+        return {"status": "skipped", "reason": f"out of time budget ({deadline.left():.0f} s left)"}
+    todo = [n for n in PARTS if n in rec.selected and n not in rec.results["parts"]]
+    share = Deadline(deadline.left() * PLAN_S[name] / sum(PLAN_S[n] for n in todo))
+    t0 = time.monotonic()
+    runners: dict[str, Callable[[], dict]] = {
+        "layers": lambda: part_layers(sizes, share),
+        "vit": lambda: part_vit(sizes, share),
+        "fp8": lambda: part_fp8(sizes, share),
+        "step": lambda: part_step(sizes, share, rec),
+        "switches": lambda: part_switches(sizes, share),
+        "profile": lambda: part_syncs_and_profile(sizes, share, "profile"),
+        "host_syncs": lambda: part_syncs_and_profile(sizes, share, "host_syncs"),
+    }
+    out = guarded(runners[name])
+    out["seconds"] = round(time.monotonic() - t0, 2)
+    return out
 
 
 def run_all(sizes: Sizes, budget_s: float, parts: list[str], out: Path) -> dict:
@@ -1055,24 +1115,23 @@ def run_all(sizes: Sizes, budget_s: float, parts: list[str], out: Path) -> dict:
         "targets": TARGETS,
         "parts": {},
     }
-    path = out / RESULTS_NAME
+    rec = Recorder(results, out / RESULTS_NAME, parts)
     os.environ.setdefault("MASTER_PORT", "29761")
-    initialize_model_parallel(ParallelConfig(), seed=1234)
     try:
         for name in PARTS:
             if name not in parts:
-                results["parts"][name] = {"status": "skipped", "reason": "not selected (--parts)"}
+                rec.put(name, {"status": "skipped", "reason": "not selected (--parts)"})
                 continue
             log.info("part %s (%.0f s left)", name, deadline.left())
             initialize_model_parallel(ParallelConfig(), seed=1234)  # a Trainer may have changed it
-            results["parts"][name] = run_part(name, sizes, deadline, results)
+            record = run_part(name, sizes, deadline, rec)
             results["wall_s"] = round(time.monotonic() - t0, 2)
-            save(results, path)
-            log.info("part %s: %s", name, results["parts"][name]["status"])
+            rec.put(name, record)
+            log.info("part %s: %s", name, record["status"])
     finally:
         destroy()
     results["wall_s"] = round(time.monotonic() - t0, 2)
-    save(results, path)
+    rec.save()
     return results
 
 
