@@ -109,6 +109,10 @@ class Sizes:
     step_full_depth_s: float
     """Seconds a full-depth step run (build, warm-up, timed steps) is expected to need: a run
     with less time left is made at reduced_depth."""
+    fill: float = 0.97
+    """Share of each pack the samples use (the rest is padding, as the packer leaves it). The
+    dry run's is lower so that padding trim (training.trim_padding, multiples of 16) has
+    something to cut there too."""
     reduced_runs: tuple[str, ...] = ()
     """Step runs always made at reduced depth (the dry run: exercises that path and the
     extrapolation)."""
@@ -119,7 +123,7 @@ class Sizes:
 
 GPU_SIZES = Sizes(True, 8192, (32, 64), 2, 4, 4, 16384, (4, 4), 2, 3, 20, 3, 2, 5, 35.0)
 DRY_SIZES = Sizes(
-    False, 384, (4, 8), 1, 2, 1, 256, (2, 1), 2, 1, 2, 2, 1, 2, 1.0, ("full+recompute",)
+    False, 384, (4, 8), 1, 2, 1, 256, (2, 1), 2, 1, 2, 2, 1, 2, 1.0, 0.9, ("full+recompute",)
 )
 
 
@@ -183,11 +187,16 @@ def peak_gib() -> Optional[float]:
 
 # ----------------------------------------------------------------------------- packs
 def realistic_samples(
-    cfg, seq_length: int, share: float, grid_range: tuple[int, int], gen: torch.Generator
+    cfg,
+    seq_length: int,
+    share: float,
+    grid_range: tuple[int, int],
+    gen: torch.Generator,
+    fill: float = 0.97,
 ) -> list[list[object]]:
     """Samples for one pack: image samples (1-2 images of grid_range patches a side, with a
     caption/question of 16-200 tokens) while they bring the pack's visual tokens closer to
-    `share` of it, then text-only samples (64-1500 tokens) until it is about 97% full (text
+    `share` of it, then text-only samples (64-1500 tokens) until `fill` of it is used (text
     lengths scale with seq_length / 8192 for the dry run's short packs). Visual tokens are
     counted with the model's own mask on the real layout (data/layout.image_token_ids: row
     separators and </img> are text)."""
@@ -200,7 +209,7 @@ def realistic_samples(
         return 2 * randint(grid_range[0] // 2, grid_range[1] // 2)  # whole 2x2 merge blocks
 
     scale = seq_length / 8192  # text lengths below are for 8192-token packs
-    fill = int(seq_length * 0.97)
+    fill = int(seq_length * fill)
     target = share * fill
     samples: list[list[object]] = []
     visual = used = 0
@@ -223,11 +232,11 @@ def realistic_samples(
     return samples
 
 
-def make_pack(cfg, seq_length: int, share: float, grid_range, seed: int):
+def make_pack(cfg, seq_length: int, share: float, grid_range, seed: int, fill: float = 0.97):
     from megatron_navil.data.synthetic import synthetic_batch
 
     gen = torch.Generator().manual_seed(seed)
-    samples = realistic_samples(cfg, seq_length, share, grid_range, gen)
+    samples = realistic_samples(cfg, seq_length, share, grid_range, gen, fill)
     return synthetic_batch(cfg, seq_length, gen, samples, text_vocab=1000)
 
 
@@ -247,15 +256,20 @@ def pack_facts(cfg, batch) -> dict[str, Any]:
 
 
 def attach_pack_meta(cfg, batch, on: bool):
-    """The loader's host-side metadata (issue11-hostsync's megatron_navil/pack_meta.py) when
-    that module exists and `on`; unchanged otherwise."""
+    """What the loader does with data.host_pack_metadata on: the pack's host-side metadata
+    (megatron_navil/pack_meta.py) and, on a CUDA machine, page-locked tensors (the CPU-decode
+    path of data/loader.py: asynchronous copies to the GPU). Unchanged when off, or in a
+    checkout without pack metadata."""
     if not on or not hasattr(batch, "pack_meta"):
         return batch
     try:
+        from megatron_navil.data.cuda_handoff import CudaHandoff
         from megatron_navil.pack_meta import PackMeta
     except ImportError:
         return batch
     batch.pack_meta = PackMeta.build(cfg, batch)
+    if torch.cuda.is_available():
+        CudaHandoff(None, pin_device=torch.cuda.current_device()).seal(batch)
     return batch
 
 
@@ -303,9 +317,9 @@ def device() -> torch.device:
 # ----------------------------------------------------------------------------- decoder stacks
 def layer_inputs(cfg, batch, backend, dtype):
     """hidden [T,1,D] (a leaf needing grad), output grad, RoPE, THD params, routing."""
+    from megatron_navil.geometry.rope import rope_1d
     from megatron_navil.models.modality import ModalityRouting
     from megatron_navil.models.packing import packed_params
-    from megatron_navil.models.rope import rope_1d
 
     dev = device()
     t, d = batch.num_tokens, cfg.llm.hidden_size
@@ -428,7 +442,9 @@ def part_layers(sizes: Sizes, deadline: Deadline) -> dict[str, Any]:
         allowance = deadline.left() / (len(jobs) - i) / 2 * 0.6  # two stacks, build time aside
         cfg = get_flavor(sizes.flavor(flavor))
         precision = precision_for(sizes)
-        batch = make_pack(cfg, sizes.seq_length, share, sizes.grid_range, seed=11 + i)
+        batch = make_pack(
+            cfg, sizes.seq_length, share, sizes.grid_range, seed=11 + i, fill=sizes.fill
+        )
         n = sizes.layer_stack
         navil, backend, config = navil_stack(cfg, precision, n)
         x = layer_inputs(cfg, batch, backend, config.params_dtype)
@@ -487,7 +503,7 @@ def part_fp8(sizes: Sizes, deadline: Deadline) -> dict[str, Any]:
     from megatron_navil.config.flavors import get_flavor
 
     cfg = get_flavor(sizes.flavor("navil-9b"))
-    batch = make_pack(cfg, sizes.seq_length, 0.3, sizes.grid_range, seed=21)
+    batch = make_pack(cfg, sizes.seq_length, 0.3, sizes.grid_range, seed=21, fill=sizes.fill)
     flop = layer_flops(cfg, batch) * sizes.fp8_layers
     recipes = fp8_recipes()
     runnable = [r for r in recipes if fp8_unsupported(r) is None]
@@ -672,9 +688,24 @@ def step_packs(trainer, sizes: Sizes) -> list:
     packs = []
     for i in range(sizes.micro_batches):
         share = VISUAL_SHARES[i % len(VISUAL_SHARES)]
-        b = make_pack(trainer.model_cfg, sizes.seq_length, share, sizes.grid_range, seed=41 + i)
+        b = make_pack(
+            trainer.model_cfg,
+            sizes.seq_length,
+            share,
+            sizes.grid_range,
+            seed=41 + i,
+            fill=sizes.fill,
+        )
         packs.append(attach_pack_meta(trainer.model_cfg, b, meta_on))
     return packs
+
+
+def step_pack_facts(trainer, batch) -> dict[str, Any]:
+    """pack_facts plus the tokens the model runs on after the trainer's padding trim."""
+    facts = pack_facts(trainer.model_cfg, batch)
+    trim = getattr(trainer, "trim_multiple", None)  # training.trim_padding (issue11-switches)
+    facts["tokens_run"] = batch.trim_padding(trim).num_tokens if trim else batch.num_tokens
+    return facts
 
 
 def time_steps(trainer, sizes: Sizes, allowance_s: float) -> dict[str, Any]:
@@ -712,7 +743,7 @@ def time_steps(trainer, sizes: Sizes, allowance_s: float) -> dict[str, Any]:
         "peak_tflops": peak,
         "peak_mem_gib": peak_gib(),
         "losses": [r.get("loss") for r in records],
-        "packs": [pack_facts(trainer.model_cfg, b) for b in stream.packs],
+        "packs": [step_pack_facts(trainer, b) for b in stream.packs],
     }
 
 
@@ -858,7 +889,9 @@ def count_host_syncs(trainer, batch) -> dict[str, Any]:
 
     def count(b):
         model = trainer.chunks[0]
-        with HostSyncCounter() as c:
+        # torch.compile'd kernels (Megatron's fused SwiGLU) run eagerly while counted: a
+        # function mode around a compiled function would make dynamo recompile it
+        with eager(), HostSyncCounter() as c:
             output, loss_fn = forward_step(iter([b]), model)
             loss_sum, num_tokens, _ = loss_fn(output)
             (loss_sum / num_tokens).backward()
@@ -876,6 +909,14 @@ def count_host_syncs(trainer, batch) -> dict[str, Any]:
         off = count(dataclasses.replace(batch, pack_meta=None))
         rec.update(syncs_without_pack_meta=len(off.syncs), h2d_without_pack_meta=len(off.h2d))
     return rec
+
+
+def eager():
+    """torch.compile'd functions run eagerly inside (a null context on an older torch)."""
+    import contextlib
+
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()
 
 
 def profile_step(trainer) -> dict[str, Any]:
