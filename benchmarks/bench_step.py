@@ -79,6 +79,7 @@ SWITCHES: tuple[tuple[str, str, Any, Any, dict, bool], ...] = (
         {"optimizer.use_distributed_optimizer": True, "optimizer.overlap_grad_reduce": True},
         False,
     ),
+    ("chunked LM head + CE", "precision.lm_head_loss_chunk_rows", 4096, 0, {}, False),
     ("host pack metadata", "data.host_pack_metadata", True, False, {}, False),
 )
 
@@ -656,6 +657,14 @@ def has_field(obj, dotted: str) -> bool:
     return True
 
 
+# The example 2B config's optimizer settings (examples/configs/navil_2b_stage1.yaml).
+STEP_OPTIMIZER = {
+    "optimizer.use_distributed_optimizer": True,
+    "optimizer.overlap_grad_reduce": True,
+    "optimizer.overlap_param_gather": True,
+}
+
+
 def step_overrides(sizes: Sizes, preset: str, depth: Optional[tuple[int, int]]) -> dict:
     over = {
         "model.flavor": sizes.flavor("navil-2b"),
@@ -665,8 +674,8 @@ def step_overrides(sizes: Sizes, preset: str, depth: Optional[tuple[int, int]]) 
         "stage.preset": preset,
         "precision.params_dtype": "bfloat16" if sizes.gpu else "float32",
         "precision.backend": backend_name(sizes.gpu),
-        "optimizer.use_distributed_optimizer": True,
         "logging.progress_bar": "off",
+        **STEP_OPTIMIZER,
     }
     if depth is not None:
         over.update({"model.llm.num_layers": depth[0], "model.vision.num_layers": depth[1]})
@@ -733,6 +742,7 @@ def time_steps(trainer, sizes: Sizes, allowance_s: float) -> dict[str, Any]:
     step_flop = flop / iters
     peak = peak_tflops(getattr(trainer.cfg.logging, "peak_tflops", None)) or 989.0
     med = statistics.median(ms)
+    trained = sum(p.numel() for c in trainer.chunks for p in c.parameters() if p.requires_grad)
     return {
         "ms": med,
         "ms_all": [round(x, 2) for x in ms],
@@ -742,6 +752,8 @@ def time_steps(trainer, sizes: Sizes, allowance_s: float) -> dict[str, Any]:
         "mfu": tflops(step_flop, med) / peak,
         "peak_tflops": peak,
         "peak_mem_gib": peak_gib(),
+        "trained_params": trained,
+        **dp8_estimate(peak_gib(), trained),
         "losses": [r.get("loss") for r in records],
         "packs": [step_pack_facts(trainer, b) for b in stream.packs],
     }
@@ -753,6 +765,17 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def dp8_estimate(peak: Optional[float], trained: int) -> dict[str, Any]:
+    """The peak on one GPU of an 8-GPU node (the example config's layout), estimated: there the
+    distributed optimizer keeps 1/8 of its fp32 master weights and Adam moments (12 bytes per
+    trained parameter) on each GPU; everything else (bf16 weights, fp32 grad buffer,
+    activations) is per GPU already. On one GPU nothing is sharded."""
+    state = 12 * trained / 2**30
+    if peak is None:
+        return {"optimizer_state_gib": state}
+    return {"optimizer_state_gib": state, "peak_mem_gib_dp8_estimate": peak - state * 7 / 8}
 
 
 def release(trainer) -> Optional[float]:
@@ -1032,33 +1055,28 @@ def switch_row(sw: dict, sizes: Sizes, allowance_s: float) -> dict[str, Any]:
     return row
 
 
-def part_switches(sizes: Sizes, deadline: Deadline) -> dict[str, Any]:
-    """7. Each switch on/off for the step at reduced depth."""
+def part_switches(sizes: Sizes, deadline: Deadline, rec: "Recorder") -> dict[str, Any]:
+    """7. Each switch on/off for the step at reduced depth (saved after every switch)."""
     plan = switch_plan()
-    rows = []
-    present = [s for s in plan if s["present"]]
+    out: dict[str, Any] = {"status": "running", "depth": list(sizes.reduced_depth), "rows": []}
+    todo = sum(s["present"] for s in plan)
     for sw in plan:
+        head = {"label": sw["label"], "path": sw["path"]}
         if not sw["present"]:
-            rows.append(
-                {
-                    **{k: sw[k] for k in ("label", "path")},
-                    "status": "skipped",
-                    "reason": sw["reason"],
-                }
-            )
-            continue
-        if deadline.left() < 10 * (1 if sizes.gpu else 0.1):
-            rows.append(
-                {
-                    "label": sw["label"],
-                    "path": sw["path"],
-                    "status": "skipped",
-                    "reason": "out of time budget",
-                }
-            )
-            continue
-        rows.append(switch_row(sw, sizes, deadline.left() / max(len(present), 1) * 0.3))
-    return {"status": "ok", "depth": list(sizes.reduced_depth), "rows": rows}
+            row = {**head, "status": "skipped", "reason": sw["reason"]}
+        elif deadline.left() < SWITCH_MIN_S * (1 if sizes.gpu else 0.01):
+            row = {**head, "status": "skipped", "reason": "out of time budget"}
+        else:
+            row = switch_row(sw, sizes, deadline.left() / todo * 0.3)
+            todo -= 1
+        out["rows"].append(row)
+        rec.put("switches", out)
+    out["status"] = "ok"
+    return out
+
+
+SWITCH_MIN_S = 12.0
+"""Seconds one switch needs on a GPU: two reduced-depth trainers and their steps."""
 
 
 # ----------------------------------------------------------------------------- driver
@@ -1130,7 +1148,7 @@ def run_part(name: str, sizes: Sizes, deadline: Deadline, rec: Recorder) -> dict
         "vit": lambda: part_vit(sizes, share),
         "fp8": lambda: part_fp8(sizes, share),
         "step": lambda: part_step(sizes, share, rec),
-        "switches": lambda: part_switches(sizes, share),
+        "switches": lambda: part_switches(sizes, share, rec),
         "profile": lambda: part_syncs_and_profile(sizes, share, "profile"),
         "host_syncs": lambda: part_syncs_and_profile(sizes, share, "host_syncs"),
     }
@@ -1242,6 +1260,8 @@ def table_lines(results: dict) -> list[str]:
                 )
                 continue
             note = f"peak {_f(r['peak_mem_gib'])} GiB"
+            if r.get("peak_mem_gib_dp8_estimate") is not None:
+                note += f" (8-GPU node est. {r['peak_mem_gib_dp8_estimate']:.1f})"
             if r.get("ms_full_depth_estimate"):
                 note += f"; {r['note']}; full depth est. {r['ms_full_depth_estimate']:.0f} ms"
             add(

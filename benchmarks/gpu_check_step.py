@@ -119,6 +119,7 @@ def _step(r: dict) -> str:
     return (
         f"depth {depth}{'' if r['full_depth'] else ' (reduced)'} | {r['ms']:.1f} ms | "
         f"{_n(r['tflops'], '{:.3g}')} TFLOP/s | MFU {mfu} | {_n(r['peak_mem_gib'], '{:.1f}')} GiB"
+        f" (DP8 est. {_n(r.get('peak_mem_gib_dp8_estimate'), '{:.1f}')})"
     )
 
 
