@@ -867,7 +867,9 @@ def part_step(sizes: Sizes, deadline: Deadline, rec: "Recorder") -> dict[str, An
             trainer = build_trainer(over)
         except Exception as e:  # e.g. out of memory at full depth: recorded, the next run goes on
             row.update(status="error", reason=f"{type(e).__name__}: {e}"[:300])
-            free_memory()
+            trainer = None
+        if trainer is None:
+            free_memory()  # here, not in the except clause: its traceback holds the tensors
             rec.put("step", out)
             continue
         try:
