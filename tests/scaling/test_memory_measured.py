@@ -8,7 +8,8 @@ model, not the Python process, dominates.
 2. Whole runs (processes, slow): navil-pretrain at 1 process, TP=2 (+SP) and PP=2 on mock data;
    each rank's peak resident memory (VmHWM, polled) minus the resident memory of the same
    command with the tiny debug model (everything the model is not: Python, torch, Megatron,
-   gloo, the loader, thread pools) against the predicted peak of that rank's stage
+   gloo, the loader, thread pools) against the predicted peak of that rank's stage for the
+   packs the run executes (at PP = 1 with their padding trimmed, as forward_step does)
    (parameters + gradients + optimizer + in-flight activations + one layer of backward working
    memory), and rank 0's resident memory between steps against the static part alone. glibc
    is told to return freed tensors at once (MALLOC_MMAP_THRESHOLD_), so resident memory follows
@@ -73,7 +74,9 @@ def test_activation_model_equals_autograds_saved_tensors(
     megatron_single_process, flavor, seq, extra
 ):
     from megatron_navil.models.navil import build_model
+    from megatron_navil.config.training import TrainingConfig
     from megatron_navil.training.data import MockPackLoader
+    from megatron_navil.training.step import padding_trim_multiple
 
     overrides = {k: v for k, v in WIDE.items() if not k.startswith("vision")}
     cfg = get_flavor(flavor).apply_overrides({**overrides, **extra}, parse=False)
@@ -136,13 +139,21 @@ def _run(world: int, args: list[str], metrics: Path) -> tuple[list[int], int]:
 
 def _predicted(cfg, tp: int, pp: int, stage: int):
     """The model's StageMemory for the largest mock pack of the run."""
+    from megatron_navil.config.training import TrainingConfig
     from megatron_navil.training.data import MockPackLoader
+    from megatron_navil.training.step import padding_trim_multiple
 
     par = ParallelConfig(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, sequence_parallel=tp > 1
     )
     loader = MockPackLoader(cfg, 1024, 1234, 0, 1)
-    mbs = [MicroBatch.from_batch(cfg, next(loader)) for _ in range(8)]
+    # what the run's forward_step executes: at PP = 1 the padding is trimmed (training.
+    # trim_padding, on by default), so the activations are those of the trimmed pack
+    trim = padding_trim_multiple(TrainingConfig(), par, PrecisionConfig(backend="local"))
+    batches = [next(loader) for _ in range(8)]
+    if trim is not None:
+        batches = [b.trim_padding(trim) for b in batches]
+    mbs = [MicroBatch.from_batch(cfg, b) for b in batches]
     return max(
         (stage_memory(cfg, par, W, 1, stage, 1, 2, False, mb) for mb in mbs), key=lambda m: m.total
     )
