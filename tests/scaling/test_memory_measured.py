@@ -74,9 +74,7 @@ def test_activation_model_equals_autograds_saved_tensors(
     megatron_single_process, flavor, seq, extra
 ):
     from megatron_navil.models.navil import build_model
-    from megatron_navil.config.training import TrainingConfig
     from megatron_navil.training.data import MockPackLoader
-    from megatron_navil.training.step import padding_trim_multiple
 
     overrides = {k: v for k, v in WIDE.items() if not k.startswith("vision")}
     cfg = get_flavor(flavor).apply_overrides({**overrides, **extra}, parse=False)
