@@ -1159,6 +1159,15 @@ def run_part(name: str, sizes: Sizes, deadline: Deadline, rec: Recorder) -> dict
     return out
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on right now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_all(sizes: Sizes, budget_s: float, parts: list[str], out: Path) -> dict:
     from megatron_navil.config.parallel import ParallelConfig
     from megatron_navil.training.flops import CONVENTION
@@ -1177,7 +1186,11 @@ def run_all(sizes: Sizes, budget_s: float, parts: list[str], out: Path) -> dict:
         "parts": {},
     }
     rec = Recorder(results, out / RESULTS_NAME, parts)
-    os.environ.setdefault("MASTER_PORT", "29761")
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        # a process group of its own: never the MASTER_PORT it inherited (a parent holding a
+        # store there, e.g. the test session, makes the bind fail with EADDRINUSE)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
     try:
         for name in PARTS:
             if name not in parts:

@@ -22,7 +22,8 @@ The Megatron model itself (local backend, CPU) is checked too, for its weight GE
 the padding through every layer and computes masked full squares in attention (kernel work, not
 model work), so its mm/addmm FLOPs must equal our count with `include_padding=True` and the
 attention pairs left out, forward and backward: Megatron's linears skip the same gradient GEMMs
-our rule skips.
+our rule skips. With the fused chunked LM head (models/head_loss.py) backward counts exactly
+one more head forward GEMM (its logits recompute, left out of model FLOPs like any recompute).
 Where to look on failure: which assert (forward or backward) and which `trained` set; the
 rules are in training/flop_rules.py, the op lists in training/flops.py.
 """
@@ -46,6 +47,7 @@ from megatron_navil.training.flops import (
     ALL_PARTS,
     batch_counts,
     count_flops,
+    lm_head_flops,
     micro_batch_count,
     trained_parts,
 )
@@ -214,8 +216,13 @@ def test_megatron_model_weight_gemms_match_the_padded_count(megatron_single_proc
 
     cfg = get_flavor("debug-qwen3")
     batch = synthetic_batch(cfg, SEQ, torch.Generator().manual_seed(0), SAMPLES)
+    # the plain LM head (its GEMMs are Megatron's linear); the fused chunked head is checked
+    # below: it recomputes its logits GEMM in backward, work the convention leaves out
     model = NaViLModel(
-        cfg, ParallelConfig(), PrecisionConfig(), experts_trainable=experts_trainable(stage)
+        cfg,
+        ParallelConfig(),
+        PrecisionConfig(lm_head_loss_chunk_rows=0),
+        experts_trainable=experts_trainable(stage),
     )
     apply_stage([model], stage)
     with FlopCounterMode(display=False) as forward:
@@ -231,3 +238,12 @@ def test_megatron_model_weight_gemms_match_the_padded_count(megatron_single_proc
     ours = count_flops(cfg, no_pairs, trained_parts(stage))
     assert _by_kind(forward)[0] == pytest.approx(ours.forward, rel=1e-12)
     assert _by_kind(backward)[0] == pytest.approx(ours.backward, rel=1e-12)
+    model.language_model.head_loss_chunk = 7  # the fused head, in chunks
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as fused_forward:
+        per_position = model(**batch.model_inputs())
+    with FlopCounterMode(display=False) as fused_backward:
+        per_position.sum().backward()
+    recompute = lm_head_flops(cfg, no_pairs.counted)  # the head's forward GEMM, once more
+    assert _by_kind(fused_forward)[0] == pytest.approx(ours.forward, rel=1e-12)
+    assert _by_kind(fused_backward)[0] == pytest.approx(ours.backward + recompute, rel=1e-12)
