@@ -40,6 +40,9 @@ import time
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from old_code import old_tree  # noqa: E402
+
 SAMPLES_PER_SHARD = 1000
 SHUFFLE_BLOCK = 1024
 """DataConfig.shuffle_block_samples' default."""
@@ -292,20 +295,6 @@ def run_ranks(root: str, impl: str, ranks: int, windows: int, pythonpath: str) -
     row.update(samples=outs[0]["samples"], ranks=ranks, max_open_s=max(o["open_s"] for o in outs))
     row["code"] = outs[0]["code"]
     return row
-
-
-def old_tree(work: str, commit: str) -> str:
-    """megatron_navil as of `commit` (the JSON-index loader), extracted under `work`."""
-    dst = os.path.join(work, f"old-{commit}")
-    if not os.path.isdir(dst):
-        os.makedirs(dst)
-        tar = subprocess.run(
-            ["git", "-C", REPO, "archive", commit, "megatron_navil"],
-            capture_output=True,
-            check=True,
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", dst], input=tar, check=True)
-    return dst
 
 
 def main() -> None:

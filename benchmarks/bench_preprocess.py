@@ -30,6 +30,9 @@ import skimage.data as sd
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from old_code import old_tree  # noqa: E402
+
 # (photo, target size): 1.0-2.0 MP, various aspect ratios
 PHOTOS = (
     ("astronaut", (1400, 1400)),
@@ -117,19 +120,6 @@ def run_preprocess(
     return part["counts"]["read"] / wall, run["steady_samples_per_s"], parent
 
 
-def old_tree(work: str, commit: str) -> str:
-    """data_tools + megatron_navil as of `commit`, extracted under `work`."""
-    dst = os.path.join(work, f"old-{commit}")
-    os.makedirs(dst)
-    tar = subprocess.run(
-        ["git", "-C", REPO, "archive", commit, "data_tools", "megatron_navil"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", dst], input=tar, check=True)
-    return dst
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-images", type=int, default=120, help="JPEGs to generate and process")
@@ -169,7 +159,12 @@ def main() -> None:
         )
         codes = [("", REPO)]
         if a.old_commit:
-            codes.append((f" (as of {a.old_commit})", old_tree(tmp, a.old_commit)))
+            codes.append(
+                (
+                    f" (as of {a.old_commit})",
+                    old_tree(tmp, a.old_commit, ("data_tools", "megatron_navil")),
+                )
+            )
         for label, code in codes:
             for w in a.workers:  # alternate the sides' repeats so load changes hit both
                 best = max(
@@ -195,6 +190,11 @@ def main() -> None:
                 rows[1],
             )
             steady = r["pipeline_samples_per_s"]
+            if not one["pipeline_samples_per_s"]:
+                raise SystemExit(
+                    f"--num-images {a.num_images} is too few for a steady-state rate (the job "
+                    "reports none before its first results): use 60 or more"
+                )
             r["per_worker"] = steady / r["workers"]
             r["vs_pil_loop"] = steady / base
             r["scaling_vs_1_worker"] = steady / one["pipeline_samples_per_s"]
