@@ -120,7 +120,7 @@ def test_full_step_mfu_and_the_reduced_depth_fallback(dry_run):
 
 @pytest.mark.processes
 def test_profile_switches_syncs_and_the_table(dry_run):
-    from bench_step import SWITCHES
+    from bench_step_train import SWITCHES
 
     proc, results = dry_run
     prof = results["parts"]["profile"]
@@ -153,7 +153,7 @@ def test_profile_switches_syncs_and_the_table(dry_run):
 # ----------------------------------------------------------------------------- in process
 def test_realistic_packs_at_the_2b_shape():
     import torch
-    from bench_step import make_pack, pack_facts
+    from bench_step_common import make_pack, pack_facts
 
     from megatron_navil.config.flavors import get_flavor
 
@@ -170,7 +170,7 @@ def test_realistic_packs_at_the_2b_shape():
 
 
 def test_switch_plan_skips_fields_this_checkout_lacks():
-    from bench_step import switch_plan
+    from bench_step_train import switch_plan
 
     table = (
         ("real", "training.seq_length", 1, 2, {}, False),

@@ -16,6 +16,16 @@ import sys
 from pathlib import Path
 
 from megatron_navil.config.flags import add_flags, flag_values
+from megatron_navil.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _out(text: str) -> None:
+    """The command's result (the plan table, JSON, sweep commands and summaries) on stdout, for
+    reading and piping; status lines go to the logger (stderr)."""
+    sys.stdout.write(text + "\n")
+
 
 DEFAULT_THROUGHPUT = Path("benchmarks/layer_throughput.json")
 """A measured table the planner uses when present: here, or in the checkout this package runs
@@ -116,14 +126,14 @@ def _plan(args, fields) -> int:
     path = args.throughput or _default_throughput()
     result = plan(section, settings.cluster, settings.workload, ThroughputTable.load(path), notes)
     if args.json == "-":
-        print(json.dumps(result.to_dict(), indent=1))
+        _out(json.dumps(result.to_dict(), indent=1))
         return 0
-    print(plan_table(result, args.top, args.show_refused))
+    _out(plan_table(result, args.top, args.show_refused))
     if args.json:
         from megatron_navil.utils.files import write_json_atomic
 
         write_json_atomic(args.json, result.to_dict(), indent=1)
-        print(f"wrote {args.json}")
+        log.info("wrote %s", args.json)
     return 0 if result.ranked else 2
 
 
@@ -135,18 +145,20 @@ def _sweep(args) -> int:
     out = Path(args.out)
     if args.slurm:
         path = sw.write_sbatch(args.spec, spec, out, args.max_parallel, args.sbatch_arg)
-        print(f"wrote {path}: submit it with `sbatch {path}` (re-submit to finish a partial grid)")
+        log.info(
+            "wrote %s: submit it with `sbatch %s` (re-submit to finish a partial grid)", path, path
+        )
         return 0
     if args.dry_run:
         for cell in sw.cells_of(spec):
             cmd = sw.command(spec, cell, out / "cells" / cell.id)
-            print(f"[{cell.index}] {cell.id}: {' '.join(cmd)}")
+            _out(f"[{cell.index}] {cell.id}: {' '.join(cmd)}")
         return 0
     rows = sw.run_local(spec, out, max(1, args.parallel), args.cell)
     bad = [r for r in rows if r["status"] != "ok"]
-    print(f"{len(rows)} cells ran now ({len(bad)} not ok); rows in {out / sw.RESULTS}")
+    _out(f"{len(rows)} cells ran now ({len(bad)} not ok); rows in {out / sw.RESULTS}")
     for r in bad:
-        print(f"  {r['cell']}: {r['status']}: {r['reason']}")
+        _out(f"  {r['cell']}: {r['status']}: {r['reason']}")
     return 0 if not any(r["status"] == "failed" for r in rows) else 1
 
 
@@ -160,13 +172,13 @@ def _fit(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result["results_file"] = str(args.results)
     write_json_atomic(out / "fit.json", result, indent=1)
-    print(fit_summary(result))
-    print(f"wrote {out / 'fit.json'}")
+    _out(fit_summary(result))
+    log.info("wrote %s", out / "fit.json")
     if not args.no_plots:
         from megatron_navil.scaling.plots import write_plots
 
         for path in write_plots(result, out):
-            print(f"wrote {path}")
+            log.info("wrote %s", path)
     return 0
 
 
