@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-from megatron_navil.models.tp_regions import TPRegion
+from megatron_navil.models.tp_regions import TPRegion, all_reduce_
 
 __all__ = ["chunked_head_cross_entropy"]
 
@@ -64,11 +64,6 @@ def _chunk_logits(
     return logits
 
 
-def _all_reduce(t: torch.Tensor, region: TPRegion, op=torch.distributed.ReduceOp.SUM) -> None:
-    if region.size > 1:
-        torch.distributed.all_reduce(t, op=op, group=region.group)
-
-
 def _target_columns(
     target: torch.Tensor, start: int, end: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,13 +84,13 @@ class _ChunkedHeadCE(torch.autograd.Function):
             b = min(a + chunk, n)
             logits = _chunk_logits(x[a:b], weight, start, vocab_size)
             row_max = logits.max(dim=-1).values
-            _all_reduce(row_max, region, torch.distributed.ReduceOp.MAX)
+            all_reduce_(row_max, region, torch.distributed.ReduceOp.MAX)
             logits -= row_max[:, None]
             col, mine = _target_columns(target[a:b], start, end)
             picked = logits.gather(1, col[:, None])[:, 0].masked_fill(~mine, 0.0)
             sum_exp = logits.exp_().sum(dim=-1)
-            _all_reduce(picked, region)
-            _all_reduce(sum_exp, region)
+            all_reduce_(picked, region)
+            all_reduce_(sum_exp, region)
             log_sum = sum_exp.log()
             loss[a:b] = log_sum - picked
             lse[a:b] = row_max + log_sum

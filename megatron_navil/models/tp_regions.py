@@ -137,15 +137,15 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, region: TPRegion):
         steps = VocabParallelCrossEntropy
         logits, logits_max = steps.calculate_logits_max(logits)
-        _all_reduce(logits_max, region, torch.distributed.ReduceOp.MAX)
+        all_reduce_(logits_max, region, torch.distributed.ReduceOp.MAX)
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
             logits.size(-1), region.rank, region.size
         )
         target_mask, masked_target_1d, predicted, sum_exp, exp_logits = _predicted_logits(
             logits, target, logits_max, start, end
         )
-        _all_reduce(predicted, region)
-        _all_reduce(sum_exp, region)
+        all_reduce_(predicted, region)
+        all_reduce_(sum_exp, region)
         exp_logits, loss = steps.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
         ctx.save_for_backward(exp_logits, target_mask, masked_target_1d)
         return loss
@@ -180,7 +180,7 @@ def _predicted_logits(logits, target, logits_max, start: int, end: int):
     return target_mask, masked_target_1d, predicted, exp_logits.sum(dim=-1), exp_logits
 
 
-def _all_reduce(t: torch.Tensor, region: TPRegion, op=torch.distributed.ReduceOp.SUM) -> None:
+def all_reduce_(t: torch.Tensor, region: TPRegion, op=torch.distributed.ReduceOp.SUM) -> None:
     """In-place all-reduce over the region's group (nothing with one TP rank)."""
     if region.size > 1:
         torch.distributed.all_reduce(t, op=op, group=region.group)
